@@ -1,0 +1,285 @@
+"""MaskSet: the masks of a sparse model, by parameter name.
+
+A sparse model is a dense model plus a MaskSet. ``True`` in a mask means the weight may be
+non-zero (kept); ``False`` means it is pruned and must stay exactly zero.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .atomic import atomic_path
+from .errors import CheckpointError, MaskError, TargetError, close_matches
+from .patterns import Pattern, Unstructured, parse_pattern
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SparsityStats:
+    """Zeros per layer and overall, as counted from masks (or from weights)."""
+
+    per_layer: dict[str, float]
+    zeros: dict[str, int]
+    numel: dict[str, int]
+    overall: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        total = sum(self.numel.values())
+        self.overall = sum(self.zeros.values()) / total if total else 0.0
+
+
+class MaskSet:
+    """Boolean masks keyed by parameter name, each with the pattern it must satisfy."""
+
+    def __init__(
+        self,
+        masks: Mapping[str, Tensor],
+        patterns: Mapping[str, Pattern | str] | Pattern | str | None = None,
+    ) -> None:
+        self.masks: dict[str, Tensor] = {}
+        self.patterns: dict[str, Pattern] = {}
+        for name, m in masks.items():
+            if not isinstance(m, Tensor):
+                raise MaskError(f"mask for {name!r} must be a tensor, got {type(m).__name__}.")
+            self.masks[name] = m.detach().to(torch.bool)
+        for name in self.masks:
+            if isinstance(patterns, Mapping):
+                p = patterns.get(name)
+            else:
+                p = patterns
+            self.patterns[name] = parse_pattern(p) if p is not None else Unstructured()
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._pruned: dict[str, Tensor] = {}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_scores(
+        cls,
+        scores: Mapping[str, Tensor],
+        sparsities: Mapping[str, float] | float,
+        pattern: Pattern | str | Mapping[str, Pattern | str] | None = None,
+    ) -> MaskSet:
+        """Build masks from scores (higher = keep) at per-layer sparsities with a pattern."""
+        masks, pats = {}, {}
+        for name, sc in scores.items():
+            p = parse_pattern(pattern.get(name) if isinstance(pattern, Mapping) else pattern)
+            s = sparsities[name] if isinstance(sparsities, Mapping) else sparsities
+            if p.fixed_sparsity is not None:
+                s = None if s is None or abs(s - p.fixed_sparsity) < 1e-6 else s
+            p.check_shape(sc.shape, name)
+            masks[name] = p.mask(sc, s)
+            pats[name] = p
+        return cls(masks, pats)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        targets: str | Sequence[str] | None = None,
+        ignore: str | Sequence[str] | None = None,
+        pattern: Pattern | str | Mapping[str, Pattern | str] | None = None,
+    ) -> MaskSet:
+        """Recover masks from the zeros of a model's targeted weights (``mask = weight != 0``)."""
+        from .targets import select
+
+        params = select(model, targets, ignore)
+        return cls({n: p.detach() != 0 for n, p in params.items()}, pattern)
+
+    # ------------------------------------------------------------------ container
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self.masks[name]
+        except KeyError:
+            raise TargetError(f"no mask for {name!r}." + close_matches(name, self.masks)) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.masks
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.masks)
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def names(self) -> list[str]:
+        return list(self.masks)
+
+    def items(self):
+        return self.masks.items()
+
+    def set(self, name: str, mask: Tensor) -> None:
+        """Replace one mask (same shape), e.g. after a dynamic-sparse-training update."""
+        old = self[name]
+        if tuple(mask.shape) != tuple(old.shape):
+            raise MaskError(f"new mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(old.shape)}.")
+        self.masks[name] = mask.detach().to(torch.bool).to(old.device)
+        if name in self._pruned:
+            self._pruned[name] = ~self.masks[name]
+
+    # ------------------------------------------------------------------ model interaction
+    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        params = dict(model.named_parameters())
+        out = {}
+        for name, m in self.masks.items():
+            p = params.get(name)
+            if p is None:
+                raise MaskError(
+                    f"mask {name!r} names no parameter of {type(model).__name__}."
+                    + close_matches(name, params)
+                    + " The masks were made for a different model."
+                )
+            if tuple(p.shape) != tuple(m.shape):
+                raise MaskError(
+                    f"mask {name!r} has shape {tuple(m.shape)} but the parameter has shape "
+                    f"{tuple(p.shape)}. The masks were made for a different model."
+                )
+            out[name] = p
+        return out
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> MaskSet:
+        """Zero every pruned weight of ``model`` in place."""
+        for name, p in self._params(model).items():
+            m = self.masks[name]
+            if m.device != p.device:
+                m = self.masks[name] = m.to(p.device)
+            p.masked_fill_(~m, 0)
+        return self
+
+    def enforce(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MaskSet:
+        """Keep pruned weights at exactly zero through training.
+
+        Zeros the weights now, masks each gradient after it is accumulated (so momentum and
+        Adam moments of pruned weights receive nothing), and re-zeros pruned weights after
+        every ``optimizer.step()`` (weight decay, momentum and Adam's eps otherwise move them).
+        Call :meth:`release` to remove the hooks.
+        """
+        self.release()
+        params = self._params(model)
+        self.apply(model)
+        self._pruned = {n: ~self.masks[n] for n in params}
+        self._enforced = params
+
+        for name, p in params.items():
+            if not p.requires_grad:
+                continue
+
+            def grad_hook(param: Tensor, _name: str = name) -> None:
+                if param.grad is not None:
+                    param.grad.masked_fill_(self._pruned[_name], 0)
+
+            self._hooks.append(p.register_post_accumulate_grad_hook(grad_hook))
+
+        if optimizer is not None:
+
+            def post_step(_opt: torch.optim.Optimizer, _args: object, _kwargs: object) -> None:
+                self.rezero()
+
+            self._hooks.append(optimizer.register_step_post_hook(post_step))
+        return self
+
+    @torch.no_grad()
+    def rezero(self) -> None:
+        """Re-zero pruned weights of the model passed to :meth:`enforce`."""
+        params = getattr(self, "_enforced", None)
+        if not params:
+            return
+        for name, p in params.items():
+            p.masked_fill_(self._pruned[name], 0)
+
+    def release(self) -> None:
+        """Remove the hooks installed by :meth:`enforce` (masks and weights are unchanged)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        self._enforced = {}
+
+    # ------------------------------------------------------------------ reporting
+    def sparsity(self) -> SparsityStats:
+        """Fraction of pruned entries per layer and overall, from the masks."""
+        zeros = {n: int((~m).sum()) for n, m in self.masks.items()}
+        numel = {n: m.numel() for n, m in self.masks.items()}
+        return SparsityStats({n: zeros[n] / max(numel[n], 1) for n in zeros}, zeros, numel)
+
+    @torch.no_grad()
+    def verify(self, model: nn.Module) -> None:
+        """Check that every pruned weight is exactly zero and every mask obeys its pattern.
+
+        Raises :class:`MaskError` naming the first offending tensor and position.
+        """
+        for name, p in self._params(model).items():
+            m = self.masks[name].to(p.device)
+            bad = (p != 0) & ~m
+            if bool(bad.any()):
+                pos = tuple(torch.nonzero(bad)[0].tolist())
+                raise MaskError(
+                    f"{name}: weight at position {pos} is {float(p[pos]):.6g} but its mask says pruned "
+                    f"({int(bad.sum())} such weights). Something changed pruned weights after masking: "
+                    "call masks.apply(model), or masks.enforce(model, optimizer) while training."
+                )
+            problem = self.patterns[name].violation(m)
+            if problem:
+                raise MaskError(f"{name}: mask breaks pattern {self.patterns[name]}: {problem}.")
+            problem = self.patterns[name].violation(p != 0)
+            if problem:
+                raise MaskError(f"{name}: weights break pattern {self.patterns[name]}: {problem}.")
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, object]:
+        """Masks (bool tensors on CPU) and pattern names; plain data, no pickled objects."""
+        return {
+            "version": FORMAT_VERSION,
+            "masks": {n: m.cpu().clone() for n, m in self.masks.items()},
+            "patterns": {n: str(p) for n, p in self.patterns.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        """Replace the masks with those of :meth:`state_dict` output."""
+        try:
+            masks = state["masks"]
+            patterns = state.get("patterns", {})  # type: ignore[union-attr]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError("mask state is missing 'masks'; was it made by MaskSet.state_dict()?") from exc
+        fresh = MaskSet(masks, patterns)  # type: ignore[arg-type]
+        self.release()
+        self.masks, self.patterns = fresh.masks, fresh.patterns
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write masks to a safetensors file atomically (bool tensors + JSON metadata)."""
+        from safetensors.torch import save_file
+
+        meta = {"sparsetorch_masks": json.dumps({"version": FORMAT_VERSION, "patterns": {n: str(p) for n, p in self.patterns.items()}})}
+        tensors = {n: m.cpu().contiguous() for n, m in self.masks.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> MaskSet:
+        """Read masks written by :meth:`save`; corrupt files raise :class:`CheckpointError`."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["sparsetorch_masks"])
+                masks = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        except FileNotFoundError:
+            raise CheckpointError(f"mask file {path} does not exist.") from None
+        except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
+            raise CheckpointError(f"mask file {path} is corrupt or not a sparsetorch mask file: {exc}") from exc
+        if meta.get("version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"mask file {path} has version {meta.get('version')}; upgrade sparsetorch.")
+        for n, m in masks.items():
+            if m.dtype != torch.bool:
+                raise CheckpointError(f"mask {n!r} in {path} has dtype {m.dtype}, expected bool.")
+        return cls(masks, meta.get("patterns", {}))
+
+    def __repr__(self) -> str:
+        st = self.sparsity()
+        return f"MaskSet({len(self)} tensors, sparsity={st.overall:.4f})"

@@ -1,0 +1,141 @@
+"""Targets: which parameters are sparse.
+
+A selector is one of:
+
+* a parameter name (``"model.layers.0.mlp.up_proj.weight"``) - that parameter;
+* a module name (``"model.layers.0.mlp.up_proj"``) - that module's ``weight``;
+* a module class name (``"Linear"``, ``"Conv2d"``) - the ``weight`` of every such module;
+* ``"re:<regex>"`` - every parameter or module whose name the regex matches from the start
+  (``re.match``, as in llm-compressor), e.g. ``"re:.*self_attn.*"``.
+
+The default targets are the weights of ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (and transformers'
+``Conv1D``), except embeddings and the language-model head (``lm_head``, the model's output
+embeddings, or any weight tied to an embedding).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from .errors import TargetError, close_matches
+
+DEFAULT_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _default_type(module: nn.Module) -> bool:
+    if isinstance(module, DEFAULT_TYPES):
+        return True
+    # transformers' GPT-2 style Conv1D (weight stored [in, out]) without importing transformers
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def excluded_heads(model: nn.Module) -> set[str]:
+    """Names of weights never pruned by default: embeddings, LM head, weights tied to embeddings."""
+    out: set[str] = set()
+    embed_ids = set()
+    for mname, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding | nn.EmbeddingBag):
+            out.add(f"{mname}.weight" if mname else "weight")
+            embed_ids.add(id(mod.weight))
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = None
+    if callable(get_out):
+        try:
+            head = get_out()
+        except Exception:  # noqa: BLE001 - some models raise NotImplementedError
+            head = None
+    for mname, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if w is None:
+            continue
+        if mod is head or mname.split(".")[-1] == "lm_head" or id(w) in embed_ids:
+            out.add(f"{mname}.weight" if mname else "weight")
+    return out
+
+
+def _split(spec: str | Iterable[str] | None) -> list[str]:
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return [spec]
+    return list(spec)
+
+
+def _resolve(model: nn.Module, selector: str, params: dict[str, nn.Parameter], what: str) -> set[str]:
+    modules = dict(model.named_modules())
+    if selector.startswith("re:"):
+        try:
+            rx = re.compile(selector[3:])
+        except re.error as exc:
+            raise TargetError(f"{what} regex {selector!r} is invalid: {exc}.") from exc
+        hit = {p for p in params if rx.match(p)}
+        for mname, mod in modules.items():
+            if mname and rx.match(mname) and f"{mname}.weight" in params:
+                hit.add(f"{mname}.weight")
+        return hit
+    if selector in params:
+        return {selector}
+    if selector in modules and f"{selector}.weight" in params:
+        return {f"{selector}.weight"}
+    by_type = {
+        f"{mname}.weight" if mname else "weight"
+        for mname, mod in modules.items()
+        if type(mod).__name__ == selector and getattr(mod, "weight", None) is not None
+    }
+    if by_type:
+        return by_type & set(params)
+    candidates = list(params) + [m for m in modules if m]
+    raise TargetError(
+        f"{what} {selector!r} matches no parameter, module or module type of {type(model).__name__}."
+        + close_matches(selector, candidates)
+        + " Use exact names from model.named_parameters(), a class name like 'Linear', or 're:<regex>'."
+    )
+
+
+def select(
+    model: nn.Module,
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+) -> dict[str, nn.Parameter]:
+    """Return ``{name: parameter}`` of the weights to sparsify, in model order.
+
+    Raises :class:`TargetError` for unknown names and when nothing is left to prune.
+    """
+    params = dict(model.named_parameters())
+    if targets is None:
+        heads = excluded_heads(model)
+        chosen: set[str] = set()
+        for mname, mod in model.named_modules():
+            if _default_type(mod) and getattr(mod, "weight", None) is not None:
+                pname = f"{mname}.weight" if mname else "weight"
+                if pname not in heads and pname in params:
+                    chosen.add(pname)
+    else:
+        chosen = set()
+        for sel in _split(targets):
+            hit = _resolve(model, sel, params, "target")
+            if not hit:
+                raise TargetError(
+                    f"target {sel!r} matches nothing in {type(model).__name__}."
+                    + close_matches(sel.removeprefix("re:"), params)
+                )
+            chosen |= hit
+    for sel in _split(ignore):
+        if sel.startswith("re:"):
+            hit = _resolve(model, sel, params, "ignore")
+            if not hit:
+                warnings.warn(f"ignore pattern {sel!r} matches nothing", stacklevel=2)
+        else:
+            hit = _resolve(model, sel, params, "ignore")
+        chosen -= hit
+    if not chosen:
+        raise TargetError(
+            f"{type(model).__name__} has no prunable layers for these settings "
+            f"(targets={targets!r}, ignore={ignore!r}). By default sparsetorch prunes the weights of "
+            "nn.Linear/nn.Conv layers except embeddings and the LM head; pass targets=[...] to choose."
+        )
+    return {n: p for n, p in params.items() if n in chosen}
