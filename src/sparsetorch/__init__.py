@@ -16,19 +16,18 @@ from .errors import (
     DependencyError,
     MaskError,
     PatternError,
-    SparsityValueError,
     SparseTorchError,
+    SparsityValueError,
     TargetError,
 )
 from .masks import MaskSet
 from .patterns import parse_pattern
+from .prune import PruneReport, prune
 from .targets import select
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "prune": ("sparsetorch.prune", "prune"),
-    "PruneReport": ("sparsetorch.prune", "PruneReport"),
     "evaluate": ("sparsetorch.evaluate", None),
     "save": ("sparsetorch.export", "save"),
     "load": ("sparsetorch.export", "load"),
@@ -61,5 +60,7 @@ __all__ = [
     "SparsityValueError",
     "SparseTorchError",
     "TargetError",
+    "prune",
+    "PruneReport",
     *_LAZY,
 ]

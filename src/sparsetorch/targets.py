@@ -5,8 +5,9 @@ A selector is one of:
 * a parameter name (``"model.layers.0.mlp.up_proj.weight"``) - that parameter;
 * a module name (``"model.layers.0.mlp.up_proj"``) - that module's ``weight``;
 * a module class name (``"Linear"``, ``"Conv2d"``) - the ``weight`` of every such module;
-* ``"re:<regex>"`` - every parameter or module whose name the regex matches from the start
-  (``re.match``, as in llm-compressor), e.g. ``"re:.*self_attn.*"``.
+* ``"re:<regex>"`` - the ``weight`` of every module whose name the regex matches from the
+  start (``re.match``, as in llm-compressor), e.g. ``"re:.*self_attn.*"``, plus any parameter
+  whose full name the regex matches entirely.
 
 The default targets are the weights of ``nn.Linear`` / ``nn.Conv1d/2d/3d`` (and transformers'
 ``Conv1D``), except embeddings and the language-model head (``lm_head``, the model's output
@@ -72,7 +73,9 @@ def _resolve(model: nn.Module, selector: str, params: dict[str, nn.Parameter], w
             rx = re.compile(selector[3:])
         except re.error as exc:
             raise TargetError(f"{what} regex {selector!r} is invalid: {exc}.") from exc
-        hit = {p for p in params if rx.match(p)}
+        # a regex selects a module's weight (re.match on module names, as llm-compressor does),
+        # or any parameter whose full name it matches entirely (e.g. "re:.*q_proj\\.bias")
+        hit = {p for p in params if rx.fullmatch(p)}
         for mname, mod in modules.items():
             if mname and rx.match(mname) and f"{mname}.weight" in params:
                 hit.add(f"{mname}.weight")
