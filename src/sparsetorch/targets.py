@@ -76,7 +76,7 @@ def _resolve(model: nn.Module, selector: str, params: dict[str, nn.Parameter], w
         # a regex selects a module's weight (re.match on module names, as llm-compressor does),
         # or any parameter whose full name it matches entirely (e.g. "re:.*q_proj\\.bias")
         hit = {p for p in params if rx.fullmatch(p)}
-        for mname, mod in modules.items():
+        for mname in modules:
             if mname and rx.match(mname) and f"{mname}.weight" in params:
                 hit.add(f"{mname}.weight")
         return hit
