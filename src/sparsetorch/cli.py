@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
@@ -29,6 +31,176 @@ err_console = Console(stderr=True)
 def _register(module: str) -> None:
     """Import ``module`` and call its ``register(app)`` to add its commands."""
     importlib.import_module(module).register(app)
+
+
+# --- core commands: prune, report, verify ---------------------------------------------------
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+@app.command()
+def prune(
+    model: str = typer.Option("smollm2", "--model", "-m", help="'smollm2' or a local Hugging Face causal-LM folder."),
+    method: str = typer.Option("magnitude", help="magnitude, random, or a calibrated one-shot method (wanda, sparsegpt ...)."),
+    sparsity: Optional[float] = typer.Option(None, help="Fraction of zeros in [0, 1); default 0.5, or implied by an N:M pattern."),  # noqa: UP007
+    pattern: str = typer.Option("unstructured", help="unstructured, N:M (e.g. 2:4), blockHxW, channel."),
+    allocation: str = typer.Option("uniform", help="How sparsity splits across layers: uniform, er, erk, global, owl."),
+    calib_samples: int = typer.Option(64, help="Calibration windows (calibrated methods only)."),
+    seq_len: int = typer.Option(512, help="Tokens per calibration/evaluation window."),
+    eval_windows: int = typer.Option(16, help="Evaluation windows for perplexity (0 skips evaluation)."),
+    batch_size: int = typer.Option(4, help="Evaluation batch size."),
+    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Layers to prune (repeatable): names, class names or re:<regex>."),  # noqa: UP007
+    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Layers to keep dense (repeatable)."),  # noqa: UP007
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the pruned HF model folder here."),  # noqa: UP007
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write a JSON summary of the run here."),  # noqa: UP007
+    sample: Optional[str] = typer.Option(None, help="Prompt for a greedy sample before and after pruning."),  # noqa: UP007
+    table: bool = typer.Option(True, help="Print the per-layer table."),
+) -> None:
+    """Prune a causal LM one-shot; print dense/sparse perplexity and a per-layer table."""
+    import json
+    import time
+
+    from .analysis.report import MASKS_FILE, layer_rows, plot_sparsity, rich_table
+    from .data.llm import load_causal_lm, save_hf_model
+    from .data.text import calibration_windows, eval_windows as make_eval_windows
+    from .errors import DataError, check_sparsity
+    from .evaluate import generate_sample, perplexity
+    from .patterns import parse_pattern
+    from .prune import DATA_FREE
+    from .prune import prune as prune_model
+
+    # validate cheap arguments before the expensive model load
+    pat = parse_pattern(pattern)
+    if sparsity is not None:
+        check_sparsity(sparsity)
+    sparsity_arg = sparsity if sparsity is not None else (None if pat.fixed_sparsity is not None else 0.5)
+    pat.resolve_sparsity(sparsity_arg)
+    if seq_len < 2 or eval_windows < 0 or calib_samples < 1 or batch_size < 1:
+        raise DataError("--seq-len must be >= 2, --eval-windows >= 0, --calib-samples >= 1, --batch-size >= 1.")
+
+    console.print(f"loading [bold]{model}[/] ...")
+    t0 = time.perf_counter()
+    lm, tokenizer = load_causal_lm(model, progress=True)
+    seconds_load = time.perf_counter() - t0
+    console.print(f"loaded {type(lm).__name__} in {seconds_load:.1f} s")
+
+    ew = make_eval_windows(tokenizer, eval_windows, seq_len) if eval_windows else None
+    t0 = time.perf_counter()
+    ppl_dense = perplexity(lm, windows=ew, batch_size=batch_size) if ew is not None else None
+    seconds_eval = time.perf_counter() - t0
+    if ppl_dense is not None:
+        console.print(f"dense perplexity ({ew.shape[0]}x{seq_len} tokens): [bold]{ppl_dense:.3f}[/]")
+    sample_dense = generate_sample(lm, tokenizer, sample) if sample else None
+
+    calib = None
+    if method.lower() not in DATA_FREE:
+        console.print(f"calibration: {calib_samples} windows x {seq_len} tokens")
+        calib = calibration_windows(tokenizer, calib_samples, seq_len)
+    report = prune_model(
+        lm,
+        method,
+        sparsity_arg,
+        pat,
+        allocation=allocation,
+        targets=targets or None,
+        ignore=ignore or None,
+        calibration=calib,
+        tokenizer=tokenizer,
+        num_samples=calib_samples,
+        seq_len=seq_len,
+    )
+    console.print(
+        f"pruned {len(report.masks)} tensors with {report.method} ({report.pattern}, {report.allocation}) "
+        f"in {report.seconds_prune:.1f} s: sparsity {report.sparsity_actual:.4f}"
+    )
+    ppl_sparse = perplexity(lm, windows=ew, batch_size=batch_size) if ew is not None else None
+    if ppl_sparse is not None:
+        console.print(f"sparse perplexity: [bold]{ppl_sparse:.3f}[/]")
+    rows = layer_rows(lm, report.masks)
+    if table:
+        console.print(rich_table(rows, title=f"{model}: {report.method} {report.pattern}"))
+    if sample:
+        console.print(f"[bold]prompt[/]: {sample}\n[bold]dense[/]: {sample_dense}")
+        console.print(f"[bold]sparse[/]: {generate_sample(lm, tokenizer, sample)}")
+
+    result = {
+        "model": model,
+        "method": report.method,
+        "pattern": report.pattern,
+        "allocation": report.allocation,
+        "sparsity_target": report.sparsity_target,
+        "sparsity_actual": report.sparsity_actual,
+        "ppl_dense": ppl_dense,
+        "ppl_sparse": ppl_sparse,
+        "seconds_prune": report.seconds_prune,
+        "seconds_load": seconds_load,
+        "seconds_eval_dense": seconds_eval,
+        "peak_rss_mb": _peak_rss_mb(),
+        "calib_samples": 0 if calib is None else int(calib.shape[0]),
+        "seq_len": seq_len,
+        "eval_windows": 0 if ew is None else int(ew.shape[0]),
+        "layers_pruned": len(report.masks),
+    }
+    if out is not None:
+        full = {**result, "report": report.to_dict(), "rows": rows}
+
+        def extra(tmp: Path) -> None:
+            report.masks.save(tmp / MASKS_FILE)
+            plot_sparsity(rows, tmp / "sparsity.png", title=f"{model}: {report.method} {report.pattern}")
+            (tmp / "sparsetorch.json").write_text(json.dumps(full, indent=2, default=str), encoding="utf-8")
+
+        saved = save_hf_model(lm, tokenizer, out, extra=extra)
+        console.print(f"saved Hugging Face model folder, {MASKS_FILE}, sparsity.png, sparsetorch.json to {saved}")
+    if json_path is not None:
+        from .atomic import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+@app.command()
+def report(
+    folder: Path = typer.Argument(..., help="A model folder written by `sparsetorch prune --out`."),
+    plot: Optional[Path] = typer.Option(None, help="Also write a per-layer sparsity bar plot (PNG)."),  # noqa: UP007
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),  # noqa: UP007
+) -> None:
+    """Print the per-layer sparsity table of a saved model (weights; masks if present)."""
+    import json
+
+    from .analysis.report import folder_report, plot_sparsity, rich_table, summary
+
+    rows, masks = folder_report(folder)
+    src = "masks.safetensors + weights" if masks is not None else "weights (no masks file)"
+    console.print(rich_table(rows, title=f"{folder} ({src})"))
+    if plot is not None:
+        plot_sparsity(rows, plot)
+        console.print(f"wrote {plot}")
+    if json_path is not None:
+        from .atomic import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps({"summary": summary(rows), "rows": rows}, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
+
+
+@app.command()
+def verify(
+    folder: Path = typer.Argument(..., help="A model folder with masks.safetensors (from `sparsetorch prune --out`)."),
+) -> None:
+    """Check that every masked weight is exactly zero and every pattern holds; exit 2 otherwise."""
+    from .analysis.report import verify_folder
+
+    masks = verify_folder(folder)
+    pats = sorted({str(p) for p in masks.patterns.values()})
+    console.print(
+        f"OK: {len(masks)} tensors in {folder}: every pruned weight is zero and the pattern holds "
+        f"({', '.join(pats)}); sparsity {masks.sparsity().overall:.4f}"
+    )
 
 
 # --- subcommands registered by subpackages (one line each; keep this block at the end) ---

