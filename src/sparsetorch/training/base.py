@@ -1,0 +1,341 @@
+"""The ``Sparsifier`` lifecycle shared by every training-time method, and the method registry.
+
+Plain loop (three lines)::
+
+    sp = get_method("rigl", sparsity=0.9, total_steps=len(loader) * epochs)   # create
+    sp.attach(model, optimizer)                                                  # attach
+    for x, y in loader:
+        loss_fn(model(x), y).backward(); optimizer.step(); optimizer.zero_grad()
+        sp.step()                                                                # after optimizer.step()
+
+``step()`` counts optimizer steps: after the ``t``-th call ``sp.step_count == t`` and updates
+"at step t" happen inside that call. Masks live in a :class:`~sparsetorch.masks.MaskSet`;
+pruned weights are kept at exactly zero by ``MaskSet.enforce`` (gradient hooks plus a post-step
+re-zero on the optimizer), so a Sparsifier only changes masks through ``MaskSet.set``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .. import allocation as alloc
+from ..errors import MethodError, SparsityValueError, check_sparsity, close_matches
+from ..masks import MaskSet
+from ..patterns import n_pruned, topk_mask
+from ..targets import select
+
+METHODS: dict[str, type[Sparsifier]] = {}
+
+Batches = Iterable[Any]
+
+
+def register_method(name: str) -> Callable[[type[Sparsifier]], type[Sparsifier]]:
+    """Class decorator adding a Sparsifier to :data:`METHODS` under ``name``."""
+
+    def deco(cls: type[Sparsifier]) -> type[Sparsifier]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str, **kwargs: Any) -> Sparsifier:
+    """Build a registered training method by name, e.g. ``get_method("rigl", sparsity=0.9)``."""
+    from . import _load_all
+
+    _load_all()
+    key = str(name).lower().replace("-", "_")
+    cls = METHODS.get(key)
+    if cls is None:
+        raise MethodError(
+            f"unknown training method {name!r}; available: {', '.join(sorted(METHODS))}."
+            + close_matches(key, METHODS)
+        )
+    return cls(**kwargs)
+
+
+@torch.no_grad()
+def reset_optimizer_state(optimizer: torch.optim.Optimizer | None, param: Tensor, where: Tensor) -> None:
+    """Zero every per-element optimizer state (momentum, Adam moments ...) of ``param`` at ``where``.
+
+    Works for any ``torch.optim`` optimizer: every state tensor shaped like the parameter is reset.
+    """
+    if optimizer is None or not bool(where.any()):
+        return
+    st = optimizer.state.get(param)
+    if not st:
+        return
+    for v in st.values():
+        if isinstance(v, Tensor) and v.shape == param.shape:
+            v.masked_fill_(where.to(v.device), 0)
+
+
+def _unpack(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, Mapping):
+        return batch.get("input", batch.get("x")), batch.get("labels", batch.get("y"))
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise MethodError("data batches must be (inputs, targets) pairs or dicts with 'x'/'y'.")
+
+
+class Sparsifier:
+    """Base class: owns a MaskSet for the targeted weights of one model and updates it while training.
+
+    Args:
+        sparsity: target fraction of zeros over the targeted weights, in [0, 1).
+        allocation: how ``sparsity`` splits across layers: ``"erk"``, ``"er"``, ``"uniform"`` or
+            ``"global"`` (see :mod:`sparsetorch.allocation`).
+        targets, ignore: parameter selectors (see :func:`sparsetorch.targets.select`).
+        dense: parameter names kept dense by the allocation (e.g. the first conv).
+        seed: seed of the method's own random generator (saved in ``state_dict``).
+        total_steps: number of optimizer steps of the whole run (needed by scheduled methods).
+    """
+
+    name: ClassVar[str] = "base"
+    #: whether the method needs a data iterable in :meth:`attach`
+    needs_data: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        sparsity: float = 0.9,
+        *,
+        allocation: str = "erk",
+        targets: str | Sequence[str] | None = None,
+        ignore: str | Sequence[str] | None = None,
+        dense: Sequence[str] = (),
+        seed: int = 0,
+        total_steps: int | None = None,
+    ) -> None:
+        self.sparsity = check_sparsity(sparsity)
+        if allocation.lower() not in alloc.ALLOCATIONS:
+            raise MethodError(
+                f"unknown allocation {allocation!r}; available: {', '.join(alloc.ALLOCATIONS)}."
+                + close_matches(allocation, alloc.ALLOCATIONS)
+            )
+        self.allocation = allocation.lower()
+        self.targets = targets
+        self.ignore = ignore
+        self.dense = tuple(dense)
+        self.seed = int(seed)
+        if total_steps is not None and int(total_steps) < 1:
+            raise MethodError(f"total_steps must be a positive number of optimizer steps, got {total_steps}.")
+        self.total_steps = None if total_steps is None else int(total_steps)
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.step_count = 0
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.masks: MaskSet | None = None
+        self.params: dict[str, nn.Parameter] = {}
+        #: (step, {layer: sparsity}) recorded after attach and after every mask change
+        self.history: list[tuple[int, dict[str, float]]] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def attach(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        data: Batches | None = None,
+    ) -> MaskSet:
+        """Choose the initial masks, zero pruned weights and start keeping them at zero.
+
+        ``data`` is an iterable of ``(inputs, targets)`` batches, used by data-dependent
+        pruning at initialisation (SNIP, GraSP; SynFlow takes only the input shape from it).
+        """
+        if self.model is not None:
+            raise MethodError(f"{self.name} is already attached to a model; call detach() first.")
+        if self.needs_data and data is None and not self._has_data_fallback():
+            raise MethodError(
+                f"{self.name} scores weights on data: pass attach(model, optimizer, data=[(x, y), ...])."
+            )
+        self.model, self.optimizer = model, optimizer
+        self.params = select(model, self.targets, self.ignore)
+        self.params = self._filter_params(self.params)
+        with torch.no_grad():
+            self.masks = self._initial_masks(data)
+        self._enforce()
+        self._install_hooks()
+        self._record()
+        return self.masks
+
+    def step(self) -> bool:
+        """Call once after every ``optimizer.step()``. Returns True when the masks changed."""
+        self._check_attached()
+        self.step_count += 1
+        with torch.no_grad():
+            changed = bool(self._update(self.step_count))
+        if changed:
+            self._record()
+        return changed
+
+    def detach(self) -> MaskSet:
+        """Stop enforcing masks and remove every hook; the model keeps its zeros. Returns the masks."""
+        self._check_attached()
+        assert self.masks is not None
+        self.masks.release()
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._on_detach()
+        masks = self.masks
+        self.model = self.optimizer = None
+        return masks
+
+    def needs_dense_grad(self) -> bool:
+        """True when the next backward must keep the dense (unmasked) gradient (RigL update steps)."""
+        return False
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: step, masks, RNG state and method-specific buffers."""
+        self._check_attached()
+        assert self.masks is not None
+        return {
+            "method": self.name,
+            "step": self.step_count,
+            "masks": self.masks.state_dict(),
+            "rng": self.generator.get_state(),
+            "extra": self._extra_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output into an attached Sparsifier (same model layout)."""
+        self._check_attached()
+        assert self.masks is not None
+        if state.get("method", self.name) != self.name:
+            raise MethodError(f"state was saved by method {state.get('method')!r}, not {self.name!r}.")
+        self.masks.load_state_dict(state["masks"])
+        self.step_count = int(state["step"])
+        self.generator.set_state(state["rng"])
+        self._load_extra_state(state.get("extra", {}))
+        self._enforce()
+
+    # ------------------------------------------------------------------ reporting
+    def layer_sparsity(self) -> dict[str, float]:
+        """Current sparsity of each masked tensor."""
+        self._check_attached()
+        assert self.masks is not None
+        return dict(self.masks.sparsity().per_layer)
+
+    def sparsity_actual(self) -> float:
+        """Overall fraction of zeros in the masks."""
+        assert self.masks is not None
+        return self.masks.sparsity().overall
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sparsity={self.sparsity}, allocation={self.allocation!r})"
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def _has_data_fallback(self) -> bool:
+        return False
+
+    def _filter_params(self, params: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+        return params
+
+    def _initial_masks(self, data: Batches | None) -> MaskSet:
+        """Default: random masks at the allocated per-layer sparsities (the static/ERK baseline)."""
+        sp = self._layer_sparsities(self.sparsity)
+        return MaskSet({n: self._random_mask(p, sp[n]) for n, p in self.params.items()})
+
+    def _update(self, step: int) -> bool:
+        return False
+
+    def _install_hooks(self) -> None:
+        pass
+
+    def _on_detach(self) -> None:
+        pass
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        pass
+
+    # ------------------------------------------------------------------ helpers
+    def _enforce(self) -> None:
+        assert self.masks is not None and self.model is not None
+        self.masks.enforce(self.model, self.optimizer)
+
+    def _check_attached(self) -> None:
+        if self.model is None or self.masks is None:
+            raise MethodError(f"{self.name} is not attached: call attach(model, optimizer) first.")
+
+    def _record(self) -> None:
+        if self.masks is not None:
+            self.history.append((self.step_count, dict(self.masks.sparsity().per_layer)))
+
+    def _layer_sparsities(self, sparsity: float, scores: Mapping[str, Tensor] | None = None) -> dict[str, float]:
+        """Per-layer sparsities for a global ``sparsity`` under this method's allocation."""
+        shapes = {n: p.detach() for n, p in self.params.items()}
+        if self.allocation == "global":
+            return alloc.global_magnitude(shapes, sparsity, scores=scores, dense=self.dense)
+        return alloc.allocate(self.allocation, shapes, sparsity, dense=self.dense)
+
+    def _random_mask(self, p: Tensor, sparsity: float) -> Tensor:
+        """Exactly ``numel - floor(s * numel)`` kept positions, uniformly at random."""
+        scores = torch.rand(p.shape, generator=self.generator)
+        keep = p.numel() - n_pruned(sparsity, p.numel())
+        return topk_mask(scores.reshape(-1), keep).reshape(p.shape).to(p.device)
+
+    def _masks_from_scores(self, scores: Mapping[str, Tensor], sparsity: float) -> MaskSet:
+        """Masks keeping the highest scores at the allocated per-layer sparsities (exact counts)."""
+        sp = self._layer_sparsities(sparsity, scores=scores)
+        return MaskSet.from_scores({n: s.to(self.params[n].device) for n, s in scores.items()}, sp)
+
+    @torch.no_grad()
+    def _set_mask(self, name: str, new: Tensor) -> Tensor:
+        """Replace one mask; zero dropped weights, zero grown weights and reset their optimizer state.
+
+        Returns the bool tensor of newly grown positions (``new & ~old``).
+        """
+        assert self.masks is not None
+        p = self.params[name]
+        old = self.masks[name]
+        grown = new & ~old
+        p.masked_fill_(~new, 0)
+        p.masked_fill_(grown, 0)
+        reset_optimizer_state(self.optimizer, p, grown)
+        self.masks.set(name, new)
+        return grown
+
+
+def check_steps(start: int, end: int, what: str = "update") -> None:
+    """Typed error for an ``end`` step that is not after ``start``."""
+    from ..errors import ScheduleError
+
+    if start < 0:
+        raise ScheduleError(f"{what} start step must be >= 0, got {start}.")
+    if end <= start:
+        raise ScheduleError(f"{what} end step ({end}) must be after its start step ({start}).")
+
+
+def require_total_steps(sp: Sparsifier, what: str) -> int:
+    """Return ``sp.total_steps`` or raise a MethodError explaining why it is needed."""
+    if sp.total_steps is None:
+        raise MethodError(
+            f"{sp.name} needs total_steps (optimizer steps of the whole run) to place {what}; "
+            "pass total_steps=len(loader) * epochs, or give the step explicitly."
+        )
+    return sp.total_steps
+
+
+def ceil_int(x: float) -> int:
+    return int(math.ceil(x - 1e-9))
+
+
+__all__ = [
+    "METHODS",
+    "Sparsifier",
+    "SparsityValueError",
+    "get_method",
+    "register_method",
+    "reset_optimizer_state",
+]
