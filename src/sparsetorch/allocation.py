@@ -163,8 +163,9 @@ def owl(
     """OWL (Yin et al. 2024): per-block sparsity from layer outlier ratios ``D_l`` (percent).
 
     ``r_l = (D_l - min D) / (max D - min D) * 2*lam``; density ``d_l = r_l - mean(r) + (1 - s)``;
-    a higher outlier ratio gets a lower sparsity. The mean sparsity over blocks equals ``s``.
-    Sparsities are clipped to [0, 0.99].
+    a higher outlier ratio gets a lower sparsity. The mean sparsity over blocks equals ``s``
+    (before clipping). As in the reference (``lib/prune_all.py``), a block sparsity ``<= 0`` is
+    set to 0.01; values are capped at 0.99.
     """
     s = check_sparsity(sparsity)
     if lam < 0:
@@ -177,7 +178,8 @@ def owl(
     span = hi - lo
     r = [((v - lo) / span * 2 * lam) if span > 0 else 0.0 for v in vals]
     mr = sum(r) / len(r)
-    sp = [min(max(1.0 - (ri - mr + (1.0 - s)), 0.0), 0.99) for ri in r]
+    sp = [1.0 - (ri - mr + (1.0 - s)) for ri in r]
+    sp = [0.01 if v <= 0 else min(v, 0.99) for v in sp]
     return dict(zip(keys, sp)) if keys else sp
 
 

@@ -8,7 +8,7 @@ that need calibration data (Wanda, SparseGPT, DSnoT ...) are registered in
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import allocation as alloc
-from .errors import MethodError, close_matches, check_sparsity
+from .errors import MethodError, check_sparsity, close_matches
 from .masks import MaskSet
 from .patterns import Pattern, parse_pattern
 from .scores import get_score
@@ -102,7 +102,8 @@ def prune(
     for name, p in params.items():
         pat.check_shape(p.shape, name)
 
-    if method_l not in DATA_FREE:
+    data_free = method_l in DATA_FREE and allocation.lower() not in ("owl", "sensitivity")
+    if not data_free:
         try:
             from .oneshot import SOLVERS, run_oneshot
         except ImportError:
