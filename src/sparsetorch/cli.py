@@ -204,6 +204,7 @@ def verify(
 
 
 # --- subcommands registered by subpackages (one line each; keep this block at the end) ---
+_register("sparsetorch.export.cli")
 
 
 def main(argv: list[str] | None = None) -> None:

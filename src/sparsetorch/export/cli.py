@@ -1,0 +1,116 @@
+"""``sparsetorch export``: write a compressed checkpoint from a model folder and print its sizes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from ..errors import CheckpointError
+
+MASKS_FILE = "masks.safetensors"  # same name as sparsetorch.analysis.report.MASKS_FILE
+
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+def _folder_dtype(folder: Path) -> str:
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "float32"
+    d = cfg.get("dtype") or cfg.get("torch_dtype")
+    return d if d in _DTYPES[1:] else "float32"
+
+
+def print_summary(path: Path, console) -> dict[str, int]:  # noqa: ANN001 - a rich Console
+    """Print per-tensor formats and sizes of a compressed checkpoint; return the totals."""
+    from rich.table import Table
+
+    from .checkpoint import checkpoint_summary
+
+    rows = checkpoint_summary(path)
+    table = Table(title=f"{path}")
+    for col in ("tensor", "format", "shape", "dtype", "pattern", "dense", "stored", "ratio"):
+        table.add_column(col, justify="right" if col in ("dense", "stored", "ratio") else "left", no_wrap=True)
+    dense = stored = 0
+    tied_notes: list[str] = []
+    for r in rows:
+        dense += r.dense_bytes
+        stored += r.stored_bytes
+        if r.tied_to:
+            table.add_row(r.name, "tied", "", "", "", "0 B", "0 B", "")
+            tied_notes.append(f"{r.name} is tied to {r.tied_to} (stored once)")
+            continue
+        table.add_row(r.name, r.format, "x".join(map(str, r.shape)), r.dtype, r.pattern or "",
+                      _human(r.dense_bytes), _human(r.stored_bytes), f"{r.ratio:.3f}")
+    name_w = max((len(r.name) for r in rows), default=10)
+    from rich.console import Console
+
+    wide = Console(width=max(console.width, name_w + 100), file=console.file)
+    wide.print(table)
+    for note in tied_notes:
+        console.print(note)
+    file_bytes = path.stat().st_size
+    console.print(
+        f"tensors: dense {_human(dense)} -> stored {_human(stored)} ({stored / max(dense, 1):.3f}x); "
+        f"file {_human(file_bytes)} ({file_bytes / max(dense, 1):.3f}x of the dense tensor bytes)"
+    )
+    return {"dense_bytes": dense, "stored_bytes": stored, "file_bytes": file_bytes}
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``export`` command to the sparsetorch CLI."""
+
+    @app.command("export")
+    def export(
+        source: str = typer.Argument(..., help="A Hugging Face model folder (e.g. from `sparsetorch prune --out`) or 'smollm2'."),
+        fmt: str = typer.Option("auto", "--format", help="auto | dense | bitmask | csr | n:m (auto: smallest per tensor)."),
+        out: Path = typer.Option(..., "--out", help="Output folder (compressed file + config + tokenizer) or a .safetensors file."),
+        dtype: str = typer.Option("auto", help="auto (the folder's dtype) | float32 | float16 | bfloat16."),
+        masks_path: Path | None = typer.Option(None, "--masks", help=f"Masks file (default: SOURCE/{MASKS_FILE} if present)."),
+        hf_folder: Path | None = typer.Option(None, "--hf-folder", help="Also write a plain HF folder (dense weights with zeros)."),
+    ) -> None:
+        """Write a compressed sparse checkpoint and print per-layer formats and sizes."""
+        import torch
+        from rich.console import Console
+
+        from ..data.llm import load_causal_lm
+        from ..masks import MaskSet
+        from .checkpoint import DEFAULT_FILENAME, save, save_hf_folder
+
+        console = Console()
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
+        src = Path(source)
+        if dtype == "auto":
+            dtype = _folder_dtype(src) if src.is_dir() else "float32"
+        model, tokenizer = load_causal_lm(source, dtype=getattr(torch, dtype), progress=False)
+        mpath = masks_path if masks_path is not None else (src / MASKS_FILE if src.is_dir() else None)
+        masks = None
+        if mpath is not None and mpath.is_file():
+            masks = MaskSet.load(mpath)
+            console.print(f"masks: {mpath} ({len(masks)} tensors)")
+        elif masks_path is not None:
+            raise CheckpointError(f"masks file {masks_path} does not exist.")
+        if out.suffix == ".safetensors":
+            target = save(model, out, format=fmt, masks=masks)
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            target = save(model, out / DEFAULT_FILENAME, format=fmt, masks=masks)
+            model.config.save_pretrained(str(out))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(out))
+        print_summary(target, console)
+        console.print(f"wrote {target}")
+        if hf_folder is not None:
+            saved = save_hf_folder(model, hf_folder, tokenizer)
+            console.print(f"wrote Hugging Face folder {saved}")
