@@ -1,0 +1,35 @@
+"""Fast sparse inference: ``SparseLinear``, per-layer kernel selection and a speedup planner.
+
+    >>> report = sparsetorch.sparsify_for_inference(model, batch_size=1)   # in place
+    >>> print(sparsetorch.inference.plan(model, batch_size=1))             # what to expect
+
+On CPU the kernels are compiled on first use (a C++ compiler is needed; without one,
+dense and scipy kernels are used and a warning says so). On CUDA, 2:4-sparse fp16/bf16
+weights can use ``torch.sparse.to_sparse_semi_structured``.
+"""
+
+from __future__ import annotations
+
+from .kernels import KERNELS, Kernel, auto_candidates, get_kernel
+from .linear import SparseLinear
+from .plan import PlanReport, plan
+from .select import Selection, Timer, median_timer, select_kernel
+from .sparsify import LayerChoice, SparsifyReport, eligible_linears, sparsify_for_inference
+
+__all__ = [
+    "SparseLinear",
+    "sparsify_for_inference",
+    "SparsifyReport",
+    "LayerChoice",
+    "plan",
+    "PlanReport",
+    "select_kernel",
+    "Selection",
+    "Timer",
+    "median_timer",
+    "Kernel",
+    "KERNELS",
+    "get_kernel",
+    "auto_candidates",
+    "eligible_linears",
+]

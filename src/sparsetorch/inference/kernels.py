@@ -1,0 +1,308 @@
+"""Matmul kernels for a sparse ``nn.Linear`` weight: ``y = x @ W.T + b``.
+
+Each kernel is a small stateless object with four verbs:
+
+* ``available()`` - can it run in this process (compiled extension built, scipy installed, GPU)?
+* ``supports(weight)`` - ``None`` if it can hold this weight, else the reason it cannot;
+* ``pack(weight)`` - the weight in the kernel's format, a ``dict`` of tensors;
+* ``matmul(x, packed, bias, out_features)`` - the product for a 2-D ``x``.
+
+Kernels (``KERNELS`` maps name to instance):
+
+==================  ===========================================================================
+``dense``           ``F.linear`` on the dense weight (the baseline every choice is measured against)
+``bitmask``         compiled: 1 bit per weight + fp32 non-zeros, AVX-512 ``vexpandps`` inner loop
+``csr``             compiled: CSR with uint16 column indices (6 B per non-zero), batch-vectorised
+``scipy``           ``scipy.sparse.csr_matrix`` (single-threaded; used when the compiler is missing)
+``torch_csr``       ``torch.sparse_csr`` matmul (a baseline only; slow on CPU at small batch)
+``semi_structured`` CUDA 2:4 ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16, GPU only)
+==================  ===========================================================================
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _ext
+
+__all__ = [
+    "Kernel",
+    "DenseKernel",
+    "BitmaskKernel",
+    "CSRKernel",
+    "ScipyKernel",
+    "TorchCSRKernel",
+    "SemiStructuredKernel",
+    "KERNELS",
+    "get_kernel",
+    "auto_candidates",
+]
+
+Packed = dict[str, Tensor]
+
+
+class Kernel:
+    """Base class: one way of storing a Linear weight and multiplying by it."""
+
+    name: ClassVar[str] = "kernel"
+    #: False only for ``dense``
+    sparse: ClassVar[bool] = True
+
+    def available(self) -> bool:
+        """Whether the kernel can run in this process."""
+        return True
+
+    def supports(self, weight: Tensor) -> str | None:
+        """``None`` if ``weight`` (2-D, ``[out, in]``) can be packed, else the reason why not."""
+        if weight.dim() != 2:
+            return "weight is not 2-D"
+        return None
+
+    def pack(self, weight: Tensor) -> Packed:
+        """Convert a dense ``[out, in]`` weight into this kernel's tensors."""
+        raise NotImplementedError
+
+    def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
+        """``x @ W.T + bias`` for a contiguous 2-D ``x`` of shape ``[batch, in]``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def nbytes(packed: Packed) -> int:
+        """Bytes held by the packed weight (tensors only; cached helper objects are not counted)."""
+        return sum(t.numel() * t.element_size() for t in packed.values() if isinstance(t, Tensor))
+
+
+def _row_ptr(nnz_per_row: Tensor) -> Tensor:
+    rp = torch.zeros(nnz_per_row.numel() + 1, dtype=torch.int64)
+    rp[1:] = nnz_per_row.to(torch.int64).cumsum(0)
+    return rp
+
+
+def _cpu_fp32(weight: Tensor) -> str | None:
+    if weight.dim() != 2:
+        return "weight is not 2-D"
+    if weight.device.type != "cpu":
+        return "CPU kernel, weight is on " + weight.device.type
+    if weight.dtype != torch.float32:
+        return f"fp32 kernel, weight is {weight.dtype}"
+    return None
+
+
+class DenseKernel(Kernel):
+    """``F.linear`` on the dense weight."""
+
+    name = "dense"
+    sparse = False
+
+    def supports(self, weight: Tensor) -> str | None:
+        return None
+
+    def pack(self, weight: Tensor) -> Packed:
+        return {"weight": weight.detach().contiguous()}
+
+    def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
+        return F.linear(x, packed["weight"], bias)
+
+
+class BitmaskKernel(Kernel):
+    """Bit mask per 16 inputs (``int16 [out, ceil(in/16)]``) + packed fp32 non-zeros + row offsets."""
+
+    name = "bitmask"
+
+    def available(self) -> bool:
+        return _ext.get_extension() is not None
+
+    def supports(self, weight: Tensor) -> str | None:
+        return _cpu_fp32(weight)
+
+    def pack(self, weight: Tensor) -> Packed:
+        w = weight.detach()
+        out, inn = w.shape
+        chunks = (inn + 15) // 16
+        wp = torch.zeros(out, chunks * 16, dtype=w.dtype)
+        wp[:, :inn] = w
+        nz = wp != 0
+        shifts = torch.arange(16, dtype=torch.int32)
+        bits = (nz.view(out, chunks, 16).to(torch.int32) << shifts).sum(-1)
+        # int32 -> int16 keeps the low 16 bits; the kernel reads them as uint16
+        masks = torch.where(bits >= 32768, bits - 65536, bits).to(torch.int16).contiguous()
+        return {"masks": masks, "values": wp[nz].contiguous(), "row_ptr": _row_ptr(nz.sum(1))}
+
+    def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
+        ext = _ext.get_extension()
+        assert ext is not None, "bitmask kernel used without the compiled extension"
+        return ext.bitmask_matmul(x, packed["masks"], packed["values"], packed["row_ptr"], bias, out_features)
+
+
+class CSRKernel(Kernel):
+    """CSR: fp32 values, uint16 column indices (stored as int16), int64 row pointers."""
+
+    name = "csr"
+
+    def available(self) -> bool:
+        return _ext.get_extension() is not None
+
+    def supports(self, weight: Tensor) -> str | None:
+        reason = _cpu_fp32(weight)
+        if reason is None and weight.shape[1] > 65536:
+            reason = "more than 65536 input features (uint16 column index)"
+        return reason
+
+    def pack(self, weight: Tensor) -> Packed:
+        w = weight.detach()
+        nz = w != 0
+        cols = nz.nonzero()[:, 1].to(torch.int32)
+        cols = torch.where(cols >= 32768, cols - 65536, cols).to(torch.int16).contiguous()
+        return {"values": w[nz].contiguous(), "cols": cols, "row_ptr": _row_ptr(nz.sum(1))}
+
+    def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
+        ext = _ext.get_extension()
+        assert ext is not None, "csr kernel used without the compiled extension"
+        return ext.csr_matmul(x, packed["values"], packed["cols"], packed["row_ptr"], bias, out_features)
+
+
+class ScipyKernel(Kernel):
+    """``scipy.sparse.csr_matrix`` product (single-threaded); the fallback without a compiler."""
+
+    name = "scipy"
+
+    def available(self) -> bool:
+        try:
+            import scipy.sparse  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def supports(self, weight: Tensor) -> str | None:
+        return _cpu_fp32(weight)
+
+    def pack(self, weight: Tensor) -> Packed:
+        w = weight.detach()
+        nz = w != 0
+        cols = nz.nonzero()[:, 1].to(torch.int32).contiguous()
+        return {"values": w[nz].contiguous(), "cols": cols, "row_ptr": _row_ptr(nz.sum(1)).to(torch.int32)}
+
+    def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
+        import scipy.sparse as sp
+
+        # scipy wraps the numpy views without copying; the matrix object is cached in the dict
+        mat = packed.get("_scipy")  # type: ignore[assignment]
+        if mat is None or not isinstance(mat, sp.csr_matrix):
+            mat = sp.csr_matrix(
+                (packed["values"].numpy(), packed["cols"].numpy(), packed["row_ptr"].numpy()),
+                shape=(out_features, x.shape[1]),
+            )
+            packed["_scipy"] = mat  # type: ignore[assignment]
+        xn = x.numpy()
+        y = torch.from_numpy(mat @ xn[0]).unsqueeze(0) if x.shape[0] == 1 else torch.from_numpy((mat @ xn.T).T.copy())
+        if bias is not None:
+            y = y + bias
+        return y
+
+
+class TorchCSRKernel(Kernel):
+    """``torch.sparse_csr_tensor`` matmul; a baseline, usually slower than dense on CPU."""
+
+    name = "torch_csr"
+
+    def supports(self, weight: Tensor) -> str | None:
+        if weight.dim() != 2:
+            return "weight is not 2-D"
+        return None
+
+    def pack(self, weight: Tensor) -> Packed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            return {"weight": weight.detach().to_sparse_csr()}
+
+    def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
+        y = torch.mm(packed["weight"], x.t()).t()
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def nbytes(packed: Packed) -> int:
+        w = packed["weight"]
+        return sum(t.numel() * t.element_size() for t in (w.values(), w.col_indices(), w.crow_indices()))
+
+
+class SemiStructuredKernel(Kernel):
+    """CUDA 2:4 semi-structured sparsity (``torch.sparse.to_sparse_semi_structured``)."""
+
+    name = "semi_structured"
+
+    def available(self) -> bool:
+        return torch.cuda.is_available() and hasattr(torch.sparse, "to_sparse_semi_structured")
+
+    def supports(self, weight: Tensor) -> str | None:
+        if weight.dim() != 2:
+            return "weight is not 2-D"
+        if weight.device.type != "cuda":
+            return "GPU kernel, weight is on " + weight.device.type
+        if weight.dtype not in (torch.float16, torch.bfloat16):
+            return f"needs fp16/bf16, weight is {weight.dtype}"
+        from ..patterns import NM
+
+        if NM(2, 4).violation(weight != 0) is not None:
+            return "weight is not 2:4 sparse"
+        return None
+
+    def pack(self, weight: Tensor) -> Packed:
+        return {"weight": torch.sparse.to_sparse_semi_structured(weight.detach().contiguous())}
+
+    def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
+        return F.linear(x, packed["weight"], bias)
+
+    @staticmethod
+    def nbytes(packed: Packed) -> int:
+        w = packed["weight"]
+        total = 0
+        for attr in ("packed", "meta", "packed_t", "meta_t"):
+            t = getattr(w, attr, None)
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+        return total
+
+
+KERNELS: dict[str, Kernel] = {
+    k.name: k
+    for k in (
+        DenseKernel(),
+        BitmaskKernel(),
+        CSRKernel(),
+        ScipyKernel(),
+        TorchCSRKernel(),
+        SemiStructuredKernel(),
+    )
+}
+
+
+def get_kernel(name: str) -> Kernel:
+    """The kernel called ``name``; raises :class:`~sparsetorch.errors.MethodError` if unknown."""
+    from ..errors import MethodError, close_matches
+
+    try:
+        return KERNELS[name]
+    except KeyError:
+        raise MethodError(
+            f"unknown inference kernel {name!r}; choose one of {', '.join(KERNELS)}."
+            + close_matches(name, KERNELS)
+        ) from None
+
+
+def auto_candidates(device: torch.device | str = "cpu") -> list[str]:
+    """Kernels tried by ``kernel="auto"`` on ``device`` (dense is always first).
+
+    CPU: ``bitmask`` and ``csr`` when the compiled extension builds, else ``scipy``.
+    CUDA: ``semi_structured``. ``torch_csr`` is never auto-selected (it is a baseline).
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return ["dense", "semi_structured"]
+    if _ext.get_extension() is not None:
+        return ["dense", "bitmask", "csr"]
+    return ["dense", "scipy"]

@@ -1,0 +1,155 @@
+"""Pick the fastest kernel for one weight by a short measurement, never slower than dense.
+
+A *timer* is any callable ``timer(kernel_name, fn) -> seconds`` that returns how long one
+call of ``fn`` takes. The default, :func:`median_timer`, runs ``fn`` a few times and returns
+the median; tests inject a fake timer (e.g. a dict lookup on the name) so the selection logic
+is checked without any timing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .kernels import Packed, get_kernel
+
+__all__ = ["Timer", "median_timer", "Selection", "select_kernel", "DEFAULT_MARGIN"]
+
+Timer = Callable[[str, Callable[[], object]], float]
+
+#: a sparse kernel must be at least this much faster than dense to be chosen
+DEFAULT_MARGIN = 0.05
+
+
+def median_timer(
+    name: str, fn: Callable[[], object], *, repeats: int = 15, warmup: int = 2, budget_s: float = 0.2
+) -> float:
+    """Median wall time of ``fn()`` in seconds over up to ``repeats`` calls (stops at ``budget_s``)."""
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s and len(times) >= 3:
+            break
+    return statistics.median(times)
+
+
+@dataclass
+class Selection:
+    """Outcome of :func:`select_kernel` for one weight."""
+
+    kernel: str
+    #: seconds per call for every kernel measured (best over rounds)
+    times: dict[str, float] = field(default_factory=dict)
+    #: packed tensors of the chosen kernel
+    packed: Packed = field(default_factory=dict)
+    #: bytes of the packed weight per kernel measured
+    nbytes: dict[str, int] = field(default_factory=dict)
+    #: kernels skipped, with the reason
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        """Dense time / chosen time (1.0 when dense was chosen or not measured)."""
+        d, c = self.times.get("dense"), self.times.get(self.kernel)
+        return d / c if d and c else 1.0
+
+
+def _tolerance_ok(y: Tensor, ref: Tensor) -> bool:
+    if y.shape != ref.shape:
+        return False
+    y, ref = y.float(), ref.float()
+    scale = ref.abs().max().item() if ref.numel() else 0.0
+    tol = (1e-4 if ref.dtype == torch.float32 else 1e-2) * max(scale, 1.0)
+    return bool((y - ref).abs().max().item() <= tol) if ref.numel() else True
+
+
+def select_kernel(
+    weight: Tensor,
+    bias: Tensor | None,
+    batch_size: int = 1,
+    candidates: Sequence[str] | None = None,
+    timer: Timer | None = None,
+    *,
+    rounds: int = 3,
+    margin: float = DEFAULT_MARGIN,
+    seed: int = 0,
+) -> Selection:
+    """Measure each candidate kernel at ``batch_size`` and return the fastest.
+
+    ``dense`` is always measured; a sparse kernel is chosen only if it is faster than dense by
+    more than ``margin`` (relative), so the choice is never slower than dense up to measurement
+    noise. Each candidate is first checked against ``F.linear`` on a random input; a kernel
+    that is unavailable, cannot hold the weight, raises, or disagrees is skipped (with a
+    warning for the last two). Measurements are interleaved over ``rounds`` rounds and the
+    best round counts, so a burst of load on a shared machine hurts every kernel alike.
+    """
+    from .kernels import auto_candidates
+
+    timer = timer or median_timer
+    names = list(candidates) if candidates is not None else auto_candidates(weight.device)
+    if "dense" in names:
+        names.remove("dense")
+    names.insert(0, "dense")
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(max(int(batch_size), 1), weight.shape[1], generator=gen).to(weight.device, weight.dtype)
+    with torch.no_grad():
+        ref = torch.nn.functional.linear(x, weight, bias)
+
+    sel = Selection(kernel="dense")
+    packs: dict[str, Packed] = {}
+    fns: dict[str, Callable[[], object]] = {}
+    for name in names:
+        kernel = get_kernel(name)
+        if not kernel.available():
+            sel.skipped[name] = "not available"
+            continue
+        reason = kernel.supports(weight)
+        if reason is not None:
+            sel.skipped[name] = reason
+            continue
+        try:
+            with torch.no_grad():
+                packed = kernel.pack(weight)
+                y = kernel.matmul(x, packed, bias, weight.shape[0])
+        except Exception as exc:  # a kernel that fails is skipped, never fatal
+            sel.skipped[name] = f"failed: {type(exc).__name__}: {exc}"
+            warnings.warn(f"inference kernel {name!r} failed and is skipped: {exc}", RuntimeWarning, stacklevel=2)
+            continue
+        if not _tolerance_ok(y, ref):
+            sel.skipped[name] = "output differs from dense"
+            warnings.warn(f"inference kernel {name!r} disagrees with F.linear and is skipped", RuntimeWarning, stacklevel=2)
+            continue
+        packs[name] = packed
+        sel.nbytes[name] = kernel.nbytes(packed)
+        fns[name] = (lambda k=kernel, p=packed: k.matmul(x, p, bias, weight.shape[0]))
+
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        for _ in range(max(1, rounds)):
+            for name, fn in fns.items():
+                t = float(timer(name, fn))
+                best[name] = min(best.get(name, float("inf")), t)
+    sel.times = best
+
+    dense_t = best.get("dense", float("inf"))
+    choice = "dense"
+    for name, t in best.items():
+        if name != "dense" and t < dense_t * (1.0 - margin) and t < best[choice]:
+            choice = name
+    if choice == "dense" and "dense" not in packs:  # dense always packs; defensive
+        packs["dense"] = get_kernel("dense").pack(weight)
+    sel.kernel = choice
+    sel.packed = packs[choice]
+    return sel
