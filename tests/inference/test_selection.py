@@ -1,0 +1,109 @@
+"""Kernel selection with an injected fake timer: fastest wins, dense wins ties and losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetorch.inference import SparseLinear, select_kernel
+from sparsetorch.inference.select import DEFAULT_MARGIN
+
+
+def fake_timer(times: dict[str, float]):
+    calls: list[str] = []
+
+    def timer(name, fn):
+        fn()  # the function must be callable; its duration is ignored
+        calls.append(name)
+        return times[name]
+
+    timer.calls = calls  # type: ignore[attr-defined]
+    return timer
+
+
+def _sparse_weight(out: int = 32, inn: int = 48, sparsity: float = 0.9) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out, inn, generator=g)
+    w[torch.rand(out, inn, generator=g) < sparsity] = 0
+    return w
+
+
+def test_picks_fastest() -> None:
+    t = fake_timer({"dense": 1.0, "scipy": 0.5, "torch_csr": 0.2})
+    sel = select_kernel(_sparse_weight(), None, 1, ["scipy", "torch_csr"], t)
+    assert sel.kernel == "torch_csr"
+    assert sel.times == {"dense": 1.0, "scipy": 0.5, "torch_csr": 0.2}
+    assert sel.speedup == pytest.approx(5.0)
+    assert set(t.calls) == {"dense", "scipy", "torch_csr"}  # dense always measured
+
+
+def test_falls_back_to_dense_when_sparse_is_slower() -> None:
+    sel = select_kernel(_sparse_weight(), None, 1, ["scipy", "torch_csr"], fake_timer({"dense": 1.0, "scipy": 1.5, "torch_csr": 3.0}))
+    assert sel.kernel == "dense"
+    assert "weight" in sel.packed
+
+
+def test_needs_a_real_margin_over_dense() -> None:
+    almost = 1.0 - DEFAULT_MARGIN / 2
+    sel = select_kernel(_sparse_weight(), None, 1, ["scipy"], fake_timer({"dense": 1.0, "scipy": almost}))
+    assert sel.kernel == "dense"
+
+
+def test_best_of_rounds_is_used() -> None:
+    seq = iter([1.0, 5.0, 1.0, 0.4, 1.0, 5.0])  # dense, scipy alternating over 3 rounds
+
+    def timer(name, fn):
+        return next(seq)
+
+    sel = select_kernel(_sparse_weight(), None, 1, ["scipy"], timer, rounds=3)
+    assert sel.kernel == "scipy" and sel.times["scipy"] == 0.4
+
+
+def test_wrong_kernel_output_is_skipped(monkeypatch) -> None:
+    from sparsetorch.inference.kernels import ScipyKernel
+
+    monkeypatch.setattr(ScipyKernel, "matmul", lambda self, x, p, b, o: torch.zeros(x.shape[0], o))
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        sel = select_kernel(_sparse_weight(), None, 1, ["scipy"], fake_timer({"dense": 1.0, "scipy": 0.1}))
+    assert sel.kernel == "dense" and "scipy" in sel.skipped
+
+
+def test_failing_kernel_is_skipped(monkeypatch) -> None:
+    from sparsetorch.inference.kernels import ScipyKernel
+
+    def boom(self, w):
+        raise RuntimeError("no")
+
+    monkeypatch.setattr(ScipyKernel, "pack", boom)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        sel = select_kernel(_sparse_weight(), None, 1, ["scipy"], fake_timer({"dense": 1.0, "scipy": 0.1}))
+    assert sel.kernel == "dense"
+
+
+def test_unsupported_kernel_is_skipped_with_reason() -> None:
+    sel = select_kernel(_sparse_weight(), None, 1, ["semi_structured"], fake_timer({"dense": 1.0}))
+    assert sel.kernel == "dense" and "semi_structured" in sel.skipped
+
+
+def test_from_linear_auto_and_forced() -> None:
+    lin = nn.Linear(48, 32)
+    with torch.no_grad():
+        lin.weight.copy_(_sparse_weight())
+    x = torch.randn(2, 5, 48)
+    ref = lin(x).detach()
+    auto = SparseLinear.from_linear(lin, "auto", 1, candidates=["scipy"], timer=fake_timer({"dense": 1.0, "scipy": 0.1}))
+    assert auto.kernel == "scipy"
+    forced = SparseLinear.from_linear(lin, "torch_csr")
+    with torch.no_grad():
+        for m in (auto, forced):
+            torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(forced.to_dense_weight(), lin.weight.detach(), atol=1e-6, rtol=0)
+
+
+def test_sparse_linear_refuses_gradients() -> None:
+    from sparsetorch.errors import ModelError
+
+    m = SparseLinear.from_linear(nn.Linear(8, 4), "torch_csr")
+    with pytest.raises(ModelError, match="no_grad"):
+        m(torch.randn(1, 8, requires_grad=True))
