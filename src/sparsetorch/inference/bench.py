@@ -1,0 +1,74 @@
+"""Measurements shared by ``benchmarks/sparse_inference.py`` and ``sparsetorch bench inference``."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["machine_info", "decode_tokens_per_s", "interleaved_medians"]
+
+
+def machine_info() -> dict[str, Any]:
+    """Threads, CPU count and load average: the context every timing needs."""
+    try:
+        load = os.getloadavg()
+    except OSError:  # pragma: no cover - not on Linux/macOS
+        load = (float("nan"),) * 3
+    cpus = os.cpu_count() or 1
+    return {
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": cpus,
+        "loadavg_1_5_15": list(load),
+        # load above our own threads means other processes were competing for the cores
+        "machine_shared": bool(load[0] > torch.get_num_threads() + 0.5),
+        "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")(),
+    }
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int = 20, rounds: int = 5) -> dict[str, float]:
+    """Seconds per call of each function: medians of ``repeats`` calls, interleaved over ``rounds``.
+
+    Each round times every function in turn, so a burst of load from other processes hits all of
+    them; the result per function is the median of its round medians.
+    """
+    per: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            per[name].append(statistics.median(ts))
+    return {k: statistics.median(v) for k, v in per.items()}
+
+
+@torch.no_grad()
+def decode_tokens_per_s(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> float:
+    """Greedy token-by-token decode speed (tokens/s, prefill excluded), best of ``repeats``.
+
+    ``prompt_ids`` is ``[1, T]``. Each step feeds one token with the KV cache, so every Linear
+    sees a batch of one row: the regime sparse CPU kernels are built for.
+    """
+    best = 0.0
+    for _ in range(max(1, repeats)):
+        out = model(input_ids=prompt_ids, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            nxt = out.logits[:, -1:].argmax(-1)
+        dt = time.perf_counter() - t0
+        best = max(best, new_tokens / dt)
+    return best

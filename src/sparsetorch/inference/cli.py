@@ -1,0 +1,94 @@
+"""CLI: ``sparsetorch plan MODEL_OR_DIR`` and ``sparsetorch bench inference --model DIR``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+
+def _bench_group(app: typer.Typer) -> typer.Typer:
+    """The ``bench`` sub-app, created here unless another subpackage registered it first."""
+    for info in app.registered_groups:
+        if info.name == "bench" and info.typer_instance is not None:
+            return info.typer_instance
+    bench = typer.Typer(help="Benchmarks on this machine.", no_args_is_help=True)
+    app.add_typer(bench, name="bench")
+    return bench
+
+
+def _load(model: str, prune: float | None):
+    from ..data.llm import load_causal_lm
+
+    lm, tok = load_causal_lm(model)
+    if prune:
+        from ..prune import prune as prune_model
+
+        prune_model(lm, "magnitude", prune)
+    return lm, tok
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``plan`` and ``bench inference`` to the ``sparsetorch`` app."""
+    from rich.console import Console
+
+    console = Console()
+
+    @app.command("plan")
+    def plan_cmd(
+        model: str = typer.Argument(..., help="'smollm2' or a Hugging Face causal-LM folder (pruned or not)."),
+        batch: int = typer.Option(1, "--batch", "-b", help="Rows per forward (tokens per step; 1 = token-by-token decode)."),
+        prune: float | None = typer.Option(None, help="Magnitude-prune to this sparsity first (a what-if preview)."),
+        min_sparsity: float = typer.Option(0.3, help="Layers sparser than this are measured with sparse kernels."),
+        json_path: Path | None = typer.Option(None, "--json", help="Also write the plan as JSON."),
+    ) -> None:
+        """Measure every Linear layer with each kernel; print expected latency, memory and speedup."""
+        from . import plan as make_plan
+
+        lm, _ = _load(model, prune)
+        report = make_plan(lm, batch_size=batch, min_sparsity=min_sparsity)
+        console.print(str(report), highlight=False, markup=False)
+        if json_path is not None:
+            from ..atomic import atomic_write_text
+
+            atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+            console.print(f"wrote {json_path}")
+
+    bench = _bench_group(app)
+
+    @bench.command("inference")
+    def bench_inference(
+        model: str = typer.Option("smollm2", "--model", "-m", help="'smollm2' or a Hugging Face causal-LM folder."),
+        prune: float | None = typer.Option(None, help="Magnitude-prune to this sparsity first."),
+        tokens: int = typer.Option(32, help="Tokens to decode per measurement."),
+        json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
+    ) -> None:
+        """Token-by-token decode speed: dense vs sparse kernels chosen by sparsify_for_inference."""
+        import torch
+
+        from . import sparsify_for_inference
+        from .bench import decode_tokens_per_s, machine_info
+
+        lm, tok = _load(model, prune)
+        ids = tok("The quick brown fox jumps over the lazy dog. Sparse networks", return_tensors="pt").input_ids
+        dense_tps = decode_tokens_per_s(lm, ids, tokens)
+        report = sparsify_for_inference(lm, batch_size=1)
+        sparse_tps = decode_tokens_per_s(lm, ids, tokens)
+        info = machine_info()
+        console.print(str(report), highlight=False, markup=False)
+        console.print(f"{'':<10} {'tokens/s':>9}")
+        console.print(f"{'dense':<10} {dense_tps:>9.2f}")
+        console.print(f"{'sparse':<10} {sparse_tps:>9.2f}   ({sparse_tps / dense_tps:.2f}x)")
+        console.print(
+            f"torch threads {info['torch_threads']}, load average {info['loadavg_1_5_15'][0]:.2f}"
+            + (" (machine shared with other work: timings are noisy)" if info["machine_shared"] else "")
+        )
+        if json_path is not None:
+            from ..atomic import atomic_write_text
+
+            res = {"model": model, "prune": prune, "tokens": tokens, "dense_tokens_per_s": dense_tps,
+                   "sparse_tokens_per_s": sparse_tps, "machine": info, "sparsify": report.to_dict(),
+                   "torch_version": torch.__version__}
+            atomic_write_text(json_path, json.dumps(res, indent=2) + "\n")
+            console.print(f"wrote {json_path}")
