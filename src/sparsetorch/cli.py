@@ -205,6 +205,7 @@ def verify(
 
 # --- subcommands registered by subpackages (one line each; keep this block at the end) ---
 _register("sparsetorch.export.cli")
+_register("sparsetorch.training.cli")
 _register("sparsetorch.inference.cli")
 
 

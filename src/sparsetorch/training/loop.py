@@ -1,0 +1,144 @@
+"""A plain supervised training loop with a Sparsifier, used by the CLI and the benchmark.
+
+It is the documented three-line integration (create, ``attach``, ``step``) plus timing,
+evaluation and progress bars; nothing in it is specific to one method.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import MethodError
+from .base import Sparsifier, get_method
+
+NM_METHODS = ("ste", "srste", "nm_progressive")
+
+
+def build_sparsifier(
+    method: str,
+    sparsity: float | None,
+    total_steps: int,
+    **kw: Any,
+) -> Sparsifier | None:
+    """``get_method`` with the run length filled in; ``"dense"`` gives None.
+
+    N:M methods take ``pattern`` (default ``"2:4"``) instead of ``sparsity``; options that are
+    None are left to the method's defaults.
+    """
+    m = method.lower().replace("-", "_")
+    if m in ("dense", "none"):
+        return None
+    kw = {k: v for k, v in kw.items() if v is not None}
+    kw["total_steps"] = total_steps
+    if m in NM_METHODS:
+        kw.pop("allocation", None)
+    elif sparsity is None:
+        raise MethodError(f"method {method!r} needs a sparsity (e.g. --sparsity 0.9).")
+    else:
+        kw["sparsity"] = sparsity
+    return get_method(m, **kw)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent."""
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        correct += int((model(x[i: i + batch_size]).argmax(1) == y[i: i + batch_size]).sum())
+    model.train(was)
+    return 100.0 * correct / max(len(x), 1)
+
+
+@dataclass
+class FitResult:
+    """What one training run produced."""
+
+    accuracy: float
+    accuracy_per_epoch: list[float]
+    seconds: float
+    seconds_per_epoch: float
+    seconds_per_step: float
+    steps: int
+    sparsity_actual: float
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
+    history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+
+
+def fit(
+    model: nn.Module,
+    sparsifier: Sparsifier | None,
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    *,
+    epochs: int = 1,
+    batch_size: int = 128,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "",
+) -> FitResult:
+    """Train with SGD (+momentum, cosine LR), calling ``sparsifier.step()`` after each optimizer step."""
+    from tqdm.auto import tqdm
+
+    xtr, ytr = train
+    n = len(xtr)
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = steps_per_epoch * epochs
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    g = torch.Generator().manual_seed(seed)
+    if sparsifier is not None:
+        sparsifier.attach(model, opt, data=[(xtr[:batch_size], ytr[:batch_size])])
+    model.train()
+    accs: list[float] = []
+    train_seconds = 0.0
+    bar = tqdm(total=total, desc=desc or (sparsifier.name if sparsifier else "dense"), disable=not progress, leave=False)
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=g)
+        t0 = time.perf_counter()
+        for i in range(steps_per_epoch):
+            idx = perm[i * batch_size: (i + 1) * batch_size]
+            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sparsifier is not None:
+                sparsifier.step()
+            sched.step()
+            if i % 20 == 0:
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
+            bar.update(1)
+        train_seconds += time.perf_counter() - t0
+        accs.append(evaluate(model, *test))
+    bar.close()
+    sp_actual = 0.0
+    layers: dict[str, float] = {}
+    history: list[tuple[int, dict[str, float]]] = []
+    if sparsifier is not None:
+        assert sparsifier.masks is not None
+        sparsifier.masks.verify(model)
+        sp_actual = sparsifier.sparsity_actual()
+        layers = sparsifier.layer_sparsity()
+        history = list(sparsifier.history)
+    return FitResult(
+        accuracy=accs[-1],
+        accuracy_per_epoch=accs,
+        seconds=train_seconds,
+        seconds_per_epoch=train_seconds / epochs,
+        seconds_per_step=train_seconds / total,
+        steps=total,
+        sparsity_actual=sp_actual,
+        layer_sparsity=layers,
+        history=history,
+    )
