@@ -86,8 +86,11 @@ def register(app: typer.Typer) -> None:
         from ..data.llm import load_causal_lm
         from ..masks import MaskSet
         from .checkpoint import DEFAULT_FILENAME, save, save_hf_folder
+        from .formats import Format
 
         console = Console()
+        if fmt != "auto" and fmt not in {f.value for f in Format}:
+            raise CheckpointError(f"--format must be auto or one of {', '.join(f.value for f in Format)}, got {fmt!r}.")
         if dtype not in _DTYPES:
             raise CheckpointError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
         src = Path(source)
