@@ -3,12 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from _train_helpers import batches, train
 from torch import nn
 
 from sparsetorch.patterns import n_pruned
 from sparsetorch.training import get_method
-
-from _train_helpers import batches, train
 
 
 @pytest.mark.parametrize("method", ["set", "rigl"])
@@ -84,7 +83,7 @@ def test_regrown_weights_zero_and_adam_moments_reset(mlp):
     sp = get_method("rigl", sparsity=0.7, update_every=3, drop_fraction=0.5, decay="constant", end=100)
     masks = sp.attach(mlp, opt)
     data = batches(3)
-    for i, (x, y) in enumerate(data):
+    for x, y in data:
         opt.zero_grad()
         F.cross_entropy(mlp(x), y).backward()
         opt.step()

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
+from _train_helpers import batches, train
 
 from sparsetorch.patterns import n_pruned
 from sparsetorch.training import get_method
-
-from _train_helpers import batches, train
 
 
 def cubic(t, si, sf, t0, t1, freq):

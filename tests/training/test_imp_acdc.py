@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+from _train_helpers import batches, train
 
 from sparsetorch.training import get_method
-
-from _train_helpers import batches, train
 
 
 def test_imp_weight_rewinding_resets_to_step_k(mlp):
@@ -15,7 +14,7 @@ def test_imp_weight_rewinding_resets_to_step_k(mlp):
     masks = sp.attach(mlp, opt)
     data = batches(6)
     snap = None
-    for i, b in enumerate(data):
+    for b in data:
         train(mlp, opt, sp, [b])
         sched.step()
         if sp.step_count == 2:

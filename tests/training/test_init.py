@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from _train_helpers import batches, tiny_mlp
 
 from sparsetorch.patterns import n_pruned
 from sparsetorch.training import get_method
 from sparsetorch.training.synflow import synflow_scores
-
-from _train_helpers import batches, tiny_mlp
 
 
 @pytest.mark.parametrize("alloc", ["erk", "er", "uniform"])

@@ -4,10 +4,9 @@ import copy
 
 import pytest
 import torch
+from _train_helpers import TinyCNN, batches, train
 
 from sparsetorch.training import METHODS, get_method
-
-from _train_helpers import TinyCNN, batches, train
 
 KW = {
     "random": {}, "static": {},
@@ -72,7 +71,7 @@ def test_resume_gives_identical_masks(method):
     train(model2, opt2, sp2, data[3:])
     for n in final:
         assert torch.equal(final[n], sp2.masks[n]), n
-    for (n1, p1), (n2, p2) in zip(model.named_parameters(), model2.named_parameters()):
+    for (n1, p1), (_n2, p2) in zip(model.named_parameters(), model2.named_parameters()):
         assert torch.allclose(p1, p2, atol=1e-6), n1
 
 

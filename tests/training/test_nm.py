@@ -2,13 +2,11 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
+from _train_helpers import batches, train
 
 from sparsetorch.patterns import NM
 from sparsetorch.training import get_method
 from sparsetorch.training.nm_progressive import stages
-
-from _train_helpers import batches, train
 
 
 @pytest.mark.parametrize("method", ["srste", "ste"])

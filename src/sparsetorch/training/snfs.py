@@ -134,7 +134,7 @@ class SNFS(Sparsifier):
         ts = sum(share.values())
         share = {n: (v / ts if ts > 0 else 1.0) for n, v in share.items()}
         grow = redistribute(share, sum(removed.values()), cap)
-        for n, p in self.params.items():
+        for n in self.params:
             sc = self.momentum[n].abs().masked_fill(kept[n], float("-inf"))
             g = topk_mask(sc.reshape(-1), grow[n]).reshape(sc.shape)
             self._set_mask(n, kept[n] | g)
