@@ -27,7 +27,7 @@ def weight_2d(module: nn.Module) -> Tensor:
     w = module.weight.detach()
     if is_conv1d(module):
         w = w.t()
-    return w.float().clone()
+    return w.float().contiguous().clone(memory_format=torch.contiguous_format)
 
 
 class Solver:

@@ -32,7 +32,7 @@ def inverse_hessian_factor(H: Tensor, percdamp: float = 0.01, *, max_tries: int 
     Returns ``(U, percdamp_used)``. ``H`` must already have its dead inputs fixed.
     """
     d = H.shape[0]
-    mean_diag = torch.diagonal(H).mean()
+    mean_diag = torch.diagonal(H).abs().mean().clamp_min(1e-12)
     damp = percdamp
     for _ in range(max_tries):
         Hd = H.clone()
@@ -73,7 +73,7 @@ def sparsegpt_prune(
     ``nm = (n_kept, m)`` selects the N:M variant. Inputs are not modified. ``info`` has the OBS
     loss ``Σ (w - q)² / U_jj² / 2`` and the dampening used.
     """
-    W = weight.detach().float().clone()
+    W = weight.detach().float().clone(memory_format=torch.contiguous_format)
     H = H.detach().float().clone()
     rows, cols = W.shape
     dead = torch.diagonal(H) == 0
@@ -99,7 +99,7 @@ def sparsegpt_prune(
         if nm is None:
             score = W1.pow(2) / d1.pow(2).unsqueeze(0)
             k = n_pruned(sparsity, score.numel())
-            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            mask1 = torch.zeros(W1.shape, dtype=torch.bool, device=W1.device)
             if k > 0:
                 idx = torch.topk(score.reshape(-1), k, largest=False, sorted=False).indices
                 mask1.view(-1)[idx] = True

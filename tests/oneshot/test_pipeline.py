@@ -1,0 +1,225 @@
+"""The block-sequential pipeline on tiny random Hugging Face models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetorch
+from sparsetorch.errors import DataError, ModelError, SparsityValueError
+from sparsetorch.oneshot import find_decoder_blocks, sparsegpt_prune
+from sparsetorch.patterns import NM, RowWise
+
+from conftest import make_tiny_llama
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread avoids OpenMP contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _calib(n=4, t=32, vocab=128, seed=1):
+    return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _reference(model, calib, method, sparsity, pattern):
+    """Slow reference loop (the protocol of the Wanda/SparseGPT code, ALGORITHMS.md G.0):
+    for each block, run the *whole model* one sequence at a time with hooks on the block's Linear
+    layers (earlier blocks already pruned, this block dense), then prune every layer."""
+    for block in model.model.layers:
+        lins = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        sq = {n: torch.zeros(m.in_features) for n, m in lins.items()}
+        xtx = {n: torch.zeros(m.in_features, m.in_features) for n, m in lins.items()}
+
+        def hook(name):
+            def f(_m, args, _out):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                sq[name] += (x * x).sum(0)
+                xtx[name] += x.t() @ x
+
+            return f
+
+        hs = [m.register_forward_hook(hook(n)) for n, m in lins.items()]
+        for j in range(calib.shape[0]):
+            model(calib[j : j + 1], use_cache=False)
+        for h in hs:
+            h.remove()
+        n = calib.shape[0]
+        for name, m in lins.items():
+            W = m.weight.float()
+            if method == "wanda":
+                score = W.abs() * torch.sqrt(sq[name] / n).reshape(1, -1)
+                keep = (pattern if isinstance(pattern, NM) else RowWise()).mask(score, sparsity)
+                m.weight.mul_(keep)
+            else:
+                nm = (pattern.n, pattern.m) if isinstance(pattern, NM) else None
+                Wn, keep, _ = sparsegpt_prune(W, 2 * xtx[name] / n, sparsity, nm=nm)
+                m.weight.copy_(Wn)
+
+
+@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")])
+def test_pipeline_equals_slow_reference_loop(method, pattern):
+    calib = _calib()
+    ours = make_tiny_llama(2, 64, 128, 128, seed=3)
+    ref = make_tiny_llama(2, 64, 128, 128, seed=3)
+    s = None if pattern == "2:4" else 0.5
+    rep = sparsetorch.prune(ours, method, s, pattern, calibration=calib, batch_size=1, progress=False)
+    pat = sparsetorch.parse_pattern(pattern)
+    _reference(ref, calib, method, 0.5, pat)
+    po, pr = dict(ours.named_parameters()), dict(ref.named_parameters())
+    assert len(rep.masks) == 14
+    for name in rep.masks:
+        assert torch.equal(po[name] != 0, pr[name] != 0), name
+        assert torch.allclose(po[name], pr[name], atol=1e-5, rtol=1e-4), name
+    rep.masks.verify(ours)
+    assert rep.sparsity_actual == pytest.approx(0.5)
+
+
+def test_batching_does_not_change_the_result():
+    calib = _calib(6)
+    a, b = make_tiny_llama(seed=4), make_tiny_llama(seed=4)
+    sparsetorch.prune(a, "wanda", 0.5, calibration=calib, batch_size=1, progress=False)
+    sparsetorch.prune(b, "wanda", 0.5, calibration=calib, batch_size=4, progress=False)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p != 0, q != 0), n
+
+
+def test_true_sequential_and_groups():
+    from sparsetorch.oneshot.blocks import capture_inputs
+    from sparsetorch.oneshot.calibration import prepare_calibration
+    from sparsetorch.oneshot.pipeline import discover_groups
+
+    m = make_tiny_llama()
+    name, blocks = find_decoder_blocks(m)
+    assert name == "model.layers"
+    inputs = capture_inputs(m, blocks, prepare_calibration(m, _calib(), batch_size=2))
+    rels = [n for n, mod in blocks[0].named_modules() if isinstance(mod, nn.Linear)]
+    groups = discover_groups(blocks[0], rels, inputs)
+    assert groups == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]
+    a, b = make_tiny_llama(seed=5), make_tiny_llama(seed=5)
+    ra = sparsetorch.prune(a, "sparsegpt", 0.5, calibration=_calib(), progress=False)
+    rb = sparsetorch.prune(b, "sparsegpt", 0.5, calibration=_calib(), true_sequential=True, progress=False)
+    rb.masks.verify(b)
+    # the first group sees identical inputs either way; later groups see pruned predecessors
+    q = "model.layers.0.self_attn.q_proj.weight"
+    d = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(ra.masks[q], rb.masks[q])
+    assert not torch.allclose(dict(a.named_parameters())[d], dict(b.named_parameters())[d])
+
+
+def test_reconstruction_keeps_mask():
+    m = make_tiny_llama(seed=6)
+    rep = sparsetorch.prune(
+        m, "wanda", 0.5, calibration=_calib(), reconstruct=True, reconstruct_steps=4, reconstruct_lr=1e-4, progress=False
+    )
+    rep.masks.verify(m)
+    assert rep.sparsity_actual == pytest.approx(0.5)
+    for r in rep.extra["reconstruct"]:
+        assert r["mse_after"] <= r["mse_before"] or not r["kept"]
+
+
+def test_owl_and_sensitivity_allocations_meet_budget():
+    for alloc in ("owl", "sensitivity"):
+        m = make_tiny_llama(layers=3, seed=7)
+        rep = sparsetorch.prune(m, "wanda", 0.6, calibration=_calib(), allocation=alloc, progress=False)
+        sp = rep.extra["block_sparsities"]
+        assert len(sp) == 3 and sum(sp) / 3 == pytest.approx(0.6, abs=1e-6)
+        assert rep.sparsity_actual == pytest.approx(0.6, abs=0.02)
+        rep.masks.verify(m)
+    info = rep.extra["allocation_info"]
+    assert all(len(row) == len(info["grid"]) for row in info["errors"])
+
+
+def test_texts_and_dict_batches_are_accepted():
+    tok = _ToyTokenizer()
+    m = make_tiny_llama(seed=8)
+    rep = sparsetorch.prune(m, "wanda", 0.5, calibration=["a b c d e f g", "h i j"], tokenizer=tok, seq_len=16, progress=False)
+    assert rep.extra["calib_samples"] == 2
+    m = make_tiny_llama(seed=8)
+    batches = [{"input_ids": _calib(2), "attention_mask": torch.tensor([[1] * 32, [1] * 20 + [0] * 12])}]
+    rep = sparsetorch.prune(m, "sparsegpt", 0.5, calibration=batches, progress=False)
+    assert rep.extra["calib_tokens"] == 64  # padding is counted in the batch but dropped from statistics
+
+
+class _ToyTokenizer:
+    pad_token_id = 0
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = [1 + (ord(c) % 100) for c in text.split()]
+        return {"input_ids": torch.tensor([ids])}
+
+
+# ------------------------------------------------------------------ errors
+def test_bad_inputs_raise_typed_errors():
+    m = make_tiny_llama()
+    with pytest.raises(SparsityValueError):
+        sparsetorch.prune(m, "wanda", 1.0, calibration=_calib())
+    with pytest.raises(DataError):
+        sparsetorch.prune(m, "wanda", 0.5, calibration=[])
+    with pytest.raises(DataError):
+        sparsetorch.prune(m, "wanda", 0.5, calibration=torch.zeros(0, 16, dtype=torch.long))
+    with pytest.raises(DataError):
+        sparsetorch.prune(m, "wanda", 0.5, calibration=["", "  "], tokenizer=_ToyTokenizer(), seq_len=16)
+    with pytest.raises(DataError):
+        sparsetorch.prune(m, "sparsegpt", 0.5)
+    with pytest.raises(ModelError, match="max_position_embeddings"):
+        sparsetorch.prune(m, "wanda", 0.5, calibration=torch.zeros(1, 300, dtype=torch.long))
+    with pytest.raises(ModelError, match="at most 256"):
+        sparsetorch.prune(m, "wanda", 0.5, calibration=["a b"], tokenizer=_ToyTokenizer(), seq_len=1024)
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    with pytest.raises(ModelError, match="no decoder blocks"):
+        sparsetorch.prune(mlp, "wanda", 0.5, calibration=_calib())
+    with pytest.raises(ModelError, match="outside the decoder blocks"):
+        sparsetorch.prune(m, "wanda", 0.5, calibration=_calib(), targets=["re:.*proj", "re:.*embed_tokens"])
+
+
+# ------------------------------------------------------------------ other architectures
+def _tiny(kind):
+    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                  max_position_embeddings=128)
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    elif kind == "opt":
+        cfg = transformers.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     ffn_dim=128, max_position_embeddings=128, word_embed_proj_dim=64)
+    elif kind == "qwen2":
+        cfg = transformers.Qwen2Config(num_key_value_heads=2, **common)
+    elif kind == "mistral":
+        cfg = transformers.MistralConfig(num_key_value_heads=2, **common)
+    else:
+        cfg = transformers.PhiConfig(**common)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    "kind,blocks",
+    [("gpt2", "transformer.h"), ("opt", "model.decoder.layers"), ("qwen2", "model.layers"),
+     ("mistral", "model.layers"), ("phi", "model.layers")],
+)
+def test_block_discovery_and_pruning_on_other_architectures(kind, blocks):
+    m = _tiny(kind)
+    name, mods = find_decoder_blocks(m)
+    assert name == blocks and len(mods) == 2
+    calib = _calib(2, 16)
+    with torch.no_grad():
+        dense = m(calib).logits
+    rep = sparsetorch.prune(m, "sparsegpt", 0.5, calibration=calib, progress=False)
+    rep.masks.verify(m)
+    assert rep.sparsity_actual == pytest.approx(0.5, abs=0.01)
+    with torch.no_grad():
+        out = m(calib).logits
+    assert torch.isfinite(out).all() and not torch.allclose(out, dense)
