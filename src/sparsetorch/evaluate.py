@@ -52,10 +52,11 @@ def window_nll(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
             bar = tqdm(total=windows.shape[0], desc="perplexity", unit="win", disable=not progress, leave=False)
             for start in range(0, windows.shape[0], batch_size):
                 ids = windows[start : start + batch_size].to(device)
-                logits = _logits(model, ids)[:, :-1, :].float()
-                targets = ids[:, 1:]
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-                sums.append(nll.view(ids.shape[0], -1).double().sum(dim=1).cpu())
+                logits = _logits(model, ids)
+                for i in range(ids.shape[0]):  # one window at a time: no batch-sized copies
+                    nll = F.cross_entropy(logits[i, :-1].float(), ids[i, 1:], reduction="none")
+                    sums.append(nll.double().sum().reshape(1).cpu())
+                del logits
                 bar.update(ids.shape[0])
             bar.close()
     finally:
