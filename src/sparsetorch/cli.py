@@ -207,6 +207,7 @@ def verify(
 _register("sparsetorch.export.cli")
 _register("sparsetorch.training.cli")
 _register("sparsetorch.inference.cli")
+_register("sparsetorch.oneshot.cli")
 
 
 def main(argv: list[str] | None = None) -> None:
