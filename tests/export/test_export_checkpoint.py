@@ -217,6 +217,24 @@ def test_load_hf_rebuilds_and_generates_the_same(tmp_path):
     same_bits(model.state_dict(), again.state_dict())
 
 
+def test_load_hf_fp16_matches_from_pretrained(tmp_path):
+    """Rebuilt fp16 model == the same weights loaded by transformers (buffers such as rotary
+    inv_freq keep their float32 init, logits are bit-identical)."""
+    transformers = pytest.importorskip("transformers")
+    model, masks = pruned_llama()
+    model.save_pretrained(str(tmp_path / "hf"))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float16).eval()
+    path = save(ref, tmp_path / "m.safetensors", masks=masks)
+    rebuilt, _ = load_hf(path)
+    ref_buf, new_buf = dict(ref.named_buffers()), dict(rebuilt.named_buffers())
+    assert ref_buf.keys() == new_buf.keys()
+    for k in ref_buf:
+        assert ref_buf[k].dtype == new_buf[k].dtype and torch.equal(ref_buf[k], new_buf[k]), k
+    ids = torch.tensor([[1, 5, 9, 3, 7]])
+    with torch.no_grad():
+        assert torch.equal(ref(ids).logits, rebuilt(ids).logits)
+
+
 def test_save_hf_folder_reloads_with_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     model, masks = pruned_llama()

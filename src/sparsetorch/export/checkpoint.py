@@ -431,15 +431,16 @@ def load_hf(path_or_dir: str | os.PathLike[str]) -> tuple[nn.Module, MaskSet]:
             raise CheckpointError(f"{side} is not valid JSON: {exc}") from None
     cfg = dict(cfg)
     model_type = cfg.pop("model_type", None)
-    try:
-        config = transformers.AutoConfig.for_model(model_type, **cfg)
-        model = transformers.AutoModelForCausalLM.from_config(config)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{ck.path}: cannot rebuild the model from its stored config: {exc}") from None
     state, masks = _decode_all(ck)
     dtypes = [t.dtype for t in state.values() if t.is_floating_point()]
-    if dtypes:
-        model = model.to(max(set(dtypes), key=dtypes.count))
+    dtype = max(set(dtypes), key=dtypes.count) if dtypes else torch.float32
+    try:
+        config = transformers.AutoConfig.for_model(model_type, **cfg)
+        # built in the stored dtype the way from_pretrained does it, so buffers computed at
+        # init (e.g. rotary inv_freq, kept in float32) match a model loaded from a HF folder
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{ck.path}: cannot rebuild the model from its stored config: {exc}") from None
     _fill(model, state, str(ck.path))
     return model.eval(), masks
 
