@@ -43,8 +43,8 @@ def run_one(method: str, sparsity: float | None, train, test, args) -> dict:  # 
         kw["pattern"] = args.pattern
     if method == "snfs":
         kw["update_every"] = steps_per_epoch  # reference: once per epoch
-    if method == "static":
-        kw["allocation"] = "erk"
+    if method in ("static", "snfs"):
+        kw["allocation"] = "erk"  # same initial layer budget as RigL/SET (SNFS' own default is uniform)
     if method in ("set", "rigl"):
         kw["update_every"] = args.update_every
     if method == "gmp":
