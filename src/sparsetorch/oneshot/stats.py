@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 KINDS = frozenset({"sq", "sum", "xtx"})
+BAND_MIN_DIM = 1024
+BANDS = 4
 
 
 class InputStats:
@@ -36,6 +38,8 @@ class InputStats:
         self.xtx = torch.zeros(d, d, dtype=torch.float32, device=device) if "xtx" in needs else None
         self.nseq = 0
         self.ntok = 0
+        self.banded = self.xtx is not None and d >= BAND_MIN_DIM
+        self.bands = [round(i * d / BANDS) for i in range(BANDS + 1)] if self.banded else []
 
     # ------------------------------------------------------------------ accumulation
     @torch.no_grad()
@@ -52,7 +56,10 @@ class InputStats:
         """SparseGPT's ``H = 2/n_seq · sum XXᵀ`` (a new tensor, fp32)."""
         if self.xtx is None:
             raise ValueError("these statistics were collected without 'xtx' (the Hessian)")
-        return self.xtx * (2.0 / max(self.nseq, 1))
+        x = self.xtx
+        if self.banded:  # only the upper triangle (and the band blocks) were accumulated
+            x = torch.triu(x) + torch.triu(x, 1).t()
+        return x * (2.0 / max(self.nseq, 1))
 
     def sum_per_seq(self) -> Tensor:
         """DSnoT's ``sum_metric_row``: ``sum_tokens x_j / n_seq``."""
@@ -86,7 +93,13 @@ def accumulate(stats: InputStats, x: Tensor, token_mask: Tensor | None = None) -
         x = x[token_mask.reshape(-1).to(x.device, torch.bool)]
     x = x.float()
     if stats.xtx is not None:
-        stats.xtx.addmm_(x.t(), x)
+        if stats.banded:
+            # XᵀX is symmetric: accumulate only the upper row bands (~30% fewer FLOPs for d >= 1024)
+            b = stats.bands
+            for i in range(len(b) - 1):
+                stats.xtx[b[i] : b[i + 1], b[i] :].addmm_(x[:, b[i] : b[i + 1]].t(), x[:, b[i] :])
+        else:
+            stats.xtx.addmm_(x.t(), x)
     stats.sq += (x * x).sum(0)
     if stats.sum is not None:
         stats.sum += x.sum(0)
