@@ -31,9 +31,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "oneshot_llm.json"
-MODEL_DIR = Path(os.environ.get("SPARSETORCH_BENCH_MODEL", Path.home() / ".cache" / "sparsetorch" / "smollm2-fp32"))
+MODEL_DIR = Path(
+    os.environ.get(
+        "SPARSETORCH_BENCH_MODEL", Path.home() / ".cache" / "sparsetorch" / "smollm2-fp32"
+    )
+)
 SPECS = ["0.5", "0.6", "0.7", "2:4", "4:8"]
-METHODS = ["magnitude", "wanda", "sparsegpt", "sparsegpt+owl", "wanda+dsnot", "llmc-sparsegpt", "llmc-wanda"]
+METHODS = [
+    "magnitude",
+    "wanda",
+    "sparsegpt",
+    "sparsegpt+owl",
+    "wanda+dsnot",
+    "llmc-sparsegpt",
+    "llmc-wanda",
+]
 QUICK = ["dense", "floor", "sparsegpt@0.5", "sparsegpt@2:4", "wanda@0.5", "wanda@2:4"]
 CALIB, EVAL, SEQ = 64, 16, 512
 
@@ -71,7 +83,9 @@ def _load(model_dir: Path):
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(str(model_dir))
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(model_dir), dtype=torch.float32
+    ).eval()
     return model, tok
 
 
@@ -145,8 +159,16 @@ def worker(cfg: str, model_dir: Path) -> dict:
                 rep = sparsetorch.prune(model, "magnitude", sparsity, pattern)
             else:
                 rep = sparsetorch.prune(
-                    model, base, sparsity, pattern, allocation=allocation, calibration=calib,
-                    num_samples=CALIB, seq_len=SEQ, progress=False, **kw,
+                    model,
+                    base,
+                    sparsity,
+                    pattern,
+                    allocation=allocation,
+                    calibration=calib,
+                    num_samples=CALIB,
+                    seq_len=SEQ,
+                    progress=False,
+                    **kw,
                 )
             res["seconds"] = time.perf_counter() - t
             res["timings"] = rep.extra.get("timings")
@@ -179,11 +201,18 @@ def _run_llmc(model, calib, method: str, sparsity, mask_structure: str) -> dict:
         ignore=["re:.*lm_head"],
         **extra,
     )
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    ds = Dataset.from_dict(
+        {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
+    )
     t = time.perf_counter()
     oneshot(
-        model=model, dataset=ds, recipe=[mod], num_calibration_samples=calib.shape[0], max_seq_length=calib.shape[1],
-        shuffle_calibration_samples=False, batch_size=1,
+        model=model,
+        dataset=ds,
+        recipe=[mod],
+        num_calibration_samples=calib.shape[0],
+        max_seq_length=calib.shape[1],
+        shuffle_calibration_samples=False,
+        batch_size=1,
     )
     import llmcompressor
 
@@ -210,7 +239,10 @@ def run_one(cfg: str, model_dir: Path, llmc_python: str, timeout: int) -> dict:
 
 def table(results: dict) -> str:
     floor = results.get("floor", {}).get("seconds")
-    rows = ["| config | ppl E16 | prune s | × floor | peak RSS GiB | sparsity |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| config | ppl E16 | prune s | × floor | peak RSS GiB | sparsity |",
+        "|---|---|---|---|---|---|",
+    ]
     for cfg, r in results.items():
         if cfg.startswith("_"):
             continue
@@ -229,9 +261,13 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--configs", help="comma-separated config names (default: the full matrix)")
-    ap.add_argument("--quick", action="store_true", help="dense, floor, our SparseGPT and Wanda at 50%% and 2:4")
+    ap.add_argument(
+        "--quick", action="store_true", help="dense, floor, our SparseGPT and Wanda at 50%% and 2:4"
+    )
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
     ap.add_argument("--timeout", type=int, default=3600)
@@ -262,7 +298,10 @@ def main() -> None:
         results[cfg] = r
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=1))
-        print(f"  -> {json.dumps({k: v for k, v in r.items() if k not in ('timings', 'block_sparsities')})[:400]}", flush=True)
+        print(
+            f"  -> {json.dumps({k: v for k, v in r.items() if k not in ('timings', 'block_sparsities')})[:400]}",
+            flush=True,
+        )
     print(table(results))
 
 

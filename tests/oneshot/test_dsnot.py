@@ -33,7 +33,9 @@ def test_dsnot_lowers_expected_change_and_keeps_row_sparsity():
     # with the sign check every accepted swap moves ε toward 0 without crossing it
     keep_ss = dsnot_refine(W, keep0, mu, st.var(), wanda, same_sign=True)
     e0, e1 = expected_change(W, keep0, mu), expected_change(W, keep_ss, mu)
-    assert bool((e1.abs() <= e0.abs() + 1e-4).all()) and bool((torch.sign(e1) * torch.sign(e0) >= 0).all())
+    assert bool((e1.abs() <= e0.abs() + 1e-4).all()) and bool(
+        (torch.sign(e1) * torch.sign(e0) >= 0).all()
+    )
     assert torch.equal(keep_ss.sum(1), keep0.sum(1))
 
 

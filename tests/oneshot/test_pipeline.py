@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from torch import nn
 
 import sparsetorch
 from sparsetorch.errors import DataError, ModelError, SparsityValueError
 from sparsetorch.oneshot import find_decoder_blocks, sparsegpt_prune
 from sparsetorch.patterns import NM, RowWise
-
-from conftest import make_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,7 +38,7 @@ def _reference(model, calib, method, sparsity, pattern):
         sq = {n: torch.zeros(m.in_features) for n, m in lins.items()}
         xtx = {n: torch.zeros(m.in_features, m.in_features) for n, m in lins.items()}
 
-        def hook(name):
+        def hook(name, sq=sq, xtx=xtx):
             def f(_m, args, _out):
                 x = args[0].reshape(-1, args[0].shape[-1]).float()
                 sq[name] += (x * x).sum(0)
@@ -65,13 +64,18 @@ def _reference(model, calib, method, sparsity, pattern):
                 m.weight.copy_(Wn)
 
 
-@pytest.mark.parametrize("method,pattern", [("wanda", "unstructured"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")])
+@pytest.mark.parametrize(
+    "method,pattern",
+    [("wanda", "unstructured"), ("sparsegpt", "unstructured"), ("sparsegpt", "2:4")],
+)
 def test_pipeline_equals_slow_reference_loop(method, pattern):
     calib = _calib()
     ours = make_tiny_llama(2, 64, 128, 128, seed=3)
     ref = make_tiny_llama(2, 64, 128, 128, seed=3)
     s = None if pattern == "2:4" else 0.5
-    rep = sparsetorch.prune(ours, method, s, pattern, calibration=calib, batch_size=1, progress=False)
+    rep = sparsetorch.prune(
+        ours, method, s, pattern, calibration=calib, batch_size=1, progress=False
+    )
     pat = sparsetorch.parse_pattern(pattern)
     _reference(ref, calib, method, 0.5, pat)
     po, pr = dict(ours.named_parameters()), dict(ref.named_parameters())
@@ -111,7 +115,9 @@ def test_true_sequential_and_groups():
     ]
     a, b = make_tiny_llama(seed=5), make_tiny_llama(seed=5)
     ra = sparsetorch.prune(a, "sparsegpt", 0.5, calibration=_calib(), progress=False)
-    rb = sparsetorch.prune(b, "sparsegpt", 0.5, calibration=_calib(), true_sequential=True, progress=False)
+    rb = sparsetorch.prune(
+        b, "sparsegpt", 0.5, calibration=_calib(), true_sequential=True, progress=False
+    )
     rb.masks.verify(b)
     # the first group sees identical inputs either way; later groups see pruned predecessors
     q = "model.layers.0.self_attn.q_proj.weight"
@@ -123,7 +129,14 @@ def test_true_sequential_and_groups():
 def test_reconstruction_keeps_mask():
     m = make_tiny_llama(seed=6)
     rep = sparsetorch.prune(
-        m, "wanda", 0.5, calibration=_calib(), reconstruct=True, reconstruct_steps=4, reconstruct_lr=1e-4, progress=False
+        m,
+        "wanda",
+        0.5,
+        calibration=_calib(),
+        reconstruct=True,
+        reconstruct_steps=4,
+        reconstruct_lr=1e-4,
+        progress=False,
     )
     rep.masks.verify(m)
     assert rep.sparsity_actual == pytest.approx(0.5)
@@ -134,7 +147,9 @@ def test_reconstruction_keeps_mask():
 def test_owl_and_sensitivity_allocations_meet_budget():
     for alloc in ("owl", "sensitivity"):
         m = make_tiny_llama(layers=3, seed=7)
-        rep = sparsetorch.prune(m, "wanda", 0.6, calibration=_calib(), allocation=alloc, progress=False)
+        rep = sparsetorch.prune(
+            m, "wanda", 0.6, calibration=_calib(), allocation=alloc, progress=False
+        )
         sp = rep.extra["block_sparsities"]
         assert len(sp) == 3 and sum(sp) / 3 == pytest.approx(0.6, abs=1e-6)
         assert rep.sparsity_actual == pytest.approx(0.6, abs=0.02)
@@ -146,12 +161,24 @@ def test_owl_and_sensitivity_allocations_meet_budget():
 def test_texts_and_dict_batches_are_accepted():
     tok = _ToyTokenizer()
     m = make_tiny_llama(seed=8)
-    rep = sparsetorch.prune(m, "wanda", 0.5, calibration=["a b c d e f g", "h i j"], tokenizer=tok, seq_len=16, progress=False)
+    rep = sparsetorch.prune(
+        m,
+        "wanda",
+        0.5,
+        calibration=["a b c d e f g", "h i j"],
+        tokenizer=tok,
+        seq_len=16,
+        progress=False,
+    )
     assert rep.extra["calib_samples"] == 2
     m = make_tiny_llama(seed=8)
-    batches = [{"input_ids": _calib(2), "attention_mask": torch.tensor([[1] * 32, [1] * 20 + [0] * 12])}]
+    batches = [
+        {"input_ids": _calib(2), "attention_mask": torch.tensor([[1] * 32, [1] * 20 + [0] * 12])}
+    ]
     rep = sparsetorch.prune(m, "sparsegpt", 0.5, calibration=batches, progress=False)
-    assert rep.extra["calib_tokens"] == 64  # padding is counted in the batch but dropped from statistics
+    assert (
+        rep.extra["calib_tokens"] == 64
+    )  # padding is counted in the batch but dropped from statistics
 
 
 class _ToyTokenizer:
@@ -172,29 +199,50 @@ def test_bad_inputs_raise_typed_errors():
     with pytest.raises(DataError):
         sparsetorch.prune(m, "wanda", 0.5, calibration=torch.zeros(0, 16, dtype=torch.long))
     with pytest.raises(DataError):
-        sparsetorch.prune(m, "wanda", 0.5, calibration=["", "  "], tokenizer=_ToyTokenizer(), seq_len=16)
+        sparsetorch.prune(
+            m, "wanda", 0.5, calibration=["", "  "], tokenizer=_ToyTokenizer(), seq_len=16
+        )
     with pytest.raises(DataError):
         sparsetorch.prune(m, "sparsegpt", 0.5)
     with pytest.raises(ModelError, match="max_position_embeddings"):
         sparsetorch.prune(m, "wanda", 0.5, calibration=torch.zeros(1, 300, dtype=torch.long))
     with pytest.raises(ModelError, match="at most 256"):
-        sparsetorch.prune(m, "wanda", 0.5, calibration=["a b"], tokenizer=_ToyTokenizer(), seq_len=1024)
+        sparsetorch.prune(
+            m, "wanda", 0.5, calibration=["a b"], tokenizer=_ToyTokenizer(), seq_len=1024
+        )
     mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
     with pytest.raises(ModelError, match="no decoder blocks"):
         sparsetorch.prune(mlp, "wanda", 0.5, calibration=_calib())
     with pytest.raises(ModelError, match="outside the decoder blocks"):
-        sparsetorch.prune(m, "wanda", 0.5, calibration=_calib(), targets=["re:.*proj", "re:.*embed_tokens"])
+        sparsetorch.prune(
+            m, "wanda", 0.5, calibration=_calib(), targets=["re:.*proj", "re:.*embed_tokens"]
+        )
 
 
 # ------------------------------------------------------------------ other architectures
 def _tiny(kind):
-    common = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                  max_position_embeddings=128)
+    common = dict(
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
     if kind == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+        cfg = transformers.GPT2Config(
+            vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=128
+        )
     elif kind == "opt":
-        cfg = transformers.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     ffn_dim=128, max_position_embeddings=128, word_embed_proj_dim=64)
+        cfg = transformers.OPTConfig(
+            vocab_size=128,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+        )
     elif kind == "qwen2":
         cfg = transformers.Qwen2Config(num_key_value_heads=2, **common)
     elif kind == "mistral":
@@ -207,8 +255,13 @@ def _tiny(kind):
 
 @pytest.mark.parametrize(
     "kind,blocks",
-    [("gpt2", "transformer.h"), ("opt", "model.decoder.layers"), ("qwen2", "model.layers"),
-     ("mistral", "model.layers"), ("phi", "model.layers")],
+    [
+        ("gpt2", "transformer.h"),
+        ("opt", "model.decoder.layers"),
+        ("qwen2", "model.layers"),
+        ("mistral", "model.layers"),
+        ("phi", "model.layers"),
+    ],
 )
 def test_block_discovery_and_pruning_on_other_architectures(kind, blocks):
     m = _tiny(kind)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import make_tiny_llama
+
 from sparsetorch.errors import MethodError
 from sparsetorch.oneshot.recipe import apply_recipe, load_oneshot_recipe
 
@@ -37,7 +37,11 @@ def test_recipe_errors():
     with pytest.raises(MethodError, match="unknown one-shot method"):
         load_oneshot_recipe({"method": "sparsegtp"})
     with pytest.raises(MethodError, match="unknown option"):
-        apply_recipe(make_tiny_llama(), {"method": "sparsegpt", "options": {"dampen": 0.1}}, calibration=torch.zeros(1, 8, dtype=torch.long))
+        apply_recipe(
+            make_tiny_llama(),
+            {"method": "sparsegpt", "options": {"dampen": 0.1}},
+            calibration=torch.zeros(1, 8, dtype=torch.long),
+        )
 
 
 def test_recipe_section_registered_with_core_recipes():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -35,7 +33,9 @@ def test_sparsegpt_beats_wanda_and_magnitude(pattern):
     W, X, st = _layer()
     pat = NM(2, 4) if pattern == "2:4" else Unstructured()
     s = 0.5 if pattern == "2:4" else float(pattern)
-    Ws, keep_s, _ = sparsegpt_prune(W, st.hessian(), s, nm=(2, 4) if pattern == "2:4" else None, blocksize=16)
+    Ws, keep_s, _ = sparsegpt_prune(
+        W, st.hessian(), s, nm=(2, 4) if pattern == "2:4" else None, blocksize=16
+    )
     kw = wanda_mask(W, st.input_norm(), s, pat)
     km = magnitude_mask(W, s, pat)
     # same budget

@@ -56,7 +56,9 @@ def owl_block_sparsities(
         layers = per_block[i]
         if layers:
             groups = groups_for(i)
-            stats, _ = stats_pass(blocks[i], groups, {r: frozenset({"sq"}) for r in layers}, inputs, stop_early=True)
+            stats, _ = stats_pass(
+                blocks[i], groups, {r: frozenset({"sq"}) for r in layers}, inputs, stop_early=True
+            )
             scores = []
             for r, (_, mod) in layers.items():
                 w = mod.weight.detach().float()
@@ -72,7 +74,11 @@ def owl_block_sparsities(
     out = [0.0] * len(blocks)
     for i, v in zip(idx, sp):
         out[i] = v
-    return out, {"outlier_ratios": [ratios.get(i) for i in range(len(blocks))], "M": m, "lambda": lam}
+    return out, {
+        "outlier_ratios": [ratios.get(i) for i in range(len(blocks))],
+        "M": m,
+        "lambda": lam,
+    }
 
 
 def _lower_hull(xs: Sequence[float], ys: Sequence[float]) -> list[int]:
@@ -100,23 +106,25 @@ def solve_budget(
     """
     g = list(grid)
     if not (g[0] - 1e-12 <= sparsity <= g[-1] + 1e-12):
-        raise AllocationError(f"sensitivity grid {g} does not contain the target sparsity {sparsity}.")
+        raise AllocationError(
+            f"sensitivity grid {g} does not contain the target sparsity {sparsity}."
+        )
     total = sum(numels)
     need = sparsity * total - sum(n * g[0] for n in numels)  # pruned weights still to place
     moves = []  # (slope, block, ds)
-    for l, (e, n) in enumerate(zip(errors, numels)):
+    for blk, (e, n) in enumerate(zip(errors, numels)):
         hull = _lower_hull(g, list(e))
         for a, b in zip(hull, hull[1:]):
             ds = g[b] - g[a]
-            moves.append(((e[b] - e[a]) / (ds * n), l, ds))
+            moves.append(((e[b] - e[a]) / (ds * n), blk, ds))
     moves.sort(key=lambda t: (t[0], t[1]))
     out = [g[0]] * len(numels)
-    for _, l, ds in moves:
+    for _, blk, ds in moves:
         if need <= 1e-9:
             break
-        take = min(ds, need / numels[l])
-        out[l] += take
-        need -= take * numels[l]
+        take = min(ds, need / numels[blk])
+        out[blk] += take
+        need -= take * numels[blk]
     return [min(max(v, 0.0), 0.99) for v in out]
 
 
@@ -142,11 +150,19 @@ def sensitivity_block_sparsities(
     while nb < len(inputs) and seen < samples:
         seen += inputs.hidden[nb].shape[0]
         nb += 1
-    for i in _tqdm(range(len(blocks)), desc="sensitivity (dense pass)", unit="block", disable=not progress):
+    for i in _tqdm(
+        range(len(blocks)), desc="sensitivity (dense pass)", unit="block", disable=not progress
+    ):
         layers = per_block[i]
         block = blocks[i]
         if layers:
-            stats, _ = stats_pass(block, groups_for(i), {r: frozenset({"sq"}) for r in layers}, inputs, stop_early=True)
+            stats, _ = stats_pass(
+                block,
+                groups_for(i),
+                {r: frozenset({"sq"}) for r in layers},
+                inputs,
+                stop_early=True,
+            )
             dense = [run_block(block, inputs, b) for b in range(nb)]
             delta = sum(float((dense[b] - inputs.hidden[b]).pow(2).sum()) for b in range(nb)) or 1.0
             saved = {r: mod.weight.detach().clone() for r, (_, mod) in layers.items()}
@@ -159,7 +175,9 @@ def sensitivity_block_sparsities(
                     keep = wanda_mask(w2, stats[r].input_norm(), sk, pattern)
                     keep = keep.t() if conv else keep
                     mod.weight.copy_(saved[r].masked_fill(~keep, 0))
-                err = sum(float((run_block(block, inputs, b) - dense[b]).pow(2).sum()) for b in range(nb))
+                err = sum(
+                    float((run_block(block, inputs, b) - dense[b]).pow(2).sum()) for b in range(nb)
+                )
                 row.append(err / delta)
             for r, (_, mod) in layers.items():
                 mod.weight.copy_(saved[r])
@@ -173,6 +191,8 @@ def sensitivity_block_sparsities(
     out = [0.0] * len(blocks)
     for i, v in zip(idx, sp):
         out[i] = v
-    if not math.isclose(sum(n * v for n, v in zip(numels, sp)) / max(sum(numels), 1), sparsity, abs_tol=1e-3):
+    if not math.isclose(
+        sum(n * v for n, v in zip(numels, sp)) / max(sum(numels), 1), sparsity, abs_tol=1e-3
+    ):
         raise AllocationError("sensitivity allocation could not meet the sparsity budget.")
     return out, {"grid": g, "errors": [errs.get(i) for i in range(len(blocks))], "samples": seen}

@@ -49,14 +49,26 @@ class Solver:
         return self.needs
 
     def solve(
-        self, weight: Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern, *, name: str = ""
+        self,
+        weight: Tensor,
+        stats: InputStats | None,
+        sparsity: float,
+        pattern: Pattern,
+        *,
+        name: str = "",
     ) -> tuple[Tensor, Tensor]:
         """Return ``(new_weight, keep_mask)`` for ``weight`` [out, in]; must not mutate inputs."""
         raise NotImplementedError
 
     @torch.no_grad()
     def apply(
-        self, module: nn.Module, stats: InputStats | None, sparsity: float, pattern: Pattern, *, name: str = ""
+        self,
+        module: nn.Module,
+        stats: InputStats | None,
+        sparsity: float,
+        pattern: Pattern,
+        *,
+        name: str = "",
     ) -> Tensor:
         """Solve and write the result into ``module.weight``; returns the mask in the weight's layout."""
         if is_conv1d(module) and isinstance(pattern, NM):

@@ -35,7 +35,9 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         if len(kinds) != 1:
             continue
         child = mod[0]
-        if not any(isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" for m in child.modules()):
+        if not any(
+            isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" for m in child.modules()
+        ):
             continue
         size = sum(p.numel() for p in mod.parameters())
         if best is None or size > best[0]:
@@ -65,7 +67,12 @@ class BlockInputs:
         return sum(h.numel() * h.element_size() for h in self.hidden)
 
     def clone(self) -> BlockInputs:
-        return BlockInputs([h.clone() for h in self.hidden], list(self.args), list(self.kwargs), list(self.token_masks))
+        return BlockInputs(
+            [h.clone() for h in self.hidden],
+            list(self.args),
+            list(self.kwargs),
+            list(self.token_masks),
+        )
 
 
 def _sanitize(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -81,7 +88,9 @@ def _sanitize(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, Tensor]]) -> BlockInputs:
+def capture_inputs(
+    model: nn.Module, blocks: nn.ModuleList, batches: list[dict[str, Tensor]]
+) -> BlockInputs:
     """Run the model up to block 0 for every batch and record that block's full input."""
     got = BlockInputs()
     device = next(model.parameters()).device
@@ -102,7 +111,9 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[s
     try:
         for b in batches:
             inputs = {k: v.to(device) for k, v in b.items()}
-            got.token_masks.append(inputs["attention_mask"].bool() if "attention_mask" in inputs else None)
+            got.token_masks.append(
+                inputs["attention_mask"].bool() if "attention_mask" in inputs else None
+            )
             try:
                 try:
                     model(**inputs, use_cache=False)
@@ -111,7 +122,9 @@ def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[dict[s
             except _Stop:
                 pass
             else:
-                raise ModelError(f"block 0 of {type(model).__name__} was never called during the forward pass.")
+                raise ModelError(
+                    f"block 0 of {type(model).__name__} was never called during the forward pass."
+                )
     finally:
         h.remove()
     return got

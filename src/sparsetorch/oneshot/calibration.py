@@ -67,7 +67,9 @@ def prepare_calibration(
         if ids.dim() == 1:
             ids = ids.unsqueeze(0)
         if ids.dim() != 2 or ids.dtype not in (torch.long, torch.int, torch.int32, torch.int64):
-            raise DataError(f"calibration tensor must be integer token ids [n, seq_len], got {tuple(ids.shape)} {ids.dtype}.")
+            raise DataError(
+                f"calibration tensor must be integer token ids [n, seq_len], got {tuple(ids.shape)} {ids.dtype}."
+            )
         ids = ids[:num_samples].long()
         if ids.numel() == 0:
             raise DataError("calibration tensor is empty; pass at least one window of tokens.")
@@ -90,7 +92,9 @@ def prepare_calibration(
         for text in items:
             if not text.strip():
                 continue
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][:seq_len]
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][
+                :seq_len
+            ]
             if ids.numel() > 0:
                 seqs.append(ids)
             if len(seqs) >= num_samples:
@@ -103,7 +107,11 @@ def prepare_calibration(
             t = max(s.numel() for s in group)
             ids = torch.zeros(len(group), t, dtype=torch.long)
             am = torch.zeros(len(group), t, dtype=torch.long)
-            pad = getattr(tokenizer, "pad_token_id", None) or getattr(tokenizer, "eos_token_id", None) or 0
+            pad = (
+                getattr(tokenizer, "pad_token_id", None)
+                or getattr(tokenizer, "eos_token_id", None)
+                or 0
+            )
             ids.fill_(int(pad))
             for r, s in enumerate(group):  # right padding: causal attention keeps real tokens exact
                 ids[r, : s.numel()] = s

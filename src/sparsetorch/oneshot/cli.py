@@ -10,13 +10,24 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        model_dir: str = typer.Argument(..., help="A Hugging Face causal-LM folder (e.g. from `sparsetorch prune --out`) or 'smollm2'."),
-        text: Path | None = typer.Option(None, "--text", help="Evaluate on this UTF-8 text file instead of the embedded eval text."),
+        model_dir: str = typer.Argument(
+            ...,
+            help="A Hugging Face causal-LM folder (e.g. from `sparsetorch prune --out`) or 'smollm2'.",
+        ),
+        text: Path | None = typer.Option(
+            None,
+            "--text",
+            help="Evaluate on this UTF-8 text file instead of the embedded eval text.",
+        ),
         windows: int = typer.Option(16, "--windows", help="Number of non-overlapping windows."),
         seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
         batch_size: int = typer.Option(4, help="Evaluation batch size."),
-        sample_prompt: str | None = typer.Option(None, "--sample-prompt", help="Also print a greedy continuation of this prompt."),
-        json_path: Path | None = typer.Option(None, "--json", help="Write the result as JSON here."),
+        sample_prompt: str | None = typer.Option(
+            None, "--sample-prompt", help="Also print a greedy continuation of this prompt."
+        ),
+        json_path: Path | None = typer.Option(
+            None, "--json", help="Write the result as JSON here."
+        ),
     ) -> None:
         """Perplexity of a (pruned) causal LM on fixed token windows, its sparsity, and a sample."""
         import json
@@ -35,7 +46,9 @@ def register(app: typer.Typer) -> None:
             raise DataError(f"text file {text} does not exist.")
         model, tok = load_causal_lm(model_dir, progress=True)
         if text is not None:
-            w = token_windows(tok, text.read_text(encoding="utf-8"), seq_len=seq_len, max_windows=windows)
+            w = token_windows(
+                tok, text.read_text(encoding="utf-8"), seq_len=seq_len, max_windows=windows
+            )
         else:
             w = eval_windows(tok, windows, seq_len)
         zeros = total = 0
@@ -45,8 +58,16 @@ def register(app: typer.Typer) -> None:
                 total += mod.weight.numel()
         sp = zeros / max(total, 1)
         ppl = perplexity(model, windows=w, batch_size=batch_size)
-        console.print(f"{model_dir}: linear-layer sparsity {sp:.4f}; perplexity over {w.shape[0]}x{w.shape[1]} tokens: [bold]{ppl:.3f}[/]")
-        result = {"model": model_dir, "ppl": ppl, "windows": int(w.shape[0]), "seq_len": int(w.shape[1]), "sparsity_linear": sp}
+        console.print(
+            f"{model_dir}: linear-layer sparsity {sp:.4f}; perplexity over {w.shape[0]}x{w.shape[1]} tokens: [bold]{ppl:.3f}[/]"
+        )
+        result = {
+            "model": model_dir,
+            "ppl": ppl,
+            "windows": int(w.shape[0]),
+            "seq_len": int(w.shape[1]),
+            "sparsity_linear": sp,
+        }
         if sample_prompt:
             out = generate_sample(model, tok, sample_prompt)
             console.print(f"[bold]prompt[/]: {sample_prompt}\n[bold]sample[/]: {out}")

@@ -133,16 +133,28 @@ class DSnoT(Solver):
 
         init = str(self.opts.get("initial", "wanda")).lower()
         if init not in SOLVERS or init == "dsnot":
-            raise MethodError(f"DSnoT initial method must be one of wanda, magnitude, sparsegpt; got {init!r}.")
+            raise MethodError(
+                f"DSnoT initial method must be one of wanda, magnitude, sparsegpt; got {init!r}."
+            )
         self.initial = SOLVERS[init]()
         skip = self.opts.get("skip")
-        self.skip = None if self.opts.get("include_mlp", False) else re.compile(skip) if skip else MLP_RE
+        self.skip = (
+            None if self.opts.get("include_mlp", False) else re.compile(skip) if skip else MLP_RE
+        )
         self.needs = frozenset(self.initial.needs | {"sq", "sum"})
 
     def refines(self, name: str) -> bool:
         return self.skip is None or not self.skip.search(name)
 
-    def solve(self, weight: Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern, *, name: str = ""):
+    def solve(
+        self,
+        weight: Tensor,
+        stats: InputStats | None,
+        sparsity: float,
+        pattern: Pattern,
+        *,
+        name: str = "",
+    ):
         assert stats is not None
         new_w, keep = self.initial.solve(weight, stats, sparsity, pattern, name=name)
         if not self.refines(name):

@@ -17,5 +17,13 @@ def magnitude_mask(weight: Tensor, sparsity: float, pattern: Pattern) -> Tensor:
 class Magnitude(Solver):
     name = "magnitude"
 
-    def solve(self, weight: Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern, *, name: str = ""):
+    def solve(
+        self,
+        weight: Tensor,
+        stats: InputStats | None,
+        sparsity: float,
+        pattern: Pattern,
+        *,
+        name: str = "",
+    ):
         return weight, magnitude_mask(weight, sparsity, pattern)

@@ -118,12 +118,19 @@ def discover_groups(block: nn.Module, rel_names: list[str], inputs: BlockInputs)
             h.remove()
     missing = [r for r in rel_names if r not in seen]
     if missing:
-        raise ModelError(f"layers {missing} of the decoder block never ran during calibration; ignore them.")
+        raise ModelError(
+            f"layers {missing} of the decoder block never ran during calibration; ignore them."
+        )
     groups: list[list[str]] = []
     prev: Tensor | None = None
     for rel, x in order:
         same = prev is not None and (
-            x is prev or (x.data_ptr() == prev.data_ptr() and x.shape == prev.shape and x.stride() == prev.stride())
+            x is prev
+            or (
+                x.data_ptr() == prev.data_ptr()
+                and x.shape == prev.shape
+                and x.stride() == prev.stride()
+            )
         )
         if same:
             groups[-1].append(rel)
@@ -240,9 +247,13 @@ def run_oneshot(
             "use 'uniform', 'owl' or 'sensitivity'."
         )
     if isinstance(pattern, NM) and allocation != "uniform":
-        raise MethodError(f"allocation {allocation!r} cannot be combined with the N:M pattern {pattern}; use uniform.")
+        raise MethodError(
+            f"allocation {allocation!r} cannot be combined with the N:M pattern {pattern}; use uniform."
+        )
     if pattern.name not in ("unstructured", "rowwise") and not isinstance(pattern, NM):
-        raise MethodError(f"one-shot solvers support unstructured, rowwise and N:M patterns, not {pattern}.")
+        raise MethodError(
+            f"one-shot solvers support unstructured, rowwise and N:M patterns, not {pattern}."
+        )
     batch_size = int(opts.get("batch_size", 8))
     progress = bool(opts.get("progress", True))
     true_seq = bool(opts.get("true_sequential", False))
@@ -260,7 +271,12 @@ def run_oneshot(
         )
 
     batches = prepare_calibration(
-        model, calibration, tokenizer, num_samples=num_samples, seq_len=seq_len, batch_size=batch_size
+        model,
+        calibration,
+        tokenizer,
+        num_samples=num_samples,
+        seq_len=seq_len,
+        batch_size=batch_size,
     )
     n_seq = sum(b["input_ids"].shape[0] for b in batches)
     torch.manual_seed(seed)
@@ -271,8 +287,18 @@ def run_oneshot(
     old_cache = getattr(cfg, "use_cache", None)
     if cfg is not None and old_cache is not None:
         cfg.use_cache = False
-    timings = {"capture": 0.0, "allocation": 0.0, "stats": 0.0, "solve": 0.0, "reconstruct": 0.0, "outputs": 0.0}
-    extra: dict[str, Any] = {"calib_samples": n_seq, "calib_tokens": sum(int(b["input_ids"].numel()) for b in batches)}
+    timings = {
+        "capture": 0.0,
+        "allocation": 0.0,
+        "stats": 0.0,
+        "solve": 0.0,
+        "reconstruct": 0.0,
+        "outputs": 0.0,
+    }
+    extra: dict[str, Any] = {
+        "calib_samples": n_seq,
+        "calib_tokens": sum(int(b["input_ids"].numel()) for b in batches),
+    }
     masks: dict[str, Tensor] = {}
     try:
         t = time.perf_counter()
@@ -299,13 +325,25 @@ def run_oneshot(
 
             if allocation == "owl":
                 block_sp, info = owl_block_sparsities(
-                    blocks, per_block, groups_for, inputs.clone(), s,
-                    m=float(opts.get("owl_m", 5.0)), lam=float(opts.get("owl_lambda", 0.08)), progress=progress,
+                    blocks,
+                    per_block,
+                    groups_for,
+                    inputs.clone(),
+                    s,
+                    m=float(opts.get("owl_m", 5.0)),
+                    lam=float(opts.get("owl_lambda", 0.08)),
+                    progress=progress,
                 )
             else:
                 block_sp, info = sensitivity_block_sparsities(
-                    blocks, per_block, groups_for, inputs.clone(), s, pattern,
-                    grid=opts.get("sensitivity_grid"), samples=int(opts.get("sensitivity_samples", 16)),
+                    blocks,
+                    per_block,
+                    groups_for,
+                    inputs.clone(),
+                    s,
+                    pattern,
+                    grid=opts.get("sensitivity_grid"),
+                    samples=int(opts.get("sensitivity_samples", 16)),
                     progress=progress,
                 )
             extra["allocation_info"] = info
@@ -315,7 +353,9 @@ def run_oneshot(
         # ---- the sequential loop
         needs = {}
         infos: dict[str, Any] = {}
-        for i in _tqdm(range(len(blocks)), desc=f"{method} {pattern}", unit="block", disable=not progress):
+        for i in _tqdm(
+            range(len(blocks)), desc=f"{method} {pattern}", unit="block", disable=not progress
+        ):
             layers = per_block[i]
             block = blocks[i]
             if layers:
@@ -327,7 +367,10 @@ def run_oneshot(
                 for k, gset in enumerate(todo):
                     t = time.perf_counter()
                     stats, outs = stats_pass(
-                        block, gset, need, inputs,
+                        block,
+                        gset,
+                        need,
+                        inputs,
                         stop_early=not (reconstruct and k == 0),
                         collect_outputs=reconstruct and k == 0,
                     )
@@ -338,7 +381,9 @@ def run_oneshot(
                     for g in gset:
                         for r in g:
                             pname, mod = layers[r]
-                            masks[pname] = solver.apply(mod, stats[r], block_sp[i], pattern, name=pname)
+                            masks[pname] = solver.apply(
+                                mod, stats[r], block_sp[i], pattern, name=pname
+                            )
                             li = getattr(solver, "last_info", None)
                             if li is not None:
                                 infos[pname] = li
@@ -350,9 +395,12 @@ def run_oneshot(
 
                     t = time.perf_counter()
                     rec = reconstruct_block(
-                        block, inputs, dense_out,
+                        block,
+                        inputs,
+                        dense_out,
                         {layers[r][0]: (layers[r][1], masks[layers[r][0]]) for r in layers},
-                        steps=int(opts.get("reconstruct_steps", 30)), lr=float(opts.get("reconstruct_lr", 1e-5)),
+                        steps=int(opts.get("reconstruct_steps", 30)),
+                        lr=float(opts.get("reconstruct_lr", 1e-5)),
                     )
                     extra.setdefault("reconstruct", []).append(rec)
                     del dense_out
@@ -360,7 +408,7 @@ def run_oneshot(
             t = time.perf_counter()
             output_pass(block, inputs)
             timings["outputs"] += time.perf_counter() - t
-        del inputs
+        inputs.hidden.clear()
     finally:
         if cfg is not None and old_cache is not None:
             cfg.use_cache = old_cache

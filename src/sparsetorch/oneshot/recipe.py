@@ -30,7 +30,18 @@ from typing import Any
 
 from ..errors import MethodError, close_matches
 
-KEYS = ("method", "sparsity", "pattern", "allocation", "targets", "ignore", "num_samples", "seq_len", "seed", "options")
+KEYS = (
+    "method",
+    "sparsity",
+    "pattern",
+    "allocation",
+    "targets",
+    "ignore",
+    "num_samples",
+    "seq_len",
+    "seed",
+    "options",
+)
 
 
 @dataclass
@@ -57,7 +68,9 @@ def _parse(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]
 
     text = str(source)
     p = Path(text)
-    if isinstance(source, os.PathLike) or (len(text) < 4096 and "\n" not in text and p.suffix in (".yaml", ".yml")):
+    if isinstance(source, os.PathLike) or (
+        len(text) < 4096 and "\n" not in text and p.suffix in (".yaml", ".yml")
+    ):
         if not p.is_file():
             raise MethodError(f"recipe file {p} does not exist.")
         text = p.read_text()
@@ -84,7 +97,10 @@ def build_oneshot_section(section: Mapping[str, Any]) -> OneshotRecipe:
     r = OneshotRecipe(**data)
     r.method = str(r.method).lower()
     if r.method not in SOLVERS:
-        raise MethodError(f"unknown one-shot method {r.method!r}; available: {', '.join(SOLVERS)}." + close_matches(r.method, SOLVERS))
+        raise MethodError(
+            f"unknown one-shot method {r.method!r}; available: {', '.join(SOLVERS)}."
+            + close_matches(r.method, SOLVERS)
+        )
     if not isinstance(r.options, Mapping):
         raise MethodError("recipe 'options' must be a mapping of solver/pipeline options.")
     r.options = dict(r.options)
@@ -101,7 +117,9 @@ def load_oneshot_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> O
     return build_oneshot_section(data)
 
 
-def apply_recipe(model: Any, source: Any, *, calibration: Any = None, tokenizer: Any = None, **overrides: Any):
+def apply_recipe(
+    model: Any, source: Any, *, calibration: Any = None, tokenizer: Any = None, **overrides: Any
+):
     """Prune ``model`` as the recipe says; returns the :class:`~sparsetorch.prune.PruneReport`."""
     from ..prune import prune
 

@@ -20,7 +20,10 @@ from .blocks import BlockInputs, run_block
 
 def _loss(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], idx: list[int]) -> float:
     with torch.no_grad():
-        return sum(float(torch.nn.functional.mse_loss(run_block(block, inputs, b), targets[b])) for b in idx) / len(idx)
+        return sum(
+            float(torch.nn.functional.mse_loss(run_block(block, inputs, b), targets[b]))
+            for b in idx
+        ) / len(idx)
 
 
 def reconstruct_block(
@@ -37,7 +40,11 @@ def reconstruct_block(
     keeps = {n: k.to(params[n].device) for n, (_, k) in layers.items()}
     saved = {n: p.detach().clone() for n, p in params.items()}
     req = {n: p.requires_grad for n, p in params.items()}
-    frozen = [p for p in block.parameters() if p.requires_grad and all(p is not q for q in params.values())]
+    frozen = [
+        p
+        for p in block.parameters()
+        if p.requires_grad and all(p is not q for q in params.values())
+    ]
     for p in frozen:
         p.requires_grad_(False)
     for p in params.values():

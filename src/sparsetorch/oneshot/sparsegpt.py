@@ -37,7 +37,9 @@ def _single_thread():
             torch.set_num_threads(n)
 
 
-def inverse_hessian_factor(H: Tensor, percdamp: float = 0.01, *, max_tries: int = 6, name: str = "") -> tuple[Tensor, float]:
+def inverse_hessian_factor(
+    H: Tensor, percdamp: float = 0.01, *, max_tries: int = 6, name: str = ""
+) -> tuple[Tensor, float]:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean(diag H)``.
 
     Retries with 10× the dampening while ``H`` is not positive definite (warning each time).
@@ -144,7 +146,15 @@ class SparseGPT(Solver):
     needs = frozenset({"xtx"})
     options = ("blocksize", "percdamp", "dampening_frac")
 
-    def solve(self, weight: Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern, *, name: str = ""):
+    def solve(
+        self,
+        weight: Tensor,
+        stats: InputStats | None,
+        sparsity: float,
+        pattern: Pattern,
+        *,
+        name: str = "",
+    ):
         assert stats is not None
         percdamp = float(self.opts.get("percdamp", self.opts.get("dampening_frac", 0.01)))
         blocksize = int(self.opts.get("blocksize", 128))
@@ -152,7 +162,13 @@ class SparseGPT(Solver):
         if nm is None and pattern.name not in ("unstructured", "rowwise"):
             raise MethodError(f"SparseGPT supports unstructured and N:M patterns, not {pattern}.")
         new_w, keep, info = sparsegpt_prune(
-            weight, stats.hessian(), sparsity, nm=nm, blocksize=blocksize, percdamp=percdamp, name=name
+            weight,
+            stats.hessian(),
+            sparsity,
+            nm=nm,
+            blocksize=blocksize,
+            percdamp=percdamp,
+            name=name,
         )
         self.last_info = info
         return new_w, keep

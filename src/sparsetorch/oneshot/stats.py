@@ -26,7 +26,9 @@ BANDS = 4
 class InputStats:
     """Running sums over the inputs of one linear layer (feature dim ``d``)."""
 
-    def __init__(self, d: int, needs: Iterable[str] = ("sq",), device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, d: int, needs: Iterable[str] = ("sq",), device: torch.device | str = "cpu"
+    ) -> None:
         needs = set(needs)
         unknown = needs - KINDS
         if unknown:

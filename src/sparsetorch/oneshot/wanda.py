@@ -30,6 +30,14 @@ class Wanda(Solver):
     name = "wanda"
     needs = frozenset({"sq"})
 
-    def solve(self, weight: Tensor, stats: InputStats | None, sparsity: float, pattern: Pattern, *, name: str = ""):
+    def solve(
+        self,
+        weight: Tensor,
+        stats: InputStats | None,
+        sparsity: float,
+        pattern: Pattern,
+        *,
+        name: str = "",
+    ):
         assert stats is not None
         return weight, wanda_mask(weight, stats.input_norm(), sparsity, pattern)
