@@ -2,7 +2,11 @@
 
 Data-free methods (``magnitude``, ``random``) score every targeted weight directly. Methods
 that need calibration data (Wanda, SparseGPT, DSnoT ...) are registered in
-``sparsetorch.oneshot.SOLVERS`` and run by the block-sequential pipeline there.
+``sparsetorch.oneshot.SOLVERS`` and run by the block-sequential pipeline there; so does
+``magnitude`` with a data-driven allocation (``owl``, ``sensitivity``). Extra keyword
+arguments go to that pipeline (``true_sequential``, ``reconstruct``, ``batch_size``,
+``progress`` ...) or to the solver (``percdamp``, ``blocksize``, ``initial``, ``threshold`` ...);
+see :func:`sparsetorch.oneshot.run_oneshot`.
 """
 
 from __future__ import annotations

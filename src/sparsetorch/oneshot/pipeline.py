@@ -38,6 +38,10 @@ Peak memory (fp32, ``n`` calibration sequences of ``t`` tokens, hidden size ``h`
 For SmolLM2-135M with 64×512 calibration tokens and batch 8: 0.54 GB weights + 2·75 MB +
 (3·576² + 1536²)·4 B ≈ 14 MB + ~0.1 GB activations.
 
+Not implemented yet: offloading not-yet-processed blocks to disk/meta (so models larger than
+RAM could be pruned); today the whole model must fit in memory, and only one block's
+activations and statistics are held at a time.
+
 Only the solvers (:meth:`Solver.apply`) write weights, under ``torch.no_grad()``.
 """
 
