@@ -13,6 +13,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import SparseTorchError
 
@@ -33,6 +34,11 @@ def _register(module: str) -> None:
 
 
 # --- core commands: prune, report, verify ---------------------------------------------------
+
+
+def _say(text: str) -> None:
+    """Print a status line without hard-wrapping it (logs stay greppable)."""
+    console.print(text, soft_wrap=True, highlight=False)
 
 
 def _peak_rss_mb() -> float:
@@ -84,23 +90,23 @@ def prune(
     if seq_len < 2 or eval_windows < 0 or calib_samples < 1 or batch_size < 1:
         raise DataError("--seq-len must be >= 2, --eval-windows >= 0, --calib-samples >= 1, --batch-size >= 1.")
 
-    console.print(f"loading [bold]{model}[/] ...")
+    _say(f"loading [bold]{escape(model)}[/] ...")
     t0 = time.perf_counter()
     lm, tokenizer = load_causal_lm(model, progress=True)
     seconds_load = time.perf_counter() - t0
-    console.print(f"loaded {type(lm).__name__} in {seconds_load:.1f} s")
+    _say(f"loaded {type(lm).__name__} in {seconds_load:.1f} s")
 
     ew = make_eval_windows(tokenizer, eval_windows, seq_len) if eval_windows else None
     t0 = time.perf_counter()
     ppl_dense = perplexity(lm, windows=ew, batch_size=batch_size) if ew is not None else None
     seconds_eval = time.perf_counter() - t0
     if ppl_dense is not None:
-        console.print(f"dense perplexity ({ew.shape[0]}x{seq_len} tokens): [bold]{ppl_dense:.3f}[/]")
+        _say(f"dense perplexity ({ew.shape[0]}x{seq_len} tokens): [bold]{ppl_dense:.3f}[/]")
     sample_dense = generate_sample(lm, tokenizer, sample) if sample else None
 
     calib = None
     if method.lower() not in DATA_FREE:
-        console.print(f"calibration: {calib_samples} windows x {seq_len} tokens")
+        _say(f"calibration: {calib_samples} windows x {seq_len} tokens")
         calib = calibration_windows(tokenizer, calib_samples, seq_len)
     report = prune_model(
         lm,
@@ -115,19 +121,19 @@ def prune(
         num_samples=calib_samples,
         seq_len=seq_len,
     )
-    console.print(
+    _say(
         f"pruned {len(report.masks)} tensors with {report.method} ({report.pattern}, {report.allocation}) "
         f"in {report.seconds_prune:.1f} s: sparsity {report.sparsity_actual:.4f}"
     )
     ppl_sparse = perplexity(lm, windows=ew, batch_size=batch_size) if ew is not None else None
     if ppl_sparse is not None:
-        console.print(f"sparse perplexity: [bold]{ppl_sparse:.3f}[/]")
+        _say(f"sparse perplexity: [bold]{ppl_sparse:.3f}[/]")
     rows = layer_rows(lm, report.masks)
     if table:
         print_table(rows, console, title=f"{model}: {report.method} {report.pattern}")
     if sample:
-        console.print(f"[bold]prompt[/]: {sample}\n[bold]dense[/]: {sample_dense}")
-        console.print(f"[bold]sparse[/]: {generate_sample(lm, tokenizer, sample)}")
+        _say(f"[bold]prompt[/]: {escape(sample)}\n[bold]dense[/]: {escape(sample_dense or '')}")
+        _say(f"[bold]sparse[/]: {escape(generate_sample(lm, tokenizer, sample))}")
 
     result = {
         "model": model,
@@ -156,12 +162,12 @@ def prune(
             (tmp / "sparsetorch.json").write_text(json.dumps(full, indent=2, default=str), encoding="utf-8")
 
         saved = save_hf_model(lm, tokenizer, out, extra=extra)
-        console.print(f"saved Hugging Face model folder, {MASKS_FILE}, sparsity.png, sparsetorch.json to {saved}")
+        _say(f"saved Hugging Face model folder, {MASKS_FILE}, sparsity.png, sparsetorch.json to {escape(str(saved))}")
     if json_path is not None:
         from .atomic import atomic_write_text
 
         atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n")
-        console.print(f"wrote {json_path}")
+        _say(f"wrote {escape(str(json_path))}")
 
 
 @app.command()
@@ -177,15 +183,15 @@ def report(
 
     rows, masks = folder_report(folder)
     src = "masks.safetensors + weights" if masks is not None else "weights (no masks file)"
-    print_table(rows, console, title=f"{folder} ({src})")
+    print_table(rows, console, title=f"{escape(str(folder))} ({src})")
     if plot is not None:
         plot_sparsity(rows, plot)
-        console.print(f"wrote {plot}")
+        _say(f"wrote {escape(str(plot))}")
     if json_path is not None:
         from .atomic import atomic_write_text
 
         atomic_write_text(json_path, json.dumps({"summary": summary(rows), "rows": rows}, indent=2) + "\n")
-        console.print(f"wrote {json_path}")
+        _say(f"wrote {escape(str(json_path))}")
 
 
 @app.command()
@@ -197,8 +203,8 @@ def verify(
 
     masks = verify_folder(folder)
     pats = sorted({str(p) for p in masks.patterns.values()})
-    console.print(
-        f"OK: {len(masks)} tensors in {folder}: every pruned weight is zero and the pattern holds "
+    _say(
+        f"OK: {len(masks)} tensors in {escape(str(folder))}: every pruned weight is zero and the pattern holds "
         f"({', '.join(pats)}); sparsity {masks.sparsity().overall:.4f}"
     )
 
@@ -215,8 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=False)
     except SparseTorchError as exc:
-        from rich.markup import escape  # messages hold brackets, e.g. 'sparsetorch[llm]'
-
+        # escape: messages hold brackets, e.g. 'sparsetorch[llm]'
         err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as exc:
