@@ -35,7 +35,7 @@ from sparsetorch.inference.bench import decode_tokens_per_s, machine_info
 OUT = Path(__file__).resolve().parent / "results" / "sparse_inference.json"
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096)]  # (in, out), i.e. in -> out
 BASELINES = ["torch_csr", "scipy"]
-OURS = ["bitmask", "csr"]
+OURS = ["bitmask", "csr", "bitmask_serial", "csr_serial"]
 
 
 def _weight(out: int, inn: int, sparsity: float, seed: int = 0) -> torch.Tensor:
@@ -75,7 +75,8 @@ def bench_layers(quick: bool) -> list[dict]:
     batches = [1, 8, 128] if not quick else [1, 8]
     sparsities = [0.5, 0.7, 0.9, 0.95] if not quick else [0.7, 0.9]
     budget, rounds = (0.03, 5) if not quick else (0.01, 3)
-    kernels = [k for k in OURS + BASELINES if KERNELS[k].available()]
+    ours = OURS if torch.get_num_threads() > 1 else OURS[:2]
+    kernels = [k for k in ours + BASELINES if KERNELS[k].available()]
     rows = []
     hdr = f"{'in->out':>11} {'batch':>5} {'sparsity':>8} {'dense us':>10} " + " ".join(f"{k:>9}" for k in kernels) + f" {'auto':>7}"
     print(hdr)
@@ -88,11 +89,11 @@ def bench_layers(quick: bool) -> list[dict]:
             for batch in batches:
                 x = torch.randn(batch, inn, generator=torch.Generator().manual_seed(2))
                 ref = F.linear(x, w, b)
-                fns = {"dense": (lambda: F.linear(x, w, b))}
+                fns = {"dense": (lambda x=x, w=w, b=b: F.linear(x, w, b))}
                 for k in kernels:
                     y = KERNELS[k].matmul(x, packs[k], b, out)
                     torch.testing.assert_close(y, ref, atol=1e-3, rtol=1e-4)
-                    fns[k] = (lambda kk=KERNELS[k], p=packs[k]: kk.matmul(x, p, b, out))
+                    fns[k] = (lambda kk=KERNELS[k], p=packs[k], x=x, b=b, out=out: kk.matmul(x, p, b, out))
                 t = _time_all(fns, budget, rounds)
                 speed = {k: t["dense"] / t[k] for k in kernels}
                 ours = [k for k in OURS if k in speed]
@@ -154,36 +155,42 @@ def bench_decode(quick: bool) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes/sparsities/repeats")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    ap.add_argument(
+        "--threads", default=None,
+        help="torch thread counts to run, comma-separated (e.g. 1,2); default: torch's own",
+    )
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
     if _ext.get_extension() is None:
         print(f"compiled kernels unavailable: {_ext.extension_error()}", file=sys.stderr)
-    info_before = machine_info()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {info_before['loadavg_1_5_15']}")
+    thread_counts = [int(t) for t in a.threads.split(",")] if a.threads else [torch.get_num_threads()]
     t0 = time.time()
-    layers = bench_layers(a.quick)
-    decode = {"skipped": "--skip-decode"} if a.skip_decode else bench_decode(a.quick)
-    info_after = machine_info()
-    shared = info_before["machine_shared"] or info_after["machine_shared"]
+    runs = []
+    shared = False
+    for nt in thread_counts:
+        torch.set_num_threads(nt)
+        info_before = machine_info()
+        print(f"\n=== torch {torch.__version__}, {nt} threads, load average {info_before['loadavg_1_5_15']}")
+        layers = bench_layers(a.quick)
+        decode = {"skipped": "--skip-decode"} if a.skip_decode else bench_decode(a.quick)
+        info_after = machine_info()
+        shared = shared or info_before["machine_shared"] or info_after["machine_shared"]
+        runs.append({"torch_threads": nt, "machine_before": info_before, "machine_after": info_after,
+                     "layers": layers, "decode": decode})
     result = {
         "benchmark": "sparse_inference",
         "quick": a.quick,
-        "machine_before": info_before,
-        "machine_after": info_after,
         "machine_shared": shared,
         "note": (
             "Other processes were loading this machine during the run (load average above the "
-            "thread count): absolute times are noisy; speedups are dense/kernel ratios measured "
-            "interleaved in the same run." if shared else "Machine looked idle during the run."
+            "thread count): absolute times are noisy and multi-threaded timings suffer most; "
+            "speedups are dense/kernel ratios measured interleaved in the same run."
+            if shared else "Machine looked idle during the run."
         ),
         "seconds": time.time() - t0,
-        "layers": layers,
-        "decode": decode,
+        "runs": runs,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     from sparsetorch.atomic import atomic_write_text

@@ -6,10 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetorch.inference import KERNELS, get_kernel
-from sparsetorch.inference import _ext
+from sparsetorch.inference import KERNELS, _ext, get_kernel
 
-CPU_KERNELS = ["dense", "bitmask", "csr", "scipy", "torch_csr"]
+CPU_KERNELS = ["dense", "bitmask", "csr", "bitmask_serial", "csr_serial", "scipy", "torch_csr"]
 
 
 def _weight(out: int, inn: int, sparsity: float, seed: int = 0) -> torch.Tensor:

@@ -37,9 +37,9 @@ inline int64_t grain_for(int64_t rows, int64_t work) {
 
 // Run f(r0, r1) over row ranges whose non-zero counts are about equal.
 template <typename F>
-void parallel_rows_by_nnz(const int64_t* rp, int64_t rows, int64_t work_scale, const F& f) {
+void parallel_rows_by_nnz(const int64_t* rp, int64_t rows, int64_t work_scale, bool serial, const F& f) {
   const int64_t total = rp[rows];
-  int64_t nt = at::get_num_threads();
+  int64_t nt = serial ? 1 : at::get_num_threads();
   if (nt <= 1 || total * work_scale < 2 * kMinWorkPerTask || rows < 2 || at::in_parallel_region()) {
     f(0, rows);
     return;
@@ -235,7 +235,8 @@ void check_common(const torch::Tensor& x, const torch::Tensor& vals, const torch
 }  // namespace
 
 torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor masks, torch::Tensor vals,
-                             torch::Tensor rp, c10::optional<torch::Tensor> bias, int64_t out) {
+                             torch::Tensor rp, c10::optional<torch::Tensor> bias, int64_t out,
+                             bool serial) {
   check_common(x, vals, rp, bias, out);
   const int64_t B = x.size(0), in = x.size(1), C = (in + 15) / 16;
   TORCH_CHECK(masks.scalar_type() == torch::kInt16 && masks.is_contiguous() && masks.numel() == out * C,
@@ -249,13 +250,13 @@ torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor masks, torch::Tensor
   float* yp = y.data_ptr<float>();
   if (B == 1) {
     const int64_t work = C * 4 + rpp[out];
-    at::parallel_for(0, out, grain_for(out, work), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, out, serial ? out + 1 : grain_for(out, work), [&](int64_t r0, int64_t r1) {
       bm_rows_b1(mp, vp, rpp, xp, in, C, bp, yp, r0, r1);
     });
     return y;
   }
   const int64_t work = (C * 4 + rpp[out]) * B;
-  at::parallel_for(0, out, grain_for(out, work), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, out, serial ? out + 1 : grain_for(out, work), [&](int64_t r0, int64_t r1) {
     int64_t b0 = 0;
     for (; b0 + 8 <= B; b0 += 8) bm_rows_bt<8>(mp, vp, rpp, xp, in, C, B, b0, bp, yp, out, r0, r1);
     for (; b0 + 4 <= B; b0 += 4) bm_rows_bt<4>(mp, vp, rpp, xp, in, C, B, b0, bp, yp, out, r0, r1);
@@ -265,7 +266,7 @@ torch::Tensor bitmask_matmul(torch::Tensor x, torch::Tensor masks, torch::Tensor
 }
 
 torch::Tensor csr_matmul(torch::Tensor x, torch::Tensor vals, torch::Tensor cols, torch::Tensor rp,
-                         c10::optional<torch::Tensor> bias, int64_t out) {
+                         c10::optional<torch::Tensor> bias, int64_t out, bool serial) {
   check_common(x, vals, rp, bias, out);
   TORCH_CHECK(cols.scalar_type() == torch::kInt16 && cols.is_contiguous() && cols.numel() == vals.numel(),
               "cols must be contiguous int16 with one entry per value");
@@ -279,7 +280,7 @@ torch::Tensor csr_matmul(torch::Tensor x, torch::Tensor vals, torch::Tensor cols
   float* yp = y.data_ptr<float>();
   if (B == 1) {
     const float* xp = x.data_ptr<float>();
-    parallel_rows_by_nnz(rpp, out, 1, [&](int64_t r0, int64_t r1) {
+    parallel_rows_by_nnz(rpp, out, 1, serial, [&](int64_t r0, int64_t r1) {
       csr_rows_b1(vp, cp, rpp, xp, bp, yp, r0, r1);
     });
     return y;
@@ -288,7 +289,7 @@ torch::Tensor csr_matmul(torch::Tensor x, torch::Tensor vals, torch::Tensor cols
   auto xt = torch::zeros({x.size(1), Bp}, x.options());
   xt.narrow(1, 0, B).copy_(x.t());
   const float* xtp = xt.data_ptr<float>();
-  parallel_rows_by_nnz(rpp, out, B, [&](int64_t r0, int64_t r1) {
+  parallel_rows_by_nnz(rpp, out, B, serial, [&](int64_t r0, int64_t r1) {
     int64_t b0 = 0;
     for (; b0 + 64 <= Bp; b0 += 64) csr_rows_bt<64>(vp, cp, rpp, xtp, Bp, B, b0, bp, yp, out, r0, r1);
     for (; b0 + 32 <= Bp; b0 += 32) csr_rows_bt<32>(vp, cp, rpp, xtp, Bp, B, b0, bp, yp, out, r0, r1);

@@ -13,6 +13,7 @@ Kernels (``KERNELS`` maps name to instance):
 ``dense``           ``F.linear`` on the dense weight (the baseline every choice is measured against)
 ``bitmask``         compiled: 1 bit per weight + fp32 non-zeros, AVX-512 ``vexpandps`` inner loop
 ``csr``             compiled: CSR with uint16 column indices (6 B per non-zero), batch-vectorised
+``*_serial``        ``bitmask``/``csr`` on one thread: immune to waiting for a busy second core
 ``scipy``           ``scipy.sparse.csr_matrix`` (single-threaded; used when the compiler is missing)
 ``torch_csr``       ``torch.sparse_csr`` matmul (a baseline only; slow on CPU at small batch)
 ``semi_structured`` CUDA 2:4 ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16, GPU only)
@@ -35,6 +36,8 @@ __all__ = [
     "DenseKernel",
     "BitmaskKernel",
     "CSRKernel",
+    "BitmaskSerialKernel",
+    "CSRSerialKernel",
     "ScipyKernel",
     "TorchCSRKernel",
     "SemiStructuredKernel",
@@ -113,6 +116,8 @@ class BitmaskKernel(Kernel):
     """Bit mask per 16 inputs (``int16 [out, ceil(in/16)]``) + packed fp32 non-zeros + row offsets."""
 
     name = "bitmask"
+    #: run on one thread even when torch has more (robust on machines shared with other work)
+    serial: ClassVar[bool] = False
 
     def available(self) -> bool:
         return _ext.get_extension() is not None
@@ -136,13 +141,16 @@ class BitmaskKernel(Kernel):
     def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
         ext = _ext.get_extension()
         assert ext is not None, "bitmask kernel used without the compiled extension"
-        return ext.bitmask_matmul(x, packed["masks"], packed["values"], packed["row_ptr"], bias, out_features)
+        return ext.bitmask_matmul(
+            x, packed["masks"], packed["values"], packed["row_ptr"], bias, out_features, self.serial
+        )
 
 
 class CSRKernel(Kernel):
     """CSR: fp32 values, uint16 column indices (stored as int16), int64 row pointers."""
 
     name = "csr"
+    serial: ClassVar[bool] = False
 
     def available(self) -> bool:
         return _ext.get_extension() is not None
@@ -163,7 +171,21 @@ class CSRKernel(Kernel):
     def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
         ext = _ext.get_extension()
         assert ext is not None, "csr kernel used without the compiled extension"
-        return ext.csr_matmul(x, packed["values"], packed["cols"], packed["row_ptr"], bias, out_features)
+        return ext.csr_matmul(x, packed["values"], packed["cols"], packed["row_ptr"], bias, out_features, self.serial)
+
+
+class BitmaskSerialKernel(BitmaskKernel):
+    """``bitmask`` on one thread (wins when other processes keep the cores busy)."""
+
+    name = "bitmask_serial"
+    serial = True
+
+
+class CSRSerialKernel(CSRKernel):
+    """``csr`` on one thread (wins when other processes keep the cores busy)."""
+
+    name = "csr_serial"
+    serial = True
 
 
 class ScipyKernel(Kernel):
@@ -274,6 +296,8 @@ KERNELS: dict[str, Kernel] = {
         DenseKernel(),
         BitmaskKernel(),
         CSRKernel(),
+        BitmaskSerialKernel(),
+        CSRSerialKernel(),
         ScipyKernel(),
         TorchCSRKernel(),
         SemiStructuredKernel(),
@@ -297,12 +321,15 @@ def get_kernel(name: str) -> Kernel:
 def auto_candidates(device: torch.device | str = "cpu") -> list[str]:
     """Kernels tried by ``kernel="auto"`` on ``device`` (dense is always first).
 
-    CPU: ``bitmask`` and ``csr`` when the compiled extension builds, else ``scipy``.
+    CPU: ``bitmask`` and ``csr`` (plus their ``_serial`` variants when torch uses several
+    threads) when the compiled extension builds, else ``scipy``.
     CUDA: ``semi_structured``. ``torch_csr`` is never auto-selected (it is a baseline).
     """
     dev = torch.device(device)
     if dev.type == "cuda":
         return ["dense", "semi_structured"]
     if _ext.get_extension() is not None:
+        if torch.get_num_threads() > 1:
+            return ["dense", "bitmask", "csr", "bitmask_serial", "csr_serial"]
         return ["dense", "bitmask", "csr"]
     return ["dense", "scipy"]

@@ -136,7 +136,7 @@ class PlanReport:
             label = cs[0].name if len(cs) == 1 else f"{cs[0].name} (+{len(cs) - 1})"
             label = label if len(label) <= 34 else "..." + label[-31:]
 
-            def med(k: str) -> str:
+            def med(k: str, cs: list[LayerChoice] = cs) -> str:
                 vals = [c.times[k] for c in cs if k in c.times]
                 return f"{statistics.median(vals) * 1e6:.1f}" if vals else "-"
 
