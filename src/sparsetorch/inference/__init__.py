@@ -13,7 +13,7 @@ from __future__ import annotations
 from .kernels import KERNELS, Kernel, auto_candidates, get_kernel
 from .linear import SparseLinear
 from .plan import PlanReport, plan
-from .select import Selection, Timer, median_timer, select_kernel
+from .select import Selection, Timer, mean_timer, median_timer, select_kernel
 from .sparsify import LayerChoice, SparsifyReport, eligible_linears, sparsify_for_inference
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "select_kernel",
     "Selection",
     "Timer",
+    "mean_timer",
     "median_timer",
     "Kernel",
     "KERNELS",

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .kernels import Packed, get_kernel
 
-__all__ = ["Timer", "median_timer", "Selection", "select_kernel", "DEFAULT_MARGIN"]
+__all__ = ["Timer", "mean_timer", "median_timer", "Selection", "select_kernel", "DEFAULT_MARGIN"]
 
 Timer = Callable[[str, Callable[[], object]], float]
 
@@ -27,21 +27,29 @@ Timer = Callable[[str, Callable[[], object]], float]
 DEFAULT_MARGIN = 0.05
 
 
-def median_timer(
+def mean_timer(
     name: str, fn: Callable[[], object], *, repeats: int = 15, warmup: int = 2, budget_s: float = 0.2
 ) -> float:
-    """Median wall time of ``fn()`` in seconds over up to ``repeats`` calls (stops at ``budget_s``)."""
+    """Mean wall time of ``fn()`` in seconds over up to ``repeats`` back-to-back calls.
+
+    The mean, not the median: on a machine shared with other work a multi-threaded kernel now
+    and then waits milliseconds for a busy core, and those stalls are part of its real cost.
+    Stops early once ``budget_s`` is spent (after at least 3 calls).
+    """
     for _ in range(warmup):
         fn()
-    times: list[float] = []
+    n = 0
     start = time.perf_counter()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    while n < repeats:
         fn()
-        times.append(time.perf_counter() - t0)
-        if time.perf_counter() - start > budget_s and len(times) >= 3:
+        n += 1
+        if n >= 3 and time.perf_counter() - start > budget_s:
             break
-    return statistics.median(times)
+    return (time.perf_counter() - start) / n
+
+
+#: backwards-compatible name
+median_timer = mean_timer
 
 
 @dataclass
@@ -49,7 +57,7 @@ class Selection:
     """Outcome of :func:`select_kernel` for one weight."""
 
     kernel: str
-    #: seconds per call for every kernel measured (best over rounds)
+    #: seconds per call for every kernel measured (median over rounds)
     times: dict[str, float] = field(default_factory=dict)
     #: packed tensors of the chosen kernel
     packed: Packed = field(default_factory=dict)
@@ -92,11 +100,12 @@ def select_kernel(
     noise. Each candidate is first checked against ``F.linear`` on a random input; a kernel
     that is unavailable, cannot hold the weight, raises, or disagrees is skipped (with a
     warning for the last two). Measurements are interleaved over ``rounds`` rounds and the
-    best round counts, so a burst of load on a shared machine hurts every kernel alike.
+    median round counts, so a burst of load on a shared machine hurts every kernel alike and
+    a kernel that only sometimes runs fast is not favoured.
     """
     from .kernels import auto_candidates
 
-    timer = timer or median_timer
+    timer = timer or mean_timer
     names = list(candidates) if candidates is not None else auto_candidates(weight.device)
     if "dense" in names:
         names.remove("dense")
@@ -135,12 +144,12 @@ def select_kernel(
         sel.nbytes[name] = kernel.nbytes(packed)
         fns[name] = (lambda k=kernel, p=packed: k.matmul(x, p, bias, weight.shape[0]))
 
-    best: dict[str, float] = {}
+    per: dict[str, list[float]] = {name: [] for name in fns}
     with torch.no_grad():
         for _ in range(max(1, rounds)):
             for name, fn in fns.items():
-                t = float(timer(name, fn))
-                best[name] = min(best.get(name, float("inf")), t)
+                per[name].append(float(timer(name, fn)))
+    best = {name: statistics.median(ts) for name, ts in per.items()}
     sel.times = best
 
     dense_t = best.get("dense", float("inf"))
