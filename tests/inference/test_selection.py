@@ -111,3 +111,15 @@ def test_sparse_linear_refuses_gradients() -> None:
     m = SparseLinear.from_linear(nn.Linear(8, 4), "torch_csr")
     with pytest.raises(ModelError, match="no_grad"):
         m(torch.randn(1, 8, requires_grad=True))
+
+
+def test_parallel_kernel_needs_clear_win_over_its_single_thread_twin() -> None:
+    from sparsetorch.inference import _ext
+
+    if _ext.get_extension() is None:
+        pytest.skip("compiled kernels unavailable")
+    cands = ["csr", "csr_serial"]
+    sel = select_kernel(_sparse_weight(), None, 1, cands, fake_timer({"dense": 1.0, "csr": 0.45, "csr_serial": 0.5}))
+    assert sel.kernel == "csr_serial"
+    sel = select_kernel(_sparse_weight(), None, 1, cands, fake_timer({"dense": 1.0, "csr": 0.2, "csr_serial": 0.5}))
+    assert sel.kernel == "csr"

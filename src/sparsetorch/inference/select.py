@@ -26,6 +26,12 @@ Timer = Callable[[str, Callable[[], object]], float]
 #: a sparse kernel must be at least this much faster than dense to be chosen
 DEFAULT_MARGIN = 0.05
 
+#: a multi-threaded kernel must beat its single-thread twin by this much to be chosen: in a
+#: model, between layers, the second core may be taken by other work, and a parallel region
+#: then waits for it (measured: 2-thread decode slower than dense on a busy 2-core machine)
+PARALLEL_MARGIN = 0.25
+_SERIAL_TWIN = {"bitmask": "bitmask_serial", "csr": "csr_serial"}
+
 
 def mean_timer(
     name: str, fn: Callable[[], object], *, repeats: int = 15, warmup: int = 2, budget_s: float = 0.2
@@ -97,7 +103,8 @@ def select_kernel(
 
     ``dense`` is always measured; a sparse kernel is chosen only if it is faster than dense by
     more than ``margin`` (relative), so the choice is never slower than dense up to measurement
-    noise. Each candidate is first checked against ``F.linear`` on a random input; a kernel
+    noise; a multi-threaded kernel must also beat its single-thread twin by ``PARALLEL_MARGIN``.
+    Each candidate is first checked against ``F.linear`` on a random input; a kernel
     that is unavailable, cannot hold the weight, raises, or disagrees is skipped (with a
     warning for the last two). Measurements are interleaved over ``rounds`` rounds and the
     median round counts, so a burst of load on a shared machine hurts every kernel alike and
@@ -155,6 +162,9 @@ def select_kernel(
     dense_t = best.get("dense", float("inf"))
     choice = "dense"
     for name, t in best.items():
+        twin = _SERIAL_TWIN.get(name)
+        if twin in best and t > best[twin] * (1.0 - PARALLEL_MARGIN):
+            continue  # not clearly better than the same kernel on one thread
         if name != "dense" and t < dense_t * (1.0 - margin) and t < best[choice]:
             choice = name
     if choice == "dense" and "dense" not in packs:  # dense always packs; defensive
