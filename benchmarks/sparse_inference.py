@@ -188,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         help="torch thread counts to run, comma-separated (e.g. 1,2); default: torch's own",
     )
     ap.add_argument("--skip-decode", action="store_true")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--append", action="store_true", help="add these runs to the runs already in --out")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
@@ -195,13 +197,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compiled kernels unavailable: {_ext.extension_error()}", file=sys.stderr)
     thread_counts = [int(t) for t in a.threads.split(",")] if a.threads else [torch.get_num_threads()]
     t0 = time.time()
-    runs = []
+    runs: list[dict] = []
     shared = False
+    if a.append and a.out.is_file():
+        prev = json.loads(a.out.read_text())
+        runs, shared = prev.get("runs", []), bool(prev.get("machine_shared"))
     for nt in thread_counts:
         torch.set_num_threads(nt)
         info_before = machine_info()
         print(f"\n=== torch {torch.__version__}, {nt} threads, load average {info_before['loadavg_1_5_15']}")
-        layers = bench_layers(a.quick)
+        layers = [] if a.skip_layers else bench_layers(a.quick)
         decode = {"skipped": "--skip-decode"} if a.skip_decode else bench_decode(a.quick)
         info_after = machine_info()
         shared = shared or info_before["machine_shared"] or info_after["machine_shared"]
