@@ -127,3 +127,14 @@ def test_semi_structured_on_gpu() -> None:  # pragma: no cover - GPU only
     x = torch.randn(32, 128, device="cuda", dtype=torch.float16)
     y = k.matmul(x, k.pack(w), None, 128)
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w), atol=1e-2, rtol=1e-2)
+
+
+def test_busy_machine_gets_single_thread_kernels_only(monkeypatch) -> None:
+    from sparsetorch.inference import kernels
+
+    if _ext.get_extension() is None or torch.get_num_threads() < 2:
+        pytest.skip("needs the compiled kernels and >1 torch thread")
+    monkeypatch.setenv("SPARSETORCH_PARALLEL", "0")
+    assert kernels.machine_busy() and "bitmask" not in auto_candidates("cpu")
+    monkeypatch.setenv("SPARSETORCH_PARALLEL", "1")
+    assert not kernels.machine_busy() and "bitmask" in auto_candidates("cpu")
