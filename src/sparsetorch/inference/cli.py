@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
 
         lm, _ = _load(model, prune)
         report = make_plan(lm, batch_size=batch, min_sparsity=min_sparsity)
-        console.print(str(report), highlight=False, markup=False)
+        typer.echo(str(report))
         if json_path is not None:
             from ..atomic import atomic_write_text
 
@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         report = sparsify_for_inference(lm, batch_size=1)
         sparse_tps = decode_tokens_per_s(lm, ids, tokens)
         info = machine_info()
-        console.print(str(report), highlight=False, markup=False)
+        typer.echo(str(report))
         console.print(f"{'':<10} {'tokens/s':>9}")
         console.print(f"{'dense':<10} {dense_tps:>9.2f}")
         console.print(f"{'sparse':<10} {sparse_tps:>9.2f}   ({sparse_tps / dense_tps:.2f}x)")
