@@ -1,4 +1,4 @@
-"""Real data: sparse training on a Fashion-MNIST subset learns and keeps its sparsity (slow, < 1 min)."""
+"""Real data: sparse training on a Fashion-MNIST subset learns and keeps its sparsity (slow, < 1 min; 4000 examples was too few for RigL at 90% to pass 70%)."""
 
 import pytest
 import torch
@@ -13,13 +13,13 @@ def test_rigl_on_fashion_mnist_subset():
     from sparsetorch.training.loop import build_sparsifier, fit
 
     try:
-        train = load_fashion_mnist("train", subset=4000)
+        train = load_fashion_mnist("train", subset=6000)
         test = load_fashion_mnist("test", subset=2000)
     except DataError as exc:
         pytest.skip(str(exc))
     torch.manual_seed(0)
     model = get_model("mlp")
-    steps = 2 * (4000 // 100)
+    steps = 2 * (6000 // 100)
     sp = build_sparsifier("rigl", 0.9, steps, update_every=10)
     res = fit(model, sp, train, test, epochs=2, batch_size=100, lr=0.05, progress=False)
     assert len(sp.history) > 3  # the mask was updated several times
