@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--update-every", type=int, default=100, help="mask update period of SET/RigL and GMP frequency")
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--no-full-rigl", action="store_true", help="skip dense vs RigL 90% on the full training set")
+    ap.add_argument("--no-full-rigl", action="store_true", help="skip dense vs RigL 90%% on the full training set")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="benchmarks/results/sparse_training.json")
     ap.add_argument("--no-progress", action="store_true")
