@@ -26,7 +26,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "checkpoint_size.json"
-SPECS = [("50%", 0.5, "unstructured"), ("70%", 0.7, "unstructured"), ("90%", 0.9, "unstructured"), ("2:4", None, "2:4")]
+# label, sparsity, pattern, targets (None = default: decoder Linear layers; embedding stays dense)
+# "50%all" also prunes the (tied) embedding, so that the whole model is 50% sparse: the issue's
+# size target ("a 50%-sparse fp16 model is <= 0.57x") is about such a model.
+ALL_WEIGHTS = ["Linear", "Embedding"]
+SPECS = [
+    ("50%", 0.5, "unstructured", None),
+    ("50%all", 0.5, "unstructured", ALL_WEIGHTS),
+    ("70%", 0.7, "unstructured", None),
+    ("90%", 0.9, "unstructured", None),
+    ("2:4", None, "2:4", None),
+]
 FORMATS = ["auto", "bitmask", "csr", "n:m"]
 
 
@@ -52,9 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
-        for label, sparsity, pattern in SPECS:
+        for label, sparsity, pattern, targets in SPECS:
             model.load_state_dict(original)
-            rep = sparsetorch.prune(model, "magnitude", sparsity, pattern)
+            rep = sparsetorch.prune(model, "magnitude", sparsity, pattern, targets=targets)
             masks = rep.masks
             dense_path = tmpd / "dense.safetensors"
             save_model(model, str(dense_path))
@@ -110,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.model,
         "dtype": "float16",
         "method": "magnitude",
-        "note": "embedding (tied lm_head) and norms stay dense; pruned_tensors_ratio counts the pruned Linear weights only",
+        "note": "embedding (tied lm_head) and norms stay dense except in '50%all', where the embedding is pruned too; pruned_tensors_ratio counts the pruned tensors only",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "rows": rows,

@@ -66,6 +66,15 @@ def _split(spec: str | Iterable[str] | None) -> list[str]:
     return list(spec)
 
 
+def _weight_name(module: nn.Module, params: dict[str, nn.Parameter]) -> set[str]:
+    """The name under which ``module.weight`` is listed in ``params`` (tied weights are listed
+    once, under their first owner, e.g. ``lm_head.weight`` as ``model.embed_tokens.weight``)."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, nn.Parameter):
+        return set()
+    return {n for n, p in params.items() if p is w}
+
+
 def _resolve(model: nn.Module, selector: str, params: dict[str, nn.Parameter], what: str) -> set[str]:
     modules = dict(model.named_modules())
     if selector.startswith("re:"):
@@ -76,21 +85,20 @@ def _resolve(model: nn.Module, selector: str, params: dict[str, nn.Parameter], w
         # a regex selects a module's weight (re.match on module names, as llm-compressor does),
         # or any parameter whose full name it matches entirely (e.g. "re:.*q_proj\\.bias")
         hit = {p for p in params if rx.fullmatch(p)}
-        for mname in modules:
-            if mname and rx.match(mname) and f"{mname}.weight" in params:
-                hit.add(f"{mname}.weight")
+        for mname, mod in modules.items():
+            if mname and rx.match(mname):
+                hit |= _weight_name(mod, params)
         return hit
     if selector in params:
         return {selector}
-    if selector in modules and f"{selector}.weight" in params:
-        return {f"{selector}.weight"}
-    by_type = {
-        f"{mname}.weight" if mname else "weight"
-        for mname, mod in modules.items()
-        if type(mod).__name__ == selector and getattr(mod, "weight", None) is not None
-    }
+    if selector in modules and _weight_name(modules[selector], params):
+        return _weight_name(modules[selector], params)
+    by_type: set[str] = set()
+    for mod in modules.values():
+        if type(mod).__name__ == selector:
+            by_type |= _weight_name(mod, params)
     if by_type:
-        return by_type & set(params)
+        return by_type
     candidates = list(params) + [m for m in modules if m]
     raise TargetError(
         f"{what} {selector!r} matches no parameter, module or module type of {type(model).__name__}."

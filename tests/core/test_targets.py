@@ -53,3 +53,11 @@ def test_no_prunable_layers():
         select(m)
     with pytest.raises(TargetError, match="no prunable layers"):
         select(Net(), ignore=["Linear", "Conv1d"])
+
+
+def test_tied_head_resolves_to_the_shared_parameter(tiny_llama):
+    # lm_head.weight is tied to the embedding, so named_parameters() lists it once, as the embedding
+    assert list(select(tiny_llama, "lm_head")) == ["model.embed_tokens.weight"]
+    both = select(tiny_llama, ["Linear", "Embedding"])
+    assert "model.embed_tokens.weight" in both and len(both) == 2 * 7 + 1
+    assert "model.embed_tokens.weight" not in select(tiny_llama, "Linear", ignore=["lm_head"])
