@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from tiny_models import make_tiny_llama
 
 from sparsetorch.data.text import token_windows
 from sparsetorch.errors import DataError

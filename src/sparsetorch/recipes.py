@@ -92,7 +92,8 @@ class Recipe:
             raise AttributeError(name) from None
 
 
-def _parse(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+def read_recipe_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a recipe mapping from a dict, a YAML file path or a YAML string (typed errors)."""
     if isinstance(source, Mapping):
         return dict(source)
     import yaml
@@ -108,13 +109,13 @@ def _parse(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]
     except yaml.YAMLError as exc:
         raise MethodError(f"recipe is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
-        raise MethodError("a recipe must be a YAML mapping such as 'method: rigl\\nsparsity: 0.9'.")
+        raise MethodError("a recipe must be a YAML mapping such as 'method: rigl' / 'sparsity: 0.9' on separate lines.")
     return data
 
 
 def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> Recipe:
     """Load a recipe from a YAML path, a YAML string or a dict and build every section."""
-    data = _parse(source)
+    data = read_recipe_source(source)
     if "method" in data:  # flat form: the whole mapping is the training section
         data = {"training": data}
     built: dict[str, Any] = {}

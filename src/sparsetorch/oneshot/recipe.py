@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ..errors import MethodError, close_matches
@@ -61,28 +60,6 @@ class OneshotRecipe:
         return asdict(self)
 
 
-def _parse(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    if isinstance(source, Mapping):
-        return dict(source)
-    import yaml
-
-    text = str(source)
-    p = Path(text)
-    if isinstance(source, os.PathLike) or (
-        len(text) < 4096 and "\n" not in text and p.suffix in (".yaml", ".yml")
-    ):
-        if not p.is_file():
-            raise MethodError(f"recipe file {p} does not exist.")
-        text = p.read_text()
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise MethodError(f"recipe is not valid YAML: {exc}") from exc
-    if not isinstance(data, Mapping):
-        raise MethodError("a one-shot recipe must be a mapping (method: ..., sparsity: ...).")
-    return dict(data)
-
-
 def build_oneshot_section(section: Mapping[str, Any]) -> OneshotRecipe:
     """Validate a recipe mapping and return a :class:`OneshotRecipe`."""
     from . import SOLVERS
@@ -110,7 +87,9 @@ def build_oneshot_section(section: Mapping[str, Any]) -> OneshotRecipe:
 
 def load_oneshot_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> OneshotRecipe:
     """Load a recipe from a YAML path, YAML string or dict (flat or under ``oneshot:``/``prune:``)."""
-    data = _parse(source)
+    from ..recipes import read_recipe_source
+
+    data = read_recipe_source(source)
     for key in ("oneshot", "prune"):
         if key in data and isinstance(data[key], Mapping) and len(data) == 1:
             data = dict(data[key])
