@@ -66,17 +66,18 @@ def _split(spec: str | Iterable[str] | None) -> list[str]:
     return list(spec)
 
 
-def _weight_name(module: nn.Module, params: dict[str, nn.Parameter]) -> set[str]:
-    """The name under which ``module.weight`` is listed in ``params`` (tied weights are listed
-    once, under their first owner, e.g. ``lm_head.weight`` as ``model.embed_tokens.weight``)."""
+def _weight_name(module: nn.Module, by_id: dict[int, str]) -> set[str]:
+    """The name under which ``module.weight`` is listed in ``named_parameters()`` (tied weights
+    are listed once, under their first owner: ``lm_head.weight`` as ``model.embed_tokens.weight``)."""
     w = getattr(module, "weight", None)
-    if not isinstance(w, nn.Parameter):
+    if not isinstance(w, nn.Parameter) or id(w) not in by_id:
         return set()
-    return {n for n, p in params.items() if p is w}
+    return {by_id[id(w)]}
 
 
 def _resolve(model: nn.Module, selector: str, params: dict[str, nn.Parameter], what: str) -> set[str]:
     modules = dict(model.named_modules())
+    by_id = {id(p): n for n, p in params.items()}
     if selector.startswith("re:"):
         try:
             rx = re.compile(selector[3:])
@@ -87,16 +88,16 @@ def _resolve(model: nn.Module, selector: str, params: dict[str, nn.Parameter], w
         hit = {p for p in params if rx.fullmatch(p)}
         for mname, mod in modules.items():
             if mname and rx.match(mname):
-                hit |= _weight_name(mod, params)
+                hit |= _weight_name(mod, by_id)
         return hit
     if selector in params:
         return {selector}
-    if selector in modules and _weight_name(modules[selector], params):
-        return _weight_name(modules[selector], params)
+    if selector in modules and _weight_name(modules[selector], by_id):
+        return _weight_name(modules[selector], by_id)
     by_type: set[str] = set()
     for mod in modules.values():
         if type(mod).__name__ == selector:
-            by_type |= _weight_name(mod, params)
+            by_type |= _weight_name(mod, by_id)
     if by_type:
         return by_type
     candidates = list(params) + [m for m in modules if m]
