@@ -57,6 +57,7 @@ class MaskSet:
             self.patterns[name] = parse_pattern(p) if p is not None else Unstructured()
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._pruned: dict[str, Tensor] = {}
+        self._enforced: dict[str, nn.Parameter] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -71,8 +72,6 @@ class MaskSet:
         for name, sc in scores.items():
             p = parse_pattern(pattern.get(name) if isinstance(pattern, Mapping) else pattern)
             s = sparsities[name] if isinstance(sparsities, Mapping) else sparsities
-            if p.fixed_sparsity is not None:
-                s = None if s is None or abs(s - p.fixed_sparsity) < 1e-6 else s
             p.check_shape(sc.shape, name)
             masks[name] = p.mask(sc, s)
             pats[name] = p
@@ -188,10 +187,7 @@ class MaskSet:
     @torch.no_grad()
     def rezero(self) -> None:
         """Re-zero pruned weights of the model passed to :meth:`enforce`."""
-        params = getattr(self, "_enforced", None)
-        if not params:
-            return
-        for name, p in params.items():
+        for name, p in self._enforced.items():
             p.masked_fill_(self._pruned[name], 0)
 
     def release(self) -> None:

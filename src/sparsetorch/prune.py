@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import allocation as alloc
-from .errors import MethodError, check_sparsity, close_matches
+from .errors import MethodError, close_matches
 from .masks import MaskSet
 from .patterns import Pattern, parse_pattern
 from .scores import get_score
@@ -50,6 +50,32 @@ class PruneReport:
     layers: list[LayerReport]
     masks: MaskSet = field(repr=False)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_masks(
+        cls,
+        model: nn.Module,
+        masks: MaskSet,
+        *,
+        method: str,
+        pattern: Pattern,
+        allocation: str,
+        sparsity_target: float,
+        seconds_prune: float,
+        extra: dict[str, Any] | None = None,
+    ) -> PruneReport:
+        """Report for ``masks`` applied to ``model``; achieved sparsity and layers come from the masks."""
+        return cls(
+            method=method,
+            pattern=str(pattern),
+            allocation=allocation,
+            sparsity_target=sparsity_target,
+            sparsity_actual=masks.sparsity().overall,
+            seconds_prune=seconds_prune,
+            layers=layer_reports(model, masks),
+            masks=masks,
+            extra=extra or {},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k not in ("masks", "layers")}
@@ -99,8 +125,7 @@ def prune(
     ``ignore`` choose layers (see :mod:`sparsetorch.targets`).
     """
     pat = parse_pattern(pattern)
-    s = pat.resolve_sparsity(sparsity)
-    check_sparsity(s)
+    s = pat.resolve_sparsity(sparsity)  # validates the range and N:M consistency
     method_l = method.lower()
     params = select(model, targets, ignore)
     for name, p in params.items():
@@ -134,31 +159,24 @@ def prune(
 
     if method_kwargs:
         raise MethodError(f"method {method!r} takes no options, got {sorted(method_kwargs)}.")
+    if pat.fixed_sparsity is not None and allocation != "uniform":
+        raise MethodError(f"allocation {allocation!r} cannot be combined with an N:M pattern; use uniform.")
     t0 = time.perf_counter()
     score_fn = get_score(method_l)
     with torch.no_grad():
         scores = {n: score_fn(p, seed=seed + i) for i, (n, p) in enumerate(params.items())}
         if allocation == "global":
             sparsities = alloc.global_magnitude(params, s, scores=scores)
-            if pat.fixed_sparsity is not None:
-                raise MethodError("global allocation cannot be combined with an N:M pattern; use uniform.")
-        elif pat.fixed_sparsity is not None:
-            if allocation != "uniform":
-                raise MethodError(f"allocation {allocation!r} cannot be combined with an N:M pattern.")
-            sparsities = {n: s for n in params}
         else:
             sparsities = alloc.allocate(allocation, params, s)
         masks = MaskSet.from_scores(scores, sparsities, pat)
         masks.apply(model)
-    seconds = time.perf_counter() - t0
-    st = masks.sparsity()
-    return PruneReport(
+    return PruneReport.from_masks(
+        model,
+        masks,
         method=method_l,
-        pattern=str(pat),
+        pattern=pat,
         allocation=allocation,
         sparsity_target=s,
-        sparsity_actual=st.overall,
-        seconds_prune=seconds,
-        layers=layer_reports(model, masks),
-        masks=masks,
+        seconds_prune=time.perf_counter() - t0,
     )

@@ -234,7 +234,7 @@ def run_oneshot(
     solver (e.g. ``percdamp``, ``blocksize`` for SparseGPT; ``initial``, ``threshold``,
     ``max_cycles``, ``include_mlp`` for DSnoT).
     """
-    from ..prune import PruneReport, layer_reports
+    from ..prune import PruneReport
     from . import SOLVERS
 
     t0 = time.perf_counter()
@@ -420,7 +420,6 @@ def run_oneshot(
 
     ms = MaskSet({n: masks[n] for n in params if n in masks}, pattern)
     seconds = time.perf_counter() - t0
-    st = ms.sparsity()
     damp = {n: v["percdamp"] for n, v in infos.items() if "percdamp" in v}
     if damp and any(v != next(iter(damp.values())) for v in damp.values()):
         extra["percdamp_raised"] = {n: v for n, v in damp.items() if v > min(damp.values())}
@@ -429,14 +428,13 @@ def run_oneshot(
     extra["reconstruct_enabled"] = reconstruct
     if infos:
         extra["solver_loss"] = {n: v.get("loss") for n, v in infos.items() if "loss" in v}
-    return PruneReport(
+    return PruneReport.from_masks(
+        model,
+        ms,
         method=method,
-        pattern=str(pattern),
+        pattern=pattern,
         allocation=allocation,
         sparsity_target=s,
-        sparsity_actual=st.overall,
         seconds_prune=seconds,
-        layers=layer_reports(model, ms),
-        masks=ms,
         extra=extra,
     )
