@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -75,9 +76,28 @@ def _weight_name(module: nn.Module, by_id: dict[int, str]) -> set[str]:
     return {by_id[id(w)]}
 
 
-def _resolve(model: nn.Module, selector: str, params: dict[str, nn.Parameter], what: str) -> set[str]:
-    modules = dict(model.named_modules())
-    by_id = {id(p): n for n, p in params.items()}
+@dataclass(frozen=True)
+class _Index:
+    """A model's names, built once per :func:`select` call and shared by every selector."""
+
+    model_name: str
+    params: dict[str, nn.Parameter]
+    modules: dict[str, nn.Module]
+    by_id: dict[int, str]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Index:
+        params = dict(model.named_parameters())
+        return cls(
+            type(model).__name__,
+            params,
+            dict(model.named_modules()),
+            {id(p): n for n, p in params.items()},
+        )
+
+
+def _resolve(index: _Index, selector: str, what: str) -> set[str]:
+    params, modules, by_id = index.params, index.modules, index.by_id
     if selector.startswith("re:"):
         try:
             rx = re.compile(selector[3:])
@@ -102,7 +122,7 @@ def _resolve(model: nn.Module, selector: str, params: dict[str, nn.Parameter], w
         return by_type
     candidates = list(params) + [m for m in modules if m]
     raise TargetError(
-        f"{what} {selector!r} matches no parameter, module or module type of {type(model).__name__}."
+        f"{what} {selector!r} matches no parameter, module or module type of {index.model_name}."
         + close_matches(selector, candidates)
         + " Use exact names from model.named_parameters(), a class name like 'Linear', or 're:<regex>'."
     )
@@ -117,7 +137,8 @@ def select(
 
     Raises :class:`TargetError` for unknown names and when nothing is left to prune.
     """
-    params = dict(model.named_parameters())
+    index = _Index.of(model)
+    params = index.params
     if targets is None:
         heads = excluded_heads(model)
         chosen: set[str] = set()
@@ -129,7 +150,7 @@ def select(
     else:
         chosen = set()
         for sel in _split(targets):
-            hit = _resolve(model, sel, params, "target")
+            hit = _resolve(index, sel, "target")
             if not hit:
                 raise TargetError(
                     f"target {sel!r} matches nothing in {type(model).__name__}."
@@ -138,11 +159,11 @@ def select(
             chosen |= hit
     for sel in _split(ignore):
         if sel.startswith("re:"):
-            hit = _resolve(model, sel, params, "ignore")
+            hit = _resolve(index, sel, "ignore")
             if not hit:
                 warnings.warn(f"ignore pattern {sel!r} matches nothing", stacklevel=2)
         else:
-            hit = _resolve(model, sel, params, "ignore")
+            hit = _resolve(index, sel, "ignore")
         chosen -= hit
     if not chosen:
         raise TargetError(
