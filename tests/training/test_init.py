@@ -60,3 +60,25 @@ def test_snip_picks_largest_sensitivity(mlp):
     kept_min = min(float(sc[n][masks[n]].min()) for n in sc)
     pruned_max = max(float(sc[n][~masks[n]].max()) for n in sc)
     assert kept_min >= pruned_max
+
+
+def test_dense_first_last_tokens(cnn):
+    """``dense="first"`` keeps the first targeted weight dense (RigL reference's uniform: conv1 dense, rest at s)."""
+    sp = get_method("rigl", sparsity=0.8, allocation="uniform", dense="first", total_steps=10)
+    masks = sp.attach(cnn)
+    names = list(sp.params)
+    assert sp.dense_names() == (names[0],) and names[0] == "conv1.weight"
+    assert bool(masks[names[0]].all())
+    for n in names[1:]:
+        assert int((~masks[n]).sum()) == n_pruned(0.8, masks[n].numel())
+    # ERK with the last layer forced dense: the other layers absorb its non-zeros, so the total
+    # number of zeros is the uniform budget sum_l floor(s * N_l) (reference get_sparsities_erdos_renyi)
+    torch.manual_seed(0)
+    from _train_helpers import TinyCNN
+
+    sp2 = get_method("random", sparsity=0.8, allocation="erk", dense=["last", "fc2.weight"])
+    m2 = sp2.attach(TinyCNN())
+    assert sp2.dense_names() == ("fc2.weight",)
+    assert bool(m2["fc2.weight"].all())
+    budget = sum(n_pruned(0.8, m2[n].numel()) for n in sp2.params)
+    assert abs(sum(int((~m2[n]).sum()) for n in sp2.params) - budget) <= len(sp2.params)

@@ -77,6 +77,19 @@ def test_train_cli_json(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
 
 
+def test_train_cli_dense_first(tmp_path):
+    from sparsetorch.cli import main
+
+    _fake_fmnist(tmp_path)
+    out = tmp_path / "r.json"
+    main(["train", "--method", "rigl", "--sparsity", "0.8", "--model", "mlp", "--epochs", "1", "--allocation", "uniform",
+          "--dense", "first", "--data-dir", str(tmp_path), "--json", str(out), "--no-progress", "--batch-size", "16"])
+    layers = json.loads(out.read_text())["layer_sparsity"]
+    first, *rest = list(layers)
+    assert layers[first] == 0.0
+    assert all(layers[n] == pytest.approx(0.8, abs=1e-3) for n in rest)
+
+
 def test_cli_unknown_method_exits_2(tmp_path):
     from sparsetorch.cli import main
 

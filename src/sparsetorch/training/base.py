@@ -92,7 +92,10 @@ class Sparsifier:
         allocation: how ``sparsity`` splits across layers: ``"erk"``, ``"er"``, ``"uniform"`` or
             ``"global"`` (see :mod:`sparsetorch.allocation`).
         targets, ignore: parameter selectors (see :func:`sparsetorch.targets.select`).
-        dense: parameter names kept dense by the allocation (e.g. the first conv).
+        dense: parameter names kept dense by the allocation; the tokens ``"first"`` and ``"last"``
+            name the first / last targeted weight in model order (the RigL reference keeps the
+            first conv dense for uniform allocation, and for ERK at very high sparsity). ERK
+            already makes tiny layers dense on its own when their density would exceed 1.
         seed: seed of the method's own random generator (saved in ``state_dict``).
         total_steps: number of optimizer steps of the whole run (needed by scheduled methods).
     """
@@ -108,7 +111,7 @@ class Sparsifier:
         allocation: str = "erk",
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
-        dense: Sequence[str] = (),
+        dense: str | Sequence[str] = (),
         seed: int = 0,
         total_steps: int | None = None,
     ) -> None:
@@ -121,7 +124,7 @@ class Sparsifier:
         self.allocation = allocation.lower()
         self.targets = targets
         self.ignore = ignore
-        self.dense = tuple(dense)
+        self.dense = (dense,) if isinstance(dense, str) else tuple(dense)
         self.seed = int(seed)
         if total_steps is not None and int(total_steps) < 1:
             raise MethodError(f"total_steps must be a positive number of optimizer steps, got {total_steps}.")
@@ -275,9 +278,24 @@ class Sparsifier:
     def _layer_sparsities(self, sparsity: float, scores: Mapping[str, Tensor] | None = None) -> dict[str, float]:
         """Per-layer sparsities for a global ``sparsity`` under this method's allocation."""
         shapes = {n: p.detach() for n, p in self.params.items()}
+        dense = self.dense_names()
         if self.allocation == "global":
-            return alloc.global_magnitude(shapes, sparsity, scores=scores, dense=self.dense)
-        return alloc.allocate(self.allocation, shapes, sparsity, dense=self.dense)
+            return alloc.global_magnitude(shapes, sparsity, scores=scores, dense=dense)
+        return alloc.allocate(self.allocation, shapes, sparsity, dense=dense)
+
+    def dense_names(self) -> tuple[str, ...]:
+        """``dense`` with the ``"first"``/``"last"`` tokens resolved to targeted weight names."""
+        names = list(self.params)
+        out: list[str] = []
+        for d in self.dense:
+            key = d.lower() if isinstance(d, str) else d
+            if key in ("first", "last"):
+                if not names:
+                    raise MethodError(f"dense={d!r}: {self.name} targets no weights.")
+                d = names[0] if key == "first" else names[-1]
+            if d not in out:
+                out.append(d)
+        return tuple(out)
 
     def _random_mask(self, p: Tensor, sparsity: float) -> Tensor:
         """Exactly ``numel - floor(s * numel)`` kept positions, uniformly at random."""

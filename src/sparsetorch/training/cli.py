@@ -15,6 +15,7 @@ def train_command(
     sparsity: float = typer.Option(0.9, help="Target fraction of zeros in [0, 1) (ignored by N:M methods)."),
     pattern: str = typer.Option("2:4", help="N:M pattern for ste/srste/nm_progressive."),
     allocation: str | None = typer.Option(None, help="erk, er, uniform or global (default: the method's own)."),
+    dense: str | None = typer.Option(None, help="Comma-separated weights kept dense, e.g. 'first' or 'first,last' or 'conv1.weight'."),
     epochs: int = typer.Option(1, help="Training epochs."),
     batch_size: int = typer.Option(128, help="Batch size."),
     lr: float = typer.Option(0.05, help="SGD learning rate (momentum 0.9, cosine decay)."),
@@ -46,6 +47,8 @@ def train_command(
     test = load_fashion_mnist("test", data_dir)
     total = math.ceil(len(train[0]) / batch_size) * epochs
     kw = {"allocation": allocation, "seed": seed}
+    if dense:
+        kw["dense"] = [d.strip() for d in dense.split(",") if d.strip()]
     if method.lower() in NM_METHODS:
         kw = {"pattern": pattern, "seed": seed}
     sp = build_sparsifier(method, sparsity, total, **kw)
