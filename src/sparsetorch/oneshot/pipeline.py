@@ -11,8 +11,9 @@ For a Hugging Face causal LM (any model whose decoder blocks sit in an ``nn.Modu
       targeted linear layers; layers that read the same tensor (q/k/v, gate/up) share one
       accumulator (:mod:`.stats`), so ``XXᵀ`` is computed once per distinct input;
    b. solve every targeted layer (the solver writes the new weight and returns the mask);
-   c. optionally tune the block's remaining weights toward the dense block's outputs
-      (``reconstruct=True``, mask fixed; :mod:`.reconstruct`);
+   c. optionally tune the block's remaining weights toward the dense *model's* outputs of
+      this block (``reconstruct=True``, mask fixed; :mod:`.reconstruct`); a second stream of
+      hidden states, the dense model's, is advanced alongside for these targets;
    d. one *output pass* through the pruned block; its outputs are the next block's inputs.
 
    With ``true_sequential=True`` step a/b is repeated per group of sublayers in execution
@@ -29,7 +30,7 @@ Peak memory (fp32, ``n`` calibration sequences of ``t`` tokens, hidden size ``h`
 
     peak ≈ model weights
          + 2 · n·t·h·4 B                      (block inputs + the outputs being produced;
-                                               + 1 · n·t·h·4 B more with reconstruct=True,
+                                               + 2 · n·t·h·4 B more with reconstruct=True,
                                                + 1 · n·t·h·4 B during the OWL/sensitivity pass)
          + Σ_distinct inputs d² · 4 B          (XXᵀ of one block, SparseGPT only; d = in-features)
          + activations of one block on one batch (b·t·(max(h, ffn) + heads·t)·4 B roughly)
@@ -68,6 +69,8 @@ PIPELINE_OPTIONS = (
     "reconstruct",
     "reconstruct_steps",
     "reconstruct_lr",
+    "reconstruct_target",
+    "reconstruct_train",
     "owl_m",
     "owl_lambda",
     "sensitivity_grid",
@@ -228,7 +231,10 @@ def run_oneshot(
     """Prune ``params`` of ``model`` block by block with solver ``method``; returns a PruneReport.
 
     Pipeline options (``kwargs``): ``true_sequential`` (False), ``batch_size`` (8),
-    ``reconstruct`` (False), ``reconstruct_steps`` (30), ``reconstruct_lr`` (1e-5),
+    ``reconstruct`` (False), ``reconstruct_steps`` (16 Adam steps of one batch each),
+    ``reconstruct_lr`` (3e-4), ``reconstruct_target`` ("dense": the dense model's block outputs;
+    "local": the dense block on the pruned inputs), ``reconstruct_train`` ("masked"; "all" also
+    tunes norms/biases),
     ``owl_m`` (5), ``owl_lambda`` (0.08), ``sensitivity_grid`` (offsets, default
     ±0.05/±0.1), ``sensitivity_samples`` (16), ``progress`` (True). Any other keyword goes to the
     solver (e.g. ``percdamp``, ``blocksize`` for SparseGPT; ``initial``, ``threshold``,
@@ -262,6 +268,9 @@ def run_oneshot(
     progress = bool(opts.get("progress", True))
     true_seq = bool(opts.get("true_sequential", False))
     reconstruct = bool(opts.get("reconstruct", False))
+    rec_target = str(opts.get("reconstruct_target", "dense")).lower()
+    if rec_target not in ("dense", "local"):
+        raise MethodError(f"reconstruct_target must be 'dense' or 'local', got {rec_target!r}.")
 
     block_name, blocks = find_decoder_blocks(model)
     per_block = [block_layers(f"{block_name}.{i}", blk, params) for i, blk in enumerate(blocks)]
@@ -307,6 +316,8 @@ def run_oneshot(
     try:
         t = time.perf_counter()
         inputs = capture_inputs(model, blocks, batches)
+        # the dense model's own hidden states, advanced block by block (reconstruction targets)
+        dense_inputs = inputs.clone() if reconstruct and rec_target == "dense" else None
         timings["capture"] = time.perf_counter() - t
         first = next((i for i, d in enumerate(per_block) if d), None)
         if first is None:
@@ -367,6 +378,15 @@ def run_oneshot(
                 need = {r: solver.needs_for(layers[r][0]) for r in layers}
                 needs.update(need)
                 dense_out = None
+                if dense_inputs is not None:
+                    t = time.perf_counter()
+                    with torch.no_grad():
+                        dense_out = [
+                            run_block(block, dense_inputs, b).detach()
+                            for b in range(len(dense_inputs))
+                        ]
+                    timings["reconstruct"] += time.perf_counter() - t
+                local = reconstruct and dense_inputs is None
                 todo = [groups] if not true_seq else [[g] for g in groups]
                 for k, gset in enumerate(todo):
                     t = time.perf_counter()
@@ -375,8 +395,8 @@ def run_oneshot(
                         gset,
                         need,
                         inputs,
-                        stop_early=not (reconstruct and k == 0),
-                        collect_outputs=reconstruct and k == 0,
+                        stop_early=not (local and k == 0),
+                        collect_outputs=local and k == 0,
                     )
                     if outs is not None:
                         dense_out = outs
@@ -403,16 +423,23 @@ def run_oneshot(
                         inputs,
                         dense_out,
                         {layers[r][0]: (layers[r][1], masks[layers[r][0]]) for r in layers},
-                        steps=int(opts.get("reconstruct_steps", 30)),
-                        lr=float(opts.get("reconstruct_lr", 1e-5)),
+                        steps=int(opts.get("reconstruct_steps", 16)),
+                        lr=float(opts.get("reconstruct_lr", 3e-4)),
+                        train=str(opts.get("reconstruct_train", "masked")),
                     )
                     extra.setdefault("reconstruct", []).append(rec)
+                    if dense_inputs is not None:
+                        dense_inputs.hidden[:] = dense_out
                     del dense_out
                     timings["reconstruct"] += time.perf_counter() - t
             t = time.perf_counter()
             output_pass(block, inputs)
+            if dense_inputs is not None and not layers:
+                output_pass(block, dense_inputs)
             timings["outputs"] += time.perf_counter() - t
         inputs.hidden.clear()
+        if dense_inputs is not None:
+            dense_inputs.hidden.clear()
     finally:
         if cfg is not None and old_cache is not None:
             cfg.use_cache = old_cache

@@ -1,10 +1,15 @@
 """Optional block-wise reconstruction: tune a pruned block's remaining weights, mask fixed.
 
 After a block is pruned, a few Adam steps minimise the MSE between the pruned block's outputs
-and the dense block's outputs on the same calibration inputs. Only the targeted weights are
-trained; their gradients are masked and pruned entries re-zeroed after every step, so the mask
-is unchanged (verified at the end). If the tuned block is worse than before on the calibration
-batches, the weights are restored.
+and a target. The default target is the *dense model's* output of that block (the dense block
+run on the dense model's own hidden states), while the pruned block is fed the pruned model's
+hidden states: the tuning then also corrects the error carried in from earlier blocks, not only
+the block's own pruning error (``target="local"`` uses the dense block on the pruned inputs).
+
+The pruned weights' gradients are masked and pruned entries re-zeroed after every step, so the
+mask is unchanged (verified at the end). With ``train="all"`` the block's other floating-point
+parameters (norm scales, biases, untargeted layers) are tuned too. If the tuned block is worse
+than before on the calibration batches, every parameter is restored.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..errors import MaskError
+from ..errors import MaskError, MethodError
 from .blocks import BlockInputs, run_block
+
+TARGETS = ("dense", "local")
+TRAIN = ("masked", "all")
 
 
 def _loss(block: nn.Module, inputs: BlockInputs, targets: list[Tensor], idx: list[int]) -> float:
@@ -32,26 +40,34 @@ def reconstruct_block(
     targets: list[Tensor],
     layers: Mapping[str, tuple[nn.Module, Tensor]],
     *,
-    steps: int = 30,
-    lr: float = 1e-5,
+    steps: int = 16,
+    lr: float = 3e-4,
+    train: str = "masked",
 ) -> dict:
-    """Tune ``layers`` ({name: (module, keep_mask in weight layout)}); returns a small report."""
+    """Tune ``layers`` ({name: (module, keep_mask in weight layout)}); returns a small report.
+
+    ``steps`` Adam steps, one calibration batch each (cycling); ``train``: ``"masked"`` tunes only
+    the pruned layers' kept weights, ``"all"`` also the block's other floating-point parameters.
+    """
+    if train not in TRAIN:
+        raise MethodError(f"reconstruct_train must be one of {TRAIN}, got {train!r}.")
     params = {n: m.weight for n, (m, _) in layers.items()}
     keeps = {n: k.to(params[n].device) for n, (_, k) in layers.items()}
-    saved = {n: p.detach().clone() for n, p in params.items()}
-    req = {n: p.requires_grad for n, p in params.items()}
-    frozen = [
+    others = [
         p
         for p in block.parameters()
-        if p.requires_grad and all(p is not q for q in params.values())
+        if p.is_floating_point() and all(p is not q for q in params.values())
     ]
-    for p in frozen:
+    tuned = list(params.values()) + (others if train == "all" else [])
+    saved = [p.detach().clone() for p in tuned]
+    req = {id(p): p.requires_grad for p in block.parameters()}
+    for p in block.parameters():
         p.requires_grad_(False)
-    for p in params.values():
+    for p in tuned:
         p.requires_grad_(True)
     check = list(range(min(2, len(inputs))))
     before = _loss(block, inputs, targets, check)
-    opt = torch.optim.Adam(list(params.values()), lr=lr)
+    opt = torch.optim.Adam(tuned, lr=lr)
     try:
         with torch.enable_grad():
             for step in range(steps):
@@ -72,14 +88,12 @@ def reconstruct_block(
         kept = after < before
         if not kept:
             with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(saved[n])
+                for p, s in zip(tuned, saved):
+                    p.copy_(s)
     finally:
-        for n, p in params.items():
-            p.requires_grad_(req[n])
+        for p in block.parameters():
+            p.requires_grad_(req.get(id(p), True))
             p.grad = None
-        for p in frozen:
-            p.requires_grad_(True)
     with torch.no_grad():
         for n, p in params.items():
             if bool(((p != 0) & ~keeps[n]).any()):
