@@ -11,8 +11,16 @@ Per output row ``i`` the expected output change caused by pruning is
   opposite to ``ε_i``, the one with the lowest Wanda score;
   prune (N:M): the kept weight with the lowest Wanda score in the grown weight's M-group, so
   the N:M structure is preserved;
-* a row stops for good once ``|ε_i| <= threshold`` (0.1), once a list runs out, or (N:M always,
-  unstructured if ``same_sign=True``) once a swap would flip the sign of ``ε_i``.
+* a row stops for good once ``|ε_i| <= threshold`` (0.1), once a list runs out, or once a swap
+  would flip the sign of ``ε_i`` (``same_sign=True``, our default; always for N:M).
+
+``same_sign``: the reference code skips the sign check for unstructured masks (its
+``--without_same_sign`` flag defaults to True). Measured on SmolLM2-135M layers with real
+calibration activations (Wanda masks at 60/70%, 12 layers in blocks 2-28, held-out tokens),
+that unchecked variant drives ``|ε|`` down 15-30x but *raises* the true output error
+``‖(W - Ŵ)X‖²`` by 1-20% in 23 of 24 cases (an overshooting first swap is never undone), while
+the sign-preserving variant lowers it in all 24 (by 2-27%). So ``same_sign=True`` is the
+default; pass ``same_sign=False`` for the reference's behaviour.
 
 At most ``max_cycles`` (50) cycles. Every swap grows one and prunes one weight, so each row
 keeps its sparsity. By default only attention sublayers are refined (the reference's
@@ -50,7 +58,7 @@ def dsnot_refine(
     threshold: float = 0.1,
     max_cycles: int = 50,
     pow_var: float = 1.0,
-    same_sign: bool = False,
+    same_sign: bool = True,
     nm: tuple[int, int] | None = None,
 ) -> Tensor:
     """Return a refined keep-mask (a new tensor); ``prune_score`` orders pruning (Wanda scores)."""
@@ -173,7 +181,7 @@ class DSnoT(Solver):
             threshold=float(self.opts.get("threshold", 0.1)),
             max_cycles=int(self.opts.get("max_cycles", 50)),
             pow_var=float(self.opts.get("pow_var", 1.0)),
-            same_sign=bool(self.opts.get("same_sign", False)),
+            same_sign=bool(self.opts.get("same_sign", True)),
             nm=nm,
         )
         return new_w, keep
