@@ -241,23 +241,62 @@ def run_one(cfg: str, model_dir: Path, llmc_python: str, timeout: int) -> dict:
 def table(results: dict) -> str:
     floor = results.get("floor", {}).get("seconds")
     rows = [
-        "| config | ppl E16 | prune s | × floor | peak RSS GiB | sparsity |",
-        "|---|---|---|---|---|---|",
+        "| config | ppl E16 | prune s | × floor | RSS load+prune GiB | peak RSS GiB | sparsity | threads |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for cfg, r in results.items():
         if cfg.startswith("_"):
             continue
         if "error" in r:
-            rows.append(f"| {cfg} | error: {r['error'][:60]!r} | | | | |")
+            rows.append(f"| {cfg} | error: {r['error'][:60]!r} | | | | | | |")
             continue
         sec = r.get("seconds")
         xf = f"{sec / floor:.2f}" if sec and floor and cfg != "floor" else ""
+        rap = r.get("rss_after_prune_gib")
+        rap = "" if rap is None else f"{rap:.2f}"
+        th = r.get("torch_threads", "")
         rows.append(
             f"| {cfg} | {r.get('ppl', float('nan')):.2f} | {sec if sec is None else round(sec, 1)} | {xf} | "
-            f"{r.get('peak_rss_gib', 0):.2f} | {r.get('sparsity', 0):.3f} |"
+            f"{rap} | {r.get('peak_rss_gib', 0):.2f} | {r.get('sparsity', 0):.3f} | {th} |"
             if "ppl" in r
-            else f"| {cfg} | – | {round(sec, 1) if sec else ''} | | {r.get('peak_rss_gib', 0):.2f} | |"
+            else f"| {cfg} | – | {round(sec, 1) if sec else ''} | | | {r.get('peak_rss_gib', 0):.2f} | | {th} |"
         )
+    rows += [
+        "",
+        "| ours vs llm-compressor | spec | ppl ratio | time ratio | RSS ratio (load+prune) | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for spec in SPECS:
+        for ours, theirs, tmax in (
+            ("sparsegpt", "llmc-sparsegpt", 0.8),
+            ("wanda", "llmc-wanda", 1.0),
+            ("best", "llmc-sparsegpt", None),
+        ):
+            a, b = results.get(f"{ours}@{spec}"), results.get(f"{theirs}@{spec}")
+            if not a or not b or "ppl" not in a or "ppl" not in b:
+                continue
+            pr = a["ppl"] / b["ppl"]
+            tr = a["seconds"] / b["seconds"] if a.get("seconds") and b.get("seconds") else None
+            # peak RSS of load + prune (ru_maxrss right after pruning; the evaluation that follows is
+            # the same code for both tools)
+            key = (
+                "rss_after_prune_gib"
+                if "rss_after_prune_gib" in a and "rss_after_prune_gib" in b
+                else "peak_rss_gib"
+            )
+            rr = a[key] / b[key] if b.get(key) else None
+            if tmax is None:
+                target = f"ppl <= 0.9x: {'met' if pr <= 0.9 else 'MISSED'}"
+            else:
+                ok = pr <= 1.0 and tr is not None and tr <= tmax and rr is not None and rr <= 1.0
+                target = f"ppl <= 1, time <= {tmax}, RSS <= 1: {'met' if ok else 'MISSED'}"
+                if floor and a.get("seconds"):
+                    xf = a["seconds"] / floor
+                    target += f"; {xf:.2f}x floor <= 1.15: {'met' if xf <= 1.15 else 'MISSED'}"
+            rows.append(
+                f"| {ours} / {theirs} | {spec} | {pr:.3f} | {'' if tr is None else f'{tr:.2f}'} | "
+                f"{'' if rr is None else f'{rr:.2f}'} | {target} |"
+            )
     return "\n".join(rows)
 
 
@@ -270,6 +309,7 @@ def main() -> None:
         "--quick", action="store_true", help="dense, floor, our SparseGPT and Wanda at 50%% and 2:4"
     )
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the tables of the saved results")
     ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
     ap.add_argument("--timeout", type=int, default=3600)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -281,6 +321,9 @@ def main() -> None:
         return
     if a.list:
         print("\n".join(all_configs()))
+        return
+    if a.table:
+        print(table(json.loads(RESULTS.read_text())))
         return
     cfgs = QUICK if a.quick else (a.configs.split(",") if a.configs else all_configs())
     model_dir = ensure_model_dir()
