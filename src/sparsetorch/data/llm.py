@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_dir
 from ..errors import CheckpointError, DependencyError, ModelError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -144,6 +143,20 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def check_model_out_dir(out_dir: str | os.PathLike[str]) -> Path:
+    """The absolute output folder; CheckpointError if it exists and must not be replaced."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists():
+        if not out.is_dir():
+            raise CheckpointError(f"{out} exists and is not a directory; choose another output path.")
+        if any(out.iterdir()) and not (out / "config.json").is_file():
+            raise CheckpointError(
+                f"{out} exists, is not empty and is not a model folder; refusing to overwrite it. "
+                "Choose a new or empty output directory."
+            )
+    return out
+
+
 def save_hf_model(
     model: nn.Module,
     tokenizer: Any,
@@ -159,38 +172,12 @@ def save_hf_model(
     empty or looks like a model folder (has ``config.json``).
     """
     _require("transformers")
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists():
-        if not out.is_dir():
-            raise CheckpointError(f"{out} exists and is not a directory; choose another output path.")
-        if any(out.iterdir()) and not (out / "config.json").is_file():
-            raise CheckpointError(
-                f"{out} exists, is not empty and is not a model folder; refusing to overwrite it. "
-                "Choose a new or empty output directory."
-            )
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_model_out_dir(out_dir)
     plain = model if _is_plain(model) else _plain_copy(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    old: Path | None = None
-    try:
+    with atomic_dir(out) as tmp:
         plain.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if extra is not None:
             extra(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not out.exists():
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
     return out

@@ -39,9 +39,8 @@ Peak memory (fp32, ``n`` calibration sequences of ``t`` tokens, hidden size ``h`
 For SmolLM2-135M with 64×512 calibration tokens and batch 8: 0.54 GB weights + 2·75 MB +
 (3·576² + 1536²)·4 B ≈ 14 MB + ~0.1 GB activations.
 
-Not implemented yet: offloading not-yet-processed blocks to disk/meta (so models larger than
-RAM could be pruned); today the whole model must fit in memory, and only one block's
-activations and statistics are held at a time.
+Models larger than RAM: :func:`sparsetorch.oneshot.offload.prune_pretrained` builds the model
+on the meta device and streams one block at a time from a safetensors folder (see there).
 
 Only the solvers (:meth:`Solver.apply`) write weights, under ``torch.no_grad()``.
 """
@@ -49,7 +48,7 @@ Only the solvers (:meth:`Solver.apply`) write weights, under ``torch.no_grad()``
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -226,9 +225,14 @@ def run_oneshot(
     num_samples: int = 128,
     seq_len: int = 512,
     seed: int = 0,
+    block_io: Callable[[str, int, nn.Module], None] | None = None,
     **kwargs: Any,
 ):
     """Prune ``params`` of ``model`` block by block with solver ``method``; returns a PruneReport.
+
+    ``block_io(event, i, block)`` is called with ``"load"`` before block ``i`` is first run and
+    with ``"done"`` once its outputs are computed (used by :mod:`.offload` to keep only one
+    block's weights in memory; uniform allocation only).
 
     Pipeline options (``kwargs``): ``true_sequential`` (False), ``batch_size`` (8),
     ``reconstruct`` (False), ``reconstruct_steps`` (16 Adam steps of one batch each),
@@ -255,6 +259,11 @@ def run_oneshot(
         raise MethodError(
             f"allocation {allocation!r} is not available for one-shot pruning with calibration data; "
             "use 'uniform', 'owl' or 'sensitivity'."
+        )
+    if block_io is not None and allocation != "uniform":
+        raise MethodError(
+            f"allocation {allocation!r} needs a dense pass over all blocks first; with blocks offloaded "
+            "to disk only 'uniform' is available."
         )
     if isinstance(pattern, NM) and allocation != "uniform":
         raise MethodError(
@@ -322,6 +331,8 @@ def run_oneshot(
         first = next((i for i, d in enumerate(per_block) if d), None)
         if first is None:
             raise ModelError("no targeted layer inside the decoder blocks.")
+        if block_io is not None:
+            block_io("load", first, blocks[first])
         template = discover_groups(blocks[first], list(per_block[first]), inputs)
         template_pos = {r: i for i, g in enumerate(template) for r in g}
 
@@ -373,6 +384,8 @@ def run_oneshot(
         ):
             layers = per_block[i]
             block = blocks[i]
+            if block_io is not None:
+                block_io("load", i, block)
             if layers:
                 groups = groups_for(i)
                 need = {r: solver.needs_for(layers[r][0]) for r in layers}
@@ -437,6 +450,8 @@ def run_oneshot(
             if dense_inputs is not None and not layers:
                 output_pass(block, dense_inputs)
             timings["outputs"] += time.perf_counter() - t
+            if block_io is not None:
+                block_io("done", i, block)
         inputs.hidden.clear()
         if dense_inputs is not None:
             dense_inputs.hidden.clear()

@@ -1,0 +1,94 @@
+"""Streamed pruning from a safetensors folder (one block in memory at a time)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_tiny_llama
+
+import sparsetorch
+from sparsetorch.errors import CheckpointError, MethodError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+from sparsetorch.oneshot import offload, pipeline  # noqa: E402
+from sparsetorch.oneshot.offload import prune_pretrained  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _calib():
+    return torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture()
+def src(tmp_path):
+    make_tiny_llama(layers=3, seed=3).save_pretrained(tmp_path / "src")
+    return tmp_path / "src"
+
+
+@pytest.mark.parametrize(
+    ("method", "pattern", "kw"),
+    [("sparsegpt", "unstructured", {}), ("wanda", "2:4", {"reconstruct": True, "reconstruct_steps": 2})],
+)
+def test_streamed_result_equals_in_memory_pruning_bit_exactly(src, tmp_path, method, pattern, kw):
+    ref = make_tiny_llama(layers=3, seed=3)
+    sp = 0.5 if pattern == "unstructured" else None
+    r1 = sparsetorch.prune(ref, method, sp, pattern, calibration=_calib(), progress=False, **kw)
+    r2 = prune_pretrained(
+        src, tmp_path / "out", method, sp, pattern, calibration=_calib(), progress=False, **kw
+    )
+    out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    a, b = ref.state_dict(), out.state_dict()
+    assert set(a) == set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert out.lm_head.weight is out.model.embed_tokens.weight
+    assert r2.sparsity_actual == pytest.approx(r1.sparsity_actual)
+    r2.masks.verify(out)
+
+
+def test_only_the_current_block_has_weights_in_memory(src, tmp_path, monkeypatch):
+    seen = {}
+    real_find, real_out = offload.find_decoder_blocks, pipeline.output_pass
+
+    def find(model):
+        name, blocks = real_find(model)
+        seen["blocks"] = blocks
+        return name, blocks
+
+    checked = []
+
+    def out_pass(block, inputs):
+        for other in seen["blocks"]:
+            on_meta = all(p.is_meta for p in other.parameters())
+            assert on_meta == (other is not block)
+        checked.append(block)
+        return real_out(block, inputs)
+
+    monkeypatch.setattr(offload, "find_decoder_blocks", find)
+    monkeypatch.setattr(pipeline, "output_pass", out_pass)
+    prune_pretrained(src, tmp_path / "out", "wanda", 0.5, calibration=_calib(), progress=False)
+    assert len(checked) == 3
+
+
+def test_bad_inputs_raise_and_leave_no_output(src, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="config.json"):
+        prune_pretrained(tmp_path, out, calibration=_calib())
+    with pytest.raises(CheckpointError, match="differ"):
+        prune_pretrained(src, src, calibration=_calib())
+    with pytest.raises(MethodError, match="uniform"):
+        prune_pretrained(src, out, "wanda", 0.5, allocation="owl", calibration=_calib(), progress=False)
+    with pytest.raises(MethodError):
+        prune_pretrained(src, out, "wanda", 0.5, calibration=_calib(), progress=False, bogus=1)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no temporary folder left behind
+    (src / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        prune_pretrained(src, out, calibration=_calib())
