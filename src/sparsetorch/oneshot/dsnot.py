@@ -22,6 +22,12 @@ that unchecked variant drives ``|ε|`` down 15-30x but *raises* the true output 
 the sign-preserving variant lowers it in all 24 (by 2-27%). So ``same_sign=True`` is the
 default; pass ``same_sign=False`` for the reference's behaviour.
 
+On SmolLM2-135M this layer-wise gain does not reach perplexity: on top of Wanda at 60% and 70%
+DSnoT (reference defaults, attention only) makes perplexity *worse* (full protocol, 70%:
+290.8 -> 378.9; unchecked swaps are worse still). Fewer cycles help at 70% on the small protocol
+(455 -> 393 with ``max_cycles=3``) but not at 60% (78.8 -> 86.5 with 7), so no default was tuned
+on it; ``benchmarks/results/oneshot_llm.json`` has the numbers.
+
 At most ``max_cycles`` (50) cycles. Every swap grows one and prunes one weight, so each row
 keeps its sparsity. By default only attention sublayers are refined (the reference's
 ``--skip_layer mlp``); ``include_mlp=True`` refines every layer.
