@@ -280,6 +280,10 @@ def run_oneshot(
     rec_target = str(opts.get("reconstruct_target", "dense")).lower()
     if rec_target not in ("dense", "local"):
         raise MethodError(f"reconstruct_target must be 'dense' or 'local', got {rec_target!r}.")
+    if str(opts.get("reconstruct_train", "masked")) not in ("masked", "all"):
+        raise MethodError(
+            f"reconstruct_train must be 'masked' or 'all', got {opts['reconstruct_train']!r}."
+        )
 
     block_name, blocks = find_decoder_blocks(model)
     per_block = [block_layers(f"{block_name}.{i}", blk, params) for i, blk in enumerate(blocks)]
