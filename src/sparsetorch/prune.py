@@ -102,6 +102,16 @@ def _available_methods() -> list[str]:
     return names
 
 
+def select_checked(
+    model: nn.Module, pattern: Pattern, targets: Any = None, ignore: Any = None
+) -> dict[str, nn.Parameter]:
+    """The targeted parameters (:func:`~sparsetorch.targets.select`), each checked against ``pattern``."""
+    params = select(model, targets, ignore)
+    for name, p in params.items():
+        pattern.check_shape(p.shape, name)
+    return params
+
+
 def prune(
     model: nn.Module,
     method: str = "magnitude",
@@ -127,9 +137,7 @@ def prune(
     pat = parse_pattern(pattern)
     s = pat.resolve_sparsity(sparsity)  # validates the range and N:M consistency
     method_l = method.lower()
-    params = select(model, targets, ignore)
-    for name, p in params.items():
-        pat.check_shape(p.shape, name)
+    params = select_checked(model, pat, targets, ignore)
 
     data_free = method_l in DATA_FREE and allocation.lower() not in ("owl", "sensitivity")
     if not data_free:

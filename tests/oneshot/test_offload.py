@@ -7,20 +7,14 @@ import torch
 from tiny_models import make_tiny_llama
 
 import sparsetorch
-from sparsetorch.errors import CheckpointError, MethodError
+from sparsetorch.errors import CheckpointError, MethodError, PatternError
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 from sparsetorch.oneshot import offload, pipeline  # noqa: E402
 from sparsetorch.oneshot.offload import prune_pretrained  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib():
@@ -83,6 +77,8 @@ def test_bad_inputs_raise_and_leave_no_output(src, tmp_path):
         prune_pretrained(tmp_path, out, calibration=_calib())
     with pytest.raises(CheckpointError, match="differ"):
         prune_pretrained(src, src, calibration=_calib())
+    with pytest.raises(PatternError):  # 64 input features do not split into groups of 5
+        prune_pretrained(src, out, "wanda", None, "2:5", calibration=_calib(), progress=False)
     with pytest.raises(MethodError, match="uniform"):
         prune_pretrained(src, out, "wanda", 0.5, allocation="owl", calibration=_calib(), progress=False)
     with pytest.raises(MethodError):

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,6 @@ from torch import nn
 from ..atomic import atomic_dir
 from ..errors import CheckpointError, ModelError
 from ..patterns import parse_pattern
-from ..targets import select
 from .blocks import find_decoder_blocks
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -135,6 +135,7 @@ def prune_pretrained(
     from safetensors.torch import save_file
 
     from ..data.llm import check_model_out_dir
+    from ..prune import select_checked
     from .pipeline import run_oneshot
 
     src = Path(model_dir).expanduser().absolute()
@@ -160,11 +161,9 @@ def prune_pretrained(
     model.eval()
     block_name, blocks = find_decoder_blocks(model)
     prefix = block_name + "."
-    tied = {
-        n
-        for n, p in model.named_parameters(remove_duplicate=False)
-        if any(p is q for m, q in model.named_parameters() if m != n)
-    }
+    # names sharing a parameter object with another name (lm_head tied to the embeddings)
+    uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if uses[id(p)] > 1}
     # everything outside the blocks gets real storage now
     outside = [n for n in model.state_dict(keep_vars=True) if not n.startswith(prefix)]
     missing = [n for n in outside if n not in index and n not in tied]
@@ -176,7 +175,7 @@ def prune_pretrained(
     if still_meta:
         raise CheckpointError(f"{still_meta[:3]} are missing from the safetensors files in {src}.")
 
-    params = select(model, targets, ignore)
+    params = select_checked(model, pat, targets, ignore)
     weight_map: dict[str, str] = {}
     total = 0
     t0 = time.perf_counter()

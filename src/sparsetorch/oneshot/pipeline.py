@@ -60,6 +60,8 @@ from ..patterns import NM, Pattern
 from .base import Solver
 from .blocks import BlockInputs, _Stop, capture_inputs, find_decoder_blocks, run_block
 from .calibration import prepare_calibration
+from .reconstruct import TARGETS as REC_TARGETS
+from .reconstruct import TRAIN as REC_TRAIN
 from .stats import InputStats, accumulate
 
 PIPELINE_OPTIONS = (
@@ -278,12 +280,13 @@ def run_oneshot(
     true_seq = bool(opts.get("true_sequential", False))
     reconstruct = bool(opts.get("reconstruct", False))
     rec_target = str(opts.get("reconstruct_target", "dense")).lower()
-    if rec_target not in ("dense", "local"):
-        raise MethodError(f"reconstruct_target must be 'dense' or 'local', got {rec_target!r}.")
-    if str(opts.get("reconstruct_train", "masked")) not in ("masked", "all"):
-        raise MethodError(
-            f"reconstruct_train must be 'masked' or 'all', got {opts['reconstruct_train']!r}."
-        )
+    rec_train = str(opts.get("reconstruct_train", "masked"))
+    for opt, value, allowed in (
+        ("reconstruct_target", rec_target, REC_TARGETS),
+        ("reconstruct_train", rec_train, REC_TRAIN),
+    ):
+        if value not in allowed:
+            raise MethodError(f"{opt} must be one of {allowed}, got {value!r}.")
 
     block_name, blocks = find_decoder_blocks(model)
     per_block = [block_layers(f"{block_name}.{i}", blk, params) for i, blk in enumerate(blocks)]
@@ -442,7 +445,7 @@ def run_oneshot(
                         {layers[r][0]: (layers[r][1], masks[layers[r][0]]) for r in layers},
                         steps=int(opts.get("reconstruct_steps", 16)),
                         lr=float(opts.get("reconstruct_lr", 3e-4)),
-                        train=str(opts.get("reconstruct_train", "masked")),
+                        train=rec_train,
                     )
                     extra.setdefault("reconstruct", []).append(rec)
                     if dense_inputs is not None:
