@@ -10,9 +10,12 @@ runs in its own subprocess (clean peak RSS); wall time is the pruning call only.
     .venv/bin/python benchmarks/oneshot_llm.py --list
 
 Config names: ``dense``, ``floor`` (two model forwards over the calibration set: the floor of a
-block-sequential pipeline), ``METHOD@SPEC`` with METHOD in magnitude, wanda, sparsegpt,
-sparsegpt+owl, wanda+dsnot, wanda+owl, sparsegpt+sens, best (SparseGPT + block-wise
-reconstruction toward the dense model's block outputs), llmc-sparsegpt, llmc-wanda; SPEC in 0.5, 0.6, 0.7, 2:4, 4:8.
+block-sequential pipeline), ``METHOD@SPEC`` with METHOD in magnitude, wanda, sparsegpt (our
+default: OBS updates + a 10-iteration mask-fixed refit), sparsegpt-ref (``refit=0``: the
+reference algorithm, what llm-compressor runs), sparsegpt+owl, wanda+dsnot, wanda+owl,
+sparsegpt+sens, best (SparseGPT + block-wise reconstruction toward the dense model's block
+outputs), llmc-sparsegpt, llmc-wanda; SPEC in 0.5, 0.6, 0.7, 2:4, 4:8. A ``-ref`` suffix on
+any of ours sets ``refit=0``.
 llm-compressor runs from its own venv (``--llmc-python``, default ``.venv-llmc/bin/python``).
 Results are merged into ``benchmarks/results/oneshot_llm.json`` (keyed by config).
 """
@@ -41,6 +44,7 @@ METHODS = [
     "magnitude",
     "wanda",
     "sparsegpt",
+    "sparsegpt-ref",
     "sparsegpt+owl",
     "wanda+dsnot",
     "llmc-sparsegpt",
@@ -140,14 +144,17 @@ def worker(cfg: str, model_dir: Path) -> dict:
         else:
             import sparsetorch
 
-            base, _, variant = method.partition("+")
             kw: dict = {}
+            if method.endswith("-ref"):  # the reference SparseGPT update, no mask-fixed refit
+                method = method[: -len("-ref")]
+                kw["refit"] = 0
+            base, _, variant = method.partition("+")
             allocation = "uniform"
             if base == "best":
                 # SparseGPT + block reconstruction toward the dense model (16 Adam steps per
                 # block, lr 3e-4, norms tuned too); true-sequential and OWL did not help at 50%
                 base = "sparsegpt"
-                kw = {"reconstruct": True, "reconstruct_train": "all"}
+                kw.update({"reconstruct": True, "reconstruct_train": "all"})
             if variant == "owl":
                 allocation = "owl"
             elif variant == "sens":
@@ -269,6 +276,7 @@ def table(results: dict) -> str:
     for spec in SPECS:
         for ours, theirs, tmax in (
             ("sparsegpt", "llmc-sparsegpt", 0.8),
+            ("sparsegpt-ref", "llmc-sparsegpt", 0.8),
             ("wanda", "llmc-wanda", 1.0),
             ("best", "llmc-sparsegpt", None),
         ):

@@ -14,6 +14,9 @@ Usage::
 
     python benchmarks/sparse_training.py --threads 1           # full default sweep (~30 min at 1 thread)
     python benchmarks/sparse_training.py --epochs 1 --subset 10000 --methods dense,rigl,set --sparsities 0.9
+    # the headline at 10 epochs, ERK and global layer budgets (~20 min at 1 thread)
+    python benchmarks/sparse_training.py --threads 1 --no-sweep --full-epochs 10 --full-allocations erk,global \
+        --out benchmarks/results/sparse_training_full10.json
 """
 
 from __future__ import annotations
@@ -35,10 +38,14 @@ from sparsetorch.training.loop import NM_METHODS, build_sparsifier, fit
 DEFAULT_METHODS = "dense,static,snip,gmp,set,rigl,snfs,srste"
 
 
-def run_one(method: str, sparsity: float | None, train, test, args) -> dict:  # noqa: ANN001
+def run_one(method: str, sparsity: float | None, train, test, args, *,  # noqa: ANN001
+            epochs: int | None = None, allocation: str | None = None) -> dict:
+    epochs = epochs or args.epochs
     steps_per_epoch = math.ceil(len(train[0]) / args.batch_size)
-    total = steps_per_epoch * args.epochs
+    total = steps_per_epoch * epochs
     kw: dict = {"seed": args.seed}
+    if allocation:
+        kw["allocation"] = allocation
     if method in NM_METHODS:
         kw["pattern"] = args.pattern
     if method == "snfs":
@@ -52,7 +59,7 @@ def run_one(method: str, sparsity: float | None, train, test, args) -> dict:  # 
     sp = build_sparsifier(method, sparsity, total, **kw)
     torch.manual_seed(args.seed)
     model = get_model(args.model)
-    res = fit(model, sp, train, test, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+    res = fit(model, sp, train, test, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
               seed=args.seed, progress=not args.no_progress, desc=f"{method} {sparsity}")
     return {
         "method": method,
@@ -63,7 +70,8 @@ def run_one(method: str, sparsity: float | None, train, test, args) -> dict:  # 
         "seconds_per_epoch": res.seconds_per_epoch,
         "seconds_per_step": res.seconds_per_step,
         "train_examples": len(train[0]),
-        "epochs": args.epochs,
+        "epochs": epochs,
+        **({"allocation": allocation} if allocation else {}),
     }
 
 
@@ -91,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch.set_num_threads for the whole run (0 = torch's default); use 1 on a shared machine")
     ap.add_argument("--no-full-rigl", action="store_true", help="skip dense vs RigL 90%% on the full training set")
+    ap.add_argument("--no-sweep", action="store_true", help="only the full-training-set dense vs RigL 90%% comparison")
+    ap.add_argument("--full-epochs", type=int, default=0, help="epochs of the full-set comparison (0 = --epochs)")
+    ap.add_argument("--full-allocations", default="erk",
+                    help="layer budgets of RigL 90%% in the full-set comparison, e.g. erk,global")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="benchmarks/results/sparse_training.json")
     ap.add_argument("--no-progress", action="store_true")
@@ -103,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     sparsities = [float(s) for s in args.sparsities.split(",") if s.strip()]
     t0 = time.time()
     rows: list[dict] = []
-    for m in methods:
+    for m in [] if args.no_sweep else methods:
         levels = [None] if m in ("dense", *NM_METHODS) else sparsities
         for s in levels:
             rows.append(run_one(m, s, sweep_train, test, args))
@@ -115,11 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     full = None
     if not args.no_full_rigl:
         full_train = load_fashion_mnist("train", args.data_dir)
-        d = run_one("dense", None, full_train, test, args)
-        rg = run_one("rigl", 0.9, full_train, test, args)
-        full = {"dense": d, "rigl90": rg, "rigl90_gap": d["accuracy"] - rg["accuracy"],
-                "rigl90_target_met": d["accuracy"] - rg["accuracy"] <= 1.0,
-                "step_ratio": rg["seconds_per_step"] / d["seconds_per_step"]}
+        fe = args.full_epochs or args.epochs
+        d = run_one("dense", None, full_train, test, args, epochs=fe)
+        full = {"epochs": fe, "dense": d}
+        for i, alloc_name in enumerate(a.strip() for a in args.full_allocations.split(",") if a.strip()):
+            rg = run_one("rigl", 0.9, full_train, test, args, epochs=fe, allocation=alloc_name)
+            key = "" if i == 0 else f"_{alloc_name}"
+            full[f"rigl90{key}"] = rg
+            full[f"rigl90{key}_gap"] = d["accuracy"] - rg["accuracy"]
+            full[f"rigl90{key}_target_met"] = d["accuracy"] - rg["accuracy"] <= 1.0
+            full[f"step_ratio{key}"] = rg["seconds_per_step"] / d["seconds_per_step"]
     result = {
         "benchmark": "sparse_training",
         "dataset": "fashion-mnist",
@@ -139,11 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(table(rows, dense_step))
+    if rows:
+        print(table(rows, dense_step))
     if full:
-        print(f"\nfull training set, {args.epochs} epoch(s): dense {full['dense']['accuracy']:.2f}%  RigL 90% "
-              f"{full['rigl90']['accuracy']:.2f}%  gap {full['rigl90_gap']:.2f} pt  step ratio {full['step_ratio']:.2f}")
+        for k, r in full.items():
+            if k.startswith("rigl90") and isinstance(r, dict):
+                print(f"full training set, {full['epochs']} epoch(s): dense {full['dense']['accuracy']:.2f}%  "
+                      f"RigL 90% ({r.get('allocation', 'erk')}) {r['accuracy']:.2f}%  gap {full[k + '_gap']:.2f} pt "
+                      f"(target <= 1.0: {'met' if full[k + '_target_met'] else 'MISSED'})")
     try:
+        if not rows:
+            raise RuntimeError("no sweep")
         from sparsetorch.training.plots import plot_accuracy_vs_sparsity
 
         plot_accuracy_vs_sparsity(rows, out.with_suffix(".png"))

@@ -99,6 +99,22 @@ def test_nm_pattern_implies_sparsity(hf_dir: Path, tmp_path: Path, capsys) -> No
     assert run(["verify", str(out)]) == 0
 
 
+def test_options_reach_the_method(hf_dir: Path, tmp_path: Path, capsys) -> None:
+    """--option KEY=VALUE: refit=0 is the reference SparseGPT; the default refit moves kept weights."""
+    outs = {}
+    for opt in ("refit=0", "refit=8"):
+        js = tmp_path / f"{opt}.json"
+        argv = prune_args(hf_dir, "--method", "sparsegpt", "--calib-samples", "4", "--eval-windows", "0",
+                          "--option", opt, "--out", str(tmp_path / opt), "--json", str(js))
+        assert run(argv) == 0, capsys.readouterr().err
+        assert json.loads(js.read_text())["options"] == {"refit": int(opt[-1])}
+        outs[opt] = safetensors_torch.load_file(str(tmp_path / opt / "model.safetensors"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    a, b = outs["refit=0"][name], outs["refit=8"][name]
+    assert torch.equal(a == 0, b == 0)  # block 0: same inputs, same mask
+    assert not torch.equal(a, b)
+
+
 def test_verify_names_a_corrupted_weight(hf_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert run(prune_args(hf_dir, "--eval-windows", "0", "--out", str(out))) == 0
@@ -126,6 +142,9 @@ def test_verify_names_a_corrupted_weight(hf_dir: Path, tmp_path: Path, capsys) -
         (["--ignore", "re:.*"], "TargetError"),  # nothing left to prune
         (["--targets", "no_such_layer"], "TargetError"),
         (["--method", "no_such_method"], "MethodError"),
+        (["--method", "sparsegpt", "--option", "refit"], "MethodError"),  # not KEY=VALUE
+        (["--method", "sparsegpt", "--option", "refit=-3"], "MethodError"),
+        (["--method", "wanda", "--option", "no_such_option=1"], "MethodError"),
     ],
 )
 def test_bad_input_prints_typed_error_without_traceback(hf_dir: Path, args, error, capsys) -> None:

@@ -49,6 +49,21 @@ def _peak_rss_mb() -> float:
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
+def parse_options(items: list[str]) -> dict:
+    """``["refit=0", "true_sequential=true"]`` -> ``{"refit": 0, "true_sequential": True}`` (YAML scalars)."""
+    import yaml
+
+    from .errors import MethodError
+
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise MethodError(f"--option wants KEY=VALUE (e.g. refit=20), got {item!r}.")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
 @app.command()
 def prune(
     model: str = typer.Option("smollm2", "--model", "-m", help="'smollm2' or a local Hugging Face causal-LM folder."),
@@ -66,6 +81,9 @@ def prune(
     json_path: Path | None = typer.Option(None, "--json", help="Write a JSON summary of the run here."),
     sample: str | None = typer.Option(None, help="Prompt for a greedy sample before and after pruning."),
     table: bool = typer.Option(True, help="Print the per-layer table."),
+    option: list[str] | None = typer.Option(
+        None, "--option", help="Method/pipeline option KEY=VALUE (repeatable), e.g. refit=0, true_sequential=true, reconstruct=true."
+    ),
 ) -> None:
     """Prune a causal LM one-shot; print dense/sparse perplexity and a per-layer table."""
     import json
@@ -89,6 +107,7 @@ def prune(
     pat.resolve_sparsity(sparsity_arg)
     if seq_len < 2 or eval_windows < 0 or calib_samples < 1 or batch_size < 1:
         raise DataError("--seq-len must be >= 2, --eval-windows >= 0, --calib-samples >= 1, --batch-size >= 1.")
+    options = parse_options(option or [])
 
     _say(f"loading [bold]{escape(model)}[/] ...")
     t0 = time.perf_counter()
@@ -120,6 +139,7 @@ def prune(
         tokenizer=tokenizer,
         num_samples=calib_samples,
         seq_len=seq_len,
+        **options,
     )
     _say(
         f"pruned {len(report.masks)} tensors with {report.method} ({report.pattern}, {report.allocation}) "
@@ -152,6 +172,7 @@ def prune(
         "seq_len": seq_len,
         "eval_windows": 0 if ew is None else int(ew.shape[0]),
         "layers_pruned": len(report.masks),
+        "options": options,
     }
     if out is not None:
         full = {**result, "report": report.to_dict(), "rows": rows}

@@ -139,7 +139,11 @@ def prune(
     method_l = method.lower()
     params = select_checked(model, pat, targets, ignore)
 
-    data_free = method_l in DATA_FREE and allocation.lower() not in ("owl", "sensitivity")
+    data_free = (
+        method_l in DATA_FREE
+        and allocation.lower() not in ("owl", "sensitivity")
+        and not method_kwargs.get("refit")  # a refit needs the calibration statistics
+    )
     if not data_free:
         try:
             from .oneshot import SOLVERS, run_oneshot

@@ -31,22 +31,35 @@ def weight_2d(module: nn.Module) -> Tensor:
 
 
 class Solver:
-    """Base class: ``needs`` names the statistics (see :mod:`.stats`); ``solve`` is pure."""
+    """Base class: ``needs`` names the statistics (see :mod:`.stats`); ``solve`` is pure.
+
+    Every solver also accepts ``refit`` (conjugate-gradient iterations; ``default_refit``, 0 = off
+    except for SparseGPT): after the solver picks its mask, the kept weights are re-solved to
+    reproduce the dense layer's output on the calibration inputs (:func:`.refit.refit_masked`);
+    this needs ``XXᵀ``.
+    """
 
     name: ClassVar[str] = "solver"
     needs: ClassVar[frozenset[str]] = frozenset()
     options: ClassVar[tuple[str, ...]] = ()
+    common_options: ClassVar[tuple[str, ...]] = ("refit",)
+    default_refit: ClassVar[int] = 0
 
     def __init__(self, **options: Any) -> None:
-        unknown = set(options) - set(self.options)
+        allowed = self.options + self.common_options
+        unknown = set(options) - set(allowed)
         if unknown:
             raise MethodError(
-                f"{self.name} got unknown option(s) {sorted(unknown)}; it accepts {list(self.options) or 'none'}."
+                f"{self.name} got unknown option(s) {sorted(unknown)}; it accepts {list(allowed)}."
             )
+        refit = options.pop("refit", self.default_refit)
+        if isinstance(refit, bool) or not isinstance(refit, int) or refit < 0:
+            raise MethodError(f"refit must be a number of iterations >= 0 (e.g. 20), got {refit!r}.")
+        self.refit = refit
         self.opts = options
 
     def needs_for(self, layer_name: str) -> frozenset[str]:
-        return self.needs
+        return self.needs | {"xtx"} if self.refit else self.needs
 
     def solve(
         self,
@@ -79,6 +92,15 @@ class Solver:
         w = weight_2d(module)
         new_w, keep = self.solve(w, stats, sparsity, pattern, name=name)
         new_w = new_w.masked_fill(~keep, 0.0)
+        if self.refit:
+            from .refit import refit_masked
+
+            if stats is None or stats.xtx is None:
+                raise MethodError(f"{name}: refit needs calibration statistics (XXᵀ); pass calibration data.")
+            new_w, info = refit_masked(
+                w, new_w, keep, stats.hessian(), iters=self.refit, percdamp=float(self.opts.get("percdamp", 0.01))
+            )
+            self.last_info = {**(getattr(self, "last_info", None) or {}), "refit": info}
         if is_conv1d(module):
             new_w, keep = new_w.t(), keep.t()
         module.weight.copy_(new_w.to(module.weight.dtype))

@@ -9,6 +9,10 @@ chosen adaptively per block from ``w² / U_jj²`` on the already-updated weights
 because it thresholds with ``<=``); the N:M variant picks, at every M-th column, the
 ``M - N`` smallest ``w² / U_jj²`` of each row's group. A Hessian that is not positive definite
 is retried with ten times the dampening, with a warning.
+
+By default the kept weights are then refit to the dense layer's output with the mask fixed
+(``refit=10`` conjugate-gradient iterations, :mod:`.refit`); ``refit=0`` is the reference
+algorithm exactly.
 """
 
 from __future__ import annotations
@@ -145,6 +149,10 @@ class SparseGPT(Solver):
     name = "sparsegpt"
     needs = frozenset({"xtx"})
     options = ("blocksize", "percdamp", "dampening_frac")
+    # the OBS updates only let a weight compensate for pruned weights to its left; 10 CG
+    # iterations of a mask-fixed refit (refit.py) cut SmolLM2's 2:4 perplexity 32.1 -> 26.1 for
+    # ~1.5 s per block. refit=0 gives the reference algorithm.
+    default_refit = 10
 
     def solve(
         self,
