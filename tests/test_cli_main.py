@@ -115,6 +115,37 @@ def test_options_reach_the_method(hf_dir: Path, tmp_path: Path, capsys) -> None:
     assert not torch.equal(a, b)
 
 
+def test_stream_prunes_block_by_block_like_in_memory(hf_dir: Path, tmp_path: Path, capsys) -> None:
+    """--stream writes the same weights as the in-memory run, and bad combinations are typed errors."""
+    common = ["--method", "wanda", "--calib-samples", "4", "--eval-windows", "0"]
+    assert run(prune_args(hf_dir, *common, "--out", str(tmp_path / "mem"))) == 0, capsys.readouterr().err
+    js = tmp_path / "s.json"
+    assert run(prune_args(hf_dir, *common, "--stream", "--out", str(tmp_path / "st"), "--json", str(js))) == 0, \
+        capsys.readouterr().err
+    assert json.loads(js.read_text())["streamed"] is True
+    mem = safetensors_torch.load_file(str(tmp_path / "mem" / "model.safetensors"))
+    st = {}
+    for f in sorted((tmp_path / "st").glob("*.safetensors")):
+        st.update(safetensors_torch.load_file(str(f)))
+    for name, w in mem.items():
+        if name in st:
+            assert torch.equal(w, st[name]), name
+    assert "model.layers.1.mlp.down_proj.weight" in st
+    assert run(["eval", str(tmp_path / "st"), "--windows", "1", "--seq-len", "32"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    for extra, error in ((["--out", str(tmp_path / "x")], "ModelError"),  # smollm2 is not a folder
+                         ([], "MethodError")):  # no --out
+        argv = ["prune", "--method", "wanda", "--stream", "--no-table", *extra]
+        if not extra:
+            argv[1:1] = ["--model", str(hf_dir)]
+        assert run(argv) != 0
+        err = capsys.readouterr().err
+        assert error in err and "Traceback" not in err
+    assert run(prune_args(hf_dir, "--stream", "--out", str(tmp_path / "y"))) != 0  # magnitude: no calibration
+    assert "MethodError" in capsys.readouterr().err
+    assert not (tmp_path / "y").exists()
+
+
 def test_verify_names_a_corrupted_weight(hf_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert run(prune_args(hf_dir, "--eval-windows", "0", "--out", str(out))) == 0

@@ -64,6 +64,50 @@ def parse_options(items: list[str]) -> dict:
     return out
 
 
+def _prune_streamed(model, method, sparsity, pattern, allocation, calib_samples, seq_len, targets, ignore,  # noqa: ANN001
+                    out, json_path, options) -> None:
+    """``prune --stream``: :func:`sparsetorch.oneshot.offload.prune_pretrained` from the shell."""
+    import json
+
+    from .errors import MethodError, ModelError
+    from .prune import DATA_FREE
+
+    src = Path(model).expanduser()
+    if not (src / "config.json").is_file():
+        raise ModelError(f"--stream reads a local Hugging Face folder (with config.json and safetensors); got {model!r}.")
+    if out is None:
+        raise MethodError("--stream writes the pruned model block by block: pass --out DIR.")
+    if method.lower() in DATA_FREE:
+        raise MethodError(f"--stream runs the calibrated block pipeline; {method!r} needs no calibration: drop --stream.")
+    if allocation.lower() != "uniform":
+        raise MethodError("--stream supports only --allocation uniform (OWL/sensitivity need a dense pass over all blocks).")
+    import transformers
+
+    from .data.text import calibration_windows
+    from .oneshot.offload import prune_pretrained
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
+    calib = calibration_windows(tokenizer, calib_samples, seq_len)
+    _say(f"streaming {escape(str(src))} -> {escape(str(out))}: {method} {pattern}, {calib.shape[0]}x{seq_len} calibration tokens")
+    report = prune_pretrained(src, out, method, sparsity, pattern, calibration=calib, tokenizer=tokenizer,
+                              targets=targets or None, ignore=ignore or None, num_samples=calib_samples,
+                              seq_len=seq_len, **options)
+    _say(f"pruned {len(report.masks)} tensors in {report.seconds_prune:.1f} s: sparsity {report.sparsity_actual:.4f}; "
+         f"wrote {escape(str(report.extra['out_dir']))} (evaluate with: sparsetorch eval {escape(str(out))})")
+    if json_path is not None:
+        from .atomic import atomic_write_text
+
+        result = {
+            "model": model, "method": report.method, "pattern": report.pattern, "allocation": report.allocation,
+            "sparsity_target": report.sparsity_target, "sparsity_actual": report.sparsity_actual,
+            "ppl_dense": None, "ppl_sparse": None, "seconds_prune": report.seconds_prune,
+            "peak_rss_mb": _peak_rss_mb(), "calib_samples": int(calib.shape[0]), "seq_len": seq_len,
+            "layers_pruned": len(report.masks), "options": options, "streamed": True, "out": report.extra["out_dir"],
+        }
+        atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n")
+        _say(f"wrote {escape(str(json_path))}")
+
+
 @app.command()
 def prune(
     model: str = typer.Option("smollm2", "--model", "-m", help="'smollm2' or a local Hugging Face causal-LM folder."),
@@ -83,6 +127,10 @@ def prune(
     table: bool = typer.Option(True, help="Print the per-layer table."),
     option: list[str] | None = typer.Option(
         None, "--option", help="Method/pipeline option KEY=VALUE (repeatable), e.g. refit=0, true_sequential=true, reconstruct=true."
+    ),
+    stream: bool = typer.Option(
+        False, "--stream", help="Models larger than RAM: read one block at a time from the HF folder --model and write the "
+        "pruned model to --out block by block (calibrated methods, uniform allocation; no evaluation: run 'sparsetorch eval OUT')."
     ),
 ) -> None:
     """Prune a causal LM one-shot; print dense/sparse perplexity and a per-layer table."""
@@ -108,6 +156,10 @@ def prune(
     if seq_len < 2 or eval_windows < 0 or calib_samples < 1 or batch_size < 1:
         raise DataError("--seq-len must be >= 2, --eval-windows >= 0, --calib-samples >= 1, --batch-size >= 1.")
     options = parse_options(option or [])
+    if stream:
+        _prune_streamed(model, method, sparsity_arg, pattern, allocation, calib_samples, seq_len, targets, ignore,
+                        out, json_path, options)
+        return
 
     _say(f"loading [bold]{escape(model)}[/] ...")
     t0 = time.perf_counter()
