@@ -85,6 +85,8 @@ def test_refit_option_in_the_pipeline_keeps_masks_and_lowers_output_error():
             outs[refit] = (m.eval()(calib, use_cache=False).logits - dense_logits).pow(2).mean()
         if refit:
             masks_refit = rep.masks
+            ratios = rep.extra["refit_error_ratio"]
+            assert set(ratios) == set(rep.masks) and all(0 <= r <= 1 + 1e-6 for r in ratios.values())
         else:
             masks_plain = rep.masks
     # the refit only moves kept weights: block 0 (same inputs either way) keeps Wanda's masks;

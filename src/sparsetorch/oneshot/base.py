@@ -98,7 +98,8 @@ class Solver:
             if stats is None or stats.xtx is None:
                 raise MethodError(f"{name}: refit needs calibration statistics (XXᵀ); pass calibration data.")
             new_w, info = refit_masked(
-                w, new_w, keep, stats.hessian(), iters=self.refit, percdamp=float(self.opts.get("percdamp", 0.01))
+                w, new_w, keep, stats.hessian(), iters=self.refit,
+                percdamp=float(self.opts.get("percdamp", self.opts.get("dampening_frac", 0.01))),
             )
             self.last_info = {**(getattr(self, "last_info", None) or {}), "refit": info}
         if is_conv1d(module):

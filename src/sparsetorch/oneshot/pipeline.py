@@ -477,6 +477,12 @@ def run_oneshot(
     extra["reconstruct_enabled"] = reconstruct
     if infos:
         extra["solver_loss"] = {n: v.get("loss") for n, v in infos.items() if "loss" in v}
+        refits = {n: v["refit"] for n, v in infos.items() if "refit" in v}
+        if refits:  # each layer's calibration output error after / before the refit
+            extra["refit_error_ratio"] = {
+                n: r["objective_after"] / r["objective_before"] if r["objective_before"] > 0 else 1.0
+                for n, r in refits.items()
+            }
     return PruneReport.from_masks(
         model,
         ms,
