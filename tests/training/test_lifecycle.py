@@ -17,8 +17,9 @@ KW = {
     "snfs": {"update_every": 2},
     "acdc": {"warmup": 1, "phase": 2, "final": 2},
     "ste": {}, "srste": {}, "nm_progressive": {"dense_steps": 1, "finetune_steps": 2},
+    "nm_decay": {"dense_steps": 1, "finetune_steps": 3},
 }
-NM = {"ste", "srste", "nm_progressive"}
+NM = {"ste", "srste", "nm_progressive", "nm_decay"}
 
 
 def make(method):
@@ -47,7 +48,7 @@ def test_verify_through_training(method, opt_name):
     masks.verify(model)
 
 
-@pytest.mark.parametrize("method", ["rigl", "set", "snfs", "gmp", "srste", "acdc", "nm_progressive"])
+@pytest.mark.parametrize("method", ["rigl", "set", "snfs", "gmp", "srste", "acdc", "nm_progressive", "nm_decay"])
 def test_resume_gives_identical_masks(method):
     torch.manual_seed(0)
     data = batches(8, (1, 8, 8))

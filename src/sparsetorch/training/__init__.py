@@ -13,7 +13,7 @@ from .base import METHODS, Sparsifier, get_method, register_method, reset_optimi
 
 _MODULES = (
     "static", "snip", "grasp", "synflow", "gmp", "imp", "set", "rigl", "snfs", "acdc",
-    "ste", "srste", "nm_progressive",
+    "ste", "srste", "nm_progressive", "nm_decay",
 )
 
 

@@ -11,9 +11,9 @@ import typer
 def train_command(
     dataset: str = typer.Option("fashion-mnist", help="Dataset; only 'fashion-mnist' for now."),
     model: str = typer.Option("cnn", help="'cnn' (2 conv + 2 linear) or 'mlp' (300-100)."),
-    method: str = typer.Option("rigl", help="dense, random/static, snip, grasp, synflow, gmp, set, rigl, snfs, acdc, ste, srste, nm_progressive."),
+    method: str = typer.Option("rigl", help="dense, random/static, snip, grasp, synflow, gmp, set, rigl, snfs, acdc, ste, srste, nm_progressive, nm_decay."),
     sparsity: float = typer.Option(0.9, help="Target fraction of zeros in [0, 1) (ignored by N:M methods)."),
-    pattern: str = typer.Option("2:4", help="N:M pattern for ste/srste/nm_progressive."),
+    pattern: str = typer.Option("2:4", help="N:M pattern for ste/srste/nm_progressive/nm_decay."),
     allocation: str | None = typer.Option(None, help="erk, er, uniform or global (default: the method's own)."),
     dense: str | None = typer.Option(None, help="Comma-separated weights kept dense, e.g. 'first' or 'first,last' or 'conv1.weight'."),
     epochs: int = typer.Option(1, help="Training epochs."),

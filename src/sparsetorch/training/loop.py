@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..errors import MethodError
 from .base import Sparsifier, get_method
 
-NM_METHODS = ("ste", "srste", "nm_progressive")
+NM_METHODS = ("ste", "srste", "nm_progressive", "nm_decay")
 
 
 def build_sparsifier(
