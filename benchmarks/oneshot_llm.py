@@ -320,6 +320,8 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the tables of the saved results")
     ap.add_argument("--llmc-python", default=str(ROOT / ".venv-llmc" / "bin" / "python"))
     ap.add_argument("--timeout", type=int, default=3600)
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="results JSON to merge into (one driver per file; default %(default)s)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -331,11 +333,11 @@ def main() -> None:
         print("\n".join(all_configs()))
         return
     if a.table:
-        print(table(json.loads(RESULTS.read_text())))
+        print(table(json.loads(a.results.read_text())))
         return
     cfgs = QUICK if a.quick else (a.configs.split(",") if a.configs else all_configs())
     model_dir = ensure_model_dir()
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results = json.loads(a.results.read_text()) if a.results.is_file() else {}
     results["_meta"] = {
         "model": "SmolLM2-135M-Instruct fp32 (de-quantized GGUF, plain Llama folder)",
         "calibration": f"first {CALIB} windows x {SEQ} of the calibration half",
@@ -348,8 +350,8 @@ def main() -> None:
         r = run_one(cfg, model_dir, a.llmc_python, a.timeout)
         r["date"] = time.strftime("%Y-%m-%d %H:%M")
         results[cfg] = r
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(results, indent=1))
+        a.results.parent.mkdir(parents=True, exist_ok=True)
+        a.results.write_text(json.dumps(results, indent=1))
         print(
             f"  -> {json.dumps({k: v for k, v in r.items() if k not in ('timings', 'block_sparsities')})[:400]}",
             flush=True,
