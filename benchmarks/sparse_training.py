@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-full-rigl", action="store_true", help="skip dense vs RigL 90%% on the full training set")
     ap.add_argument("--no-sweep", action="store_true", help="only the full-training-set dense vs RigL 90%% comparison")
     ap.add_argument("--full-epochs", type=int, default=0, help="epochs of the full-set comparison (0 = --epochs)")
-    ap.add_argument("--full-allocations", default="erk",
+    ap.add_argument("--full-allocations", default="erk,global",
                     help="layer budgets of RigL 90%% in the full-set comparison, e.g. erk,global")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="benchmarks/results/sparse_training.json")
