@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import allocation as alloc
 from .errors import MethodError, close_matches
@@ -176,12 +176,19 @@ def prune(
     t0 = time.perf_counter()
     score_fn = get_score(method_l)
     with torch.no_grad():
-        scores = {n: score_fn(p, seed=seed + i) for i, (n, p) in enumerate(params.items())}
-        if allocation == "global":
+        scores: dict[str, Tensor] | None = None
+        if allocation == "global":  # one threshold over every layer: all scores at once
+            scores = {n: score_fn(p, seed=seed + i) for i, (n, p) in enumerate(params.items())}
             sparsities = alloc.global_magnitude(params, s, scores=scores)
         else:
             sparsities = alloc.allocate(allocation, params, s)
-        masks = MaskSet.from_scores(scores, sparsities, pat)
+        keep = {}
+        for i, (n, p) in enumerate(params.items()):
+            # one layer's fp32 score at a time (all of them at once would add 4 bytes per weight)
+            sc = scores.pop(n) if scores is not None else score_fn(p, seed=seed + i)
+            keep[n] = MaskSet.from_scores({n: sc}, sparsities, pat).masks[n]
+            del sc
+        masks = MaskSet(keep, pat)
         masks.apply(model)
     return PruneReport.from_masks(
         model,
