@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..errors import MethodError, PatternError, TargetError
 from ..masks import MaskSet
 from ..patterns import NM, Pattern, Unstructured, parse_pattern
-from .base import Batches, Sparsifier
+from .base import Batches, Sparsifier, require_total_steps
 
 
 class NMSparsifier(Sparsifier):
@@ -46,6 +46,19 @@ class NMSparsifier(Sparsifier):
         self.decay = float(decay)
         self.dense_weights: dict[str, Tensor] = {}
         self.skipped: list[str] = []
+
+    def _set_phases(self, dense_steps: int, finetune_steps: int | None, what: str) -> None:
+        """Dense warm-up, a schedule span, then ``finetune_steps`` at the target (default 25% of the
+        run); sets ``dense_steps``, ``finetune_steps`` and ``span`` (shared by the progressive methods)."""
+        total = require_total_steps(self, what)
+        self.dense_steps = int(dense_steps)
+        self.finetune_steps = int(0.25 * total) if finetune_steps is None else int(finetune_steps)
+        self.span = total - self.dense_steps - self.finetune_steps
+        if self.dense_steps < 0 or self.finetune_steps < 0 or self.span < 1:
+            raise MethodError(
+                f"{self.name}: dense_steps ({self.dense_steps}) + finetune_steps ({self.finetune_steps}) "
+                f"must leave room inside total_steps ({total})."
+            )
 
     # ---- which layers
     def _fits(self, p: Tensor, pat: Pattern) -> bool:

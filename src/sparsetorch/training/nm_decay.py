@@ -26,7 +26,7 @@ from ..errors import MethodError
 from ..masks import MaskSet
 from ..patterns import NM, Unstructured
 from ._nm import NMSparsifier
-from .base import Batches, register_method, require_total_steps
+from .base import Batches, register_method
 
 DECAY_TYPES = ("exp", "linear")
 
@@ -48,21 +48,12 @@ class NMDecay(NMSparsifier):
         super().__init__(pattern, **kw)
         if self.decay > 0:
             raise MethodError("nm_decay has its own decay of the pruned weights; SR-STE's decay is not used here.")
-        total = require_total_steps(self, "its decay and fine-tuning phases")
+        self._set_phases(dense_steps, finetune_steps, "its decay and fine-tuning phases")
         if decay_type not in DECAY_TYPES:
             raise MethodError(f"decay_type must be one of {DECAY_TYPES}, got {decay_type!r}.")
         self.decay_type = decay_type
-        self.dense_steps = int(dense_steps)
-        self.finetune_steps = int(0.25 * total) if finetune_steps is None else int(finetune_steps)
-        span = total - self.dense_steps - self.finetune_steps
-        if self.dense_steps < 0 or self.finetune_steps < 0 or span < 1:
-            raise MethodError(
-                f"nm_decay: dense_steps ({self.dense_steps}) + finetune_steps ({self.finetune_steps}) "
-                f"must leave room inside total_steps ({total})."
-            )
-        self.span = span
         if decay_coef is None:
-            decay_coef = math.log(100.0) / span if decay_type == "exp" else 1.0 / span
+            decay_coef = math.log(100.0) / self.span if decay_type == "exp" else 1.0 / self.span
         if not decay_coef > 0:
             raise MethodError(f"decay_coef must be > 0, got {decay_coef}.")
         self.decay_coef = float(decay_coef)
@@ -140,9 +131,8 @@ class NMDecay(NMSparsifier):
         super()._load_extra_state(extra)
         for n in self.params:
             self.target_masks[n] = self._target(self.dense_weights[n])
-            mask, pat = self._dense_or_target(n, self.beta(self.step_count))
             assert self.masks is not None
-            self.masks.patterns[n] = pat
+            self.masks.patterns[n] = self._dense_or_target(n, self.beta(self.step_count))[1]
         self._beta_applied = float(extra.get("beta_applied", self.beta(self.step_count)))
 
     def _on_detach(self) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 from ..errors import MethodError
 from ..patterns import NM, Pattern
 from ._nm import NMSparsifier
-from .base import register_method, require_total_steps
+from .base import register_method
 
 
 def stages(n: int, m: int, mode: str = "sparsify") -> list[tuple[int, int]]:
@@ -52,18 +52,9 @@ class NMProgressive(NMSparsifier):
         **kw: Any,
     ) -> None:
         super().__init__(pattern, decay=decay, **kw)
-        total = require_total_steps(self, "its N:M stages")
+        self._set_phases(dense_steps, finetune_steps, "its N:M stages")
         self.mode = mode
         self.stages = stages(self.pattern.n, self.pattern.m, mode)
-        self.dense_steps = int(dense_steps)
-        self.finetune_steps = int(0.25 * total) if finetune_steps is None else int(finetune_steps)
-        span = total - self.dense_steps - self.finetune_steps
-        if self.dense_steps < 0 or self.finetune_steps < 0 or span < 1:
-            raise MethodError(
-                f"nm_progressive: dense_steps ({self.dense_steps}) + finetune_steps ({self.finetune_steps}) "
-                f"must leave room inside total_steps ({total})."
-            )
-        self.span = span
 
     def stage_index(self, step: int) -> int:
         """-1 during the dense warm-up, else the index into :attr:`stages`."""
