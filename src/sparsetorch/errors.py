@@ -38,6 +38,21 @@ class CheckpointError(SparseTorchError, OSError):
     """A checkpoint that is missing, truncated, corrupt or does not match the model."""
 
 
+class OutputExistsError(SparseTorchError, FileExistsError):
+    """An output path holds files sparsetorch did not write (or is the input itself).
+
+    Nothing is deleted or replaced without an explicit ``overwrite=True`` (``--overwrite``)."""
+
+
+class OutputLockedError(SparseTorchError, OSError):
+    """Another process is writing the same output path; the message names it (pid, host)."""
+
+
+class LimitError(SparseTorchError, ValueError):
+    """A file or config asks for more memory than the caller-visible limit allows; checked before
+    anything is allocated. The message names the limit argument to raise it."""
+
+
 class DependencyError(SparseTorchError, ImportError):
     """An optional dependency is missing; the message names the extra to install."""
 
