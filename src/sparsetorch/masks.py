@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .atomic import atomic_path
-from .errors import CheckpointError, MaskError, TargetError, close_matches
+from .errors import CheckpointError, MaskError, PatternError, TargetError, close_matches
 from .patterns import Pattern, Unstructured, parse_pattern
 
 FORMAT_VERSION = 1
@@ -208,7 +208,11 @@ class MaskSet:
     def verify(self, model: nn.Module) -> None:
         """Check that every pruned weight is exactly zero and every mask obeys its pattern.
 
-        Raises :class:`MaskError` naming the first offending tensor and position.
+        The stored mask is the truth: a kept weight may be exactly zero (a kept row of a
+        channel mask, a kept tile of a block mask), so the pattern is checked on the mask
+        only. Since every non-zero weight lies inside the mask, the weights then obey the
+        pattern too (all patterns are closed under removing kept entries, as sparse kernels
+        need). Raises :class:`MaskError` naming the first offending tensor and position.
         """
         for name, p in self._params(model).items():
             m = self.masks[name].to(p.device)
@@ -223,9 +227,6 @@ class MaskSet:
             problem = self.patterns[name].violation(m)
             if problem:
                 raise MaskError(f"{name}: mask breaks pattern {self.patterns[name]}: {problem}.")
-            problem = self.patterns[name].violation(p != 0)
-            if problem:
-                raise MaskError(f"{name}: weights break pattern {self.patterns[name]}: {problem}.")
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, object]:
@@ -269,13 +270,38 @@ class MaskSet:
             raise CheckpointError(f"mask file {path} does not exist.") from None
         except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
             raise CheckpointError(f"mask file {path} is corrupt or not a sparsetorch mask file: {exc}") from exc
-        if meta.get("version", 0) > FORMAT_VERSION:
-            raise CheckpointError(f"mask file {path} has version {meta.get('version')}; upgrade sparsetorch.")
+        patterns = _check_mask_metadata(meta, path)
         for n, m in masks.items():
             if m.dtype != torch.bool:
                 raise CheckpointError(f"mask {n!r} in {path} has dtype {m.dtype}, expected bool.")
-        return cls(masks, meta.get("patterns", {}))
+        unknown = sorted(set(patterns) - set(masks))
+        if unknown:
+            raise CheckpointError(f"mask file {path} names patterns for tensors it does not hold: {unknown[:3]}.")
+        try:
+            return cls(masks, patterns)
+        except PatternError as exc:
+            raise CheckpointError(f"mask file {path} has an invalid pattern: {exc}") from None
 
     def __repr__(self) -> str:
         st = self.sparsity()
         return f"MaskSet({len(self)} tensors, sparsity={st.overall:.4f})"
+
+
+def _check_mask_metadata(meta: object, path: str | os.PathLike[str]) -> dict[str, str]:
+    """Validate the JSON metadata of a mask file; return its ``{name: pattern}`` map.
+
+    Every malformed field (not an object, a non-integer or future version, patterns that are
+    not a name -> string map) is a :class:`CheckpointError` that names the file.
+    """
+    where = f"mask file {path}"
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where}: metadata 'sparsetorch_masks' must be a JSON object, got {type(meta).__name__}; re-save it with MaskSet.save.")
+    version = meta.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise CheckpointError(f"{where}: 'version' must be a non-negative integer, got {version!r}; re-save it with MaskSet.save.")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{where} has version {version}, newer than this sparsetorch reads ({FORMAT_VERSION}); upgrade sparsetorch.")
+    patterns = meta.get("patterns", {})
+    if not isinstance(patterns, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in patterns.items()):
+        raise CheckpointError(f"{where}: 'patterns' must map tensor names to pattern strings; re-save it with MaskSet.save.")
+    return patterns
