@@ -123,14 +123,14 @@ class MaskSet:
             self._pruned[name] = ~self.masks[name]
 
     # ------------------------------------------------------------------ model interaction
-    def _params(self, model: nn.Module) -> dict[str, nn.Parameter]:
-        params = dict(model.named_parameters())
+    def _params(self, model: nn.Module | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        params = dict(model) if isinstance(model, Mapping) else dict(model.named_parameters())
         out = {}
         for name, m in self.masks.items():
             p = params.get(name)
             if p is None:
                 raise MaskError(
-                    f"mask {name!r} names no parameter of {type(model).__name__}."
+                    f"mask {name!r} names no parameter of {'the tensors' if isinstance(model, Mapping) else type(model).__name__}."
                     + close_matches(name, params)
                     + " The masks were made for a different model."
                 )
@@ -205,14 +205,16 @@ class MaskSet:
         return SparsityStats({n: zeros[n] / max(numel[n], 1) for n in zeros}, zeros, numel)
 
     @torch.no_grad()
-    def verify(self, model: nn.Module) -> None:
+    def verify(self, model: nn.Module | Mapping[str, Tensor]) -> None:
         """Check that every pruned weight is exactly zero and every mask obeys its pattern.
 
         The stored mask is the truth: a kept weight may be exactly zero (a kept row of a
         channel mask, a kept tile of a block mask), so the pattern is checked on the mask
         only. Since every non-zero weight lies inside the mask, the weights then obey the
         pattern too (all patterns are closed under removing kept entries, as sparse kernels
-        need). Raises :class:`MaskError` naming the first offending tensor and position.
+        need). ``model`` may also be a ``{name: tensor}`` mapping (a loaded state dict), so a
+        saved folder is verified without rebuilding a module from its key names.
+        Raises :class:`MaskError` naming the first offending tensor and position.
         """
         for name, p in self._params(model).items():
             m = self.masks[name].to(p.device)

@@ -177,11 +177,19 @@ def tensors_module(tensors: Mapping[str, Tensor]) -> nn.Module:
     root = nn.Module()
     for name, t in tensors.items():
         *path, leaf = name.split(".")
+        if not all(path) or not leaf:
+            raise CheckpointError(f"tensor name {name!r} is not a dotted module path (it has an empty part); "
+                                  "the weight file was not written from an nn.Module.")
         mod = root
         for part in path:
-            if not hasattr(mod, part) or not isinstance(getattr(mod, part), nn.Module):
+            if not hasattr(mod, part):
                 mod.add_module(part, nn.Module())
             mod = getattr(mod, part)
+            if not isinstance(mod, nn.Module):
+                raise CheckpointError(f"tensor names {name!r} and {name.rsplit('.', 1)[0]!r}... clash: "
+                                      f"{part!r} is both a tensor and a module prefix.")
+        if hasattr(mod, leaf):
+            raise CheckpointError(f"tensor name {name!r} clashes with another tensor's module prefix.")
         mod.register_parameter(leaf, nn.Parameter(t, requires_grad=False))
     return root
 
@@ -204,5 +212,5 @@ def verify_folder(folder: str | os.PathLike[str]) -> MaskSet:
             "(or MaskSet.save)."
         )
     masks = MaskSet.load(mask_path)
-    masks.verify(tensors_module(weights))
+    masks.verify(weights)
     return masks
