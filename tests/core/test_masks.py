@@ -57,12 +57,32 @@ def test_enforce_keeps_zeros_through_20_steps(make_opt):
 
 
 def test_enforce_with_gradient_accumulation():
+    """Accumulated .grad = sum of the micro-batch gradients on kept weights, 0 on pruned ones."""
     model = _model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     masks = _masks(model).enforce(model, opt)
-    for _ in range(5):
-        for _ in range(3):  # accumulate 3 micro-batches
-            model(torch.randn(4, 16)).sum().backward()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        micro = [torch.randn(4, 16, generator=g) for _ in range(3)]
+        # reference: each micro-batch's gradient on a hook-free copy of the masked model
+        ref = _model()
+        ref.load_state_dict(model.state_dict())
+        expected = {n: torch.zeros_like(p) for n, p in ref.named_parameters()}
+        for x in micro:
+            ref.zero_grad()
+            ref(x).sum().backward()
+            for n, p in ref.named_parameters():
+                expected[n] += p.grad
+        for x in micro:  # accumulate 3 micro-batches
+            model(x).sum().backward()
+        for n, p in model.named_parameters():
+            if n in masks:
+                keep = masks[n]
+                assert bool((p.grad[~keep] == 0).all()), n
+                assert bool((expected[n][~keep] != 0).any())  # the hook had something to mask
+                torch.testing.assert_close(p.grad[keep], expected[n][keep], rtol=1e-5, atol=1e-6)
+            else:  # biases are not masked
+                torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-6)
         opt.step()
         opt.zero_grad()
     masks.verify(model)

@@ -129,12 +129,79 @@ def test_semi_structured_on_gpu() -> None:  # pragma: no cover - GPU only
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("env", [None, ""])
+def test_machine_busy_follows_the_load_average(monkeypatch, env) -> None:
+    """Busy means 1-minute load >= CPUs - 0.5 (os.getloadavg monkeypatched, the real code path)."""
+    import os
+
+    from sparsetorch.inference import kernels
+
+    if env is None:
+        monkeypatch.delenv("SPARSETORCH_PARALLEL", raising=False)
+    else:
+        monkeypatch.setenv("SPARSETORCH_PARALLEL", env)  # empty = not set
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    for load, busy in ((0.1, False), (3.4, False), (3.5, True), (8.0, True)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
+        assert kernels.machine_busy() is busy, load
+
+    def no_loadavg():
+        raise OSError("no load average here")
+
+    monkeypatch.setattr(os, "getloadavg", no_loadavg)
+    assert kernels.machine_busy() is False
+
+
 def test_busy_machine_gets_single_thread_kernels_only(monkeypatch) -> None:
+    import os
+
     from sparsetorch.inference import kernels
 
     if _ext.get_extension() is None or torch.get_num_threads() < 2:
         pytest.skip("needs the compiled kernels and >1 torch thread")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.delenv("SPARSETORCH_PARALLEL", raising=False)
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    assert auto_candidates("cpu") == ["dense", "bitmask_serial", "csr_serial"]
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    assert "bitmask" in auto_candidates("cpu") and "csr" in auto_candidates("cpu")
+    # the environment overrides the load average both ways
     monkeypatch.setenv("SPARSETORCH_PARALLEL", "0")
     assert kernels.machine_busy() and "bitmask" not in auto_candidates("cpu")
+    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
     monkeypatch.setenv("SPARSETORCH_PARALLEL", "1")
     assert not kernels.machine_busy() and "bitmask" in auto_candidates("cpu")
+
+
+def test_cache_dir_follows_sparsetorch_cache_dir(monkeypatch, tmp_path) -> None:
+    """``$SPARSETORCH_CACHE_DIR`` wins, then ``$XDG_CACHE_HOME/sparsetorch``, then
+    ``~/.cache/sparsetorch``; the kernel build goes under ``<cache>/kernels/``."""
+    from pathlib import Path
+
+    import torch.utils.cpp_extension as cpp
+
+    monkeypatch.setenv("SPARSETORCH_CACHE_DIR", str(tmp_path / "st"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _ext.cache_dir() == tmp_path / "st"
+    monkeypatch.delenv("SPARSETORCH_CACHE_DIR")
+    assert _ext.cache_dir() == tmp_path / "xdg" / "sparsetorch"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert _ext.cache_dir() == Path(str(tmp_path / "home")) / ".cache" / "sparsetorch"
+
+    seen = {}
+
+    def fake_load_inline(**kw):
+        seen.update(kw)
+        return "module"
+
+    monkeypatch.setattr(cpp, "load_inline", fake_load_inline)
+    monkeypatch.setenv("SPARSETORCH_CACHE_DIR", str(tmp_path / "st"))
+    assert _ext._build() == "module"
+    build = Path(seen["build_directory"])
+    assert build.parent == tmp_path / "st" / "kernels" and build.is_dir()
+    assert build.name == seen["name"] and build.name.startswith("sparsetorch_kernels_")
+    # the folder is keyed by the source (+ torch, CPU, Python): a different source, a new folder
+    monkeypatch.setattr(_ext, "SOURCE", _ext.SOURCE + "\n// changed")
+    _ext._build()
+    assert Path(seen["build_directory"]) != build

@@ -41,3 +41,42 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, sp, data, check=None) ->
         changed = sp.step()
         if check is not None:
             check(changed)
+
+
+def reference_erk_zeros(
+    shapes: dict[str, tuple[int, ...]], sparsity: float, *, kernel: bool = True, dense: tuple[str, ...] = ()
+) -> dict[str, int]:
+    """Expected zeros per layer from the ERK / ER *definition* (Evci et al. 2020, RigL's
+    ``get_sparsities_erdos_renyi``), written independently of ``sparsetorch.allocation``.
+
+    Raw density ``p_l = sum(dims) / prod(dims)`` (ER: the last two dims only). ``eps`` makes the
+    number of ones equal to uniform sparsity's ``sum_l (N_l - floor(s N_l))``; every layer whose
+    density ``eps p_l`` would exceed 1 is made dense (its non-zeros come out of the others'
+    budget) and ``eps`` is solved again. Zeros per layer: ``floor((1 - eps p_l) N_l)``.
+    """
+    import math
+
+    numel = {n: math.prod(sh) for n, sh in shapes.items()}
+    if kernel:
+        raw = {n: sum(sh) / math.prod(sh) for n, sh in shapes.items()}
+    else:
+        raw = {n: (sh[-2] + sh[-1]) / (sh[-2] * sh[-1]) for n, sh in shapes.items()}
+    uniform_ones = sum(numel[n] - math.floor(sparsity * numel[n] + 1e-9) for n in shapes)
+    dense_set = set(dense)
+    while True:
+        ones_left = uniform_ones - sum(numel[n] for n in dense_set)
+        eps = ones_left / sum(raw[n] * numel[n] for n in shapes if n not in dense_set)
+        over = {n for n in shapes if n not in dense_set and eps * raw[n] > 1.0}
+        if not over:
+            break
+        dense_set |= over
+    return {
+        n: 0 if n in dense_set else math.floor((1.0 - eps * raw[n]) * numel[n] + 1e-9) for n in shapes
+    }
+
+
+def assert_counts_close(zeros: dict[str, int], expected: dict[str, int], slack: int = 1) -> None:
+    """Per-layer zero counts equal the expected ones up to ``slack`` (float round-off at a floor)."""
+    assert set(zeros) == set(expected)
+    for n in expected:
+        assert abs(zeros[n] - expected[n]) <= slack, (n, zeros[n], expected[n])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from _train_helpers import batches, train
+from _train_helpers import assert_counts_close, batches, reference_erk_zeros, train
 from torch import nn
 
 from sparsetorch.patterns import n_pruned
@@ -15,7 +15,11 @@ def test_per_layer_counts_exact_after_every_update(mlp, method):
     opt = torch.optim.SGD(mlp.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     sp = get_method(method, sparsity=0.8, update_every=2, total_steps=20, decay="constant")
     masks = sp.attach(mlp, opt)
-    expected = {n: n_pruned(s, masks[n].numel()) for n, s in sp._layer_sparsities(0.8).items()}
+    # the default allocation is ERK: expected counts from its definition, not from the code
+    shapes = {n: tuple(p.shape) for n, p in sp.params.items()}
+    expected = reference_erk_zeros(shapes, 0.8)
+    assert_counts_close(masks.sparsity().zeros, expected)
+    expected = dict(masks.sparsity().zeros)  # and then exactly these counts at every update
     updates = []
 
     def check(changed):
@@ -157,3 +161,31 @@ def test_gradient_accumulation_sums_microbatches(mlp):
     name = "0.weight"
     g = torch.autograd.grad(F.cross_entropy(ref(x1), y1) + F.cross_entropy(ref(x2), y2), ref[0].weight)[0]
     assert torch.allclose(sp._dense_grad[name], g, atol=1e-6)
+
+
+def test_rigl_with_global_allocation(mlp):
+    """``allocation="global"``: one |W| threshold over all layers at attach (counts computed here
+    from the definition), the exact global count, and per-layer counts kept through updates."""
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1, momentum=0.9)
+    w = {n: p.detach().abs().clone() for n, p in mlp.named_parameters() if p.dim() == 2}
+    sp = get_method("rigl", sparsity=0.8, allocation="global", update_every=2, total_steps=20,
+                    decay="constant")
+    masks = sp.attach(mlp, opt)
+    assert set(sp.params) == set(w)
+    total = sum(v.numel() for v in w.values())
+    k = n_pruned(0.8, total)
+    threshold = torch.cat([v.reshape(-1) for v in w.values()]).sort().values[k - 1]
+    expected = {n: int((v <= threshold).sum()) for n, v in w.items()}
+    assert sum(expected.values()) == k  # no ties in a random init
+    zeros = masks.sparsity().zeros
+    assert zeros == expected
+    assert len(set(round(z / w[n].numel(), 2) for n, z in zeros.items())) > 1  # not uniform
+    updates = []
+
+    def check(changed):
+        updates.append(changed)
+        assert masks.sparsity().zeros == expected
+        masks.verify(mlp)
+
+    train(mlp, opt, sp, batches(10), check)
+    assert sum(updates) == 5

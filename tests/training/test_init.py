@@ -1,21 +1,69 @@
 """Pruning at initialisation: exact counts, SynFlow is data-free, SNIP/GraSP use the data."""
 
+import math
+
 import pytest
 import torch
-from _train_helpers import batches, tiny_mlp
+from _train_helpers import TinyCNN, assert_counts_close, batches, reference_erk_zeros, tiny_mlp
 
 from sparsetorch.patterns import n_pruned
 from sparsetorch.training import get_method
 from sparsetorch.training.synflow import synflow_scores
 
 
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
 @pytest.mark.parametrize("alloc", ["erk", "er", "uniform"])
-def test_random_counts_follow_allocation(mlp, alloc):
+def test_random_counts_follow_allocation(request, model, alloc):
+    """Per-layer zero counts against the ERK / ER / uniform definitions computed in the test
+    (not against ``sp._layer_sparsities``, which is the code under test)."""
+    net = request.getfixturevalue(model)
     sp = get_method("random", sparsity=0.8, allocation=alloc)
-    masks = sp.attach(mlp)
-    for n, s in sp._layer_sparsities(0.8).items():
-        assert int((~masks[n]).sum()) == n_pruned(s, masks[n].numel())
-    masks.verify(mlp)
+    masks = sp.attach(net)
+    shapes = {n: tuple(p.shape) for n, p in sp.params.items()}
+    assert all(len(sh) >= 2 for sh in shapes.values())  # weights only, no biases
+    if alloc == "uniform":
+        expected = {n: n_pruned(0.8, math.prod(sh)) for n, sh in shapes.items()}
+        assert masks.sparsity().zeros == expected
+    else:
+        expected = reference_erk_zeros(shapes, 0.8, kernel=alloc == "erk")
+        assert_counts_close(masks.sparsity().zeros, expected)
+        # the point of ER/ERK: denser small layers, sparser big ones (not uniform)
+        dens = {n: 1 - expected[n] / math.prod(sh) for n, sh in shapes.items()}
+        assert max(dens.values()) - min(dens.values()) > 0.1
+        uniform = {n: n_pruned(0.8, math.prod(sh)) for n, sh in shapes.items()}
+        assert masks.sparsity().zeros != uniform
+    masks.verify(net)
+
+
+def test_er_ignores_the_conv_kernel_and_erk_does_not(cnn):
+    sp_er = get_method("random", sparsity=0.8, allocation="er")
+    sp_erk = get_method("random", sparsity=0.8, allocation="erk")
+    z_er = sp_er.attach(cnn).sparsity().zeros
+    torch.manual_seed(0)
+    z_erk = sp_erk.attach(TinyCNN()).sparsity().zeros
+    assert z_er != z_erk  # conv kernels: (8+1)/(8*1) for ER vs (8+1+3+3)/(8*1*3*3) for ERK
+
+
+@pytest.mark.parametrize("sparsity", [0.8, 0.9, 0.95])
+def test_erk_makes_conv1_and_fc2_dense_on_the_small_cnn(sparsity):
+    """docs/training.md: on the benchmark CNN ERK makes ``conv1`` and ``fc2`` dense by itself
+    (their density would exceed 1) at 80, 90 and 95%, the others absorb the budget."""
+    from sparsetorch.models import get_model
+
+    model = get_model("cnn")
+    for method in ("random", "rigl"):
+        sp = get_method(method, sparsity=sparsity, allocation="erk", total_steps=10)
+        masks = sp.attach(model)
+        assert list(sp.params) == ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+        assert bool(masks["conv1.weight"].all()) and bool(masks["fc2.weight"].all())
+        assert not masks["conv2.weight"].all() and not masks["fc1.weight"].all()
+        shapes = {n: tuple(p.shape) for n, p in sp.params.items()}
+        assert_counts_close(masks.sparsity().zeros, reference_erk_zeros(shapes, sparsity))
+        total = sum(math.prod(sh) for sh in shapes.values())
+        budget = sum(n_pruned(sparsity, math.prod(sh)) for sh in shapes.values())
+        assert abs(sum(masks.sparsity().zeros.values()) - budget) <= len(shapes)
+        assert masks.sparsity().overall == pytest.approx(budget / total, abs=1e-5)
+        sp.detach()
 
 
 def test_synflow_scores_do_not_depend_on_data(mlp):
@@ -74,11 +122,11 @@ def test_dense_first_last_tokens(cnn):
     # ERK with the last layer forced dense: the other layers absorb its non-zeros, so the total
     # number of zeros is the uniform budget sum_l floor(s * N_l) (reference get_sparsities_erdos_renyi)
     torch.manual_seed(0)
-    from _train_helpers import TinyCNN
-
     sp2 = get_method("random", sparsity=0.8, allocation="erk", dense=["last", "fc2.weight"])
     m2 = sp2.attach(TinyCNN())
     assert sp2.dense_names() == ("fc2.weight",)
     assert bool(m2["fc2.weight"].all())
     budget = sum(n_pruned(0.8, m2[n].numel()) for n in sp2.params)
     assert abs(sum(int((~m2[n]).sum()) for n in sp2.params) - budget) <= len(sp2.params)
+    shapes = {n: tuple(p.shape) for n, p in sp2.params.items()}
+    assert_counts_close(m2.sparsity().zeros, reference_erk_zeros(shapes, 0.8, dense=("fc2.weight",)))
