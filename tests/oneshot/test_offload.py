@@ -7,7 +7,7 @@ import torch
 from tiny_models import make_tiny_llama
 
 import sparsetorch
-from sparsetorch.errors import CheckpointError, MethodError, PatternError
+from sparsetorch.errors import CheckpointError, MethodError, OutputExistsError, PatternError
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -75,8 +75,8 @@ def test_bad_inputs_raise_and_leave_no_output(src, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(CheckpointError, match="config.json"):
         prune_pretrained(tmp_path, out, calibration=_calib())
-    with pytest.raises(CheckpointError, match="differ"):
-        prune_pretrained(src, src, calibration=_calib())
+    with pytest.raises(OutputExistsError, match="is the input"):
+        prune_pretrained(src, src, calibration=_calib(), overwrite=True)
     with pytest.raises(PatternError):  # 64 input features do not split into groups of 5
         prune_pretrained(src, out, "wanda", None, "2:5", calibration=_calib(), progress=False)
     with pytest.raises(MethodError, match="uniform"):
@@ -88,3 +88,25 @@ def test_bad_inputs_raise_and_leave_no_output(src, tmp_path):
     (src / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="corrupt"):
         prune_pretrained(src, out, calibration=_calib())
+
+
+def test_existing_output_is_refused_before_any_work_and_never_deleted(src, tmp_path, monkeypatch):
+    def no_work(*a, **k):
+        raise AssertionError("the output check must come before pruning")
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")  # someone else's model folder
+    (out / "keep.txt").write_text("mine")
+    monkeypatch.setattr(offload, "_tensor_index", no_work)
+    with pytest.raises(OutputExistsError, match="did not write"):
+        prune_pretrained(src, out, "wanda", 0.5, calibration=_calib(), progress=False)
+    for bad in (src / "pruned", tmp_path):  # inside the input / containing the input
+        with pytest.raises(OutputExistsError, match="inside"):
+            prune_pretrained(src, bad, "wanda", 0.5, calibration=_calib(), progress=False, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine" and (out / "config.json").read_text() == "{}"
+    assert sorted(p.name for p in src.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    monkeypatch.undo()
+    prune_pretrained(src, out, "wanda", 0.5, calibration=_calib(), progress=False, overwrite=True)
+    assert not (out / "keep.txt").exists()
+    assert transformers.AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 3

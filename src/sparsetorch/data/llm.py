@@ -11,14 +11,14 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, check_output_dir, recover_dir
 from ..errors import CheckpointError, DependencyError, ModelError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -108,6 +108,15 @@ def _is_plain(model: nn.Module) -> bool:
     return getattr(model.config, "quantization_config", None) is None and getattr(model, "hf_quantizer", None) is None
 
 
+def _weight_file_errors() -> tuple[type[BaseException], ...]:
+    """Exception types the weight readers raise for a corrupt or truncated file."""
+    try:
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover - safetensors is a dependency
+        return ()
+    return (SafetensorError,)
+
+
 def load_causal_lm(
     name_or_path: str | os.PathLike[str] = "smollm2",
     dtype: torch.dtype = torch.float32,
@@ -122,7 +131,7 @@ def load_causal_lm(
         _require("gguf")
         gguf = smollm2_gguf_path() if is_alias else path.resolve()
         folder, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
-    elif path.is_dir():
+    elif path.is_dir() or recover_dir(path):
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; pass a Hugging Face model folder or 'smollm2'.")
         folder, kwargs = str(path), {}
@@ -135,6 +144,11 @@ def load_causal_lm(
         with _progress(progress):
             tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    except _weight_file_errors() as exc:
+        raise CheckpointError(
+            f"the weight files of {spec!r} are corrupt or truncated ({exc}); re-download or "
+            "re-save the model."
+        ) from exc
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"could not load a causal LM from {spec!r}: {exc}") from exc
     if not _is_plain(model):
@@ -143,18 +157,16 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def check_model_out_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """The absolute output folder; CheckpointError if it exists and must not be replaced."""
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists():
-        if not out.is_dir():
-            raise CheckpointError(f"{out} exists and is not a directory; choose another output path.")
-        if any(out.iterdir()) and not (out / "config.json").is_file():
-            raise CheckpointError(
-                f"{out} exists, is not empty and is not a model folder; refusing to overwrite it. "
-                "Choose a new or empty output directory."
-            )
-    return out
+def check_model_out_dir(
+    out_dir: str | os.PathLike[str],
+    *,
+    inputs: Iterable[str | os.PathLike[str]] = (),
+    overwrite: bool = False,
+) -> Path:
+    """The absolute output folder; :class:`~sparsetorch.errors.OutputExistsError` if writing it
+    would lose files (see :func:`sparsetorch.atomic.check_output_dir`): it exists and is not
+    empty and ``overwrite`` is False, or it is / is inside / contains one of ``inputs``."""
+    return check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)
 
 
 def save_hf_model(
@@ -163,18 +175,24 @@ def save_hf_model(
     out_dir: str | os.PathLike[str],
     *,
     extra: Callable[[Path], None] | None = None,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike[str]] = (),
 ) -> Path:
     """Write a plain HF folder (config, tokenizer, safetensors) atomically; return its path.
 
-    The folder is written into a temporary directory next to ``out_dir`` and renamed into
+    The folder is written into a temporary directory next to ``out_dir`` and swapped into
     place, so readers never see a half-written model. ``extra(tmp_dir)`` may add more files
-    (masks, reports) before the rename. An existing ``out_dir`` is replaced only if it is
-    empty or looks like a model folder (has ``config.json``).
+    (masks, reports) before the swap. An existing ``out_dir`` is replaced only if it is empty
+    or ``overwrite=True`` (an earlier sparsetorch output too: replacing it silently would lose
+    work); an ``out_dir`` that is, contains or lies inside one of ``inputs`` (the source model
+    folder) is always refused. Errors: :class:`~sparsetorch.errors.OutputExistsError`,
+    :class:`~sparsetorch.errors.OutputLockedError` (another process writes the same folder).
     """
     _require("transformers")
-    out = check_model_out_dir(out_dir)
+    ins = list(inputs)
+    out = check_model_out_dir(out_dir, inputs=ins, overwrite=overwrite)
     plain = model if _is_plain(model) else _plain_copy(model)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=ins) as tmp:
         plain.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

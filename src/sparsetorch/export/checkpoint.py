@@ -449,22 +449,24 @@ def save_hf_folder(
     model: nn.Module | str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     tokenizer: Any = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write a plain Hugging Face folder (config + dense safetensors with zeros) ``transformers``
-    reloads with ``from_pretrained``. ``model`` may be a model or a compressed checkpoint path."""
+    reloads with ``from_pretrained``. ``model`` may be a model or a compressed checkpoint path.
+
+    The folder is written atomically by :func:`sparsetorch.data.llm.save_hf_model`; an existing
+    non-empty ``out_dir`` is replaced only with ``overwrite=True``, and never when it is, contains
+    or lies inside the checkpoint path ``model`` (:class:`~sparsetorch.errors.OutputExistsError`).
+    """
+    from ..atomic import check_output_dir
+    from ..data.llm import save_hf_model
+
+    inputs = [] if isinstance(model, nn.Module) else [model]
+    check_output_dir(out_dir, inputs=inputs, overwrite=overwrite)  # before loading anything
     if not isinstance(model, nn.Module):
         model, _ = load_hf(model)
-    try:
-        from ..data.llm import save_hf_model
-    except ImportError:  # pragma: no cover - the data package is part of sparsetorch
-        save_hf_model = None
-    if save_hf_model is not None:
-        return save_hf_model(model, tokenizer, out_dir)
-    out = Path(out_dir)  # pragma: no cover
-    model.save_pretrained(str(out))  # pragma: no cover
-    if tokenizer is not None:  # pragma: no cover
-        tokenizer.save_pretrained(str(out))
-    return out  # pragma: no cover
+    return save_hf_model(model, tokenizer, out_dir, overwrite=overwrite, inputs=inputs)
 
 
 # --------------------------------------------------------------------------- summary

@@ -78,11 +78,18 @@ def register(app: typer.Typer) -> None:
         dtype: str = typer.Option("auto", help="auto (the folder's dtype) | float32 | float16 | bfloat16."),
         masks_path: Path | None = typer.Option(None, "--masks", help=f"Masks file (default: SOURCE/{MASKS_FILE} if present)."),
         hf_folder: Path | None = typer.Option(None, "--hf-folder", help="Also write a plain HF folder (dense weights with zeros)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out / --hf-folder (never the input)."),
     ) -> None:
-        """Write a compressed sparse checkpoint and print per-layer formats and sizes."""
+        """Write a compressed sparse checkpoint and print per-layer formats and sizes.
+
+        A folder ``--out`` (compressed file + config + tokenizer) is written in one atomic step;
+        an existing non-empty ``--out`` folder, ``--out`` file or ``--hf-folder`` is replaced
+        only with ``--overwrite``, and an output that is, contains or lies inside SOURCE never.
+        """
         import torch
         from rich.console import Console
 
+        from ..atomic import atomic_dir, atomic_path, check_output_dir, check_output_file
         from ..data.llm import load_causal_lm
         from ..masks import MaskSet
         from .checkpoint import DEFAULT_FILENAME, save, save_hf_folder
@@ -94,6 +101,17 @@ def register(app: typer.Typer) -> None:
         if dtype not in _DTYPES:
             raise CheckpointError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
         src = Path(source)
+        inputs = [src] if src.exists() else []
+        if masks_path is not None:
+            inputs.append(masks_path)
+        # refuse outputs that would lose files before the (possibly long) load
+        single_file = out.suffix == ".safetensors"
+        if single_file:
+            check_output_file(out, inputs=inputs, overwrite=overwrite)
+        else:
+            check_output_dir(out, inputs=inputs, overwrite=overwrite)
+        if hf_folder is not None:
+            check_output_dir(hf_folder, inputs=[*inputs, out], overwrite=overwrite)
         if dtype == "auto":
             dtype = _folder_dtype(src) if src.is_dir() else "float32"
         model, tokenizer = load_causal_lm(source, dtype=getattr(torch, dtype), progress=False)
@@ -104,16 +122,19 @@ def register(app: typer.Typer) -> None:
             console.print(f"masks: {mpath} ({len(masks)} tensors)")
         elif masks_path is not None:
             raise CheckpointError(f"masks file {masks_path} does not exist.")
-        if out.suffix == ".safetensors":
-            target = save(model, out, format=fmt, masks=masks)
+        if single_file:
+            with atomic_path(out, overwrite=overwrite) as tmp:
+                save(model, tmp, format=fmt, masks=masks)
+            target = out
         else:
-            out.mkdir(parents=True, exist_ok=True)
-            target = save(model, out / DEFAULT_FILENAME, format=fmt, masks=masks)
-            model.config.save_pretrained(str(out))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(out))
+            with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
+                save(model, tmp / DEFAULT_FILENAME, format=fmt, masks=masks)
+                model.config.save_pretrained(str(tmp))
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(str(tmp))
+            target = out / DEFAULT_FILENAME
         print_summary(target, console)
         console.print(f"wrote {target}")
         if hf_folder is not None:
-            saved = save_hf_folder(model, hf_folder, tokenizer)
+            saved = save_hf_folder(model, hf_folder, tokenizer, overwrite=overwrite)
             console.print(f"wrote Hugging Face folder {saved}")

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, check_output_dir, recover_dir
 from ..errors import CheckpointError, ModelError
 from ..patterns import parse_pattern
 from .blocks import find_decoder_blocks
@@ -123,6 +123,7 @@ def prune_pretrained(
     num_samples: int = 128,
     seq_len: int = 512,
     seed: int = 0,
+    overwrite: bool = False,
     **kwargs: Any,
 ):
     """Prune the HF causal LM in ``model_dir`` into ``out_dir`` holding one block in memory.
@@ -130,22 +131,22 @@ def prune_pretrained(
     Same methods, patterns and options as :func:`sparsetorch.prune` (uniform allocation only);
     text calibration is tokenised with the folder's tokenizer unless ``tokenizer`` is given.
     Returns the :class:`~sparsetorch.prune.PruneReport` (``extra["out_dir"]`` is the folder).
+
+    ``out_dir`` is written atomically and must not exist, be an empty folder, or ``overwrite``
+    must be True (:class:`~sparsetorch.errors.OutputExistsError` otherwise, raised before any
+    work); it may never be, contain or lie inside ``model_dir``.
     """
     import transformers
     from safetensors.torch import save_file
 
-    from ..data.llm import check_model_out_dir
     from ..prune import select_checked
     from .pipeline import run_oneshot
 
     src = Path(model_dir).expanduser().absolute()
+    recover_dir(src)
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} is not a Hugging Face model folder (no config.json).")
-    out = check_model_out_dir(out_dir)
-    if out == src:
-        raise CheckpointError(
-            "out_dir must differ from model_dir (the input is read while writing)."
-        )
+    out = check_output_dir(out_dir, inputs=[src], overwrite=overwrite)
     pat = parse_pattern(pattern)
     s = pat.resolve_sparsity(sparsity)
     index = _tensor_index(src)
@@ -179,7 +180,7 @@ def prune_pretrained(
     weight_map: dict[str, str] = {}
     total = 0
     t0 = time.perf_counter()
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=[src]) as tmp:
         loaded: set[int] = set()
 
         def block_io(event: str, i: int, block: nn.Module) -> None:
