@@ -34,9 +34,10 @@ data:
 		|| echo "warning: could not install dataset-fashion-mnist; the Fashion-MNIST tests will skip"; \
 	fi
 
+# SmolLM2-135M pruned to 50% with SparseGPT, perplexity and a greedy sample before and after, the
+# compressed checkpoint size and the plan verdict (examples/demo.py; writes demo_out/).
 demo: $(STAMP)
-	$(VENV)/bin/sparsetorch prune --model smollm2 --method magnitude --sparsity 0.5 \
-		--out demo_out --json demo_out/result.json
+	$(PY) examples/demo.py --out demo_out
 
 test: $(STAMP) data
 	$(PY) -m pytest -q
