@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,7 +85,15 @@ def test_prune_saves_a_reloadable_sparse_model(hf_dir: Path, tmp_path: Path, cap
     assert run(["verify", str(out)]) == 0
     assert "OK" in capsys.readouterr().out
     assert run(["report", str(out)]) == 0
-    assert "model.layers.0.self_attn.q_proj.weight" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    # one line per layer kind (2 blocks each), full numbers, a total over the 14 layers
+    q_proj = 2 * 64 * 64
+    assert re.search(rf"^self_attn\.q_proj +2 +{q_proj:,} +{q_proj // 2:,} +0\.5000$", text, re.M), text
+    assert re.search(r"^total +14 +73,728 +36,864 +0\.5000$", text, re.M), text
+    assert "model.layers.0.self_attn.q_proj.weight" not in text
+    assert run(["report", str(out), "--per-layer"]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"^model\.layers\.1\.self_attn\.q_proj\.weight +64x64 +4,096 +2,048 +0\.5000$", text, re.M), text
 
 
 def test_nm_pattern_implies_sparsity(hf_dir: Path, tmp_path: Path, capsys) -> None:
@@ -127,10 +136,9 @@ def test_stream_prunes_block_by_block_like_in_memory(hf_dir: Path, tmp_path: Pat
     st = {}
     for f in sorted((tmp_path / "st").glob("*.safetensors")):
         st.update(safetensors_torch.load_file(str(f)))
+    assert set(st) == set(mem) and "model.layers.1.mlp.down_proj.weight" in st
     for name, w in mem.items():
-        if name in st:
-            assert torch.equal(w, st[name]), name
-    assert "model.layers.1.mlp.down_proj.weight" in st
+        assert torch.equal(w, st[name]), name
     assert run(["eval", str(tmp_path / "st"), "--windows", "1", "--seq-len", "32"]) == 0, capsys.readouterr().err
     capsys.readouterr()
     for extra, error in ((["--out", str(tmp_path / "x")], "ModelError"),  # smollm2 is not a folder
@@ -138,10 +146,10 @@ def test_stream_prunes_block_by_block_like_in_memory(hf_dir: Path, tmp_path: Pat
         argv = ["prune", "--method", "wanda", "--stream", "--no-table", *extra]
         if not extra:
             argv[1:1] = ["--model", str(hf_dir)]
-        assert run(argv) != 0
+        assert run(argv) == 2
         err = capsys.readouterr().err
         assert error in err and "Traceback" not in err
-    assert run(prune_args(hf_dir, "--stream", "--out", str(tmp_path / "y"))) != 0  # magnitude: no calibration
+    assert run(prune_args(hf_dir, "--stream", "--out", str(tmp_path / "y"))) == 2  # magnitude: no calibration
     assert "MethodError" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
 
@@ -156,32 +164,66 @@ def test_verify_names_a_corrupted_weight(hf_dir: Path, tmp_path: Path, capsys) -
     state[name][tuple(zero)] = 0.123
     safetensors_torch.save_file(state, str(path), metadata={"format": "pt"})
     capsys.readouterr()
-    assert run(["verify", str(out)]) != 0
+    assert run(["verify", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "MaskError" in err and name in err and str(tuple(zero)) in err
+    assert "error: MaskError:" in err and name in err and str(tuple(zero)) in err
     assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(
-    ("args", "error"),
+    ("args", "error", "message"),
     [
-        (["--sparsity", "1.0"], "SparsityValueError"),
-        (["--sparsity", "-0.1"], "SparsityValueError"),
-        (["--pattern", "2:x"], "PatternError"),
-        (["--pattern", "2:3"], "PatternError"),  # 3 does not divide the input dims (64, 128)
-        (["--pattern", "1:4", "--sparsity", "0.5"], "Error"),  # 1:4 means 0.75
-        (["--ignore", "re:.*"], "TargetError"),  # nothing left to prune
-        (["--targets", "no_such_layer"], "TargetError"),
-        (["--method", "no_such_method"], "MethodError"),
-        (["--method", "sparsegpt", "--option", "refit"], "MethodError"),  # not KEY=VALUE
-        (["--method", "sparsegpt", "--option", "refit=-3"], "MethodError"),
-        (["--method", "wanda", "--option", "no_such_option=1"], "MethodError"),
+        (["--sparsity", "1.0"], "SparsityValueError", "must be in [0, 1)"),
+        (["--sparsity", "-0.1"], "SparsityValueError", "must be in [0, 1)"),
+        (["--pattern", "2:x"], "PatternError", "cannot parse sparsity pattern '2:x'"),
+        # 3 does not divide the input dims (64, 128)
+        (["--pattern", "2:3"], "PatternError", "not a multiple of 3"),
+        (["--pattern", "1:4", "--sparsity", "0.5"], "PatternError", "fixes sparsity at 0.75"),
+        (["--ignore", "re:.*"], "TargetError", ""),  # nothing left to prune
+        (["--targets", "no_such_layer"], "TargetError", "no_such_layer"),
+        (["--method", "no_such_method"], "MethodError", "unknown pruning method 'no_such_method'"),
+        (["--method", "sparsegpt", "--option", "refit"], "MethodError", "--option wants KEY=VALUE"),
+        (["--method", "sparsegpt", "--option", "refit=-3"], "MethodError", "refit must be >= 0, got -3"),
+        (["--method", "wanda", "--option", "no_such_option=1"], "MethodError", "unknown option(s) ['no_such_option']"),
     ],
 )
-def test_bad_input_prints_typed_error_without_traceback(hf_dir: Path, args, error, capsys) -> None:
-    assert run(prune_args(hf_dir, "--eval-windows", "0", *args)) != 0
+def test_bad_input_prints_typed_error_without_traceback(hf_dir: Path, args, error, message, capsys) -> None:
+    assert run(prune_args(hf_dir, "--eval-windows", "0", *args)) == 2
     err = capsys.readouterr().err
-    assert error in err and "Traceback" not in err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error:" in line]  # (stderr also has progress bars)
+    assert len(lines) == 1 and f"error: {error}: " in lines[0] and message in lines[0], err
+
+
+def test_sample_prints_a_greedy_continuation_before_and_after(tmp_path: Path, capsys) -> None:
+    """--sample: the same prompt is continued greedily by the dense and by the pruned model."""
+    from sparsetorch.evaluate import generate_sample
+    from sparsetorch.prune import prune
+
+    # weights x5: the blocks, not the tied embedding, decide the next token, so pruning shows
+    model = make_tiny_llama(vocab=256)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+                mod.weight.mul_(5.0)
+    src, js = tmp_path / "scaled", tmp_path / "r.json"
+    model.save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    assert run(prune_args(src, "--eval-windows", "0", "--sample", "Sparse nets", "--json", str(js))) == 0, \
+        capsys.readouterr().err
+    text = capsys.readouterr().out
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    lm = transformers.AutoModelForCausalLM.from_pretrained(src).eval()
+    dense = generate_sample(lm, tok, "Sparse nets")
+    prune(lm, "magnitude", 0.5)
+    sparse = generate_sample(lm, tok, "Sparse nets")
+    assert dense != sparse  # 50% magnitude pruning changes the greedy continuation
+    assert json.loads(js.read_text())["sample"] == {"prompt": "Sparse nets", "dense": dense, "sparse": sparse}
+    lines = text.splitlines()
+    assert "prompt: Sparse nets" in lines
+    # (printed continuations may lose control characters of the random model's bytes)
+    assert sum(line.startswith("dense: ") for line in lines) == 1
+    assert sum(line.startswith("sparse: ") for line in lines) == 1
 
 
 def test_missing_model_dir_and_unknown_name(tmp_path: Path, capsys) -> None:

@@ -144,9 +144,20 @@ def global_magnitude(
     # zeros are taken from the non-dense layers only; the global target counts all layers
     zeros_needed = n_pruned(s, total_all)
     pool = sum(sizes)
-    if zeros_needed >= pool:
-        raise AllocationError("global allocation would prune every non-dense weight; lower the sparsity.")
-    keep = topk_mask(torch.cat(flat), pool - zeros_needed)
+    if pool - zeros_needed < len(names):
+        raise AllocationError(
+            f"global allocation at sparsity {s} would leave fewer kept weights ({pool - zeros_needed}) than "
+            f"layers ({len(names)}); lower the sparsity or make fewer layers dense."
+        )
+    # every layer keeps at least its best weight (a sparsity < 1 never empties a layer, and a
+    # layer sparsity of 1.0 would not be a valid mask request): its top score is ranked first
+    allf = torch.cat(flat)  # a copy: the caller's scores are not modified
+    offset = 0
+    for f in flat:
+        if f.numel():
+            allf[offset + int(torch.argmax(torch.nan_to_num(f, nan=float("-inf"))))] = float("inf")
+        offset += f.numel()
+    keep = topk_mask(allf, pool - zeros_needed)
     out = {n: 0.0 for n in dense_set}
     for n, part in zip(names, torch.split(keep, sizes)):
         z = part.numel() - int(part.sum())

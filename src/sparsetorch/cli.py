@@ -64,34 +64,140 @@ def parse_options(items: list[str]) -> dict:
     return out
 
 
-def _prune_streamed(model, method, sparsity, pattern, allocation, calib_samples, seq_len, targets, ignore,  # noqa: ANN001
-                    out, json_path, options) -> None:
+_GGUF_TYPES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def _gguf_context_length(path: Path) -> int | None:
+    """``<arch>.context_length`` from a GGUF header, reading only the key/value section.
+
+    (``gguf.GGUFReader`` parses every tensor of the file; this stops at the key.) None if the
+    file does not say or cannot be parsed -- the pipeline checks sequence lengths again later.
+    """
+    import struct
+
+    def read(f, fmt: str):  # noqa: ANN001
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("truncated GGUF header")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def skip_value(f, vtype: int) -> None:  # noqa: ANN001
+        if vtype == 8:  # string
+            f.seek(read(f, "Q"), 1)
+        elif vtype == 9:  # array
+            etype, count = read(f, "I"), read(f, "Q")
+            if etype == 8:
+                for _ in range(count):
+                    f.seek(read(f, "Q"), 1)
+            else:
+                f.seek(struct.calcsize("<" + _GGUF_TYPES[etype]) * count, 1)
+        else:
+            f.seek(struct.calcsize("<" + _GGUF_TYPES[vtype]), 1)
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or read(f, "I") < 2:
+                return None
+            read(f, "Q")  # tensor count
+            for _ in range(min(read(f, "Q"), 100_000)):
+                key = f.read(read(f, "Q")).decode("utf-8", "replace")
+                vtype = read(f, "I")
+                if key.endswith(".context_length") and vtype in _GGUF_TYPES and vtype not in (6, 7, 12):
+                    return int(read(f, _GGUF_TYPES[vtype]))
+                skip_value(f, vtype)
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    return None
+
+
+def model_max_positions(model: str) -> int | None:
+    """The longest sequence ``model`` accepts, read from its config without loading it (or None)."""
+    import json
+
+    from .data.llm import MODEL_ALIASES
+
+    path = Path(model).expanduser()
+    if model.lower() in MODEL_ALIASES or (path.is_file() and path.suffix == ".gguf"):
+        from .errors import DependencyError
+
+        try:
+            from .data.llm import smollm2_gguf_path
+
+            gguf = smollm2_gguf_path() if model.lower() in MODEL_ALIASES else path
+        except DependencyError:
+            return None  # the loader names the missing package
+        return _gguf_context_length(gguf)
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not a folder with a readable config: the loader reports it
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = cfg.get(key) if isinstance(cfg, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def check_writable(path: Path) -> None:
+    """CheckpointError unless ``path`` can be created: its nearest existing parent is a writable folder."""
+    import os
+
+    from .errors import CheckpointError
+
+    parent = Path(path).expanduser().absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise CheckpointError(f"cannot write {path}: {parent} is not a folder. Choose another output path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"cannot write {path}: no write permission in {parent}. Choose another output path.")
+
+
+def check_outputs(model: str, out: Path | None, json_path: Path | None, overwrite: bool) -> list[Path]:
+    """Fail before any work if ``--out`` / ``--json`` cannot be written; return the input folders.
+
+    ``--out`` must not be, contain or lie inside the ``--model`` folder, and an existing output
+    is replaced only with ``--overwrite`` (:func:`sparsetorch.atomic.check_output_dir`).
+    """
+    from .atomic import check_output_dir, check_output_file
+
+    src = Path(model).expanduser()
+    inputs = [src] if src.is_dir() else []
+    if out is not None:
+        check_output_dir(out, inputs=inputs, overwrite=overwrite)
+        check_writable(out)
+    if json_path is not None:
+        check_output_file(json_path, inputs=inputs, overwrite=overwrite)
+        check_writable(json_path)
+        if out is not None and Path(json_path).expanduser().absolute().is_relative_to(
+            Path(out).expanduser().absolute()
+        ):
+            from .errors import OutputExistsError
+
+            raise OutputExistsError(f"--json {json_path} is inside --out {out}, which is replaced as a whole; "
+                                    "write the JSON elsewhere (the folder gets sparsetorch.json anyway).")
+    return inputs
+
+
+def _prune_streamed(req, model, calib_samples, seq_len, targets, ignore,  # noqa: ANN001
+                    out, json_path, overwrite) -> None:
     """``prune --stream``: :func:`sparsetorch.oneshot.offload.prune_pretrained` from the shell."""
     import json
 
-    from .errors import MethodError, ModelError
-    from .prune import DATA_FREE
-
-    src = Path(model).expanduser()
-    if not (src / "config.json").is_file():
-        raise ModelError(f"--stream reads a local Hugging Face folder (with config.json and safetensors); got {model!r}.")
-    if out is None:
-        raise MethodError("--stream writes the pruned model block by block: pass --out DIR.")
-    if method.lower() in DATA_FREE:
-        raise MethodError(f"--stream runs the calibrated block pipeline; {method!r} needs no calibration: drop --stream.")
-    if allocation.lower() != "uniform":
-        raise MethodError("--stream supports only --allocation uniform (OWL/sensitivity need a dense pass over all blocks).")
     import transformers
 
     from .data.text import calibration_windows
     from .oneshot.offload import prune_pretrained
 
+    src = Path(model).expanduser()
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(src))
     calib = calibration_windows(tokenizer, calib_samples, seq_len)
-    _say(f"streaming {escape(str(src))} -> {escape(str(out))}: {method} {pattern}, {calib.shape[0]}x{seq_len} calibration tokens")
-    report = prune_pretrained(src, out, method, sparsity, pattern, calibration=calib, tokenizer=tokenizer,
+    _say(f"streaming {escape(str(src))} -> {escape(str(out))}: {req.method} {req.pattern}, "
+         f"{calib.shape[0]}x{seq_len} calibration tokens")
+    report = prune_pretrained(src, out, req.method, req.sparsity, req.pattern, calibration=calib, tokenizer=tokenizer,
                               targets=targets or None, ignore=ignore or None, num_samples=calib_samples,
-                              seq_len=seq_len, **options)
+                              seq_len=seq_len, overwrite=overwrite, **req.options)
     _say(f"pruned {len(report.masks)} tensors in {report.seconds_prune:.1f} s: sparsity {report.sparsity_actual:.4f}; "
          f"wrote {escape(str(report.extra['out_dir']))} (evaluate with: sparsetorch eval {escape(str(out))})")
     if json_path is not None:
@@ -102,10 +208,24 @@ def _prune_streamed(model, method, sparsity, pattern, allocation, calib_samples,
             "sparsity_target": report.sparsity_target, "sparsity_actual": report.sparsity_actual,
             "ppl_dense": None, "ppl_sparse": None, "seconds_prune": report.seconds_prune,
             "peak_rss_mb": _peak_rss_mb(), "calib_samples": int(calib.shape[0]), "seq_len": seq_len,
-            "layers_pruned": len(report.masks), "options": options, "streamed": True, "out": report.extra["out_dir"],
+            "layers_pruned": len(report.masks), "options": req.options, "streamed": True, "out": report.extra["out_dir"],
         }
-        atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n")
+        atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n", overwrite=overwrite)
         _say(f"wrote {escape(str(json_path))}")
+
+
+def _check_stream(req, model: str, out: Path | None) -> None:  # noqa: ANN001
+    """The combinations ``--stream`` supports (checked before any work)."""
+    from .errors import MethodError, ModelError
+
+    if not (Path(model).expanduser() / "config.json").is_file():
+        raise ModelError(f"--stream reads a local Hugging Face folder (with config.json and safetensors); got {model!r}.")
+    if out is None:
+        raise MethodError("--stream writes the pruned model block by block: pass --out DIR.")
+    if req.data_free:
+        raise MethodError(f"--stream runs the calibrated block pipeline; {req.method!r} needs no calibration: drop --stream.")
+    if req.allocation != "uniform":
+        raise MethodError("--stream supports only --allocation uniform (OWL/sensitivity need a dense pass over all blocks).")
 
 
 @app.command()
@@ -123,8 +243,10 @@ def prune(
     ignore: list[str] | None = typer.Option(None, "--ignore", help="Layers to keep dense (repeatable)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Write the pruned HF model folder here."),
     json_path: Path | None = typer.Option(None, "--json", help="Write a JSON summary of the run here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder / --json file."),
     sample: str | None = typer.Option(None, help="Prompt for a greedy sample before and after pruning."),
-    table: bool = typer.Option(True, help="Print the per-layer table."),
+    table: bool = typer.Option(True, help="Print the sparsity table (one line per layer kind)."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Print every layer in the table, not one line per kind."),
     option: list[str] | None = typer.Option(
         None, "--option", help="Method/pipeline option KEY=VALUE (repeatable), e.g. refit=0, true_sequential=true, reconstruct=true."
     ),
@@ -133,33 +255,40 @@ def prune(
         "pruned model to --out block by block (calibrated methods, uniform allocation; no evaluation: run 'sparsetorch eval OUT')."
     ),
 ) -> None:
-    """Prune a causal LM one-shot; print dense/sparse perplexity and a per-layer table."""
+    """Prune a causal LM one-shot; print dense/sparse perplexity and a sparsity table."""
     import json
     import time
 
-    from .analysis.report import MASKS_FILE, layer_rows, plot_sparsity, print_table
-    from .data.llm import load_causal_lm, save_hf_model
-    from .data.text import calibration_windows
-    from .data.text import eval_windows as make_eval_windows
-    from .errors import DataError, check_sparsity
-    from .evaluate import generate_sample, perplexity
+    from .analysis.report import MASKS_FILE, layer_rows, plot_sparsity
+    from .errors import DataError, ModelError
     from .patterns import parse_pattern
-    from .prune import DATA_FREE
-    from .prune import prune as prune_model
+    from .prune import check_request
+    from .tables import print_layer_table
 
-    # validate cheap arguments before the expensive model load
-    pat = parse_pattern(pattern)
-    if sparsity is not None:
-        check_sparsity(sparsity)
-    sparsity_arg = sparsity if sparsity is not None else (None if pat.fixed_sparsity is not None else 0.5)
-    pat.resolve_sparsity(sparsity_arg)
+    # validate every argument and output path before the expensive model load
     if seq_len < 2 or eval_windows < 0 or calib_samples < 1 or batch_size < 1:
         raise DataError("--seq-len must be >= 2, --eval-windows >= 0, --calib-samples >= 1, --batch-size >= 1.")
     options = parse_options(option or [])
+    pat = parse_pattern(pattern)
+    sparsity_arg = sparsity if sparsity is not None else (None if pat.fixed_sparsity is not None else 0.5)
+    req = check_request(method, sparsity_arg, pat, allocation=allocation, options=options,
+                        num_samples=calib_samples, seq_len=seq_len)
     if stream:
-        _prune_streamed(model, method, sparsity_arg, pattern, allocation, calib_samples, seq_len, targets, ignore,
-                        out, json_path, options)
+        _check_stream(req, model, out)
+    limit = model_max_positions(model)
+    if limit is not None and seq_len > limit:
+        raise ModelError(f"--seq-len {seq_len} is longer than {model!r} accepts ({limit} positions, "
+                         f"config.max_position_embeddings); pass --seq-len <= {limit}.")
+    inputs = check_outputs(model, out, json_path, overwrite)
+    if stream:
+        _prune_streamed(req, model, calib_samples, seq_len, targets, ignore, out, json_path, overwrite)
         return
+
+    from .data.llm import load_causal_lm, save_hf_model
+    from .data.text import calibration_windows
+    from .data.text import eval_windows as make_eval_windows
+    from .evaluate import generate_sample, perplexity
+    from .prune import prune as prune_model
 
     _say(f"loading [bold]{escape(model)}[/] ...")
     t0 = time.perf_counter()
@@ -176,22 +305,22 @@ def prune(
     sample_dense = generate_sample(lm, tokenizer, sample) if sample else None
 
     calib = None
-    if method.lower() not in DATA_FREE:
+    if not req.data_free:
         _say(f"calibration: {calib_samples} windows x {seq_len} tokens")
         calib = calibration_windows(tokenizer, calib_samples, seq_len)
     report = prune_model(
         lm,
-        method,
-        sparsity_arg,
-        pat,
-        allocation=allocation,
+        req.method,
+        req.sparsity,
+        req.pattern,
+        allocation=req.allocation,
         targets=targets or None,
         ignore=ignore or None,
         calibration=calib,
         tokenizer=tokenizer,
         num_samples=calib_samples,
         seq_len=seq_len,
-        **options,
+        **req.options,
     )
     _say(
         f"pruned {len(report.masks)} tensors with {report.method} ({report.pattern}, {report.allocation}) "
@@ -202,10 +331,11 @@ def prune(
         _say(f"sparse perplexity: [bold]{ppl_sparse:.3f}[/]")
     rows = layer_rows(lm, report.masks)
     if table:
-        print_table(rows, console, title=f"{model}: {report.method} {report.pattern}")
+        print_layer_table(rows, console, title=f"{model}: {report.method} {report.pattern}", per_layer=per_layer)
+    sample_sparse = generate_sample(lm, tokenizer, sample) if sample else None
     if sample:
         _say(f"[bold]prompt[/]: {escape(sample)}\n[bold]dense[/]: {escape(sample_dense or '')}")
-        _say(f"[bold]sparse[/]: {escape(generate_sample(lm, tokenizer, sample))}")
+        _say(f"[bold]sparse[/]: {escape(sample_sparse or '')}")
 
     result = {
         "model": model,
@@ -224,8 +354,10 @@ def prune(
         "seq_len": seq_len,
         "eval_windows": 0 if ew is None else int(ew.shape[0]),
         "layers_pruned": len(report.masks),
-        "options": options,
+        "options": req.options,
     }
+    if sample:
+        result["sample"] = {"prompt": sample, "dense": sample_dense, "sparse": sample_sparse}
     if out is not None:
         full = {**result, "report": report.to_dict(), "rows": rows}
 
@@ -234,12 +366,12 @@ def prune(
             plot_sparsity(rows, tmp / "sparsity.png", title=f"{model}: {report.method} {report.pattern}")
             (tmp / "sparsetorch.json").write_text(json.dumps(full, indent=2, default=str), encoding="utf-8")
 
-        saved = save_hf_model(lm, tokenizer, out, extra=extra)
+        saved = save_hf_model(lm, tokenizer, out, extra=extra, overwrite=overwrite, inputs=inputs)
         _say(f"saved Hugging Face model folder, {MASKS_FILE}, sparsity.png, sparsetorch.json to {escape(str(saved))}")
     if json_path is not None:
         from .atomic import atomic_write_text
 
-        atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n")
+        atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n", overwrite=overwrite)
         _say(f"wrote {escape(str(json_path))}")
 
 
@@ -248,22 +380,31 @@ def report(
     folder: Path = typer.Argument(..., help="A model folder written by `sparsetorch prune --out`."),
     plot: Path | None = typer.Option(None, help="Also write a per-layer sparsity bar plot (PNG)."),
     json_path: Path | None = typer.Option(None, "--json", help="Also write the rows as JSON."),
+    per_layer: bool = typer.Option(False, "--per-layer", help="Print every layer, not one line per layer kind."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --plot / --json file."),
 ) -> None:
-    """Print the per-layer sparsity table of a saved model (weights; masks if present)."""
+    """Print the sparsity table of a saved model (weights; masks if present), one line per layer kind."""
     import json
 
-    from .analysis.report import folder_report, plot_sparsity, print_table, summary
+    from .analysis.report import folder_report, plot_sparsity, summary
+    from .atomic import check_output_file
+    from .tables import print_layer_table
 
+    for path in (plot, json_path):
+        if path is not None:
+            check_output_file(path, inputs=[folder], overwrite=overwrite)
+            check_writable(path)
     rows, masks = folder_report(folder)
     src = "masks.safetensors + weights" if masks is not None else "weights (no masks file)"
-    print_table(rows, console, title=f"{escape(str(folder))} ({src})")
+    print_layer_table(rows, console, title=f"{folder} ({src})", per_layer=per_layer)
     if plot is not None:
         plot_sparsity(rows, plot)
         _say(f"wrote {escape(str(plot))}")
     if json_path is not None:
         from .atomic import atomic_write_text
 
-        atomic_write_text(json_path, json.dumps({"summary": summary(rows), "rows": rows}, indent=2) + "\n")
+        atomic_write_text(json_path, json.dumps({"summary": summary(rows), "rows": rows}, indent=2) + "\n",
+                          overwrite=overwrite)
         _say(f"wrote {escape(str(json_path))}")
 
 
@@ -290,25 +431,20 @@ _register("sparsetorch.oneshot.cli")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point.
+
+    Usage errors (unknown flag, a value that does not parse, a missing argument) are handled by
+    typer itself in standalone mode: it prints the short usage message and exits 2. (typer
+    bundles its own copy of click, so catching ``click.ClickException`` here would never match.)
+    Every :class:`SparseTorchError` is printed as one line, without traceback, exit status 2.
+    Any other exception is a bug and keeps its traceback.
+    """
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="sparsetorch", standalone_mode=True)
     except SparseTorchError as exc:
         # escape: messages hold brackets, e.g. 'sparsetorch[llm]'
         err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        sys.exit(1)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
 
 
 if __name__ == "__main__":  # pragma: no cover

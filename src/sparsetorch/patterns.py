@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -54,9 +55,29 @@ def topk_mask(scores: Tensor, keep: int, dim: int = -1) -> Tensor:
     return mask
 
 
+#: relative slack for float round-off in ``s * n``: a few ulps, so 0.29 * 100 (= 28.999999999999996)
+#: counts 29 zeros, while 0.9999999999 * 1000 still counts 999 (the old absolute ``1e-9 * n``
+#: slack rounded such a request up to every weight)
+_ROUNDOFF = 8 * sys.float_info.epsilon
+
+
 def n_pruned(sparsity: float, numel: int) -> int:
-    """Number of zeros for a sparsity: ``floor(s * n)``, robust to float round-off (0.3*10 -> 3)."""
-    return int(math.floor(sparsity * numel + 1e-9 * max(numel, 1)))
+    """Number of zeros for a sparsity: ``floor(s * n)``, never more than the request.
+
+    Robust to float round-off only (``0.29 * 100 -> 29``, a relative slack of a few ulps), and a
+    sparsity below 1 never prunes a whole group: the count is at most ``n - 1``. Every pattern,
+    allocator and solver counts zeros through this one function, so they agree exactly.
+    """
+    n = int(numel)
+    if n <= 0 or sparsity <= 0:
+        return 0
+    k = int(math.floor(sparsity * n * (1.0 + _ROUNDOFF)))
+    return min(k, n if sparsity >= 1 else n - 1)
+
+
+#: largest N:M group accepted: beyond this a "group" is no longer a local structure any kernel
+#: uses, and the numbers are almost surely a typo (blocks are bounded by the weight's shape)
+MAX_GROUP = 1024
 
 
 def _to_2d(t: Tensor) -> Tensor:
@@ -181,6 +202,11 @@ class NM(Pattern):
             raise PatternError(
                 f"N:M needs integers 0 < N < M (N = weights kept per group of M), got {self.n}:{self.m}."
             )
+        if self.m > MAX_GROUP:
+            raise PatternError(
+                f"N:M groups of M={self.m} inputs are larger than any supported group (M <= {MAX_GROUP}); "
+                "use a small M such as 2:4, 4:8 or 8:16."
+            )
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -289,8 +315,9 @@ class Channel(Pattern):
         return f"output row {r} is partly pruned ({int(kept[r])} of {m2.shape[1]} kept)"
 
 
-_NM_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
-_BLOCK_RE = re.compile(r"^\s*block\s*(\d+)\s*x\s*(\d+)\s*$", re.IGNORECASE)
+# at most 9 digits: int() of a longer string is slow or raises a plain ValueError
+_NM_RE = re.compile(r"^\s*(\d{1,9})\s*:\s*(\d{1,9})\s*$")
+_BLOCK_RE = re.compile(r"^\s*block\s*(\d{1,9})\s*x\s*(\d{1,9})\s*$", re.IGNORECASE)
 
 
 def parse_pattern(spec: str | Pattern | None) -> Pattern:

@@ -20,13 +20,17 @@ import torch
 from torch import Tensor, nn
 
 from . import allocation as alloc
-from .errors import MethodError, close_matches
+from .errors import DataError, MethodError, ModelError, close_matches
 from .masks import MaskSet
 from .patterns import Pattern, parse_pattern
 from .scores import get_score
 from .targets import select
 
 DATA_FREE = ("magnitude", "random")
+#: allocations of the calibrated block pipeline (:func:`sparsetorch.oneshot.run_oneshot`)
+CALIBRATED_ALLOCATIONS = ("uniform", "owl", "sensitivity")
+#: one-shot solvers support these patterns (and every N:M)
+SOLVER_PATTERNS = ("unstructured", "rowwise")
 
 
 @dataclass
@@ -92,14 +96,115 @@ def layer_reports(model: nn.Module, masks: MaskSet) -> list[LayerReport]:
 
 
 def _available_methods() -> list[str]:
-    names = list(DATA_FREE)
-    try:
-        from .oneshot import SOLVERS
+    from .oneshot import SOLVERS
 
-        names += [n for n in SOLVERS if n not in names]
-    except ImportError:
-        pass
-    return names
+    return list(dict.fromkeys([*DATA_FREE, *SOLVERS]))
+
+
+def available_allocations() -> list[str]:
+    """Every allocation name :func:`prune` knows (data-free and calibrated)."""
+    return list(dict.fromkeys([*alloc.ALLOCATIONS, *CALIBRATED_ALLOCATIONS]))
+
+
+def normalise_name(value: Any, what: str, choices: Sequence[str]) -> str:
+    """``value`` stripped and lower-cased, checked against ``choices`` (MethodError otherwise).
+
+    Names (methods, allocations) are compared only after this, once, at the API boundary, so
+    ``"Global"`` means ``"global"`` everywhere downstream.
+    """
+    if not isinstance(value, str) or not value.strip():
+        raise MethodError(f"{what} must be a name, one of: {', '.join(choices)}; got {value!r}.")
+    name = value.strip().lower()
+    if name not in choices:
+        raise MethodError(
+            f"unknown {what} {value!r}; available: {', '.join(choices)}." + close_matches(name, choices)
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class PruneRequest:
+    """The model-independent arguments of :func:`prune`, validated and normalised."""
+
+    method: str
+    sparsity: float
+    pattern: Pattern
+    allocation: str
+    #: True: scored directly (magnitude/random); False: the calibrated block pipeline
+    data_free: bool
+    options: dict[str, Any]
+
+
+def check_request(
+    method: str = "magnitude",
+    sparsity: float | None = 0.5,
+    pattern: str | Pattern = "unstructured",
+    *,
+    allocation: str = "uniform",
+    options: dict[str, Any] | None = None,
+    num_samples: int = 128,
+    seq_len: int = 512,
+) -> PruneRequest:
+    """Validate everything :func:`prune` can check without a model, and normalise the names.
+
+    Method, allocation, pattern and sparsity, their combinations, and every solver/pipeline
+    option value (:mod:`sparsetorch.oneshot.base`). The CLI calls this before it loads a model,
+    so a typo costs nothing; :func:`prune` calls it first too.
+    """
+    pat = parse_pattern(pattern)
+    s = pat.resolve_sparsity(sparsity)  # validates the range and N:M consistency
+    method_l = normalise_name(method, "pruning method", _available_methods())
+    allocation_l = normalise_name(allocation, "allocation", available_allocations())
+    for name, v, low in (("num_samples", num_samples, 1), ("seq_len", seq_len, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise DataError(f"{name} must be an integer >= {low}, got {v!r}.")
+    opts = dict(options or {})
+    if pat.fixed_sparsity is not None and allocation_l != "uniform":
+        raise MethodError(f"allocation {allocation!r} cannot be combined with the N:M pattern {pat}; use uniform.")
+    data_free = (
+        method_l in DATA_FREE
+        and allocation_l not in ("owl", "sensitivity")
+        and not opts.get("refit")  # a refit needs the calibration statistics
+    )
+    if data_free:
+        if opts:
+            raise MethodError(f"method {method!r} takes no options, got {sorted(opts)}.")
+        return PruneRequest(method_l, s, pat, allocation_l, True, {})
+
+    from .oneshot import SOLVERS
+    from .oneshot.base import PIPELINE_OPTION_SPECS, check_options
+
+    if method_l not in SOLVERS:
+        raise MethodError(
+            f"method {method!r} has no calibrated solver, so it cannot run with allocation {allocation!r} "
+            f"or a refit; calibrated methods: {', '.join(SOLVERS)}."
+        )
+    if allocation_l not in CALIBRATED_ALLOCATIONS:
+        raise MethodError(
+            f"allocation {allocation!r} is not available for one-shot pruning with calibration data; "
+            f"use one of {', '.join(CALIBRATED_ALLOCATIONS)} (or a data-free method for {allocation_l})."
+        )
+    if pat.name not in SOLVER_PATTERNS and pat.fixed_sparsity is None:
+        raise MethodError(f"one-shot solvers support unstructured, rowwise and N:M patterns, not {pat}.")
+    pipe = check_options("pipeline", PIPELINE_OPTION_SPECS, {k: v for k, v in opts.items() if k in PIPELINE_OPTION_SPECS})
+    solver = SOLVERS[method_l].check_options({k: v for k, v in opts.items() if k not in PIPELINE_OPTION_SPECS})
+    return PruneRequest(method_l, s, pat, allocation_l, False, {**pipe, **solver})
+
+
+def check_model(model: Any) -> nn.Module:
+    """ModelError unless ``model`` is an ``nn.Module`` whose weights are materialised (not meta)."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(
+            f"prune needs a torch.nn.Module (e.g. a transformers model), got {type(model).__name__}."
+        )
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise ModelError(
+            f"{len(meta)} parameter(s) of the model are on the meta device (no weights loaded), e.g. "
+            f"{meta[0]!r}. Load the weights first (no init_empty_weights/device_map='meta'), or stream a "
+            "saved folder with sparsetorch.oneshot.offload.prune_pretrained."
+        )
+    return model
 
 
 def select_checked(
@@ -134,26 +239,15 @@ def prune(
     allocations); with an N:M ``pattern`` it may be None (implied by N:M). ``targets`` /
     ``ignore`` choose layers (see :mod:`sparsetorch.targets`).
     """
-    pat = parse_pattern(pattern)
-    s = pat.resolve_sparsity(sparsity)  # validates the range and N:M consistency
-    method_l = method.lower()
+    req = check_request(method, sparsity, pattern, allocation=allocation, options=method_kwargs,
+                        num_samples=num_samples, seq_len=seq_len)
+    check_model(model)
+    pat, s, method_l, allocation = req.pattern, req.sparsity, req.method, req.allocation
     params = select_checked(model, pat, targets, ignore)
 
-    data_free = (
-        method_l in DATA_FREE
-        and allocation.lower() not in ("owl", "sensitivity")
-        and not method_kwargs.get("refit")  # a refit needs the calibration statistics
-    )
-    if not data_free:
-        try:
-            from .oneshot import SOLVERS, run_oneshot
-        except ImportError:
-            SOLVERS, run_oneshot = {}, None  # noqa: N806
-        if method_l not in SOLVERS or run_oneshot is None:
-            raise MethodError(
-                f"unknown pruning method {method!r}; available: {', '.join(_available_methods())}."
-                + close_matches(method_l, _available_methods())
-            )
+    if not req.data_free:
+        from .oneshot import run_oneshot
+
         return run_oneshot(
             model,
             method=method_l,
@@ -166,13 +260,9 @@ def prune(
             num_samples=num_samples,
             seq_len=seq_len,
             seed=seed,
-            **method_kwargs,
+            **req.options,
         )
 
-    if method_kwargs:
-        raise MethodError(f"method {method!r} takes no options, got {sorted(method_kwargs)}.")
-    if pat.fixed_sparsity is not None and allocation != "uniform":
-        raise MethodError(f"allocation {allocation!r} cannot be combined with an N:M pattern; use uniform.")
     t0 = time.perf_counter()
     score_fn = get_score(method_l)
     with torch.no_grad():

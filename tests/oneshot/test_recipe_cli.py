@@ -45,8 +45,8 @@ def test_recipe_errors():
 
 
 def test_recipe_section_registered_with_core_recipes():
-    recipes = pytest.importorskip("sparsetorch.recipes")
     import sparsetorch.oneshot.recipe  # noqa: F401
+    from sparsetorch import recipes
 
     r = recipes.load_recipe({"oneshot": {"method": "sparsegpt", "sparsity": 0.6}})
     assert r.oneshot.method == "sparsegpt" and r.oneshot.sparsity == 0.6

@@ -35,6 +35,37 @@ def _check_len(model: nn.Module, length: int) -> None:
         )
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (``config.vocab_size`` as a fallback), or None."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    rows = getattr(emb, "num_embeddings", None)
+    if isinstance(rows, int) and rows > 0:
+        return rows
+    v = getattr(getattr(model, "config", None), "vocab_size", None)
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def check_token_ids(model: nn.Module, batches: list[dict[str, Tensor]]) -> None:
+    """DataError unless every calibration token id is a row of the model's embedding.
+
+    An id ``>= vocab_size`` would fail deep inside the embedding lookup (IndexError) and a
+    negative one would silently index from the end on some devices; both mean the calibration
+    was tokenised for another model.
+    """
+    if not batches:
+        return
+    lo = min(int(b["input_ids"].min()) for b in batches)
+    hi = max(int(b["input_ids"].max()) for b in batches)
+    vocab = vocab_size(model)
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        bound = f"[0, {vocab})" if vocab is not None else ">= 0"
+        raise DataError(
+            f"calibration token ids must be in {bound} (the rows of the model's embedding), got ids from "
+            f"{lo} to {hi}. Tokenise the calibration text with this model's tokenizer (or pass tokenizer=...)."
+        )
+
+
 def _batches_from_tensor(ids: Tensor, batch_size: int) -> list[dict[str, Tensor]]:
     return [{"input_ids": ids[i : i + batch_size]} for i in range(0, ids.shape[0], batch_size)]
 
@@ -48,9 +79,29 @@ def prepare_calibration(
     seq_len: int = 512,
     batch_size: int = 8,
 ) -> list[dict[str, Tensor]]:
-    """Return batches ``{"input_ids": [b, t], "attention_mask"?: [b, t]}`` (at most ``num_samples`` rows)."""
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}.")
+    """Return batches ``{"input_ids": [b, t], "attention_mask"?: [b, t]}`` (at most ``num_samples`` rows).
+
+    Every token id is checked against the model's vocabulary (:func:`check_token_ids`).
+    """
+    for name, v, low in (("num_samples", num_samples, 1), ("seq_len", seq_len, 1), ("batch_size", batch_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise DataError(f"{name} must be an integer >= {low}, got {v!r}.")
+    batches = _prepare(model, calibration, tokenizer, num_samples=num_samples, seq_len=seq_len,
+                       batch_size=batch_size)
+    check_token_ids(model, batches)
+    return batches
+
+
+def _prepare(
+    model: nn.Module,
+    calibration: Any,
+    tokenizer: Any = None,
+    *,
+    num_samples: int = 128,
+    seq_len: int = 512,
+    batch_size: int = 8,
+) -> list[dict[str, Tensor]]:
+    """:func:`prepare_calibration` without the token id check."""
     if calibration is None:
         if tokenizer is None:
             raise DataError(

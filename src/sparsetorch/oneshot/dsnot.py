@@ -42,7 +42,7 @@ from torch import Tensor
 
 from ..errors import MethodError
 from ..patterns import NM, Pattern
-from .base import Solver
+from .base import Option, Solver
 from .stats import InputStats
 
 MLP_RE = re.compile(r"(^|\.)(mlp|feed_forward|ffn|block_sparse_moe|fc1|fc2)(\.|$)")
@@ -139,7 +139,15 @@ class DSnoT(Solver):
     """Refine the mask of an initial solver (``initial``: wanda, magnitude or sparsegpt)."""
 
     name = "dsnot"
-    options = ("initial", "threshold", "max_cycles", "pow_var", "same_sign", "include_mlp", "skip")
+    option_specs = {
+        "initial": Option(str, choices=("wanda", "magnitude", "sparsegpt"), hint="the solver of the first mask"),
+        "threshold": Option(float, low=0, hint="a row stops once |expected change| <= threshold"),
+        "max_cycles": Option(int, low=0, high=1 << 20),
+        "pow_var": Option(float, low=0),
+        "same_sign": Option(bool),
+        "include_mlp": Option(bool),
+        "skip": Option("regex", hint="layers (regex) left as the initial solver chose"),
+    }
 
     def __init__(self, **options):
         super().__init__(**options)

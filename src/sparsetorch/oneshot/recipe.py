@@ -80,7 +80,13 @@ def build_oneshot_section(section: Mapping[str, Any]) -> OneshotRecipe:
         )
     if not isinstance(r.options, Mapping):
         raise MethodError("recipe 'options' must be a mapping of solver/pipeline options.")
-    r.options = dict(r.options)
+    from ..prune import check_request
+
+    # every model-independent setting (pattern, sparsity, allocation, option values) is checked
+    # when the recipe is read, not when a model is already loaded
+    req = check_request(r.method, r.sparsity, r.pattern, allocation=r.allocation, options=dict(r.options),
+                        num_samples=r.num_samples, seq_len=r.seq_len)
+    r.options, r.allocation = req.options, req.allocation
     r.pattern = str(r.pattern)
     return r
 
@@ -121,10 +127,8 @@ def apply_recipe(
     )
 
 
-try:  # make `oneshot:` / `prune:` sections available to sparsetorch.recipes.load_recipe
-    from .. import recipes as _recipes
+# make `oneshot:` / `prune:` sections available to sparsetorch.recipes.load_recipe
+from .. import recipes as _recipes  # noqa: E402
 
-    for _name in ("oneshot", "prune"):
-        _recipes.SECTIONS.setdefault(_name, build_oneshot_section)
-except Exception:  # noqa: BLE001 - recipes is optional for one-shot use
-    pass
+for _name in ("oneshot", "prune"):
+    _recipes.SECTIONS.setdefault(_name, build_oneshot_section)

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..errors import MethodError
 from ..patterns import NM, Pattern, n_pruned
-from .base import Solver
+from .base import Option, Solver
 from .stats import InputStats
 
 
@@ -148,7 +148,11 @@ def sparsegpt_prune(
 class SparseGPT(Solver):
     name = "sparsegpt"
     needs = frozenset({"xtx"})
-    options = ("blocksize", "percdamp", "dampening_frac")
+    option_specs = {
+        "blocksize": Option(int, low=1, high=1 << 20, hint="columns per lazy-update block, e.g. 128"),
+        "percdamp": Option(float, low=0, low_open=True, hint="dampening as a fraction of mean(diag H), e.g. 0.01"),
+        "dampening_frac": Option(float, low=0, low_open=True, hint="alias of percdamp, e.g. 0.01"),
+    }
     # the OBS updates only let a weight compensate for pruned weights to its left; 10 CG
     # iterations of a mask-fixed refit (refit.py) cut SmolLM2's 2:4 perplexity 32.1 -> 26.1 for
     # ~1.5 s per block. refit=0 gives the reference algorithm.
