@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .select import Timer
-from .sparsify import LayerChoice, eligible_linears, measure_layer
+from .sparsify import LayerChoice, decode_step_input, eligible_linears, measure_layer
 
 __all__ = ["PlanReport", "plan", "NO_SPEEDUP_BELOW"]
 
@@ -181,17 +181,6 @@ def _model_bytes(model: nn.Module) -> int:
     return total
 
 
-def _default_input(model: nn.Module, batch_size: int) -> Callable[[], Any] | None:
-    """A forward call for a Hugging Face causal LM: one decode step of ``batch_size`` tokens."""
-    cfg = getattr(model, "config", None)
-    vocab = getattr(cfg, "vocab_size", None)
-    if vocab is None:
-        return None
-    dev = next(model.parameters()).device
-    ids = torch.randint(0, int(vocab), (int(batch_size), 1), generator=torch.Generator().manual_seed(0)).to(dev)
-    return lambda: model(input_ids=ids, use_cache=False)
-
-
 def plan(
     model: nn.Module,
     batch_size: int = 1,
@@ -215,7 +204,7 @@ def plan(
         choice, _ = measure_layer(name, lin, s, batch_size, cands, timer)
         choice.skipped_reason = reason
         report.layers.append(choice)
-    call = example_input or _default_input(model, batch_size)
+    call = example_input or decode_step_input(model, batch_size)
     if call is not None:
         with torch.no_grad():
             if timer is not None:

@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from .linear import SparseLinear
-from .select import Selection, Timer, select_kernel
+from .select import DEFAULT_MARGIN, Selection, Timer, select_kernel
 
-__all__ = ["LayerChoice", "SparsifyReport", "sparsify_for_inference", "eligible_linears", "weight_sparsity"]
+__all__ = [
+    "LayerChoice",
+    "ModelCheck",
+    "SparsifyReport",
+    "decode_step_input",
+    "eligible_linears",
+    "sparsify_for_inference",
+    "weight_sparsity",
+]
+
+#: predicted per-layer speedups that define the nested layer subsets the whole-forward check tries
+#: (all chosen layers, then only those predicted at least 1.5x, 2x, 3x faster than dense)
+SUBSET_THRESHOLDS = (1.0, 1.5, 2.0, 3.0)
 
 
 def weight_sparsity(weight: torch.Tensor) -> float:
@@ -63,6 +78,9 @@ class LayerChoice:
     times: dict[str, float] = field(default_factory=dict)
     nbytes: dict[str, int] = field(default_factory=dict)
     skipped_reason: str | None = None
+    #: the per-layer measurement chose this sparse kernel, but the whole-forward check put the
+    #: dense layer back because the model ran faster without it
+    reverted_from: str | None = None
 
     @property
     def dense_time(self) -> float | None:
@@ -79,11 +97,39 @@ class LayerChoice:
 
 
 @dataclass
+class ModelCheck:
+    """The whole-forward check: median seconds of one model forward per layer subset tried."""
+
+    #: subset name ("dense", "all", ">=1.5x", ...) -> median seconds of one forward
+    seconds: dict[str, float]
+    #: the subset kept ("dense" when no sparse subset beat dense by the margin)
+    chosen: str
+    rounds: int
+    margin: float
+
+    @property
+    def speedup(self) -> float:
+        """Dense forward time / chosen forward time (1.0 when dense was kept)."""
+        return self.seconds["dense"] / self.seconds[self.chosen] if self.seconds.get(self.chosen) else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "chosen": self.chosen, "speedup": self.speedup,
+                "rounds": self.rounds, "margin": self.margin}
+
+
+@dataclass
 class SparsifyReport:
     """Per-layer kernel choices of :func:`sparsify_for_inference`."""
 
     batch_size: int
     layers: list[LayerChoice] = field(default_factory=list)
+    #: the whole-forward check, or None when it did not run (no example input, or disabled)
+    model_check: ModelCheck | None = None
+
+    @property
+    def reverted(self) -> list[LayerChoice]:
+        """Layers the per-layer measurement chose a sparse kernel for, put back by the model check."""
+        return [c for c in self.layers if c.reverted_from is not None]
 
     @property
     def replaced(self) -> list[LayerChoice]:
@@ -108,6 +154,8 @@ class SparsifyReport:
             "batch_size": self.batch_size,
             "linear_speedup": self.linear_speedup,
             "kernel_counts": self.kernel_counts(),
+            "model_check": None if self.model_check is None else self.model_check.to_dict(),
+            "reverted": [c.name for c in self.reverted],
             "layers": [
                 {
                     "name": c.name,
@@ -117,6 +165,7 @@ class SparsifyReport:
                     "times_s": c.times,
                     "nbytes": c.nbytes,
                     "skipped_reason": c.skipped_reason,
+                    "reverted_from": c.reverted_from,
                 }
                 for c in self.layers
             ],
@@ -124,11 +173,19 @@ class SparsifyReport:
 
     def __str__(self) -> str:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(self.kernel_counts().items()))
-        return (
+        text = (
             f"sparsify_for_inference (batch {self.batch_size}): {len(self.replaced)}/{len(self.layers)} "
             f"Linear layers on a sparse kernel ({counts}); measured Linear speedup "
             f"{self.linear_speedup:.2f}x"
         )
+        mc = self.model_check
+        if mc is not None:
+            tried = ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in mc.seconds.items())
+            text += (f"; whole forward {mc.speedup:.2f}x of dense (kept {mc.chosen!r}; medians of "
+                     f"{mc.rounds} interleaved rounds: {tried})")
+            if self.reverted:
+                text += f"; {len(self.reverted)} layers put back to dense"
+        return text
 
 
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -148,12 +205,102 @@ def measure_layer(
     return choice, sel
 
 
+def decode_step_input(model: nn.Module, batch_size: int) -> Callable[[], Any] | None:
+    """A forward call for a Hugging Face causal LM: one decode step of ``batch_size`` tokens.
+
+    Returns None for a model without ``config.vocab_size`` (pass ``example_input`` then).
+    """
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is None:
+        return None
+    dev = next(model.parameters()).device
+    ids = torch.randint(0, int(vocab), (int(batch_size), 1), generator=torch.Generator().manual_seed(0)).to(dev)
+    return lambda: model(input_ids=ids, use_cache=False)
+
+
+def _interleaved_medians(configs: dict[str, Callable[[], None]], call: Callable[[], Any], rounds: int) -> dict[str, float]:
+    """Median seconds of ``call()`` under each configuration, measured in interleaved rounds.
+
+    Each round applies every configuration once (in a rotating order) and times one call, so
+    a change of machine load during the measurement hits all configurations alike.
+    """
+    names = list(configs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.no_grad():
+        for n in names:  # warm-up: first calls pay for allocation and kernel set-up
+            configs[n]()
+            call()
+        for r in range(rounds):
+            for n in names[r % len(names):] + names[: r % len(names)]:
+                configs[n]()
+                t0 = time.perf_counter()
+                call()
+                times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
+def _check_whole_forward(
+    model: nn.Module,
+    report: SparsifyReport,
+    swaps: dict[str, tuple[nn.Module, nn.Module]],
+    call: Callable[[], Any],
+    model_timer: Timer | None,
+    rounds: int,
+    margin: float,
+) -> None:
+    """Time whole forwards with nested subsets of the sparse layers; keep the fastest subset.
+
+    A layer that wins alone can lose in the model (call overhead, a second thread that waits
+    for a busy core, caches shared with the neighbours), so the per-layer choice is checked
+    end to end. Subsets: all chosen layers, then those predicted >= 1.5x / 2x / 3x, then none.
+    A sparse subset is kept only when it beats dense by ``margin``; what it leaves out goes
+    back to ``nn.Linear``, so the result is never slower than dense up to the measured noise.
+    """
+    by_name = {c.name: c for c in report.layers}
+    subsets: dict[str, set[str]] = {"dense": set()}
+    for th in SUBSET_THRESHOLDS:
+        names = {n for n in swaps if by_name[n].speedup >= th}
+        if names and names not in subsets.values():
+            subsets["all" if th == 1.0 else f">={th:g}x"] = names
+
+    def apply(keep: set[str]) -> Callable[[], None]:
+        def go() -> None:
+            for n, (dense, sparse) in swaps.items():
+                _set_module(model, n, sparse if n in keep else dense)
+        return go
+
+    configs = {k: apply(v) for k, v in subsets.items()}
+    if model_timer is not None:
+        seconds = {}
+        with torch.no_grad():
+            for k, go in configs.items():
+                go()
+                seconds[k] = float(model_timer(f"model:{k}", call))
+    else:
+        seconds = _interleaved_medians(configs, call, rounds)
+    best = min((k for k in seconds if k != "dense"), key=lambda k: seconds[k], default="dense")
+    chosen = best if seconds[best] <= seconds["dense"] * (1.0 - margin) else "dense"
+    configs[chosen]()
+    for n in swaps:
+        if n not in subsets[chosen]:
+            c = by_name[n]
+            c.reverted_from, c.kernel = c.kernel, "dense"
+    report.model_check = ModelCheck(seconds, chosen, rounds, margin)
+
+
 def sparsify_for_inference(
     model: nn.Module,
     batch_size: int = 1,
     min_sparsity: float = 0.3,
     kernels: Sequence[str] | None = None,
     timer: Timer | None = None,
+    *,
+    check_model: bool = True,
+    example_input: Callable[[], Any] | None = None,
+    model_timer: Timer | None = None,
+    rounds: int = 7,
+    margin: float = DEFAULT_MARGIN,
 ) -> SparsifyReport:
     """Replace, in place, each eligible ``nn.Linear`` by a :class:`SparseLinear` where it is faster.
 
@@ -165,10 +312,20 @@ def sparsify_for_inference(
     so the model is never made slower (up to measurement noise). Outputs equal the dense
     model's within fp32 round-off. The replaced layers are inference-only (no gradients).
 
-    ``timer(kernel_name, fn) -> seconds`` may be injected (tests use a fake one).
-    Returns a :class:`SparsifyReport`.
+    Then the whole model is checked (``check_model=True``): one forward — ``example_input()``,
+    or for a Hugging Face causal LM a decode step of ``batch_size`` tokens — is timed with
+    dense layers and with nested subsets of the chosen sparse layers, in ``rounds`` interleaved
+    rounds (medians); the fastest subset is kept if it beats dense by ``margin``, and the layers
+    outside it are put back (``report.reverted``, ``report.model_check``). Without an example
+    input (a plain ``nn.Module`` and no ``example_input``) only the per-layer choice applies.
+
+    ``timer(kernel_name, fn) -> seconds`` may be injected (tests use a fake one), and so may
+    ``model_timer(subset_name, fn)`` for the whole-forward check; when a layer ``timer`` is
+    injected without ``model_timer``, the model check is skipped (fake layer times and real
+    model times do not mix). Returns a :class:`SparsifyReport`.
     """
     report = SparsifyReport(batch_size=int(batch_size))
+    swaps: dict[str, tuple[nn.Module, nn.Module]] = {}
     todo = list(eligible_linears(model, min_sparsity))
     for name, lin, s, reason in todo:
         shape = (lin.out_features, lin.in_features)
@@ -179,5 +336,11 @@ def sparsify_for_inference(
         report.layers.append(choice)
         if sel.kernel != "dense":
             b = None if lin.bias is None else lin.bias.detach()
-            _set_module(model, name, SparseLinear(lin.in_features, lin.out_features, sel.kernel, sel.packed, b, sel))
+            sparse = SparseLinear(lin.in_features, lin.out_features, sel.kernel, sel.packed, b, sel)
+            swaps[name] = (lin, sparse)
+            _set_module(model, name, sparse)
+    if check_model and swaps and (timer is None or model_timer is not None):
+        call = example_input or decode_step_input(model, batch_size)
+        if call is not None:
+            _check_whole_forward(model, report, swaps, call, model_timer, int(rounds), float(margin))
     return report

@@ -1,0 +1,101 @@
+"""sparsify_for_inference checks a whole forward against dense and puts back what does not pay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import sparsetorch
+from sparsetorch.inference import SparseLinear, sparsify_for_inference
+
+pytest.importorskip("scipy")
+
+#: per-layer sparse time by output width (dense = 1.0): layer 0 5x, layer 2 1.67x, layer 4 1.11x
+_SPARSE_TIME = {96: 0.2, 64: 0.6, 10: 0.9}
+
+
+def _layer_timer(name, fn):
+    out = fn()
+    return 1.0 if name == "dense" else _SPARSE_TIME[out.shape[-1]]
+
+
+def _tiny() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(40, 96), nn.GELU(), nn.Linear(96, 64), nn.GELU(), nn.Linear(64, 10))
+    sparsetorch.prune(m, "magnitude", 0.8)
+    return m.eval()
+
+
+def _run(model_times: dict[str, float]):
+    m = _tiny()
+    originals = {i: m[i] for i in (0, 2, 4)}
+    x = torch.randn(1, 40)
+    with torch.no_grad():
+        ref = m(x)
+    seen: list[str] = []
+
+    def model_timer(name, fn):
+        fn()  # the forward really runs under the subset being timed
+        seen.append(name)
+        return model_times[name.removeprefix("model:")]
+
+    rep = sparsify_for_inference(m, kernels=["scipy"], timer=_layer_timer, example_input=lambda: m(x),
+                                 model_timer=model_timer)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+    return m, originals, rep, seen
+
+
+def test_subsets_are_nested_by_predicted_speedup() -> None:
+    _, _, rep, seen = _run({"dense": 1.0, "all": 0.5, ">=1.5x": 0.6, ">=2x": 0.7})
+    # >=3x selects the same single layer as >=2x, so it is not timed twice
+    assert seen == ["model:dense", "model:all", "model:>=1.5x", "model:>=2x"]
+    assert rep.model_check is not None and rep.model_check.chosen == "all"
+    assert len(rep.replaced) == 3 and not rep.reverted
+
+
+def test_everything_put_back_when_the_whole_forward_is_slower() -> None:
+    m, originals, rep, _ = _run({"dense": 1.0, "all": 1.3, ">=1.5x": 1.1, ">=2x": 0.99})
+    # 0.99 is inside the 5% margin: not a real win, dense is kept
+    assert rep.model_check.chosen == "dense" and rep.model_check.speedup == 1.0
+    assert all(m[i] is originals[i] for i in (0, 2, 4))  # the original nn.Linear objects are back
+    assert not rep.replaced and {c.name for c in rep.reverted} == {"0", "2", "4"}
+    assert all(c.kernel == "dense" and c.reverted_from == "scipy" for c in rep.reverted)
+    assert rep.linear_speedup == 1.0  # the report describes the model as it now is
+    assert "put back to dense" in str(rep) and rep.to_dict()["reverted"] == ["0", "2", "4"]
+
+
+def test_only_the_layers_of_the_fastest_subset_stay_sparse() -> None:
+    m, originals, rep, _ = _run({"dense": 1.0, "all": 0.9, ">=1.5x": 0.8, ">=2x": 0.7})
+    assert rep.model_check.chosen == ">=2x"
+    assert isinstance(m[0], SparseLinear)
+    assert m[2] is originals[2] and m[4] is originals[4]
+    assert [c.name for c in rep.replaced] == ["0"] and {c.name for c in rep.reverted} == {"2", "4"}
+    assert rep.model_check.speedup == pytest.approx(1.0 / 0.7)
+
+
+def test_real_measurement_runs_interleaved_and_keeps_outputs(tiny_llama) -> None:
+    m = tiny_llama
+    sparsetorch.prune(m, "magnitude", 0.8)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = m(input_ids=ids).logits
+    # fake layer times make every layer sparse; the model check is real (HF decode step input)
+    rep = sparsify_for_inference(m, kernels=["scipy"], timer=lambda n, fn: 1.0 if n == "dense" else 0.1,
+                                 model_timer=None, check_model=True)
+    assert rep.model_check is None  # a fake layer timer without model_timer: the check is skipped
+    rep2 = sparsify_for_inference(m, kernels=["scipy"], rounds=3)
+    with torch.no_grad():
+        torch.testing.assert_close(m(input_ids=ids).logits, ref, atol=1e-4, rtol=1e-4)
+    mc = rep2.model_check
+    if rep2.replaced or rep2.reverted:  # something was chosen per layer, so the model was checked
+        assert mc is not None and mc.rounds == 3 and "dense" in mc.seconds and mc.chosen in mc.seconds
+        assert mc.chosen == "dense" or mc.seconds[mc.chosen] <= mc.seconds["dense"] * (1 - mc.margin)
+
+
+def test_check_model_false_keeps_the_per_layer_choice() -> None:
+    m = _tiny()
+    rep = sparsify_for_inference(m, kernels=["scipy"], timer=_layer_timer, example_input=lambda: m(torch.randn(1, 40)),
+                                 model_timer=lambda n, fn: 9.0 if n != "model:dense" else 1.0, check_model=False)
+    assert rep.model_check is None and len(rep.replaced) == 3
