@@ -143,22 +143,77 @@ def plot_sparsity(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str
     return target
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def folder_member(folder: str | os.PathLike[str], name: object, *, source: str = "") -> Path:
+    """``folder / name`` for a file name read from a file (``weight_map`` entry ...), refused with
+    :class:`CheckpointError` when it would leave ``folder``: not a string, empty, absolute, a
+    drive, a ``..`` part, a backslash or NUL, or a symlink that resolves outside ``folder``.
+
+    The one allowed way out is the Hugging Face hub cache layout, where
+    ``snapshots/<rev>/<file>`` are symlinks into the sibling ``blobs/`` folder.
+    """
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    where = f" (in {source})" if source else ""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise CheckpointError(f"weight file name {name!r}{where} is not a plain relative file name; "
+                              "the index is corrupt or crafted.")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or PureWindowsPath(name).drive or ".." in pure.parts:
+        raise CheckpointError(f"weight file name {name!r}{where} points outside the model folder "
+                              "(absolute path or '..'); refusing to read it. The index is corrupt "
+                              "or crafted.")
+    root = Path(folder).resolve()
+    path = Path(folder) / pure
+    real = path.resolve()
+    hub_blob = root.parent.name == "snapshots" and real.parent == root.parent.parent / "blobs"
+    if root not in real.parents and not hub_blob:
+        raise CheckpointError(f"weight file {path}{where} is a symlink to {real}, outside the model "
+                              "folder; refusing to read it.")
+    return path
+
+
+def read_weight_index(folder: str | os.PathLike[str]) -> list[Path]:
+    """The weight files named by ``model.safetensors.index.json`` of ``folder``, each checked by
+    :func:`folder_member`; :class:`CheckpointError` for a malformed index."""
+    index = Path(folder) / INDEX_FILE
+    try:
+        doc = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{index} is corrupt: {exc}") from exc
+    wmap = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wmap, dict) or not wmap:
+        raise CheckpointError(f"{index} is corrupt: it needs a non-empty 'weight_map' object "
+                              "{tensor name: file name}. Re-save the model.")
+    files = []
+    for tensor, fname in wmap.items():
+        if not isinstance(fname, str):
+            raise CheckpointError(f"{index} is corrupt: weight_map[{tensor!r}] is {fname!r}, not a file name.")
+        if fname not in files:
+            files.append(fname)
+    return [folder_member(folder, f, source=str(index)) for f in sorted(files)]
+
+
 def load_folder_weights(folder: str | os.PathLike[str]) -> dict[str, Tensor]:
-    """Read every tensor of the safetensors weight files of a model folder (masks excluded)."""
+    """Read every tensor of the safetensors weight files of a model folder (masks excluded).
+
+    With ``model.safetensors.index.json`` the files it names are read (:func:`read_weight_index`:
+    entries that leave the folder are refused), otherwise every ``*.safetensors`` file.
+    """
     from safetensors.torch import load_file
 
+    from ..atomic import recover_dir
+
     d = Path(folder)
+    recover_dir(d)  # a folder swap interrupted by a kill: put the previous folder back
     if not d.is_dir():
         raise CheckpointError(f"{d} is not a directory; pass the folder written by `sparsetorch prune --out`.")
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{index} is corrupt: {exc}") from exc
-        paths = [d / f for f in files]
+    if (d / INDEX_FILE).is_file():
+        paths = read_weight_index(d)
     else:
-        paths = sorted(p for p in d.glob("*.safetensors") if p.name != MASKS_FILE)
+        paths = [folder_member(d, p.name) for p in sorted(d.glob("*.safetensors")) if p.name != MASKS_FILE]
     if not paths:
         raise CheckpointError(f"{d} holds no *.safetensors weight files.")
     out: dict[str, Tensor] = {}
@@ -167,6 +222,8 @@ def load_folder_weights(folder: str | os.PathLike[str]) -> dict[str, Tensor]:
             out.update(load_file(str(p)))
         except FileNotFoundError:
             raise CheckpointError(f"weight file {p} listed in the index is missing.") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"weight file {p} listed in the index is a folder.") from None
         except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
             raise CheckpointError(f"weight file {p} is corrupt: {exc}") from exc
     return out
