@@ -99,3 +99,31 @@ def test_check_model_false_keeps_the_per_layer_choice() -> None:
     rep = sparsify_for_inference(m, kernels=["scipy"], timer=_layer_timer, example_input=lambda: m(torch.randn(1, 40)),
                                  model_timer=lambda n, fn: 9.0 if n != "model:dense" else 1.0, check_model=False)
     assert rep.model_check is None and len(rep.replaced) == 3
+
+
+def test_interleaved_medians_runs_setup_before_each_block_and_rotates() -> None:
+    from sparsetorch.inference.bench import interleaved_medians
+
+    log: list[str] = []
+    fns = {k: (lambda k=k: log.append(k)) for k in "abc"}
+    setup = {k: (lambda k=k: log.append(k.upper())) for k in "abc"}
+    out = interleaved_medians(fns, repeats=2, rounds=3, setup=setup)
+    assert set(out) == {"a", "b", "c"} and all(v >= 0 for v in out.values())
+    blocks = "".join(log)
+    assert blocks.startswith("AaBbCc")  # warm-up: one call each after its setup
+    assert blocks[6:] == "AaaBbbCcc" + "BbbCccAaa" + "CccAaaBbb"  # rounds rotate the order
+
+
+def test_decode_tokens_per_s_is_the_median_not_the_best(monkeypatch) -> None:
+    from sparsetorch.inference import bench
+
+    monkeypatch.setattr(bench, "decode_runs", lambda *a, **k: [10.0, 30.0, 11.0])
+    assert bench.decode_tokens_per_s(None, None) == 11.0
+
+
+def test_decode_runs_measures_each_repeat(tiny_llama) -> None:
+    from sparsetorch.inference.bench import decode_runs
+
+    ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(0))
+    runs = decode_runs(tiny_llama.eval(), ids, new_tokens=3, repeats=4)
+    assert len(runs) == 4 and all(r > 0 for r in runs)

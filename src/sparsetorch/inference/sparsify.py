@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -12,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bench import interleaved_medians
 from .linear import SparseLinear
 from .select import DEFAULT_MARGIN, Selection, Timer, select_kernel
 
@@ -219,27 +218,6 @@ def decode_step_input(model: nn.Module, batch_size: int) -> Callable[[], Any] | 
     return lambda: model(input_ids=ids, use_cache=False)
 
 
-def _interleaved_medians(configs: dict[str, Callable[[], None]], call: Callable[[], Any], rounds: int) -> dict[str, float]:
-    """Median seconds of ``call()`` under each configuration, measured in interleaved rounds.
-
-    Each round applies every configuration once (in a rotating order) and times one call, so
-    a change of machine load during the measurement hits all configurations alike.
-    """
-    names = list(configs)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.no_grad():
-        for n in names:  # warm-up: first calls pay for allocation and kernel set-up
-            configs[n]()
-            call()
-        for r in range(rounds):
-            for n in names[r % len(names):] + names[: r % len(names)]:
-                configs[n]()
-                t0 = time.perf_counter()
-                call()
-                times[n].append(time.perf_counter() - t0)
-    return {n: statistics.median(v) for n, v in times.items()}
-
-
 def _check_whole_forward(
     model: nn.Module,
     report: SparsifyReport,
@@ -253,7 +231,8 @@ def _check_whole_forward(
 
     A layer that wins alone can lose in the model (call overhead, a second thread that waits
     for a busy core, caches shared with the neighbours), so the per-layer choice is checked
-    end to end. Subsets: all chosen layers, then those predicted >= 1.5x / 2x / 3x, then none.
+    end to end. Subsets: all chosen layers, then those predicted >= 1.5x / 2x / 3x, then none;
+    each timed as the median of 3 calls per round over ``rounds`` interleaved rounds.
     A sparse subset is kept only when it beats dense by ``margin``; what it leaves out goes
     back to ``nn.Linear``, so the result is never slower than dense up to the measured noise.
     """
@@ -271,14 +250,14 @@ def _check_whole_forward(
         return go
 
     configs = {k: apply(v) for k, v in subsets.items()}
-    if model_timer is not None:
-        seconds = {}
-        with torch.no_grad():
+    with torch.no_grad():
+        if model_timer is not None:
+            seconds = {}
             for k, go in configs.items():
                 go()
                 seconds[k] = float(model_timer(f"model:{k}", call))
-    else:
-        seconds = _interleaved_medians(configs, call, rounds)
+        else:
+            seconds = interleaved_medians({k: call for k in configs}, repeats=3, rounds=rounds, setup=configs)
     best = min((k for k in seconds if k != "dense"), key=lambda k: seconds[k], default="dense")
     chosen = best if seconds[best] <= seconds["dense"] * (1.0 - margin) else "dense"
     configs[chosen]()
