@@ -371,22 +371,26 @@ def recover_dir(path: PathLike) -> bool:
 
 # --------------------------------------------------------------------------- single files
 def _new_temp_file(target: Path) -> Path:
-    """Create an empty temporary file next to ``target``: mode 0o666 & ~umask (or the mode of the
-    file it will replace), like an ordinary ``open(path, "w")``."""
+    """Create an empty temporary file next to ``target`` with mode 0o666 & ~umask, like an
+    ordinary ``open(path, "w")`` of a new file."""
     while True:
         tmp = _temp_name(target)
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:  # pragma: no cover - 32 random bits collided
             continue
-        try:
-            with contextlib.suppress(OSError):
-                st = os.stat(target)
-                if stat.S_ISREG(st.st_mode):
-                    os.fchmod(fd, stat.S_IMODE(st.st_mode))
-        finally:
-            os.close(fd)
+        os.close(fd)
         return tmp
+
+
+def _existing_mode(target: Path) -> int | None:
+    """Permission bits of the regular file ``target`` replaces (kept, as ``open(path, "w")``
+    keeps them), or None."""
+    try:
+        st = os.stat(target)
+    except OSError:
+        return None
+    return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
 
 
 def _link_noreplace(tmp: Path, target: Path) -> None:
@@ -431,6 +435,9 @@ def atomic_path(path: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     tmp = _new_temp_file(target)
     try:
         yield tmp
+        mode = _existing_mode(target)
+        if mode is not None:  # after the writes: a read-only mode must not block the writer
+            os.chmod(tmp, mode)
         _fsync_file(tmp)
         if overwrite:
             if target.is_dir():

@@ -311,6 +311,9 @@ def test_replacing_a_file_keeps_its_mode(tmp_path):
     os.chmod(f, 0o640)
     atomic_write_text(f, "2")
     assert stat.S_IMODE(os.stat(f).st_mode) == 0o640
+    os.chmod(f, 0o444)  # read-only: replacing it by name still works, the mode stays
+    atomic_write_text(f, "3")
+    assert f.read_text() == "3" and stat.S_IMODE(os.stat(f).st_mode) == 0o444
 
 
 # --------------------------------------------------------------------------- save_hf_model uses all of it
