@@ -80,3 +80,20 @@ def test_cli_report_on_a_crafted_index_exits_2_without_traceback(folder, capsys)
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "CheckpointError" in err and "Traceback" not in err
+
+
+def test_load_causal_lm_refuses_a_crafted_index_transformers_would_follow(tmp_path):
+    pytest.importorskip("transformers")
+    from tiny_models import make_tiny_llama
+
+    from sparsetorch.data.llm import load_causal_lm
+
+    d = tmp_path / "m"
+    make_tiny_llama().save_pretrained(d, max_shard_size="100KB")
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    (d / first).rename(tmp_path / first)  # transformers alone would read it from outside the folder
+    index["weight_map"] = {k: ("../" + v if v == first else v) for k, v in index["weight_map"].items()}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="outside"):
+        load_causal_lm(d, progress=False)

@@ -175,10 +175,11 @@ def folder_member(folder: str | os.PathLike[str], name: object, *, source: str =
     return path
 
 
-def read_weight_index(folder: str | os.PathLike[str]) -> list[Path]:
-    """The weight files named by ``model.safetensors.index.json`` of ``folder``, each checked by
-    :func:`folder_member`; :class:`CheckpointError` for a malformed index."""
-    index = Path(folder) / INDEX_FILE
+def read_weight_index(folder: str | os.PathLike[str], name: str = INDEX_FILE) -> list[Path]:
+    """The weight files named by the index ``name`` (``model.safetensors.index.json``, or
+    ``pytorch_model.bin.index.json`` ...) of ``folder``, each checked by :func:`folder_member`;
+    :class:`CheckpointError` for a malformed index."""
+    index = Path(folder) / name
     try:
         doc = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:

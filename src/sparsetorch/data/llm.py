@@ -117,6 +117,18 @@ def _weight_file_errors() -> tuple[type[BaseException], ...]:
     return (SafetensorError,)
 
 
+def check_weight_indexes(folder: str | os.PathLike[str]) -> None:
+    """Validate every ``*.index.json`` weight index of a model folder before transformers reads
+    it: transformers opens ``folder / entry`` for each ``weight_map`` entry unchecked, so a
+    crafted ``../`` or absolute entry would read a file outside the folder. Raises
+    :class:`~sparsetorch.errors.CheckpointError` (see
+    :func:`sparsetorch.analysis.report.read_weight_index`)."""
+    from ..analysis.report import read_weight_index
+
+    for index in sorted(Path(folder).glob("*.index.json")):
+        read_weight_index(folder, index.name)
+
+
 def load_causal_lm(
     name_or_path: str | os.PathLike[str] = "smollm2",
     dtype: torch.dtype = torch.float32,
@@ -134,6 +146,7 @@ def load_causal_lm(
     elif path.is_dir() or recover_dir(path):
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} has no config.json; pass a Hugging Face model folder or 'smollm2'.")
+        check_weight_indexes(path)
         folder, kwargs = str(path), {}
     else:
         raise ModelError(

@@ -147,6 +147,9 @@ def prune_pretrained(
     if not (src / "config.json").is_file():
         raise CheckpointError(f"{src} is not a Hugging Face model folder (no config.json).")
     out = check_output_dir(out_dir, inputs=[src], overwrite=overwrite)
+    from ..data.llm import check_weight_indexes
+
+    check_weight_indexes(src)  # its index files are copied to the output: refuse crafted ones
     pat = parse_pattern(pattern)
     s = pat.resolve_sparsity(sparsity)
     index = _tensor_index(src)
