@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -29,7 +31,9 @@ FORMATS = ["auto", "dense", "bitmask", "csr", "n:m"]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
+    if t.dtype == torch.bool:
+        return t
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}[t.element_size()])
 
 
 def same_bits(a: dict, b: dict) -> None:
@@ -65,7 +69,7 @@ def test_unstructured_masks_and_formats_recorded(tmp_path):
     model, masks = pruned_llama(torch.float16, "unstructured", 0.7)
     path = save(model, tmp_path / "m.safetensors", masks=masks, metadata={"run": "test"})
     h = read_header(path)
-    assert h["format"] == "sparsetorch-compressed" and h["format_version"] == 1
+    assert h["format"] == "sparsetorch-compressed" and h["format_version"] == 2 and h["checksum"] == "sha256"
     assert h["library"] == "sparsetorch" and h["library_version"] == sparsetorch.__version__
     assert h["user_metadata"] == {"run": "test"}
     assert h["hf_config"]["model_type"] == "llama"
@@ -91,6 +95,7 @@ def test_save_without_masks_uses_default_targets(tmp_path):
     assert "model.embed_tokens.weight" not in masks and "model.layers.0.mlp.up_proj.weight" in masks
     h = read_header(path)["tensors"]["model.layers.0.mlp.up_proj.weight"]
     assert h["format"] == "n:m" and h["params"] == {"n": 2, "m": 4, "index_bits": 3}
+    assert h["pattern"] == "2:4"  # the pattern the writer inferred and used, not "unstructured"
     masks.verify(model)
 
 
@@ -192,15 +197,273 @@ def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
 
 
 def test_no_pickle_plain_safetensors(tmp_path):
-    """The file is a plain safetensors file: any safetensors reader opens it; dense tensors keep their names."""
+    """The file is nothing but a safetensors container: u64 header length, one JSON object, then
+    byte ranges that tile the rest of the file exactly -- no pickle stream, no torch.save zip."""
     from safetensors.torch import load_file
 
     model, masks = pruned_llama(torch.float16)
     path = save(model, tmp_path / "m.safetensors", masks=masks)
-    raw = load_file(str(path))
+    data = path.read_bytes()
+    assert not data.startswith(b"PK\x03\x04") and not data.startswith(b"\x80")  # zip / pickle PROTO
+    (n,) = struct.unpack("<Q", data[:8])
+    assert (8 + n) % 8 == 0
+    head = data[8 : 8 + n].decode("utf-8")
+    assert head.startswith("{") and head.rstrip(" ").endswith("}")
+    entries = json.loads(head)
+    meta = entries.pop("__metadata__")
+    assert set(meta) == {"sparsetorch", "sparsetorch.sha256"}
+    spans = sorted(tuple(e["data_offsets"]) for e in entries.values())
+    pos = 8 + n
+    for b, e in spans:
+        assert 8 + n + b == pos
+        pos = 8 + n + e
+    assert pos == len(data)
+    raw = load_file(str(path))  # the safetensors library reads it too, with the same tensors
+    assert set(raw) == set(entries)
     assert torch.equal(raw["model.norm.weight"], model.model.norm.weight)
     assert "model.layers.0.mlp.up_proj.weight::values" in raw
-    assert b"pickle" not in path.read_bytes()[:16] and path.read_bytes()[8:9] == b"{"
+    ck = hashlib.sha256(meta["sparsetorch"].encode() + data[8 + n :]).hexdigest()
+    assert meta["sparsetorch.sha256"] == ck
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 1, bias=False)
+        self.bn2 = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 4)
+
+
+def test_cnn_with_batchnorm_roundtrips(tmp_path):
+    """num_batches_tracked is a 0-d int64 tensor: stored with shape [] (not [1]) and read back by
+    the torch loader and the numpy reader."""
+    from sparsetorch.export import read
+
+    torch.manual_seed(0)
+    net = BNNet()
+    net.train()
+    net.bn(net.conv(torch.randn(2, 3, 8, 8)))  # running stats and num_batches_tracked = 1
+    masks = sparsetorch.prune(net, "magnitude", 0.5).masks
+    path = save(net, tmp_path / "bn.safetensors", masks=masks)
+    assert read_header(path)["tensors"]["bn.num_batches_tracked"]["shape"] == []
+    fresh = BNNet()
+    load(path, fresh)
+    same_bits(net.state_dict(), fresh.state_dict())
+    assert fresh.bn.num_batches_tracked.shape == () and int(fresh.bn.num_batches_tracked) == 1
+    arrays = read(path)
+    for k, v in net.state_dict().items():
+        assert arrays[k].shape == tuple(v.shape) and arrays[k].tobytes() == v.numpy().tobytes(), k
+
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
+              torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.bool]
+
+
+@pytest.mark.parametrize("fmt", ["auto", "dense", "bitmask", "csr"])
+def test_every_dtype_and_scalars_roundtrip(tmp_path, fmt):
+    """Every dtype, as a 0-d scalar, 1-D and 2-D (targeted and not), through save -> load_state_dict
+    and through the numpy reader (bf16 as uint16 bits)."""
+    from sparsetorch.export import read
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for dt in ALL_DTYPES:
+        base = (torch.randn(6, 8, generator=g) * 40).to(torch.int64).clamp(0, 100)
+        name = str(dt).removeprefix("torch.")
+        state[f"{name}.scalar"] = base[0, 0].to(dt)
+        state[f"{name}.vector"] = base[0].to(dt)
+        state[f"{name}.matrix"] = base.to(dt)
+    targets = [k for k in state if not k.endswith(".scalar")]
+    path = save(state, tmp_path / "d.safetensors", format=fmt, targets=targets)
+    sd, _ = load_state_dict(path)
+    arrays = read(path)
+    for k, t in state.items():
+        assert sd[k].dtype == t.dtype and sd[k].shape == t.shape, k
+        assert torch.equal(sd[k], t), k
+        ref = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+        assert arrays[k].shape == ref.shape and arrays[k].dtype == ref.dtype and arrays[k].tobytes() == ref.tobytes(), k
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1])
+@pytest.mark.parametrize("fmt", ["auto", "dense", "bitmask", "csr"])
+def test_mask_with_kept_zeros_roundtrips(tmp_path, fmt, sparsity):
+    """A kept weight that is exactly 0 stays kept: the dense format stores the mask too (auto picks
+    dense when (almost) everything is kept)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16, bias=False))
+    masks = sparsetorch.prune(net, "magnitude", sparsity).masks
+    with torch.no_grad():
+        net[0].weight[masks["0.weight"]] = torch.where(torch.rand(int(masks["0.weight"].sum())) < 0.3, 0.0, 1.0)
+    path = save(net, tmp_path / "z.safetensors", format=fmt, masks=masks)
+    if fmt == "auto" and sparsity == 0.0:
+        assert read_header(path)["tensors"]["0.weight"]["format"] == "dense"
+    _, lmasks = load(path, nn.Sequential(nn.Linear(16, 16, bias=False)))
+    assert torch.equal(lmasks["0.weight"], masks["0.weight"])
+
+
+def test_unstructured_mask_never_padded_into_nm(tmp_path):
+    """With a MaskSet, n:m (which pads groups with fewer than n kept) is used only when every group
+    keeps exactly n, so the loaded mask is the saved one."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 16, bias=False))
+    mask = torch.zeros(16, 64, dtype=torch.bool)
+    mask.view(-1, 16)[torch.arange(0, 64, 2), torch.randint(0, 16, (32,))] = True  # <= 1 per group of 16
+    masks = MaskSet({"0.weight": mask}, "unstructured")
+    masks.apply(net)
+    path = save(net, tmp_path / "u.safetensors", masks=masks)
+    entry = read_header(path)["tensors"]["0.weight"]
+    assert entry["format"] != "n:m" and entry["pattern"] == "unstructured"
+    _, lmasks = load_state_dict(path)
+    assert torch.equal(lmasks["0.weight"], mask)
+    with pytest.raises(sparsetorch.PatternError, match="exactly N"):
+        save(net, tmp_path / "u2.safetensors", format="n:m", masks=masks)
+
+
+def test_tied_names_keep_their_masks(tmp_path):
+    model, masks = pruned_llama(pattern="unstructured")
+    emb = model.model.embed_tokens.weight
+    m = torch.rand(emb.shape) < 0.5
+    with torch.no_grad():
+        emb.mul_(m)
+    both = MaskSet({**masks.masks, "model.embed_tokens.weight": m, "lm_head.weight": m},
+                   {**masks.patterns, "model.embed_tokens.weight": "unstructured", "lm_head.weight": "unstructured"})
+    path = save(model, tmp_path / "t.safetensors", masks=both)
+    assert read_header(path)["tensors"]["lm_head.weight"] == {"tied_to": "model.embed_tokens.weight", "masked": True}
+    _, lmasks = load_state_dict(path)
+    assert set(lmasks.names()) == set(both.names())
+    assert torch.equal(lmasks["lm_head.weight"], m)
+    other = MaskSet({**both.masks, "lm_head.weight": ~m}, both.patterns)
+    with pytest.raises(CheckpointError, match="tied.*masks differ"):
+        save(model, tmp_path / "t2.safetensors", masks=other)
+
+
+def test_save_errors_are_typed(tmp_path):
+    from sparsetorch.errors import ModelError
+
+    with torch.device("meta"):
+        meta = nn.Linear(4, 4)
+    with pytest.raises(ModelError, match="meta device.*to_empty"):
+        save(meta, tmp_path / "m.safetensors")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(CheckpointError, match="afile is a file, not a folder"):
+        save(nn.Linear(2, 2), tmp_path / "afile" / "sub" / "m.safetensors")
+    with pytest.raises(ModelError, match="nn.Module or a state dict"):
+        save([torch.zeros(2)], tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="not a tensor"):
+        save({"a": torch.zeros(2), "b": 3}, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="complex"):
+        save({"a": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "m.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_load_compares_names_and_shapes_before_decoding(tmp_path, monkeypatch):
+    from sparsetorch.export import reader
+
+    model, masks = pruned_llama()
+    path = save(model, tmp_path / "m.safetensors", masks=masks)
+    decoded = []
+    real_get = reader.Checkpoint.get
+    monkeypatch.setattr(reader.Checkpoint, "get", lambda self, name, *a, **k: decoded.append(name) or real_get(self, name, *a, **k))
+    with pytest.raises(CheckpointError, match="shape"):
+        load(path, make_tiny_llama(intermediate=256))
+    with pytest.raises(CheckpointError, match="the model has this tensor"):
+        load(path, make_tiny_llama(layers=3))
+    assert decoded == []
+    load(path, make_tiny_llama(seed=1))
+    assert len(decoded) == len([n for n in model.state_dict() if n != "lm_head.weight"])
+    with pytest.raises(sparsetorch.errors.ModelError, match="load_state_dict"):
+        load(path, model.state_dict())
+
+
+def test_max_bytes_limit(tmp_path):
+    from sparsetorch.errors import LimitError
+
+    model, masks = pruned_llama()
+    path = save(model, tmp_path / "m.safetensors", masks=masks)
+    with pytest.raises(LimitError, match="max_bytes"):
+        load_state_dict(path, max_bytes=1000)
+    with pytest.raises(LimitError, match="max_bytes"):
+        load(path, make_tiny_llama(), max_bytes=1000)
+    with pytest.raises(LimitError, match="max_bytes"):
+        load_hf(path, max_bytes=1000)
+    with pytest.raises(LimitError, match="max_bytes must be"):
+        load_state_dict(path, max_bytes=-1)
+    sd, _ = load_state_dict(path, max_bytes=10**9)
+    same_bits(model.state_dict(), sd)
+
+
+def _with_config(path, tmp_path, **changes):
+    import format_spec_impl as spec
+
+    def edit(h):
+        h["hf_config"].update(changes)
+
+    out = tmp_path / "edited.safetensors"
+    out.write_bytes(spec.rewrite(path.read_bytes(), edit_header=edit))
+    return out
+
+
+@pytest.fixture
+def no_real_build(monkeypatch):
+    """Record every from_config that builds a model outside the meta device (real memory)."""
+    transformers = pytest.importorskip("transformers")
+    real = transformers.AutoModelForCausalLM.from_config
+    calls = []
+
+    def spy(*a, **k):
+        if torch.get_default_device().type != "meta":
+            calls.append(a)
+        return real(*a, **k)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", spy)
+    return calls
+
+
+def test_hf_config_bomb_rejected_before_allocating(tmp_path, no_real_build):
+    """A config asking for a far larger model than the stored tensors (vocab 2e6 x hidden 8192 would
+    be 65 GB) is compared on the meta device and refused before any real build."""
+    model, masks = pruned_llama()
+    path = save(model, tmp_path / "m.safetensors", masks=masks)
+    bomb = _with_config(path, tmp_path, vocab_size=2_000_000, hidden_size=8192, intermediate_size=8192)
+    with pytest.raises(CheckpointError, match="shape"):
+        sparsetorch.load(bomb)
+    deep = _with_config(path, tmp_path, num_hidden_layers=10**6)
+    with pytest.raises(CheckpointError, match="layers"):
+        load_hf(deep)
+    assert no_real_build == []
+    load_hf(path)
+    assert len(no_real_build) == 1
+
+
+@pytest.mark.parametrize("change", [{"hidden_size": -64}, {"intermediate_size": "128"}, {"num_attention_heads": 4.5},
+                                    {"vocab_size": None, "model_type": "nonsense"}])
+def test_bad_hf_config_is_a_typed_error(tmp_path, change, no_real_build):
+    model, masks = pruned_llama()
+    path = save(model, tmp_path / "m.safetensors", masks=masks)
+    with pytest.raises(CheckpointError, match="config"):
+        load_hf(_with_config(path, tmp_path, **change))
+    assert no_real_build == []
+
+
+def test_overwrite_false_refuses_existing_file(tmp_path):
+    from sparsetorch.errors import OutputExistsError
+
+    path = save(nn.Linear(2, 2), tmp_path / "m.safetensors")
+    before = path.read_bytes()
+    with pytest.raises(OutputExistsError):
+        save(nn.Linear(2, 2), path, overwrite=False)
+    assert path.read_bytes() == before
+
+
+def test_checksum_optional_and_cost_free_to_read(tmp_path):
+    net = nn.Linear(8, 8)
+    plain = save(net, tmp_path / "p.safetensors", checksum=False)
+    h = read_header(plain)
+    assert "checksum" not in h and h["format_version"] == 2
+    sd, _ = load_state_dict(plain)
+    assert torch.equal(sd["weight"], net.weight)
 
 
 def test_load_hf_rebuilds_and_generates_the_same(tmp_path):

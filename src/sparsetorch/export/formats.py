@@ -8,11 +8,12 @@ format. Arrays are numpy arrays; ``bfloat16`` data is carried as its raw ``uint1
 Every format turns one tensor into named *parts* (plain 1-D or N-D arrays stored as
 safetensors tensors) plus a few integer *params* written into the JSON header, and back:
 
-* ``dense``   - ``values``: the tensor itself.
+* ``dense``   - ``values``: the tensor itself; a masked tensor also has ``mask``: its mask
+  packed like ``bitmask`` below (so kept positions whose value is exactly 0 survive).
 * ``bitmask`` - ``bitmask``: ``uint8[ceil(numel/8)]``, one bit per element in C order,
   little bit order (element ``i`` is bit ``i % 8`` of byte ``i // 8``), 1 = stored;
   ``values``: the stored elements in C order.
-* ``csr``     - over the 2-D view ``[shape[0], numel/shape[0]]`` (1-D tensors: ``[1, n]``):
+* ``csr``     - over the 2-D view ``[shape[0], prod(shape[1:])]`` (1-D tensors: ``[1, n]``):
   ``row_ptr`` (``rows + 1`` entries), ``col_idx`` (strictly increasing inside each row) and
   ``values``; both index arrays use the smallest unsigned type that holds their largest value.
 * ``n:m``     - exactly ``n`` stored elements in every group of ``m`` consecutive elements
@@ -20,6 +21,9 @@ safetensors tensors) plus a few integer *params* written into the JSON header, a
   ``indices``: one code per group, the rank of its set of positions among all ``n``-subsets
   of ``range(m)`` in lexicographic order, packed ``index_bits = max(1, bit_length(C(m,n)-1))``
   bits per group, little-endian bit order (3 bits per group for 2:4).
+
+Every part except ``dense`` ``values`` is 1-D. "Non-zero" always means *numerically* non-zero:
+``-0.0`` (bf16 bits ``0x8000``) is zero, NaN is non-zero.
 
 Decoders validate everything they read and raise :class:`FormatError` (a ``ValueError``)
 with a precise reason; callers turn it into a ``CheckpointError`` naming the tensor.
@@ -48,8 +52,11 @@ __all__ = [
     "nm_groups",
     "nm_ungroup",
     "index_dtype",
+    "contiguous",
     "pack_bits",
     "unpack_bits",
+    "pack_mask",
+    "unpack_mask",
     "Dense",
     "Bitmask",
     "CSR",
@@ -81,6 +88,9 @@ DTYPES: dict[str, tuple[np.dtype, str, int]] = {
     "int32": (np.dtype("<i4"), "I32", 4),
     "int16": (np.dtype("<i2"), "I16", 2),
     "int8": (np.dtype("i1"), "I8", 1),
+    "uint64": (np.dtype("<u8"), "U64", 8),
+    "uint32": (np.dtype("<u4"), "U32", 4),
+    "uint16": (np.dtype("<u2"), "U16", 2),
     "uint8": (np.dtype("u1"), "U8", 1),
     "bool": (np.dtype("bool"), "BOOL", 1),
 }
@@ -104,6 +114,10 @@ def to_numpy(x: Any, dtype: str | None = None) -> tuple[np.ndarray, str]:
     torch = sys.modules.get("torch")
     if torch is None or not isinstance(x, torch.Tensor):
         raise FormatError(f"expected a numpy array or torch tensor, got {type(x).__name__}")
+    if x.is_meta:
+        raise FormatError("tensor is on the meta device and has no data")
+    if x.layout != torch.strided:
+        raise FormatError(f"{x.layout} tensors are not supported; convert it with .to_dense()")
     t = x.detach().cpu().contiguous()
     name = str(t.dtype).removeprefix("torch.")
     if name not in DTYPES:
@@ -113,8 +127,14 @@ def to_numpy(x: Any, dtype: str | None = None) -> tuple[np.ndarray, str]:
     return t.numpy(), name
 
 
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """``a`` as a C-contiguous array *of the same shape* (``np.ascontiguousarray`` turns a 0-d
+    array into shape ``(1,)``, which would store a scalar with the wrong shape)."""
+    return a if a.flags.c_contiguous else np.array(a, order="C")
+
+
 def nonzero(a: np.ndarray, dtype_name: str) -> np.ndarray:
-    """``tensor != 0`` (so -0.0 counts as zero and NaN as non-zero), also for bf16 bits."""
+    """Numerically non-zero (so -0.0 counts as zero and NaN as non-zero), also for bf16 bits."""
     if dtype_name == "bfloat16":
         return (a & np.uint16(0x7FFF)) != 0
     return a != 0
@@ -153,7 +173,7 @@ def nm_groups(a: np.ndarray, m: int) -> np.ndarray:
     """
     if a.ndim > 2:
         a = np.transpose(a, (0, *range(2, a.ndim), 1))
-    return np.ascontiguousarray(a).reshape(-1, m)
+    return contiguous(a).reshape(-1, m)
 
 
 def nm_ungroup(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -162,7 +182,7 @@ def nm_ungroup(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         permuted = (shape[0], *shape[2:], shape[1])
         t = g.reshape(permuted)
         inv = (0, t.ndim - 1, *range(1, t.ndim - 1))
-        return np.ascontiguousarray(np.transpose(t, inv))
+        return contiguous(np.transpose(t, inv))
     return g.reshape(shape)
 
 
@@ -210,6 +230,11 @@ class StorageFormat:
     """Base class: ``compress`` a tensor into parts + params, ``decompress`` them back."""
 
     format: Format
+    #: parts every tensor of this format has, and parts it may have
+    required_parts: frozenset[str] = frozenset()
+    optional_parts: frozenset[str] = frozenset()
+    #: integer params written in the header (all required when non-empty)
+    param_names: frozenset[str] = frozenset()
 
     def valid(self, a: np.ndarray, dtype_name: str, mask: np.ndarray | None = None,
               **params: Any) -> bool:
@@ -219,13 +244,14 @@ class StorageFormat:
     def compress(self, tensor: Any, mask: Any = None, dtype: str | None = None,
                  **params: Any) -> tuple[dict[str, np.ndarray], dict[str, int]]:
         """Encode ``tensor`` (numpy array or torch tensor); ``mask`` (True = kept) fixes the
-        stored positions, otherwise the non-zeros are stored (``tensor != 0``). ``dtype`` names
-        the dtype of a numpy array (needed only for bf16 bits). Returns ``(parts, params)``."""
+        stored positions, otherwise the non-zeros are stored (numerically non-zero). ``dtype``
+        names the dtype of a numpy array (needed only for bf16 bits). Returns ``(parts, params)``."""
         raise NotImplementedError
 
     def decompress(self, parts: Mapping[str, np.ndarray], shape: tuple[int, ...],
                    dtype_name: str, **params: Any) -> tuple[np.ndarray, np.ndarray | None]:
-        """Decode to ``(dense array, stored-position mask or None for dense)``."""
+        """Decode to ``(dense array, stored-position mask, or None for a dense tensor without a
+        mask part)``."""
         raise NotImplementedError
 
     def size(self, parts: Mapping[str, np.ndarray]) -> int:
@@ -242,14 +268,35 @@ def _mask_np(mask: Any) -> np.ndarray | None:
     return arr.astype(bool, copy=False)
 
 
+def pack_mask(sup: np.ndarray) -> np.ndarray:
+    """A boolean array as ``uint8[ceil(numel/8)]``: element ``i`` (C order) is bit ``i % 8``
+    (least significant bit first) of byte ``i // 8``; padding bits are 0."""
+    return np.packbits(np.asarray(sup, dtype=bool).reshape(-1), bitorder="little")
+
+
+def unpack_mask(parts: Mapping[str, np.ndarray], name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`pack_mask` for part ``name``, validating its length and padding bits."""
+    numel = math.prod(shape)
+    bits = _check_part(parts, name, np.dtype("u1"), (numel + 7) // 8)
+    sup = np.unpackbits(bits, bitorder="little")
+    if sup[numel:].any():
+        raise FormatError(f"part '{name}' has set padding bits past the last element")
+    return sup[:numel].astype(bool).reshape(shape)
+
+
 class Dense(StorageFormat):
-    """The tensor as it is."""
+    """The tensor as it is; a masked tensor adds its mask as a packed ``mask`` part."""
 
     format = Format.DENSE
+    required_parts = frozenset({"values"})
+    optional_parts = frozenset({"mask"})
 
     def compress(self, tensor, mask=None, dtype=None, **params):
         a, name = to_numpy(tensor, dtype)
-        return {"values": np.ascontiguousarray(a)}, {}
+        parts = {"values": contiguous(a)}
+        if mask is not None:
+            parts["mask"] = pack_mask(_support(a, name, _mask_np(mask)))
+        return parts, {}
 
     def decompress(self, parts, shape, dtype_name, **params):
         if "values" not in parts:
@@ -257,13 +304,17 @@ class Dense(StorageFormat):
         v = parts["values"]
         if v.dtype != DTYPES[dtype_name][0] or tuple(v.shape) != tuple(shape):
             raise FormatError(f"dense values have shape {v.shape} and dtype {v.dtype}, expected {tuple(shape)} {dtype_name}")
-        return v, None
+        sup = unpack_mask(parts, "mask", tuple(shape)) if "mask" in parts else None
+        if sup is not None and bool((nonzero(v, dtype_name) & ~sup).any()):
+            raise FormatError("dense values are non-zero where the mask part says pruned")
+        return v, sup
 
 
 class Bitmask(StorageFormat):
     """Packed bit mask over all elements + the stored values in C order."""
 
     format = Format.BITMASK
+    required_parts = frozenset({"bitmask", "values"})
 
     def valid(self, a, dtype_name, mask=None, **params):
         return a.ndim >= 1 and dtype_name != "bool"
@@ -274,17 +325,13 @@ class Bitmask(StorageFormat):
             raise FormatError(f"bitmask needs a non-bool tensor with at least 1 dimension, got {a.shape} {name}")
         sup = _support(a, name, _mask_np(mask)).reshape(-1)
         return {
-            "bitmask": np.packbits(sup, bitorder="little"),
-            "values": np.ascontiguousarray(a.reshape(-1)[sup]),
+            "bitmask": pack_mask(sup),
+            "values": contiguous(a.reshape(-1)[sup]),
         }, {}
 
     def decompress(self, parts, shape, dtype_name, **params):
         numel = math.prod(shape)
-        bits = _check_part(parts, "bitmask", np.dtype("u1"), (numel + 7) // 8)
-        sup = np.unpackbits(bits, bitorder="little")
-        if sup[numel:].any():
-            raise FormatError("bitmask has set padding bits past the last element")
-        sup = sup[:numel].astype(bool)
+        sup = unpack_mask(parts, "bitmask", (numel,))
         nnz = int(sup.sum())
         vals = _check_part(parts, "values", DTYPES[dtype_name][0], nnz)
         out = np.zeros(numel, dtype=DTYPES[dtype_name][0])
@@ -293,16 +340,20 @@ class Bitmask(StorageFormat):
 
 
 def _csr_view(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``[R, C]``: ``[1, shape[0]]`` for 1-D, else ``[shape[0], prod(shape[1:])]`` (defined
+    for ``R = 0`` too)."""
+    if len(shape) < 1:
+        raise FormatError("csr needs a tensor with at least 1 dimension")
     if len(shape) == 1:
         return 1, shape[0]
-    rows = shape[0]
-    return rows, (math.prod(shape) // rows if rows else math.prod(shape[1:]))
+    return shape[0], math.prod(shape[1:])
 
 
 class CSR(StorageFormat):
-    """Compressed sparse rows over the 2-D view ``[shape[0], -1]``."""
+    """Compressed sparse rows over the 2-D view ``[shape[0], prod(shape[1:])]``."""
 
     format = Format.CSR
+    required_parts = frozenset({"row_ptr", "col_idx", "values"})
 
     def valid(self, a, dtype_name, mask=None, **params):
         return a.ndim >= 1 and dtype_name != "bool"
@@ -321,20 +372,19 @@ class CSR(StorageFormat):
         return {
             "row_ptr": row_ptr.astype(index_dtype(nnz)),
             "col_idx": col.astype(index_dtype(max(cols - 1, 0))),
-            "values": np.ascontiguousarray(a.reshape(rows, cols)[sup]),
+            "values": contiguous(a.reshape(rows, cols)[sup]),
         }, {}
 
     def decompress(self, parts, shape, dtype_name, **params):
-        rows, cols = _csr_view(shape)
+        rows, cols = _csr_view(tuple(shape))
         row_ptr = _check_index_part(parts, "row_ptr")
         if row_ptr.shape[0] != rows + 1:
             raise FormatError(f"row_ptr has {row_ptr.shape[0]} entries, expected {rows + 1}")
         col = _check_index_part(parts, "col_idx")
         vals = _check_part(parts, "values", DTYPES[dtype_name][0], col.shape[0])
-        rp = row_ptr.astype(np.int64) if row_ptr.dtype.itemsize < 8 else row_ptr
-        if rp.dtype == np.uint64 and rp.size and int(rp.max()) > np.iinfo(np.int64).max:
+        if row_ptr.dtype == np.uint64 and row_ptr.size and int(row_ptr.max()) > np.iinfo(np.int64).max:
             raise FormatError("row_ptr value out of range")
-        rp = rp.astype(np.int64)
+        rp = row_ptr.astype(np.int64)
         if int(rp[0]) != 0 or int(rp[-1]) != col.shape[0]:
             raise FormatError(f"row_ptr must start at 0 and end at nnz={col.shape[0]}, got {int(rp[0])}..{int(rp[-1])}")
         counts = np.diff(rp)
@@ -380,6 +430,8 @@ class NMPacked(StorageFormat):
     """
 
     format = Format.NM
+    required_parts = frozenset({"values", "indices"})
+    param_names = frozenset({"n", "m", "index_bits"})
     #: largest M supported (the code table has 2**M entries)
     MAX_M = 16
 
@@ -416,7 +468,7 @@ class NMPacked(StorageFormat):
         vals = np.take_along_axis(nm_groups(a, m), idx, axis=1)
         codes = _nm_code_lookup(n, m)[(np.int64(1) << idx).sum(axis=1)]
         bits = self.index_bits(n, m)
-        return {"values": np.ascontiguousarray(vals.reshape(-1)), "indices": pack_bits(codes, bits)}, {
+        return {"values": contiguous(vals.reshape(-1)), "indices": pack_bits(codes, bits)}, {
             "n": n, "m": m, "index_bits": bits}
 
     def decompress(self, parts, shape, dtype_name, n=None, m=None, index_bits=None, **params):
@@ -429,6 +481,8 @@ class NMPacked(StorageFormat):
         groups = math.prod(shape) // m
         vals = _check_part(parts, "values", DTYPES[dtype_name][0], groups * n)
         packed = _check_part(parts, "indices", np.dtype("u1"), (groups * bits + 7) // 8)
+        if groups * bits % 8 and int(packed[-1]) >> (groups * bits % 8):
+            raise FormatError("n:m indices have set padding bits past the last group code")
         codes = unpack_bits(packed, groups, bits)
         combos = nm_combinations(n, m)
         if codes.size and int(codes.max()) >= len(combos):

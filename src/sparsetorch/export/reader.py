@@ -12,12 +12,19 @@ put this folder on ``sys.path`` and ``import reader``) to read the format descri
 arrays holding the raw bf16 bits (exact; ``bf16="bits"``). Pass ``bf16="float32"`` to get
 them widened to float32 (also exact: every bf16 value is a float32 value).
 
+**Trust**: the container is checked by safetensors' own rules (entries tile the data buffer
+exactly: no overlaps, gaps or trailing bytes), every header field and part is validated, a
+version-2 file's SHA-256 content checksum is verified, and the decoded size is checked against
+``max_bytes`` (default: 64 MiB + 64x the file size) -- all before any tensor is decoded.
+
 Every problem with the file (truncated, corrupt, inconsistent, a newer format version) raises
-:class:`ReadError`, whose ``tensor`` attribute names the tensor concerned (or is None).
+:class:`ReadError`, whose ``tensor`` attribute names the tensor concerned (or is None); a file
+over the size limit raises its subclass :class:`ReadLimitError`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,33 +35,56 @@ from typing import Any
 import numpy as np
 
 try:  # inside the sparsetorch package
-    from .formats import DTYPES, Format, FormatError, get_format
+    from ..errors import LimitError as _LimitBase
+    from .formats import DTYPES, FORMATS, Format, FormatError, get_format, nonzero
 except ImportError:  # loaded as a plain file next to formats.py
-    from formats import DTYPES, Format, FormatError, get_format  # type: ignore[no-redef]
+    from formats import DTYPES, FORMATS, Format, FormatError, get_format, nonzero  # type: ignore[no-redef]
+
+    class _LimitBase(ValueError):  # type: ignore[no-redef]
+        """Stand-in for sparsetorch.errors.LimitError when this file is used on its own."""
 
 __all__ = [
     "HEADER_KEY",
+    "CHECKSUM_KEY",
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "MIN_FORMAT_VERSION",
     "ReadError",
+    "ReadLimitError",
     "Checkpoint",
     "TensorInfo",
     "read",
     "read_header",
     "bf16_bits_to_float32",
+    "default_limit",
 ]
 
 #: key of the sparsetorch JSON header inside the safetensors ``__metadata__``
 HEADER_KEY = "sparsetorch"
+#: key of the content checksum inside the safetensors ``__metadata__`` (format version >= 2)
+CHECKSUM_KEY = "sparsetorch.sha256"
 #: value of the header's ``"format"`` field
 FORMAT_NAME = "sparsetorch-compressed"
-#: the newest format version this reader understands
-FORMAT_VERSION = 1
+#: the newest format version this reader understands (and the one the writer writes)
+FORMAT_VERSION = 2
+#: the oldest format version there is
+MIN_FORMAT_VERSION = 1
 #: safetensors JSON headers larger than this are refused (same limit as safetensors itself)
 MAX_HEADER_BYTES = 100_000_000
-#: decoded bytes allowed in total: this much for free, plus ``MAX_EXPANSION`` x the file size
+#: default bound on decoded bytes: this much for free, plus ``MAX_EXPANSION`` x the file size.
+#: 64x covers every format but csr at any sparsity (bitmask of float64 at 100% sparsity: 64x);
+#: a plausible file beyond it (e.g. a csr-stored all-zero model) needs an explicit ``max_bytes``.
 FREE_DECODED_BYTES = 1 << 26
-MAX_EXPANSION = 1 << 16
+MAX_EXPANSION = 64
+#: safetensors dtype code of each part that is not ``values`` (``values`` has the logical dtype)
+_INDEX_CODES = frozenset({"U8", "U16", "U32", "U64"})
+_PART_CODES: dict[str, frozenset[str]] = {
+    "bitmask": frozenset({"U8"}),
+    "mask": frozenset({"U8"}),
+    "indices": frozenset({"U8"}),
+    "row_ptr": _INDEX_CODES,
+    "col_idx": _INDEX_CODES,
+}
 
 _ST_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
@@ -80,6 +110,16 @@ class ReadError(ValueError):
         super().__init__(f"{tensor}: {message}" if tensor else message)
         self.tensor = tensor
         self.reason = message
+
+
+class ReadLimitError(ReadError, _LimitBase):
+    """The file declares more decoded bytes than the limit (``max_bytes``) allows; raised before
+    anything is decoded. Inside sparsetorch it is also a :class:`sparsetorch.errors.LimitError`."""
+
+    def __init__(self, message: str, needed: int, limit: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.limit = limit
 
 
 @dataclass(frozen=True)
@@ -109,59 +149,105 @@ def _is_int(x: Any) -> bool:
     return type(x) is int
 
 
-def _parse_safetensors(data: memoryview, where: str) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int, int]], dict[str, str], int]:
-    """Validate the safetensors container; return (entries, metadata, data start)."""
+def _strict_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _json(text: str) -> Any:
+    """Strict JSON: duplicate keys and NaN/Infinity are errors (a corrupt header must not parse
+    into something else)."""
+    return json.loads(text, object_pairs_hook=_strict_object, parse_constant=_no_constant)
+
+
+def default_limit(file_bytes: int) -> int:
+    """The decoded-bytes limit used when ``max_bytes`` is None: ``64 MiB + 64 x file size``."""
+    return FREE_DECODED_BYTES + MAX_EXPANSION * file_bytes
+
+
+def _parse_safetensors(data: memoryview, where: str) -> tuple[dict[str, tuple[np.dtype, tuple[int, ...], int, int, str]], dict[str, str], int]:
+    """Validate the safetensors container by safetensors' own rules; return (entries, metadata,
+    data start). Entries are ``key -> (numpy dtype, shape, begin, end, safetensors dtype code)``
+    with absolute byte positions."""
     size = len(data)
     if size < 8:
         raise ReadError(f"{where} is truncated: {size} bytes, not even a safetensors header length")
     n = int.from_bytes(data[:8], "little")
-    if n > size - 8:
-        raise ReadError(f"{where} is truncated: header says {n} header bytes but the file has {size - 8} after the length")
     if n > MAX_HEADER_BYTES:
         raise ReadError(f"{where}: safetensors header of {n} bytes is larger than {MAX_HEADER_BYTES}")
+    if n > size - 8:
+        raise ReadError(f"{where} is truncated: header says {n} header bytes but the file has {size - 8} after the length")
+    if n == 0 or data[8] != ord("{"):
+        raise ReadError(f"{where}: safetensors header does not start with '{{'")
     try:
-        raw = json.loads(bytes(data[8 : 8 + n]).decode("utf-8"))
+        raw = _json(bytes(data[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ReadError(f"{where}: safetensors header is not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise ReadError(f"{where}: safetensors header is not a JSON object")
     start = 8 + n
     buf_len = size - start
-    meta = raw.pop("__metadata__", None) or {}
+    meta = raw.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise ReadError(f"{where}: safetensors __metadata__ must map strings to strings")
-    entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+    entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int, str]] = {}
     for key, e in raw.items():
-        if not isinstance(e, dict):
-            raise ReadError("stored entry is not an object", key)
-        dt = _ST_DTYPES.get(e.get("dtype")) if isinstance(e.get("dtype"), str) else None
-        shape, offs = e.get("shape"), e.get("data_offsets")
+        if not isinstance(e, dict) or set(e) != {"dtype", "shape", "data_offsets"}:
+            raise ReadError("stored entry must be an object with exactly dtype, shape and data_offsets", key)
+        code = e["dtype"]
+        dt = _ST_DTYPES.get(code) if isinstance(code, str) else None
+        shape, offs = e["shape"], e["data_offsets"]
         if dt is None:
-            raise ReadError(f"stored entry has unsupported dtype {e.get('dtype')!r}", key)
+            raise ReadError(f"stored entry has unsupported dtype {code!r}", key)
         if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape) or len(shape) > 16:
             raise ReadError(f"stored entry has invalid shape {shape!r}", key)
         if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
             raise ReadError(f"stored entry has invalid data_offsets {offs!r}", key)
         b, en = offs
-        if not (0 <= b <= en <= buf_len):
+        if not (0 <= b <= en):
+            raise ReadError(f"stored entry has invalid data_offsets {offs}", key)
+        if en > buf_len:
             raise ReadError(f"stored entry's data_offsets {offs} lie outside the {buf_len}-byte data buffer (truncated file?)", key)
         if math.prod(shape) * dt.itemsize != en - b:
-            raise ReadError(f"stored entry of shape {shape} {e['dtype']} needs {math.prod(shape) * dt.itemsize} bytes, has {en - b}", key)
-        entries[key] = (dt, tuple(shape), start + b, start + en)
+            raise ReadError(f"stored entry of shape {shape} {code} needs {math.prod(shape) * dt.itemsize} bytes, has {en - b}", key)
+        entries[key] = (dt, tuple(shape), start + b, start + en, code)
+    # safetensors' layout rule: sorted by offsets, the entries tile the data buffer exactly
+    # (no gaps, no overlaps, no trailing bytes)
+    expected = start
+    for key, (_, _, b, en, _) in sorted(entries.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if b != expected:
+            what = "overlaps the previous entry" if b < expected else "leaves a gap after the previous entry"
+            raise ReadError(f"stored entry's data {what} (data_offsets must tile the data buffer)", key)
+        expected = en
+    if expected != size:
+        raise ReadError(f"{where}: {size - expected} trailing bytes after the last stored tensor; the file is corrupt")
     return entries, meta, start
 
 
-def _parse_info(name: str, d: Any, entries: Mapping[str, Any]) -> TensorInfo:
+def _parse_info(name: str, d: Any, entries: Mapping[str, Any], version: int) -> TensorInfo:
     if not isinstance(d, dict):
         raise ReadError("header entry is not an object", name)
+    masked = d.get("masked", False)
+    if not isinstance(masked, bool):
+        raise ReadError(f"invalid masked flag {masked!r}", name)
     if "tied_to" in d:
         t = d["tied_to"]
         if not isinstance(t, str):
             raise ReadError(f"tied_to must be a tensor name, got {t!r}", name)
-        return TensorInfo(name, Format.DENSE, (), "float32", {}, {}, None, False, tied_to=t)
+        return TensorInfo(name, Format.DENSE, (), "float32", {}, {}, None, masked, tied_to=t)
     try:
         fmt = Format(d.get("format"))
-    except ValueError:
+    except (ValueError, TypeError):
         raise ReadError(f"unknown format {d.get('format')!r}; known: {', '.join(f.value for f in Format)}", name) from None
     shape, dtype = d.get("shape"), d.get("dtype")
     if not isinstance(shape, list) or not all(_is_int(s) and s >= 0 for s in shape) or len(shape) > 16:
@@ -171,24 +257,47 @@ def _parse_info(name: str, d: Any, entries: Mapping[str, Any]) -> TensorInfo:
     parts, params = d.get("parts"), d.get("params", {})
     if not isinstance(parts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in parts.items()):
         raise ReadError(f"invalid parts {parts!r}", name)
+    spec = FORMATS[fmt]
+    names = set(parts)
+    if not spec.required_parts <= names <= spec.required_parts | spec.optional_parts:
+        raise ReadError(f"{fmt.value} needs parts {sorted(spec.required_parts)}"
+                        + (f" (optional: {sorted(spec.optional_parts)})" if spec.optional_parts else "")
+                        + f", has {sorted(names)}", name)
+    if "mask" in names and not masked:
+        raise ReadError("a tensor that is not masked has a 'mask' part", name)
+    if fmt is Format.DENSE and masked and version >= 2 and "mask" not in names:
+        raise ReadError("a masked dense tensor needs a 'mask' part (format version >= 2)", name)
     for part, key in parts.items():
         if key not in entries:
             raise ReadError(f"part '{part}' refers to stored tensor {key!r}, which is missing from the file", name)
+        code = entries[key][4]
+        want = frozenset({DTYPES[dtype][1]}) if part == "values" else _PART_CODES.get(part, frozenset())
+        if code not in want:
+            raise ReadError(f"part '{part}' is stored as {code}, expected {' or '.join(sorted(want))}", name)
     if not isinstance(params, dict) or not all(isinstance(k, str) and _is_int(v) for k, v in params.items()):
         raise ReadError(f"invalid params {params!r}", name)
+    if set(params) != set(spec.param_names):
+        raise ReadError(f"{fmt.value} needs params {sorted(spec.param_names)}, has {sorted(params)}", name)
     pattern = d.get("pattern")
     if pattern is not None and not isinstance(pattern, str):
         raise ReadError(f"invalid pattern {pattern!r}", name)
-    masked = d.get("masked", False)
-    if not isinstance(masked, bool):
-        raise ReadError(f"invalid masked flag {masked!r}", name)
     return TensorInfo(name, fmt, tuple(shape), dtype, dict(parts), dict(params), pattern, masked)
 
 
 class Checkpoint:
-    """A validated, opened compressed checkpoint; decode tensors one at a time with :meth:`get`."""
+    """A validated, opened compressed checkpoint; decode tensors one at a time with :meth:`get`.
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    Opening reads the file, checks the container and the header (and the content checksum, when
+    the file has one and ``verify`` is true) and the decoded size against ``max_bytes`` -- all
+    before any tensor is decoded. ``max_bytes=None`` uses :func:`default_limit` (64 MiB + 64x the
+    file size); pass a number of bytes to allow more (or less). ``header_only=True`` skips the
+    size check for header inspection (sizes, formats); :meth:`get` then refuses to decode.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, max_bytes: int | None = None,
+                 verify: bool = True, header_only: bool = False) -> None:
+        if max_bytes is not None and (not _is_int(max_bytes) or max_bytes < 0):
+            raise _LimitBase(f"max_bytes must be a non-negative integer number of bytes or None, got {max_bytes!r}")
         self.path = os.fspath(path)
         where = self.path
         try:
@@ -198,37 +307,82 @@ class Checkpoint:
             raise ReadError(f"checkpoint {where} does not exist") from None
         except IsADirectoryError:
             raise ReadError(f"{where} is a directory, not a checkpoint file") from None
-        self._entries, meta, _ = _parse_safetensors(self._data, where)
+        except OSError as exc:
+            raise ReadError(f"cannot read {where}: {exc.strerror or exc}") from None
+        self._entries, meta, start = _parse_safetensors(self._data, where)
         if HEADER_KEY not in meta:
             raise ReadError(f"{where} is a safetensors file without a sparsetorch header (metadata key {HEADER_KEY!r}); "
                             "it was not written by sparsetorch.save")
+        digest = meta.get(CHECKSUM_KEY)
+        #: whether the file carries a content checksum (verified when ``verify`` was true)
+        self.checksummed = digest is not None
+        if digest is not None and verify:
+            try:
+                h = hashlib.sha256(meta[HEADER_KEY].encode("utf-8"))
+            except UnicodeEncodeError:
+                raise ReadError(f"{where}: the sparsetorch header is not valid UTF-8 text") from None
+            h.update(self._data[start:])
+            if h.hexdigest() != digest:
+                raise ReadError(f"{where}: content checksum mismatch (sha256 of the header and data is "
+                                f"{h.hexdigest()}, the file says {digest!r}); the file was changed or damaged "
+                                "after it was written -- get a fresh copy or re-export it")
         try:
-            h = json.loads(meta[HEADER_KEY])
+            h = _json(meta[HEADER_KEY])
         except (ValueError, RecursionError) as exc:
             raise ReadError(f"{where}: the sparsetorch header is not valid JSON ({exc})") from None
         if not isinstance(h, dict) or h.get("format") != FORMAT_NAME:
             raise ReadError(f"{where}: the sparsetorch header does not declare format {FORMAT_NAME!r}")
         ver = h.get("format_version")
-        if not _is_int(ver) or ver < 1:
-            raise ReadError(f"{where}: invalid format_version {ver!r}")
+        if not _is_int(ver) or ver < MIN_FORMAT_VERSION:
+            raise ReadError(f"{where}: invalid format_version {ver!r} (an integer >= {MIN_FORMAT_VERSION})")
         if ver > FORMAT_VERSION:
             raise ReadError(f"{where} has format_version {ver}, newer than the {FORMAT_VERSION} this reader "
                             "understands; upgrade sparsetorch")
+        algo = h.get("checksum")
+        if algo is not None and (ver < 2 or algo != "sha256"):
+            raise ReadError(f"{where}: unknown checksum {algo!r} for format_version {ver} (only 'sha256', version >= 2)")
+        if (algo is None) != (digest is None):
+            raise ReadError(f"{where}: the header {'declares' if algo else 'does not declare'} a checksum but the "
+                            f"file {'lacks' if algo else 'has'} metadata key {CHECKSUM_KEY!r}; the file is corrupt")
+        if digest is not None and (len(digest) != 64 or digest.strip("0123456789abcdef")):
+            raise ReadError(f"{where}: checksum {digest!r} is not 64 lowercase hex digits")
+        for key, kind in (("hf_config", dict), ("hf_class", str), ("user_metadata", dict)):
+            if key in h and not isinstance(h[key], kind):
+                raise ReadError(f"{where}: header field {key!r} must be a JSON {kind.__name__}")
+        if "user_metadata" in h and not all(isinstance(v, str) for v in h["user_metadata"].values()):
+            raise ReadError(f"{where}: user_metadata must map strings to strings")
         tensors = h.get("tensors")
         if not isinstance(tensors, dict):
             raise ReadError(f"{where}: the sparsetorch header has no 'tensors' object")
         self.header: dict[str, Any] = h
-        self.infos: dict[str, TensorInfo] = {n: _parse_info(n, d, self._entries) for n, d in tensors.items()}
+        self.version: int = ver
+        self.infos: dict[str, TensorInfo] = {n: _parse_info(n, d, self._entries, ver) for n, d in tensors.items()}
+        users: dict[str, str] = {}
         for n, info in self.infos.items():
             if info.tied_to is not None:
                 target = self.infos.get(info.tied_to)
                 if target is None or target.tied_to is not None:
                     raise ReadError(f"tied_to names {info.tied_to!r}, which is not a stored tensor", n)
-        total = sum(i.nbytes for i in self.infos.values() if i.tied_to is None)
-        limit = FREE_DECODED_BYTES + MAX_EXPANSION * len(self._data)
-        if total > limit:
-            raise ReadError(f"{where}: the header declares {total} decoded bytes, implausibly many for a "
-                            f"{len(self._data)}-byte file (limit {limit}); the header is corrupt")
+                if info.masked and not target.masked:
+                    raise ReadError(f"is masked but the tensor it is tied to ({info.tied_to!r}) is not", n)
+            for key in info.parts.values():
+                if key in users:
+                    raise ReadError(f"stored tensor {key!r} is a part of both {users[key]!r} and {n!r}", n)
+                users[key] = n
+        orphans = sorted(set(self._entries) - set(users))
+        if orphans:
+            raise ReadError(f"{where}: stored tensor {orphans[0]!r} belongs to no tensor of the header; the file is corrupt")
+        #: decoded bytes: every stored tensor, plus one byte per element of each mask
+        self.decoded_bytes = sum(i.nbytes + (i.numel if i.masked else 0) for i in self.infos.values() if i.tied_to is None)
+        #: the limit the decoded bytes were checked against
+        self.limit = default_limit(len(self._data)) if max_bytes is None else max_bytes
+        self.header_only = header_only
+        if not header_only and self.decoded_bytes > self.limit:
+            how = ("the default limit for this file (64 MiB + 64x its size: a larger declared size is implausible "
+                   "unless the file is mostly csr)" if max_bytes is None else "max_bytes")
+            raise ReadLimitError(
+                f"{where}: decoding needs {self.decoded_bytes} bytes, more than {how} = {self.limit}; if you trust "
+                f"this file, pass max_bytes={self.decoded_bytes} (or more)", self.decoded_bytes, self.limit)
 
     # ------------------------------------------------------------------ access
     def __iter__(self) -> Iterator[str]:
@@ -250,11 +404,16 @@ class Checkpoint:
 
     def raw(self, key: str) -> np.ndarray:
         """A stored safetensors tensor by its key, as a read-only numpy view (bf16 as uint16)."""
-        dt, shape, b, e = self._entries[key]
+        dt, shape, b, e, _ = self._entries[key]
         return np.frombuffer(self._data[b:e], dtype=dt).reshape(shape)
 
     def get(self, name: str, bf16: str = "bits") -> tuple[np.ndarray, np.ndarray | None]:
-        """Decode ``name`` to ``(dense array, stored-position mask or None for dense format)``."""
+        """Decode ``name`` to ``(dense array, mask)``. The mask is the stored positions of a
+        masked tensor (for a version-1 dense one: its non-zeros) and None for an unmasked one."""
+        if bf16 not in ("bits", "float32"):
+            raise ValueError(f"bf16 must be 'bits' or 'float32', got {bf16!r}")
+        if self.header_only:
+            raise ReadError("this checkpoint was opened with header_only=True; open it again to decode", name)
         info = self.info(name)
         try:
             parts = {p: self.raw(k) for p, k in info.parts.items()}
@@ -265,11 +424,12 @@ class Checkpoint:
             raise ReadError(f"{info.format.value} data is corrupt: {exc}", name) from None
         except (ValueError, IndexError, TypeError, OverflowError, MemoryError) as exc:
             raise ReadError(f"{info.format.value} data cannot be decoded: {type(exc).__name__}: {exc}", name) from None
-        if info.dtype == "bfloat16":
-            if bf16 == "float32":
-                arr = bf16_bits_to_float32(arr)
-            elif bf16 != "bits":
-                raise ValueError(f"bf16 must be 'bits' or 'float32', got {bf16!r}")
+        if not info.masked:
+            sup = None
+        elif sup is None:  # a version-1 masked dense tensor: its mask is its non-zeros
+            sup = nonzero(arr, info.dtype)
+        if info.dtype == "bfloat16" and bf16 == "float32":
+            arr = bf16_bits_to_float32(arr)
         return arr, sup
 
     def stored_bytes(self, name: str) -> int:
@@ -285,18 +445,22 @@ def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def read_header(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The sparsetorch JSON header of a checkpoint (validated)."""
-    return Checkpoint(path).header
+def read_header(path: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
+    """The sparsetorch JSON header of a checkpoint (validated; checksum verified by default)."""
+    return Checkpoint(path, verify=verify, header_only=True).header
 
 
-def read(path: str | os.PathLike[str], bf16: str = "bits") -> dict[str, np.ndarray]:
+def read(path: str | os.PathLike[str], bf16: str = "bits", *, max_bytes: int | None = None) -> dict[str, np.ndarray]:
     """All tensors of a checkpoint as dense numpy arrays (pruned positions are +0.0).
 
     ``bf16="bits"`` returns bfloat16 tensors as uint16 raw bits, ``"float32"`` widens them.
     Tied tensors (e.g. ``lm_head.weight`` tied to the embedding) appear under both names.
+    ``max_bytes`` bounds the decoded bytes (see :class:`Checkpoint`); it is checked before
+    anything is decoded.
     """
-    ck = Checkpoint(path)
+    if bf16 not in ("bits", "float32"):
+        raise ValueError(f"bf16 must be 'bits' or 'float32', got {bf16!r}")
+    ck = Checkpoint(path, max_bytes=max_bytes)
     out: dict[str, np.ndarray] = {}
     for name in ck:
         info = ck.infos[name]
