@@ -218,3 +218,11 @@ def test_trainer_resume_is_bit_identical(tmp_path, method):
         assert torch.equal(m, sp2.masks[n]), n
     for (n, p1), (_, p2) in zip(m1.named_parameters(), m2.named_parameters()):
         assert torch.equal(p1, p2), n
+
+
+def test_missing_resume_folder_is_a_typed_error(tmp_path, mlp):
+    from sparsetorch.training import get_method
+
+    sp = get_method("rigl", sparsity=0.8, update_every=1, end=4)
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        _callback_begin(sp, tmp_path / "checkpoint-9", mlp, torch.optim.SGD(mlp.parameters(), lr=0.1))

@@ -97,6 +97,11 @@ def SparsifierCallback(sparsifier: Sparsifier | Any, resume_from: str | None = N
             sp = self.sparsifier
             if sp.total_steps is None:
                 sp.total_steps = int(state.max_steps)
+            if self.resume_from is not None and not os.path.isdir(self.resume_from):
+                raise CheckpointError(
+                    f"resume_from={self.resume_from!r} is not a checkpoint folder; pass the "
+                    "Trainer's checkpoint-N folder (it holds sparsifier.safetensors)."
+                )
             ckpt = self.resume_from or getattr(args, "resume_from_checkpoint", None)
             step = int(getattr(state, "global_step", 0) or 0)
             if not isinstance(ckpt, (str, os.PathLike)) and step > 0:
