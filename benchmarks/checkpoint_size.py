@@ -15,7 +15,6 @@ Results: ``benchmarks/results/checkpoint_size.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
@@ -23,6 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import Run, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "checkpoint_size.json"
@@ -45,6 +47,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
+    run = Run.for_main(__file__, argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2", help="'smollm2' or a HF model folder")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -53,7 +56,6 @@ def main(argv: list[str] | None = None) -> int:
     from safetensors.torch import save_model
 
     import sparsetorch
-    from sparsetorch.atomic import atomic_write_text
     from sparsetorch.data.llm import load_causal_lm
     from sparsetorch.export import checkpoint_summary, load_state_dict, save
 
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = all(v["roundtrip_bit_exact"] for v in r["formats"].values() if v)
         print(f"{r['config']:<7}{r['dense_bytes'] / 2**20:>10.1f}" + "".join(cells) + f"{auto['pruned_tensors_ratio']:>20.3f}{str(ok):>7}")
     result = {
+        "_meta": run.meta(),
         "benchmark": "checkpoint_size",
         "model": args.model,
         "dtype": "float16",
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "rows": rows,
     }
-    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
     return 0
 

@@ -32,6 +32,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import Run, load_average, versions, write_json  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "oneshot_llm.json"
 MODEL_DIR = Path(
@@ -186,6 +189,8 @@ def worker(cfg: str, model_dir: Path) -> dict:
         res["sparsity"] = _sparsity(model)
         res["ppl"] = _ppl(model, evalw)
     res["peak_rss_gib"] = _peak_rss_gib()
+    # the worker's own versions: llm-compressor configs run in another virtual environment
+    res["versions"] = versions({"llmcompressor": res["llmcompressor"]} if "llmcompressor" in res else None)
     return res
 
 
@@ -309,6 +314,7 @@ def table(results: dict) -> str:
 
 
 def main() -> None:
+    run = Run()
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -338,20 +344,28 @@ def main() -> None:
     cfgs = QUICK if a.quick else (a.configs.split(",") if a.configs else all_configs())
     model_dir = ensure_model_dir()
     results = json.loads(a.results.read_text()) if a.results.is_file() else {}
-    results["_meta"] = {
+    # _meta describes the latest driver run; every entry carries its own provenance (entries of
+    # one file come from different runs, commits and machine loads)
+    meta_fields = {
         "model": "SmolLM2-135M-Instruct fp32 (de-quantized GGUF, plain Llama folder)",
         "calibration": f"first {CALIB} windows x {SEQ} of the calibration half",
         "eval": f"first {EVAL} windows x {SEQ} of the evaluation half (E16)",
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared with other jobs: timings are noisy)",
-        "note": "wall time = pruning call only; peak RSS = whole process (load + prune + eval)",
+        "note": "wall time = pruning call only; rss_after_prune_gib = peak RSS of load + prune; "
+        "peak_rss_gib = whole process incl. evaluation; per-entry provenance under 'provenance'",
     }
+    peers: dict = {}
     for cfg in cfgs:
         print(f"running {cfg} ...", flush=True)
+        load_before = load_average()
         r = run_one(cfg, model_dir, a.llmc_python, a.timeout)
         r["date"] = time.strftime("%Y-%m-%d %H:%M")
+        r["provenance"] = run.entry(load_before, versions=r.pop("versions", None))
         results[cfg] = r
-        a.results.parent.mkdir(parents=True, exist_ok=True)
-        a.results.write_text(json.dumps(results, indent=1))
+        if "llmcompressor" in r:
+            peers["llmcompressor"] = r["llmcompressor"]
+        results["_meta"] = run.meta(peers, **meta_fields)
+        write_json(a.results, results)
         print(
             f"  -> {json.dumps({k: v for k, v in r.items() if k not in ('timings', 'block_sparsities')})[:400]}",
             flush=True,

@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import Run, load_average, write_json  # noqa: E402
+
 from sparsetorch.inference import KERNELS, _ext, sparsify_for_inference
 from sparsetorch.inference.bench import decode_tokens_per_s, machine_info
 
@@ -164,10 +167,9 @@ def _note(shared: bool) -> str:
     return "Machine looked idle during the run."
 
 
-def _write(out: Path, quick: bool, shared: bool, t0: float, runs: list[dict]) -> None:
-    from sparsetorch.atomic import atomic_write_text
-
+def _write(out: Path, quick: bool, shared: bool, t0: float, runs: list[dict], run: Run) -> None:
     result = {
+        "_meta": run.meta(),
         "benchmark": "sparse_inference",
         "quick": quick,
         "machine_shared": shared,
@@ -176,11 +178,11 @@ def _write(out: Path, quick: bool, shared: bool, t0: float, runs: list[dict]) ->
         "seconds": time.time() - t0,
         "runs": runs,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out, json.dumps(result, indent=2) + "\n")
+    write_json(out, result)
 
 
 def main(argv: list[str] | None = None) -> int:
+    run = Run.for_main(__file__, argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer shapes/sparsities/repeats")
     ap.add_argument(
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         runs, shared = prev.get("runs", []), bool(prev.get("machine_shared"))
     for nt in thread_counts:
         torch.set_num_threads(nt)
+        load_before = load_average()
         info_before = machine_info()
         print(f"\n=== torch {torch.__version__}, {nt} threads, load average {info_before['loadavg_1_5_15']}")
         layers = [] if a.skip_layers else bench_layers(a.quick)
@@ -211,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         info_after = machine_info()
         shared = shared or info_before["machine_shared"] or info_after["machine_shared"]
         runs.append({"torch_threads": nt, "machine_before": info_before, "machine_after": info_after,
-                     "layers": layers, "decode": decode})
-        _write(a.out, a.quick, shared, t0, runs)  # after every thread count, so a cut run keeps data
+                     "layers": layers, "decode": decode,
+                     # runs of one file may come from several invocations (--append)
+                     "provenance": run.entry(load_before)})
+        _write(a.out, a.quick, shared, t0, runs, run)  # after every thread count, so a cut run keeps data
     print(f"\n{_note(shared)}\nwrote {a.out}")
     return 0
 

@@ -22,7 +22,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -30,6 +29,9 @@ import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import Run, write_json  # noqa: E402
 
 from sparsetorch.data.fashion_mnist import load_fashion_mnist
 from sparsetorch.models import get_model
@@ -85,6 +87,7 @@ def table(rows: list[dict], dense_step: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    run = Run.for_main(__file__, argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--subset", type=int, default=20000, help="training examples for the sweep (0 = all 60k)")
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             full[f"rigl90{key}_target_met"] = d["accuracy"] - rg["accuracy"] <= 1.0
             full[f"step_ratio{key}"] = rg["seconds_per_step"] / d["seconds_per_step"]
     result = {
+        "_meta": run.meta(),
         "benchmark": "sparse_training",
         "dataset": "fashion-mnist",
         "model": args.model,
@@ -154,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         "full_training_set": full,
     }
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result)
     if rows:
         print(table(rows, dense_step))
     if full:
