@@ -18,6 +18,23 @@ def _bench_group(app: typer.Typer) -> typer.Typer:
     return bench
 
 
+def _check(prune: float | None, json_path: Path | None, overwrite: bool, **positive: int) -> None:
+    """Validate the cheap arguments and the --json path before the model is loaded."""
+    from ..cli import check_writable
+    from ..errors import DataError, check_sparsity
+
+    if prune is not None:
+        check_sparsity(prune, "--prune")
+    for name, value in positive.items():
+        if value < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    if json_path is not None:
+        from ..atomic import check_output_file
+
+        check_output_file(json_path, overwrite=overwrite)
+        check_writable(json_path)
+
+
 def _load(model: str, prune: float | None):
     from ..data.llm import load_causal_lm
 
@@ -42,18 +59,22 @@ def register(app: typer.Typer) -> None:
         prune: float | None = typer.Option(None, help="Magnitude-prune to this sparsity first (a what-if preview)."),
         min_sparsity: float = typer.Option(0.3, help="Layers sparser than this are measured with sparse kernels."),
         json_path: Path | None = typer.Option(None, "--json", help="Also write the plan as JSON."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     ) -> None:
         """Measure every Linear layer with each kernel; print expected latency, memory and speedup."""
+        from ..errors import check_sparsity
         from . import plan as make_plan
 
+        _check(prune, json_path, overwrite, batch=batch)
+        check_sparsity(min_sparsity, "--min-sparsity")
         lm, _ = _load(model, prune)
         report = make_plan(lm, batch_size=batch, min_sparsity=min_sparsity)
         typer.echo(str(report))
         if json_path is not None:
             from ..atomic import atomic_write_text
 
-            atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
-            console.print(f"wrote {json_path}")
+            atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n", overwrite=overwrite)
+            console.print(f"wrote {json_path}", markup=False, highlight=False)
 
     bench = _bench_group(app)
 
@@ -63,6 +84,7 @@ def register(app: typer.Typer) -> None:
         prune: float | None = typer.Option(None, help="Magnitude-prune to this sparsity first."),
         tokens: int = typer.Option(32, help="Tokens to decode per measurement."),
         json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     ) -> None:
         """Token-by-token decode speed: dense vs sparse kernels chosen by sparsify_for_inference."""
         import torch
@@ -70,6 +92,7 @@ def register(app: typer.Typer) -> None:
         from . import sparsify_for_inference
         from .bench import decode_tokens_per_s, machine_info
 
+        _check(prune, json_path, overwrite, tokens=tokens)
         lm, tok = _load(model, prune)
         ids = tok("The quick brown fox jumps over the lazy dog. Sparse networks", return_tensors="pt").input_ids
         dense_tps = decode_tokens_per_s(lm, ids, tokens)
@@ -90,5 +113,5 @@ def register(app: typer.Typer) -> None:
             res = {"model": model, "prune": prune, "tokens": tokens, "dense_tokens_per_s": dense_tps,
                    "sparse_tokens_per_s": sparse_tps, "machine": info, "sparsify": report.to_dict(),
                    "torch_version": torch.__version__}
-            atomic_write_text(json_path, json.dumps(res, indent=2) + "\n")
-            console.print(f"wrote {json_path}")
+            atomic_write_text(json_path, json.dumps(res, indent=2) + "\n", overwrite=overwrite)
+            console.print(f"wrote {json_path}", markup=False, highlight=False)
