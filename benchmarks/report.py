@@ -503,7 +503,8 @@ def training_steptime(r: Results) -> str:
             + "; ".join(
                 f"{TRAIN_LABELS.get(m, m)} 90% {span(v, lambda x: f'{x:.2f}')}" for m, v in per.items()
             )
-            + f". The dense step itself varied by {abs(dd[-1] - 1) * 100:.0f}% between repeats."
+            + f". The dense step itself varied by {abs(dd[-1] - 1) * 100:.0f}% between repeats. "
+            + provenance_note("benchmarks/results/sparse_training_steptime.json", rep)
         )
     singles = _step_ratio_runs(r)
     if singles:

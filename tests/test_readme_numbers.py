@@ -157,6 +157,35 @@ def test_unknown_section_is_an_error(tree: Path) -> None:
     assert report.main(["--check", "--root", str(tree)]) == 2
 
 
+def test_new_json_names_its_provenance(tree: Path) -> None:
+    """A JSON written with a ``_meta`` block (and per-entry provenance) is cited by commit."""
+    import json
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _provenance import Run
+
+    run = Run(["benchmarks/checkpoint_size.py", "--out", "x.json"])
+    path = tree / "benchmarks" / "results" / "checkpoint_size.json"
+    data = json.loads(path.read_text())
+    data["_meta"] = run.meta()
+    path.write_text(json.dumps(data))
+    one = tree / "benchmarks" / "results" / "oneshot_llm.json"
+    shot = json.loads(one.read_text())
+    shot["magnitude@0.5"]["provenance"] = run.entry()
+    one.write_text(json.dumps(shot))
+    report.run(tree)
+    text = (tree / "docs" / "export.md").read_text()
+    commit = run.git["commit"]
+    if commit:
+        assert f"commit `{commit[:10]}`" in text
+    assert "`benchmarks/checkpoint_size.py --out x.json`" in text and report.UNKNOWN_PROVENANCE not in text
+    readme = (tree / "README.md").read_text()
+    m = re.search(r"(\d+) of (\d+) entries " + re.escape(report.UNKNOWN_PROVENANCE), readme)
+    assert m and int(m.group(1)) == int(m.group(2)) - 1, "the stamped entry is still counted as unknown"
+    assert "1 at commit" in readme
+    assert report.run(tree, check=True) == []
+
+
 def test_old_json_says_provenance_unknown(tree: Path) -> None:
     """JSONs written before provenance was kept are labelled so in the generated text."""
     text = (tree / "docs" / "export.md").read_text()
