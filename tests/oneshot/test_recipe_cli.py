@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from tiny_models import make_tiny_llama
@@ -58,3 +61,38 @@ def test_eval_cli_missing_model_is_a_typed_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["eval", str(tmp_path / "nope")])
     assert exc.value.code == 2
+
+
+def test_eval_cli_checks_arguments_and_json_before_loading(tmp_path, monkeypatch, capsys):
+    from test_cli_main import byte_tokenizer
+
+    import sparsetorch.data.llm as llm
+    from sparsetorch.cli import main
+
+    src = tmp_path / "tiny"
+    make_tiny_llama(vocab=256).save_pretrained(src)  # max_position_embeddings = 256
+    byte_tokenizer().save_pretrained(src)
+    (tmp_path / "old.json").write_text("{}")
+
+    def load(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(llm, "load_causal_lm", load)
+    for extra, error in (
+        (["--seq-len", "257"], "ModelError"),
+        (["--batch-size", "0"], "DataError"),
+        (["--json", str(tmp_path)], "OutputExistsError"),  # a folder
+        (["--json", str(tmp_path / "old.json")], "OutputExistsError"),  # exists, no --overwrite
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main(["eval", str(src), "--windows", "1", "--seq-len", "32", *extra])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"error: {error}: " in err and "Traceback" not in err, (extra, err)
+    assert (tmp_path / "old.json").read_text() == "{}"
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", str(src), "--windows", "1", "--seq-len", "32", "--json", str(tmp_path / "old.json"),
+              "--overwrite"])
+    assert exc.value.code == 0, capsys.readouterr().err
+    res = json.loads((tmp_path / "old.json").read_text())
+    assert res["windows"] == 1 and res["seq_len"] == 32 and math.isfinite(res["ppl"])

@@ -28,22 +28,33 @@ def register(app: typer.Typer) -> None:
         json_path: Path | None = typer.Option(
             None, "--json", help="Write the result as JSON here."
         ),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     ) -> None:
         """Perplexity of a (pruned) causal LM on fixed token windows, its sparsity, and a sample."""
         import json
 
         import torch
+        from rich.markup import escape
 
-        from ..cli import console
+        from ..atomic import atomic_write_text, check_output_file
+        from ..cli import check_writable, console, model_max_positions
         from ..data.llm import load_causal_lm
         from ..data.text import eval_windows, token_windows
-        from ..errors import DataError
+        from ..errors import DataError, ModelError
         from ..evaluate import generate_sample, perplexity
 
-        if windows < 1 or seq_len < 2:
-            raise DataError("--windows must be >= 1 and --seq-len >= 2.")
+        # every argument and the --json path are checked before the model is loaded
+        if windows < 1 or seq_len < 2 or batch_size < 1:
+            raise DataError("--windows must be >= 1, --seq-len >= 2 and --batch-size >= 1.")
         if text is not None and not text.is_file():
             raise DataError(f"text file {text} does not exist.")
+        limit = model_max_positions(model_dir)
+        if limit is not None and seq_len > limit:
+            raise ModelError(f"--seq-len {seq_len} is longer than {model_dir!r} accepts ({limit} positions, "
+                             f"config.max_position_embeddings); pass --seq-len <= {limit}.")
+        if json_path is not None:
+            check_output_file(json_path, inputs=[model_dir] if Path(model_dir).is_dir() else [], overwrite=overwrite)
+            check_writable(json_path)
         model, tok = load_causal_lm(model_dir, progress=True)
         if text is not None:
             w = token_windows(
@@ -59,7 +70,7 @@ def register(app: typer.Typer) -> None:
         sp = zeros / max(total, 1)
         ppl = perplexity(model, windows=w, batch_size=batch_size)
         console.print(
-            f"{model_dir}: linear-layer sparsity {sp:.4f}; perplexity over {w.shape[0]}x{w.shape[1]} tokens: [bold]{ppl:.3f}[/]"
+            f"{escape(model_dir)}: linear-layer sparsity {sp:.4f}; perplexity over {w.shape[0]}x{w.shape[1]} tokens: [bold]{ppl:.3f}[/]"
         )
         result = {
             "model": model_dir,
@@ -70,7 +81,7 @@ def register(app: typer.Typer) -> None:
         }
         if sample_prompt:
             out = generate_sample(model, tok, sample_prompt)
-            console.print(f"[bold]prompt[/]: {sample_prompt}\n[bold]sample[/]: {out}")
+            console.print(f"[bold]prompt[/]: {escape(sample_prompt)}\n[bold]sample[/]: {escape(out)}")
             result["sample"] = out
         if json_path is not None:
-            json_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+            atomic_write_text(json_path, json.dumps(result, indent=2) + "\n", overwrite=overwrite)
