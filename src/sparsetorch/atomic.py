@@ -45,7 +45,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError, OutputLockedError
+from .errors import OutputError, OutputExistsError, OutputLockedError
 
 try:  # pragma: no cover - always present on Linux/macOS
     import fcntl
@@ -221,6 +221,29 @@ def is_sparsetorch_dir(path: PathLike) -> bool:
     return isinstance(info, dict) and info.get("library") == "sparsetorch"
 
 
+def _check_writable_parent(target: Path) -> None:
+    """Raise :class:`OutputError` when ``target`` cannot be created: an ancestor is a file, or the
+    nearest existing ancestor is not a writable folder. Nothing is created."""
+    parent = target.absolute().parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"cannot write {target}: {parent} is a file, not a folder. Choose another output path.")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {target}: no permission to create files in {parent}. "
+                          "Choose a folder you can write to.")
+
+
+def _make_parent(target: Path) -> None:
+    """Create ``target``'s parent folders; file-system refusals become :class:`OutputError`."""
+    _check_writable_parent(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create the folder {target.parent} for {target}: {exc.strerror or exc}. "
+                          "Choose another output path.") from None
+
+
 def check_output_dir(
     out: PathLike, *, inputs: Iterable[PathLike] = (), overwrite: bool = False
 ) -> Path:
@@ -235,6 +258,7 @@ def check_output_dir(
     """
     target = Path(out).expanduser().absolute()
     _check_inputs(target, inputs, folder=True)
+    _check_writable_parent(target)
     if not os.path.lexists(target) or overwrite:
         return target
     if target.is_dir() and not target.is_symlink():
@@ -265,6 +289,7 @@ def check_output_file(
     is False, it is a folder (never replaced by a file), or it is one of ``inputs``."""
     target = Path(path).expanduser()
     _check_inputs(target.absolute(), inputs, folder=False)
+    _check_writable_parent(target)
     if target.is_dir():
         raise OutputExistsError(
             f"{target} is a folder; a file cannot replace it. Choose a file path "
@@ -429,7 +454,7 @@ def atomic_path(path: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
     writers are cleaned up first.
     """
     target = Path(path).expanduser()
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(target)
     check_output_file(target, overwrite=overwrite)
     clean_stale(target)
     tmp = _new_temp_file(target)
@@ -537,7 +562,7 @@ def atomic_dir(
     out = Path(path).expanduser().absolute()
     ins = list(inputs)
     check_output_dir(out, inputs=ins, overwrite=overwrite)  # fail before creating anything
-    out.parent.mkdir(parents=True, exist_ok=True)
+    _make_parent(out)
     with output_lock(out):
         _restore_old(out)
         clean_stale(out)

@@ -38,13 +38,18 @@ class CheckpointError(SparseTorchError, OSError):
     """A checkpoint that is missing, truncated, corrupt or does not match the model."""
 
 
-class OutputExistsError(SparseTorchError, FileExistsError):
+class OutputError(SparseTorchError, OSError):
+    """An output path that cannot be written: its parent is a file, permission is denied, the
+    file system is read-only. Raised before any work where the check can be made early."""
+
+
+class OutputExistsError(OutputError, FileExistsError):
     """An output path holds files sparsetorch did not write (or is the input itself).
 
     Nothing is deleted or replaced without an explicit ``overwrite=True`` (``--overwrite``)."""
 
 
-class OutputLockedError(SparseTorchError, OSError):
+class OutputLockedError(OutputError):
     """Another process is writing the same output path; the message names it (pid, host)."""
 
 

@@ -337,3 +337,46 @@ def test_save_hf_model_refuses_a_foreign_model_folder_and_its_input(tmp_path):
     out = save_hf_model(model, None, tmp_path / "ours")
     assert (out / MARKER).is_file() and (out / "config.json").is_file()
     save_hf_model(model, None, out, overwrite=True)
+
+
+# --------------------------------------------------------------------------- unwritable outputs
+def test_output_under_a_file_is_a_typed_error_before_anything_is_written(tmp_path) -> None:
+    from sparsetorch.atomic import atomic_dir, atomic_write_text, check_output_dir, check_output_file
+    from sparsetorch.errors import OutputError
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("keep me")
+    for call in (lambda: check_output_dir(blocker / "sub" / "out"),
+                 lambda: check_output_file(blocker / "x.json"),
+                 lambda: atomic_write_text(blocker / "deeper" / "x.json", "{}")):
+        with pytest.raises(OutputError, match="is a file, not a folder"):
+            call()
+    with pytest.raises(OutputError, match="is a file, not a folder"), atomic_dir(blocker / "out"):
+        pass  # pragma: no cover - never entered
+    assert blocker.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_unwritable_parent_is_a_typed_error(tmp_path, monkeypatch) -> None:
+    import os
+
+    from sparsetorch.atomic import check_output_file
+    from sparsetorch.errors import OutputError
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real(p, mode))
+    with pytest.raises(OutputError, match="no permission"):
+        check_output_file(tmp_path / "x.json")
+
+
+def test_mkdir_refusal_becomes_output_error(tmp_path, monkeypatch) -> None:
+    from pathlib import Path
+
+    from sparsetorch.atomic import atomic_write_text
+    from sparsetorch.errors import OutputError
+
+    def ro(self, *a, **k):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", ro)
+    with pytest.raises(OutputError, match="Read-only file system"):
+        atomic_write_text(tmp_path / "new" / "x.json", "{}")
