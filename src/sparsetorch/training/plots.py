@@ -6,6 +6,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..atomic import atomic_path
+
 
 def _plt():  # noqa: ANN202
     import matplotlib
@@ -17,9 +19,12 @@ def _plt():  # noqa: ANN202
 
 
 def plot_layer_sparsity(
-    history: Sequence[tuple[int, Mapping[str, float]]], path: str | os.PathLike[str], title: str = ""
+    history: Sequence[tuple[int, Mapping[str, float]]], path: str | os.PathLike[str], title: str = "",
+    *, overwrite: bool = True,
 ) -> None:
-    """One line per layer: its sparsity at each recorded step (a Sparsifier's ``history``)."""
+    """One line per layer: its sparsity at each recorded step (a Sparsifier's ``history``).
+
+    Written atomically; ``overwrite=False`` refuses an existing file (CLI without --overwrite)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     if history:
@@ -32,14 +37,16 @@ def plot_layer_sparsity(
     ax.set_title(title or "per-layer sparsity")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
 
 
 def plot_accuracy_vs_sparsity(
-    results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], dense_accuracy: float | None = None
+    results: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], dense_accuracy: float | None = None,
+    *, overwrite: bool = True,
 ) -> None:
-    """Rows with ``method``, ``sparsity_target``, ``accuracy``; one line per method."""
+    """Rows with ``method``, ``sparsity_target``, ``accuracy``; one line per method (atomic write)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     by: dict[str, list[tuple[float, float]]] = {}
@@ -57,5 +64,6 @@ def plot_accuracy_vs_sparsity(
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
