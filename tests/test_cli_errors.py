@@ -258,3 +258,26 @@ def test_tables_print_full_numbers_when_stdout_is_not_a_terminal(tmp_path) -> No
     proc = run_script("report", str(folder))  # grouped by layer kind
     assert re.search(r"^self_attn\.a_rather_long_projection_name_to_force_a_wide_table +1 +884,736 +442,368 "
                      r"+0\.5000$", proc.stdout, re.M), proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        (["--method", "rigle"], "MethodError", "rigle"),
+        (["--model", "resnet"], "", "resnet"),
+        (["--epochs", "0"], "DataError", "--epochs"),
+        (["--lr", "nan"], "DataError", "--lr"),
+        (["--json", "{old}"], "OutputExistsError", "already exists"),
+        (["--plot", "{tmp}"], "OutputExistsError", "is a folder"),
+    ],
+)
+def test_train_checks_arguments_before_reading_data(tmp_path, capsys, args, error, message) -> None:
+    """The data folder does not exist: any argument error must be found before it is read."""
+    old = tmp_path / "old.json"
+    old.write_text("{}")
+    args = [a.format(old=old, tmp=tmp_path) for a in args]
+    code = run(["train", "--data-dir", str(tmp_path / "no-data"), "--no-progress", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert f"error: {error}" in err and message in err and "no-data" not in err, err
+    assert old.read_text() == "{}"

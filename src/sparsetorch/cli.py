@@ -441,6 +441,10 @@ def main(argv: list[str] | None = None) -> None:
     """
     try:
         app(args=argv, prog_name="sparsetorch", standalone_mode=True)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+        return  # success: return normally (callers such as tests need no SystemExit handling)
     except SparseTorchError as exc:
         # escape: messages hold brackets, e.g. 'sparsetorch[llm]'
         err_console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False, soft_wrap=True)

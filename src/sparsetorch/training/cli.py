@@ -7,6 +7,9 @@ from pathlib import Path
 
 import typer
 
+#: examples in the Fashion-MNIST training split (the run length is known before the data is read)
+FASHION_MNIST_TRAIN = 60_000
+
 
 def train_command(
     dataset: str = typer.Option("fashion-mnist", help="Dataset; only 'fashion-mnist' for now."),
@@ -23,6 +26,7 @@ def train_command(
     compare_dense: bool = typer.Option(False, "--compare-dense", help="Also train the dense model with the same settings."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON here."),
     plot: Path | None = typer.Option(None, help="Write a per-layer-sparsity-over-training PNG here."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json / --plot file."),
     data_dir: Path | None = typer.Option(None, help="Folder with the Fashion-MNIST IDX(.gz) files."),
     train_subset: int | None = typer.Option(None, help="Use only the first N training examples."),
     threads: int | None = typer.Option(None, help="torch.set_num_threads (default: torch's)."),
@@ -33,24 +37,38 @@ def train_command(
 
     import torch
 
-    from ..cli import console
+    from ..atomic import check_output_file
+    from ..cli import check_writable, console
     from ..data.fashion_mnist import load_fashion_mnist
     from ..errors import DataError
     from ..models import get_model
     from .loop import NM_METHODS, build_sparsifier, fit
 
+    # every argument and output path is checked before the data is read
     if dataset.lower().replace("_", "-") != "fashion-mnist":
         raise DataError(f"unknown dataset {dataset!r}; available: fashion-mnist.")
-    if threads:
-        torch.set_num_threads(threads)
-    train = load_fashion_mnist("train", data_dir, subset=train_subset)
-    test = load_fashion_mnist("test", data_dir)
-    total = math.ceil(len(train[0]) / batch_size) * epochs
+    if epochs < 1 or batch_size < 1 or not (lr > 0 and math.isfinite(lr)):
+        raise DataError(f"--epochs and --batch-size must be >= 1 and --lr a positive number; got {epochs}, "
+                        f"{batch_size}, {lr}.")
+    if (train_subset is not None and train_subset < 1) or (threads is not None and threads < 1):
+        raise DataError("--train-subset and --threads must be >= 1.")
+    for path in (json_path, plot):
+        if path is not None:
+            check_output_file(path, overwrite=overwrite)
+            check_writable(path)
+    get_model(model)  # an unknown model name fails here
     kw = {"allocation": allocation, "seed": seed}
     if dense:
         kw["dense"] = [d.strip() for d in dense.split(",") if d.strip()]
     if method.lower() in NM_METHODS:
         kw = {"pattern": pattern, "seed": seed}
+    train_size = min(train_subset, FASHION_MNIST_TRAIN) if train_subset else FASHION_MNIST_TRAIN
+    build_sparsifier(method, sparsity, math.ceil(train_size / batch_size) * epochs, **kw)  # validates
+    if threads:
+        torch.set_num_threads(threads)
+    train = load_fashion_mnist("train", data_dir, subset=train_subset)
+    test = load_fashion_mnist("test", data_dir)
+    total = math.ceil(len(train[0]) / batch_size) * epochs
     sp = build_sparsifier(method, sparsity, total, **kw)
     torch.manual_seed(seed)
     net = get_model(model)
@@ -82,8 +100,9 @@ def train_command(
 
         plot_layer_sparsity(res.history, plot, title=f"{method} {out['sparsity_target']:.2f}")
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(out, indent=2))
+        from ..atomic import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(out, indent=2) + "\n", overwrite=overwrite)
 
 
 def register(app: typer.Typer) -> None:
