@@ -108,7 +108,7 @@ def test_no_measured_numbers_outside_sections() -> None:
 def test_allow_list_entries_still_exist() -> None:
     """A stale allow-list entry would silently allow nothing; keep the list minimal and true."""
     for rel, s, _ in ALLOWED:
-        assert s in (ROOT / rel).read_text(), (rel, s)
+        assert s in (ROOT / rel).read_text(), f"{rel} no longer holds {s!r}: remove it from ALLOWED"
 
 
 # ---------------------------------------------------------------------- the checks can fail
