@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import Run, load_average, write_json  # noqa: E402
 
 from sparsetorch.inference import KERNELS, _ext, sparsify_for_inference
-from sparsetorch.inference.bench import decode_tokens_per_s, machine_info
+from sparsetorch.inference.bench import machine_info
 
 OUT = Path(__file__).resolve().parent / "results" / "sparse_inference.json"
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096)]  # (in, out), i.e. in -> out
@@ -121,39 +121,65 @@ def bench_layers(quick: bool) -> list[dict]:
     return rows
 
 
-def bench_decode(quick: bool) -> dict:
+def _spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "runs": xs}
+
+
+def bench_decode(quick: bool, repeats: int | None = None) -> dict:
+    """SmolLM2 decode tokens/s, dense vs sparse kernels, each repeat interleaving the two models.
+
+    The dense model is the *same pruned weights* in plain ``nn.Linear`` (so only the kernels
+    differ); each repeat decodes once with each model, alternating which goes first, and the
+    result is the median with its min/max over repeats -- never the best run.
+    """
     try:
         from sparsetorch.data.llm import load_causal_lm
     except ImportError as exc:  # pragma: no cover
         return {"skipped": f"sparsetorch.data.llm unavailable: {exc}"}
     from sparsetorch import prune
+    from sparsetorch.inference.bench import decode_runs
 
     tokens = 16 if quick else 32
-    repeats = 2 if quick else 3
+    repeats = repeats or (3 if quick else 7)
     sparsities = [0.9] if quick else [0.5, 0.7, 0.9]
     try:
         base, tok = load_causal_lm("smollm2", progress=False)
     except Exception as exc:  # no model files / no transformers
         return {"skipped": f"could not load SmolLM2: {type(exc).__name__}: {exc}"}
-    ids = tok("Sparse neural networks are small and fast because", return_tensors="pt").input_ids
-    res: dict = {"model": "smollm2", "new_tokens": tokens, "prompt_tokens": int(ids.shape[1]), "runs": []}
-    print(f"\nSmolLM2 decode ({tokens} new tokens, batch 1, KV cache)")
-    print(f"{'sparsity':>8} {'dense tok/s':>12} {'sparse tok/s':>13} {'speedup':>8} {'Linear on sparse kernels':>25}")
+    prompt = "Sparse neural networks are small and fast because"
+    ids = tok(prompt, return_tensors="pt").input_ids
+    res: dict = {"model": "smollm2", "prompt": prompt, "new_tokens": tokens, "prompt_tokens": int(ids.shape[1]),
+                 "repeats": repeats, "statistic": "median over interleaved repeats, with min/max", "runs": []}
+    print(f"\nSmolLM2 decode ({ids.shape[1]} prompt tokens, {tokens} new tokens, batch 1, KV cache; "
+          f"median [min-max] of {repeats} interleaved repeats)")
+    print(f"{'sparsity':>8} {'dense tok/s':>22} {'sparse tok/s':>22} {'speedup':>8}  layers on sparse kernels")
     for s in sparsities:
-        m = copy.deepcopy(base)
-        prune(m, "magnitude", s)
-        dense1 = decode_tokens_per_s(m, ids, tokens, repeats)
-        rep = sparsify_for_inference(m, batch_size=1)
-        sparse = decode_tokens_per_s(m, ids, tokens, repeats)
-        dense2 = decode_tokens_per_s(base, ids, tokens, repeats)  # again, to see drift from load
-        dense = max(dense1, dense2)
+        dense_m = copy.deepcopy(base)
+        prune(dense_m, "magnitude", s)
+        sparse_m = copy.deepcopy(dense_m)
+        load_before = load_average()
+        rep = sparsify_for_inference(sparse_m, batch_size=1)
+        dense, sparse = [], []
+        for r in range(repeats):
+            order = [("d", dense_m), ("s", sparse_m)] if r % 2 == 0 else [("s", sparse_m), ("d", dense_m)]
+            for kind, m in order:
+                (dense if kind == "d" else sparse).append(decode_runs(m, ids, tokens, 1)[0])
+        ratios = [b / a for a, b in zip(dense, sparse)]
         counts = rep.kernel_counts()
-        run = {"sparsity": s, "dense_tokens_per_s": dense, "dense_tokens_per_s_runs": [dense1, dense2],
-               "sparse_tokens_per_s": sparse, "speedup": sparse / dense, "kernel_counts": counts,
-               "linear_speedup_measured": rep.linear_speedup}
+        run = {"sparsity": s, "dense_tokens_per_s": _spread(dense), "sparse_tokens_per_s": _spread(sparse),
+               "speedup": statistics.median(sparse) / statistics.median(dense),
+               "speedup_per_repeat": _spread(ratios), "kernel_counts": counts,
+               "replaced": len(rep.replaced), "layers": len(rep.layers),
+               "reverted_by_model_check": len(rep.reverted),
+               "model_check": None if rep.model_check is None else rep.model_check.to_dict(),
+               "linear_speedup_measured": rep.linear_speedup,
+               "load_before": load_before, "load_after": load_average()}
         res["runs"].append(run)
-        print(f"{s:>8.0%} {dense:>12.2f} {sparse:>13.2f} {sparse / dense:>7.2f}x {len(rep.replaced):>4}/{len(rep.layers)} {counts}")
-        del m
+        d, sp = run["dense_tokens_per_s"], run["sparse_tokens_per_s"]
+        print(f"{s:>8.0%} {d['median']:>8.2f} [{d['min']:.2f}-{d['max']:.2f}] {sp['median']:>8.2f} "
+              f"[{sp['min']:.2f}-{sp['max']:.2f}] {run['speedup']:>7.2f}x  {len(rep.replaced)}/{len(rep.layers)} "
+              f"{counts} (model check kept {run['model_check']['chosen'] if run['model_check'] else '-'})")
+        del dense_m, sparse_m
     return res
 
 
@@ -191,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-decode", action="store_true")
     ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--decode-repeats", type=int, default=None, help="interleaved decode repeats (default 7; 3 with --quick)")
     ap.add_argument("--append", action="store_true", help="add these runs to the runs already in --out")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
@@ -210,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         info_before = machine_info()
         print(f"\n=== torch {torch.__version__}, {nt} threads, load average {info_before['loadavg_1_5_15']}")
         layers = [] if a.skip_layers else bench_layers(a.quick)
-        decode = {"skipped": "--skip-decode"} if a.skip_decode else bench_decode(a.quick)
+        decode = {"skipped": "--skip-decode"} if a.skip_decode else bench_decode(a.quick, a.decode_repeats)
         info_after = machine_info()
         shared = shared or info_before["machine_shared"] or info_after["machine_shared"]
         runs.append({"torch_threads": nt, "machine_before": info_before, "machine_after": info_after,
