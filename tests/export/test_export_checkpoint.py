@@ -544,3 +544,16 @@ def test_reader_returns_numpy_dense(tmp_path):
     for k, v in model.state_dict().items():
         assert isinstance(arrays[k], np.ndarray)
         assert np.array_equal(arrays[k], v.numpy())
+
+
+def test_save_argument_errors_are_typed(tmp_path):
+    net = nn.Linear(4, 4)
+    with pytest.raises(sparsetorch.TargetError, match="weight"):
+        save(net, tmp_path / "m.safetensors", targets=["wieght"])
+    with pytest.raises(sparsetorch.MaskError, match="MaskSet"):
+        save(net, tmp_path / "m.safetensors", masks={"weight": torch.ones(4, 4, dtype=torch.bool)})
+    with pytest.raises(CheckpointError, match="hf_config must be a dict"):
+        save(net, tmp_path / "m.safetensors", hf_config="llama")
+    with pytest.raises(CheckpointError, match="plain JSON"):
+        save(net, tmp_path / "m.safetensors", hf_config={"eps": float("nan")})
+    assert list(tmp_path.iterdir()) == []

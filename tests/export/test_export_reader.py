@@ -338,3 +338,28 @@ def test_decoded_size_limit(tmp_path):
     with pytest.raises(rd.ReadLimitError, match="max_bytes = 4999"):
         rd.read(small, max_bytes=4999)
     assert rd.read(small, max_bytes=5000)["w"].shape == (1, 1000)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "bitmask", "csr", "n:m"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writer_matches_the_spec(tmp_path, fmt, dtype):
+    """Every format the writer produces decodes, by the independent spec decoder, to exactly the
+    saved tensors and masks (bit order, grouping, index types, kept zeros, 0-d and conv shapes)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                              torch.nn.Linear(8, 16)).to(dtype)
+    masks = sparsetorch.prune(net, "magnitude", 0.5, "2:4" if fmt == "n:m" else "unstructured").masks
+    if fmt == "dense":  # a kept weight that is exactly zero must stay kept
+        with torch.no_grad():
+            w = net[3].weight
+            w[masks["3.weight"]] = torch.where(torch.arange(int(masks["3.weight"].sum())) % 3 == 0, 0.0, 1.0).to(dtype)
+    path = save(net, tmp_path / "w.safetensors", format=fmt, masks=masks)
+    by_spec, header = spec.decode_file(path.read_bytes())
+    assert {header["tensors"][n]["format"] for n in masks} == {fmt}
+    for k, t in net.state_dict().items():
+        a, m = by_spec[k]
+        ref = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+        assert a.shape == ref.shape and a.tobytes() == ref.tobytes(), k
+        assert (m is None) == (k not in masks), k
+        if m is not None:
+            assert np.array_equal(m, masks[k].numpy()), k

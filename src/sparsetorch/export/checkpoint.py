@@ -29,9 +29,12 @@ from ..errors import (
     CheckpointError,
     DependencyError,
     LimitError,
+    MaskError,
     ModelError,
     PatternError,
     SparseTorchError,
+    TargetError,
+    close_matches,
 )
 from ..masks import MaskSet
 from ..patterns import NM, Pattern, parse_pattern
@@ -322,6 +325,14 @@ def save(
                 f"{name} is on the meta device (shape only, no data), so there is nothing to save. Build or load the "
                 "model with real weights first (e.g. model.to_empty(device='cpu') and then load_state_dict)."
             )
+    if masks is not None and not isinstance(masks, MaskSet):
+        raise MaskError(f"masks must be a MaskSet, got {type(masks).__name__}; build one with MaskSet(dict_of_masks).")
+    if hf_config is not None and not isinstance(hf_config, Mapping):
+        raise CheckpointError(f"hf_config must be a dict (a Hugging Face config.json), got {type(hf_config).__name__}.")
+    if masks is None and targets is not None:
+        unknown = [n for n in targets if n not in state]
+        if unknown:
+            raise TargetError(f"target {unknown[0]!r} names no tensor of the model.{close_matches(unknown[0], state)}")
     if masks is not None:
         missing = [n for n in masks.names() if n not in state]
         if missing:

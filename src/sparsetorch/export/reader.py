@@ -404,6 +404,8 @@ class Checkpoint:
 
     def raw(self, key: str) -> np.ndarray:
         """A stored safetensors tensor by its key, as a read-only numpy view (bf16 as uint16)."""
+        if key not in self._entries:
+            raise ReadError(f"no stored tensor {key!r} in the file")
         dt, shape, b, e, _ = self._entries[key]
         return np.frombuffer(self._data[b:e], dtype=dt).reshape(shape)
 
@@ -434,6 +436,8 @@ class Checkpoint:
 
     def stored_bytes(self, name: str) -> int:
         """Bytes of ``name``'s parts in the file (0 for a tied tensor)."""
+        if name not in self.infos:
+            raise ReadError("no such tensor in the checkpoint", name)
         info = self.infos[name]
         if info.tied_to is not None:
             return 0
