@@ -37,6 +37,36 @@ def test_erk_follows_formula(s):
     assert A.mean_sparsity(SHAPES, sp) == pytest.approx(s, abs=1e-3)
 
 
+def test_erk_hand_computed():
+    """Two small cases worked by hand from the definition (RigL's get_sparsities_erdos_renyi)."""
+    # raw a = (4+8)/32 = 3/8, b = 16/64 = 1/4; uniform 50% keeps 16 + 32 = 48 ones;
+    # eps = 48 / (3/8*32 + 1/4*64) = 12/7 -> densities 9/14, 3/7 -> sparsities 5/14, 4/7
+    sp = A.erk({"a": (4, 8), "b": (8, 8)}, 0.5)
+    assert sp["a"] == pytest.approx(5 / 14) and sp["b"] == pytest.approx(4 / 7)
+    # raw a = 4/4 = 1 -> eps = 34/20 = 1.7 makes a's density 1.7 > 1: a is dense, its 4 ones
+    # come out of b's budget: b keeps 34 - 4 = 30 of 64 -> sparsity 34/64
+    sp = A.erk({"a": (2, 2), "b": (8, 8)}, 0.5)
+    assert sp["a"] == 0.0 and sp["b"] == pytest.approx(34 / 64)
+
+
+ER_CONV_BUG = (
+    "allocation.erdos_renyi(kernel=False) takes sh[-2:] as (out, in): for a PyTorch conv weight "
+    "[out, in, kh, kw] that is (kh, kw), the kernel, i.e. the opposite of ER (RigL's TF kernels "
+    "are [kh, kw, in, out], where the last two dims are (in, out)); fix: use (sh[0], sh[1])"
+)
+
+
+@pytest.mark.xfail(strict=True, reason=ER_CONV_BUG)
+def test_er_on_a_pytorch_conv_uses_out_and_in_channels():
+    """ER's raw density for a conv is ``(c_out + c_in) / (c_out · c_in)``, the kernel size ignored,
+    so a [8, 4, 3, 3] conv scores like an [8, 4] Linear (hand-computed)."""
+    er = A.er({"c": (8, 4, 3, 3), "l": (8, 8)}, 0.5)
+    # raw c = 12/32 = 3/8 (N = 288), l = 16/64 = 1/4 (N = 64); 50% keeps 144 + 32 = 176 ones;
+    # eps = 176 / (3/8 * 288 + 1/4 * 64) = 176/124 -> sparsities 1 - 3/8 eps, 1 - 1/4 eps
+    eps = 176 / 124
+    assert er["c"] == pytest.approx(1 - 3 / 8 * eps) and er["l"] == pytest.approx(1 - eps / 4)
+
+
 def test_erk_redistribution_makes_small_layer_dense():
     shapes = {**SHAPES, "tiny": (4, 4)}
     sp = A.erk(shapes, 0.9)

@@ -49,10 +49,10 @@ def reference_erk_zeros(
     """Expected zeros per layer from the ERK / ER *definition* (Evci et al. 2020, RigL's
     ``get_sparsities_erdos_renyi``), written independently of ``sparsetorch.allocation``.
 
-    Raw density ``p_l = sum(dims) / prod(dims)`` (ER: the last two dims only). ``eps`` makes the
-    number of ones equal to uniform sparsity's ``sum_l (N_l - floor(s N_l))``; every layer whose
-    density ``eps p_l`` would exceed 1 is made dense (its non-zeros come out of the others'
-    budget) and ``eps`` is solved again. Zeros per layer: ``floor((1 - eps p_l) N_l)``.
+    Raw density ``p_l = sum(dims) / prod(dims)`` (ER: out and in channels only, kernel
+    ignored). ``eps`` makes the number of ones equal to uniform sparsity's
+    ``sum_l (N_l - floor(s N_l))``; every layer whose density ``eps p_l`` would exceed 1 is made
+    dense (its non-zeros come out of the others' budget) and ``eps`` is solved again. Zeros per layer: ``floor((1 - eps p_l) N_l)``.
     """
     import math
 
@@ -60,7 +60,8 @@ def reference_erk_zeros(
     if kernel:
         raw = {n: sum(sh) / math.prod(sh) for n, sh in shapes.items()}
     else:
-        raw = {n: (sh[-2] + sh[-1]) / (sh[-2] * sh[-1]) for n, sh in shapes.items()}
+        # ER: (c_out + c_in) / (c_out c_in); a PyTorch weight is [out, in, *kernel]
+        raw = {n: (sh[0] + sh[1]) / (sh[0] * sh[1]) for n, sh in shapes.items()}
     uniform_ones = sum(numel[n] - math.floor(sparsity * numel[n] + 1e-9) for n in shapes)
     dense_set = set(dense)
     while True:
