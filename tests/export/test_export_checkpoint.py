@@ -457,7 +457,7 @@ def test_overwrite_false_refuses_existing_file(tmp_path):
     assert path.read_bytes() == before
 
 
-def test_checksum_optional_and_cost_free_to_read(tmp_path):
+def test_checksum_optional(tmp_path):
     net = nn.Linear(8, 8)
     plain = save(net, tmp_path / "p.safetensors", checksum=False)
     h = read_header(plain)

@@ -293,8 +293,8 @@ def save(
         targets: parameter names to treat as sparse when ``masks`` is None.
         hf_config: a Hugging Face config dict to store; taken from ``model.config`` by default.
         checksum: write a SHA-256 of the header and data, verified by every load, so a damaged or
-            altered file is refused instead of loading changed weights (costs one hash pass over
-            the file, about 1 GB/s).
+            altered file is refused instead of loading changed weights. Costs one SHA-256
+            pass (~0.9 GB/s): 0.19 s for SmolLM2-135M fp16 2:4 (173 MB; save ~8 s, load ~2.6 s).
         overwrite: replace an existing file at ``path`` (default, like ``open(path, "w")``);
             ``False`` refuses it with :class:`~sparsetorch.errors.OutputExistsError`.
 
