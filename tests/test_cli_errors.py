@@ -154,7 +154,7 @@ def test_bad_outputs_fail_before_the_model_is_loaded(hf_dir, no_load, tmp_path, 
         (["--out", str(hf_dir.parent)], "OutputExistsError", "inside the output"),
         (["--out", str(tmp_path / "o"), "--json", str(tmp_path / "o" / "r.json")], "OutputExistsError",
          "inside --out"),
-        (["--out", str(tmp_path / "old.json" / "x")], "CheckpointError", "is not a folder"),
+        (["--out", str(tmp_path / "old.json" / "x")], "OutputError", "is a file, not a folder"),
     ]
     for args, error, message in cases:
         err = early(hf_dir, capsys, *args)
@@ -172,7 +172,7 @@ def test_an_unwritable_output_fails_before_the_model_is_loaded(hf_dir, no_load, 
     monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))
     for args in (["--json", str(ro / "r.json")], ["--out", str(ro / "deeper" / "out")]):
         err = early(hf_dir, capsys, *args)
-        assert "error: CheckpointError: " in err and f"no write permission in {ro}" in err, err
+        assert "error: OutputError: " in err and f"no permission to create files in {ro}" in err, err
 
 
 def test_overwrite_replaces_an_earlier_output(hf_dir, tmp_path, capsys) -> None:

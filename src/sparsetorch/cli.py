@@ -139,26 +139,12 @@ def model_max_positions(model: str) -> int | None:
     return None
 
 
-def check_writable(path: Path) -> None:
-    """CheckpointError unless ``path`` can be created: its nearest existing parent is a writable folder."""
-    import os
-
-    from .errors import CheckpointError
-
-    parent = Path(path).expanduser().absolute().parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        raise CheckpointError(f"cannot write {path}: {parent} is not a folder. Choose another output path.")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CheckpointError(f"cannot write {path}: no write permission in {parent}. Choose another output path.")
-
-
 def check_outputs(model: str, out: Path | None, json_path: Path | None, overwrite: bool) -> list[Path]:
     """Fail before any work if ``--out`` / ``--json`` cannot be written; return the input folders.
 
-    ``--out`` must not be, contain or lie inside the ``--model`` folder, and an existing output
-    is replaced only with ``--overwrite`` (:func:`sparsetorch.atomic.check_output_dir`).
+    ``--out`` must not be, contain or lie inside the ``--model`` folder, an existing output is
+    replaced only with ``--overwrite``, and the location must be writable
+    (:func:`sparsetorch.atomic.check_output_dir` / ``check_output_file``).
     """
     from .atomic import check_output_dir, check_output_file
 
@@ -166,10 +152,8 @@ def check_outputs(model: str, out: Path | None, json_path: Path | None, overwrit
     inputs = [src] if src.is_dir() else []
     if out is not None:
         check_output_dir(out, inputs=inputs, overwrite=overwrite)
-        check_writable(out)
     if json_path is not None:
         check_output_file(json_path, inputs=inputs, overwrite=overwrite)
-        check_writable(json_path)
         if out is not None and Path(json_path).expanduser().absolute().is_relative_to(
             Path(out).expanduser().absolute()
         ):
@@ -393,7 +377,6 @@ def report(
     for path in (plot, json_path):
         if path is not None:
             check_output_file(path, inputs=[folder], overwrite=overwrite)
-            check_writable(path)
     rows, masks = folder_report(folder)
     src = "masks.safetensors + weights" if masks is not None else "weights (no masks file)"
     print_layer_table(rows, console, title=f"{folder} ({src})", per_layer=per_layer)

@@ -20,7 +20,6 @@ def _bench_group(app: typer.Typer) -> typer.Typer:
 
 def _check(prune: float | None, json_path: Path | None, overwrite: bool, **positive: int) -> None:
     """Validate the cheap arguments and the --json path before the model is loaded."""
-    from ..cli import check_writable
     from ..errors import DataError, check_sparsity
 
     if prune is not None:
@@ -32,7 +31,6 @@ def _check(prune: float | None, json_path: Path | None, overwrite: bool, **posit
         from ..atomic import check_output_file
 
         check_output_file(json_path, overwrite=overwrite)
-        check_writable(json_path)
 
 
 def _load(model: str, prune: float | None):

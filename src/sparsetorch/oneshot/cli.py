@@ -37,7 +37,7 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
 
         from ..atomic import atomic_write_text, check_output_file
-        from ..cli import check_writable, console, model_max_positions
+        from ..cli import console, model_max_positions
         from ..data.llm import load_causal_lm
         from ..data.text import eval_windows, token_windows
         from ..errors import DataError, ModelError
@@ -54,7 +54,6 @@ def register(app: typer.Typer) -> None:
                              f"config.max_position_embeddings); pass --seq-len <= {limit}.")
         if json_path is not None:
             check_output_file(json_path, inputs=[model_dir] if Path(model_dir).is_dir() else [], overwrite=overwrite)
-            check_writable(json_path)
         model, tok = load_causal_lm(model_dir, progress=True)
         if text is not None:
             w = token_windows(

@@ -38,7 +38,7 @@ def train_command(
     import torch
 
     from ..atomic import check_output_file
-    from ..cli import check_writable, console
+    from ..cli import console
     from ..data.fashion_mnist import load_fashion_mnist
     from ..errors import DataError
     from ..models import get_model
@@ -55,7 +55,6 @@ def train_command(
     for path in (json_path, plot):
         if path is not None:
             check_output_file(path, overwrite=overwrite)
-            check_writable(path)
     get_model(model)  # an unknown model name fails here
     kw = {"allocation": allocation, "seed": seed}
     if dense:
