@@ -159,8 +159,10 @@ def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
 def unpack_bits(packed: np.ndarray, count: int, bits: int) -> np.ndarray:
     """Inverse of :func:`pack_bits`: ``count`` integers of ``bits`` bits each (int64)."""
     flat = np.unpackbits(packed, count=count * bits, bitorder="little").reshape(count, bits)
-    weights = (np.int64(1) << np.arange(bits, dtype=np.int64))
-    return flat.astype(np.int64) @ weights
+    out = np.zeros(count, dtype=np.int64)
+    for j in range(bits):  # one bit plane at a time: no int64 copy of all count * bits bits
+        out |= flat[:, j].astype(np.int64) << j
+    return out
 
 
 # --------------------------------------------------------------------------- grouping
