@@ -248,12 +248,16 @@ def test_reconstruct_bad_options_raise():
 
 
 @torch.no_grad()
-def _reference_outlier_ratios(model, calib, m):
+def _reference_outlier_ratios(model, calib, m, blocks="model.layers"):
     """OWL's layer outlier ratio (ALGORITHMS.md A.4) on the *dense* model, computed here: for each
-    block concatenate the Wanda scores ``|W_ij| · ||X_j||`` of all its Linear layers and take the
-    percentage above ``m`` times their mean."""
+    block concatenate the Wanda scores ``|W_ij| · ||X_j||`` (j = input feature) of all its
+    Linear / Conv1D layers and take the percentage above ``m`` times their mean."""
     sq = {}
-    lins = {n: mod for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and ".layers." in n}
+    lins = {
+        n: mod
+        for n, mod in model.named_modules()
+        if n.startswith(blocks + ".") and (isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D")
+    }
 
     def hook(name):
         def f(_m, args, _out):
@@ -267,11 +271,13 @@ def _reference_outlier_ratios(model, calib, m):
     for h in hs:
         h.remove()
     ratios = []
-    for i in range(len(model.model.layers)):
-        sc = torch.cat([
-            (mod.weight.abs() * sq[n].sqrt()).reshape(-1)
-            for n, mod in lins.items() if n.startswith(f"model.layers.{i}.")
-        ])
+    for i in range(len(model.get_submodule(blocks))):
+        parts = []
+        for n, mod in lins.items():
+            if n.startswith(f"{blocks}.{i}."):
+                w = mod.weight.t() if type(mod).__name__ == "Conv1D" else mod.weight  # [out, in]
+                parts.append((w.abs() * sq[n].sqrt()).reshape(-1))
+        sc = torch.cat(parts)
         ratios.append(100.0 * float((sc > m * sc.mean()).float().mean()))
     return ratios
 
@@ -309,6 +315,26 @@ def test_owl_allocation_follows_the_outlier_ratio(m, lam):
         # Wanda's per-row group: every row loses floor(s_i * C_in) weights
         assert bool(((~keep).sum(1) == math.floor(sp[i] * cols + 1e-9)).all()), name
     rep.masks.verify(mm)
+
+
+def test_owl_allocation_on_gpt2_conv1d_layers():
+    """GPT-2 stores Conv1D weights as [in, out]: the outlier ratio must pair each weight with its
+    own input feature's norm (computed here), or the ratios and the allocation come out wrong."""
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=3, n_head=4, n_positions=128)
+    calib = _calib(4, 16)
+    torch.manual_seed(0)
+    ref = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():  # spread the input scales so the pairing matters
+        for blk in ref.transformer.h:
+            blk.ln_1.weight.mul_(torch.linspace(0.1, 3.0, 64))
+    ratios = _reference_outlier_ratios(ref, calib, 3.0, "transformer.h")
+    assert len(set(ratios)) == 3, ratios
+    rep = sparsetorch.prune(
+        ref, "wanda", 0.5, calibration=calib, allocation="owl", owl_m=3.0, progress=False
+    )
+    assert rep.extra["allocation_info"]["outlier_ratios"] == pytest.approx(ratios, rel=1e-4)
+    assert rep.extra["block_sparsities"] == pytest.approx(_owl_formula(ratios, 0.5, 0.08), abs=1e-6)
+    rep.masks.verify(ref)
 
 
 def test_owl_and_sensitivity_allocations_meet_budget():
