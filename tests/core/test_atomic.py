@@ -341,7 +341,12 @@ def test_save_hf_model_refuses_a_foreign_model_folder_and_its_input(tmp_path):
 
 # --------------------------------------------------------------------------- unwritable outputs
 def test_output_under_a_file_is_a_typed_error_before_anything_is_written(tmp_path) -> None:
-    from sparsetorch.atomic import atomic_dir, atomic_write_text, check_output_dir, check_output_file
+    from sparsetorch.atomic import (
+        atomic_dir,
+        atomic_write_text,
+        check_output_dir,
+        check_output_file,
+    )
     from sparsetorch.errors import OutputError
 
     blocker = tmp_path / "afile"
@@ -380,3 +385,22 @@ def test_mkdir_refusal_becomes_output_error(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(Path, "mkdir", ro)
     with pytest.raises(OutputError, match="Read-only file system"):
         atomic_write_text(tmp_path / "new" / "x.json", "{}")
+
+
+def test_compressed_checkpoint_folder_is_recovered_by_load(tmp_path):
+    import torch
+    from torch import nn
+
+    import sparsetorch
+    from sparsetorch.export.checkpoint import DEFAULT_FILENAME
+
+    model = nn.Linear(8, 4)
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        sparsetorch.save(model, tmp / DEFAULT_FILENAME)
+    _kill_mid_swap(out)
+    fresh = nn.Linear(8, 4)
+    sparsetorch.load(out / DEFAULT_FILENAME, fresh)  # the file's folder is restored first
+    assert torch.equal(fresh.weight, model.weight)
+    _kill_mid_swap(out)
+    sparsetorch.load(out, fresh)  # and so is the folder itself

@@ -448,7 +448,11 @@ def save(
 
 # --------------------------------------------------------------------------- load
 def _resolve_file(path: str | os.PathLike[str]) -> Path:
+    from ..atomic import recover_dir
+
     p = Path(path)
+    if not p.exists():  # a folder whose atomic swap was cut short is put back before reading
+        recover_dir(p) or recover_dir(p.parent)
     if p.is_dir():
         cand = p / DEFAULT_FILENAME
         if cand.is_file():
