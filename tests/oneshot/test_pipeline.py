@@ -337,6 +337,46 @@ def test_owl_allocation_on_gpt2_conv1d_layers():
     rep.masks.verify(ref)
 
 
+@torch.no_grad()
+def test_sensitivity_errors_are_block_reconstruction_errors():
+    """The sensitivity grid's block-0 errors, recomputed here from the model's hidden states:
+    ``e(s) = ‖Y_dense − Y_pruned(s)‖² / ‖Y_dense − X‖²`` with block 0 Wanda-pruned at ``s``
+    (per-row groups, input norms from the dense model), rising with ``s``."""
+    calib = _calib()
+    m = make_tiny_llama(layers=3, seed=7)
+    lins = {n: mod for n, mod in m.model.layers[0].named_modules() if isinstance(mod, nn.Linear)}
+    sq, hs = {}, []
+    for n, mod in lins.items():
+
+        def f(_m, args, _out, n=n):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            sq[n] = (x * x).sum(0)
+
+        hs.append(mod.register_forward_hook(f))
+    out = m(calib, use_cache=False, output_hidden_states=True).hidden_states
+    for h in hs:
+        h.remove()
+    X, Y = out[0], out[1]
+    saved = {n: mod.weight.clone() for n, mod in lins.items()}
+    rep_model = make_tiny_llama(layers=3, seed=7)
+    rep = sparsetorch.prune(
+        rep_model, "wanda", 0.6, calibration=calib, allocation="sensitivity", progress=False
+    )
+    info = rep.extra["allocation_info"]
+    grid = info["grid"]
+    assert grid == pytest.approx([0.5, 0.55, 0.6, 0.65, 0.7])
+    expected = []
+    for sk in grid:
+        for n, mod in lins.items():
+            score = saved[n].abs() * sq[n].sqrt()
+            mod.weight.copy_(saved[n] * RowWise().mask(score, sk))
+        Yp = m(calib, use_cache=False, output_hidden_states=True).hidden_states[1]
+        expected.append(float((Y - Yp).pow(2).sum() / (Y - X).pow(2).sum()))
+    assert info["errors"][0] == pytest.approx(expected, rel=1e-3)
+    for row in info["errors"]:
+        assert all(a < b for a, b in zip(row, row[1:]))  # more pruning, more error
+
+
 def test_owl_and_sensitivity_allocations_meet_budget():
     for alloc in ("owl", "sensitivity"):
         m = make_tiny_llama(layers=3, seed=7)
