@@ -122,30 +122,34 @@ class PlanReport:
         }
 
     def table(self, max_rows: int = 40) -> str:
-        """Per-layer table (layers with the same shape, sparsity bucket and kernel merged)."""
+        """Per-layer table: layers with the same shape, sparsity bucket and kernel merged into one
+        row labelled by their layer kind (``self_attn.q_proj x30``); names and numbers are never cut."""
+        from ..tables import format_table, layer_kind
+
         groups: dict[tuple, list[LayerChoice]] = {}
         for c in self.layers:
             key = (c.shape, round(c.sparsity, 2), c.kernel, c.skipped_reason)
             groups.setdefault(key, []).append(c)
         kernels = sorted({k for c in self.layers for k in c.times if k != "dense"})
-        head = f"{'layers':<34} {'shape':>11} {'sparsity':>8} {'dense us':>9} " + " ".join(
-            f"{k + ' us':>11}" for k in kernels
-        ) + f" {'best':>9} {'speedup':>7}"
-        lines = [head, "-" * len(head)]
+        headers = ["layers", "shape", "sparsity", "dense us", *(f"{k} us" for k in kernels), "best", "speedup"]
+        rows = []
         for (shape, sp, kern, reason), cs in list(groups.items())[:max_rows]:
-            label = cs[0].name if len(cs) == 1 else f"{cs[0].name} (+{len(cs) - 1})"
-            label = label if len(label) <= 34 else "..." + label[-31:]
+            kinds = {layer_kind(c.name) for c in cs}
+            if len(cs) == 1:
+                label = cs[0].name
+            elif len(kinds) == 1:
+                label = f"{kinds.pop()} x{len(cs)}"
+            else:
+                label = f"{cs[0].name} (+{len(cs) - 1})"
 
             def med(k: str, cs: list[LayerChoice] = cs) -> str:
                 vals = [c.times[k] for c in cs if k in c.times]
                 return f"{statistics.median(vals) * 1e6:.1f}" if vals else "-"
 
             sp_cell = statistics.median(c.speedup for c in cs)
-            lines.append(
-                f"{label:<34} {shape[0]:>5}x{shape[1]:<5} {sp:>8.0%} {med('dense'):>9} "
-                + " ".join(f"{med(k):>11}" for k in kernels)
-                + f" {kern if reason is None else 'dense*':>9} {sp_cell:>6.2f}x"
-            )
+            rows.append([label, f"{shape[0]}x{shape[1]}", f"{sp:.0%}", med("dense"), *(med(k) for k in kernels),
+                         kern if reason is None else "dense*", f"{sp_cell:.2f}x"])
+        lines = format_table(headers, rows).splitlines()
         if len(groups) > max_rows:
             lines.append(f"... {len(groups) - max_rows} more groups")
         if any(c.skipped_reason for c in self.layers):
