@@ -32,37 +32,35 @@ def _folder_dtype(folder: Path) -> str:
 
 
 def print_summary(path: Path, console) -> dict[str, int]:  # noqa: ANN001 - a rich Console
-    """Print per-tensor formats and sizes of a compressed checkpoint; return the totals."""
-    from rich.table import Table
+    """Print per-tensor formats and sizes of a compressed checkpoint; return the totals.
 
+    Full names and numbers at any width (:func:`sparsetorch.tables.print_rows`)."""
+    from ..tables import print_rows
     from .checkpoint import checkpoint_summary
 
     rows = checkpoint_summary(path)
-    table = Table(title=f"{path}")
-    for col in ("tensor", "format", "shape", "dtype", "pattern", "dense", "stored", "ratio"):
-        table.add_column(col, justify="right" if col in ("dense", "stored", "ratio") else "left", no_wrap=True)
+    cells: list[list[str]] = []
     dense = stored = 0
     tied_notes: list[str] = []
     for r in rows:
         dense += r.dense_bytes
         stored += r.stored_bytes
         if r.tied_to:
-            table.add_row(r.name, "tied", "", "", "", "0 B", "0 B", "")
+            cells.append([r.name, "tied", "", "", "", "0 B", "0 B", ""])
             tied_notes.append(f"{r.name} is tied to {r.tied_to} (stored once)")
             continue
-        table.add_row(r.name, r.format, "x".join(map(str, r.shape)), r.dtype, r.pattern or "",
-                      _human(r.dense_bytes), _human(r.stored_bytes), f"{r.ratio:.3f}")
-    name_w = max((len(r.name) for r in rows), default=10)
-    from rich.console import Console
-
-    wide = Console(width=max(console.width, name_w + 100), file=console.file)
-    wide.print(table)
+        cells.append([r.name, r.format, "x".join(map(str, r.shape)), r.dtype, r.pattern or "",
+                      _human(r.dense_bytes), _human(r.stored_bytes), f"{r.ratio:.3f}"])
+    print_rows(console, ["tensor", "format", "shape", "dtype", "pattern", "dense", "stored", "ratio"], cells,
+               title=str(path), left=5,
+               footer=["total", "", "", "", "", _human(dense), _human(stored), f"{stored / max(dense, 1):.3f}"])
     for note in tied_notes:
         console.print(note)
     file_bytes = path.stat().st_size
     console.print(
         f"tensors: dense {_human(dense)} -> stored {_human(stored)} ({stored / max(dense, 1):.3f}x); "
-        f"file {_human(file_bytes)} ({file_bytes / max(dense, 1):.3f}x of the dense tensor bytes)"
+        f"file {_human(file_bytes)} ({file_bytes / max(dense, 1):.3f}x of the dense tensor bytes)",
+        soft_wrap=True,
     )
     return {"dense_bytes": dense, "stored_bytes": stored, "file_bytes": file_bytes}
 
