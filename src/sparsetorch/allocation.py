@@ -74,8 +74,9 @@ def erdos_renyi(
         if kernel:
             raw[n] = (sum(sh) / math.prod(sh)) ** power_scale
         else:
-            dims = sh[-2:] if len(sh) >= 2 else (sh[0], 1)
-            # ER on (out, in): conv kernels are ignored, as in RigL's get_sparsities_erdos_renyi
+            dims = sh[:2] if len(sh) >= 2 else (sh[0], 1)
+            # ER on (out, in) channels, conv kernel dims ignored, as in RigL's
+            # get_sparsities_erdos_renyi; PyTorch stores conv weights [out, in, kh, kw] (TF: [kh, kw, in, out])
             raw[n] = (dims[0] + dims[1]) / (dims[0] * dims[1]) if len(sh) >= 2 else 1.0
     if s == 0.0:
         return {n: 0.0 for n in params}

@@ -49,14 +49,6 @@ def test_erk_hand_computed():
     assert sp["a"] == 0.0 and sp["b"] == pytest.approx(34 / 64)
 
 
-ER_CONV_BUG = (
-    "allocation.erdos_renyi(kernel=False) takes sh[-2:] as (out, in): for a PyTorch conv weight "
-    "[out, in, kh, kw] that is (kh, kw), the kernel, i.e. the opposite of ER (RigL's TF kernels "
-    "are [kh, kw, in, out], where the last two dims are (in, out)); fix: use (sh[0], sh[1])"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=ER_CONV_BUG)
 def test_er_on_a_pytorch_conv_uses_out_and_in_channels():
     """ER's raw density for a conv is ``(c_out + c_in) / (c_out · c_in)``, the kernel size ignored,
     so a [8, 4, 3, 3] conv scores like an [8, 4] Linear (hand-computed)."""

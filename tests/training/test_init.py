@@ -10,16 +10,12 @@ from sparsetorch.patterns import n_pruned
 from sparsetorch.training import get_method
 from sparsetorch.training.synflow import synflow_scores
 
-ER_CONV_BUG = "allocation.erdos_renyi: ER on a PyTorch conv [out, in, kh, kw] uses (kh, kw), not (out, in)"
-
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 @pytest.mark.parametrize("alloc", ["erk", "er", "uniform"])
 def test_random_counts_follow_allocation(request, model, alloc):
     """Per-layer zero counts against the ERK / ER / uniform definitions computed in the test
     (not against ``sp._layer_sparsities``, which is the code under test)."""
-    if alloc == "er" and model == "cnn":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=ER_CONV_BUG))
     net = request.getfixturevalue(model)
     sp = get_method("random", sparsity=0.8, allocation=alloc)
     masks = sp.attach(net)
