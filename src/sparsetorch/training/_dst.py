@@ -9,13 +9,12 @@ is reset; a connection dropped and regrown in the same update keeps its value an
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import Tensor
 
 from ..errors import MethodError
-from ..patterns import topk_mask
+from ..patterns import n_pruned, topk_mask
 from ..schedules import CosineDecay
 from .base import Sparsifier, check_steps
 
@@ -85,7 +84,7 @@ class DynamicSparsifier(Sparsifier):
         for name, p in self.params.items():
             old = self.masks[name]
             nnz = int(old.sum())
-            k = int(math.floor(f * nnz))
+            k = n_pruned(f, nnz)  # floor(f * nnz), robust to float round-off (shared count rule)
             if k <= 0 or nnz == old.numel():
                 continue
             drop_score = p.detach().abs().float().masked_fill(~old, float("-inf"))
