@@ -145,3 +145,17 @@ def test_calibration_ids_outside_the_vocabulary_are_data_errors(bad: int) -> Non
     with pytest.raises(DataError, match=r"calibration token ids must be in \[0, 128\)"):
         sparsetorch.prune(model, "wanda", 0.5, calibration=calib, progress=False)
     assert all(torch.equal(p, dense[n]) for n, p in model.named_parameters())  # nothing was pruned
+
+
+def test_run_oneshot_checks_pipeline_options_itself(tiny_llama) -> None:
+    """Direct callers of the pipeline (not only prune() and the CLI) get typed option errors."""
+    from sparsetorch.errors import MethodError
+    from sparsetorch.oneshot import run_oneshot
+    from sparsetorch.patterns import parse_pattern
+
+    params = {n: p for n, p in tiny_llama.named_parameters() if n.endswith("proj.weight")}
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    for bad in ({"batch_size": 0}, {"reconstruct_lr": -1.0}, {"reconstruct_train": "some"}):
+        with pytest.raises(MethodError):
+            run_oneshot(tiny_llama, method="wanda", sparsity=0.5, pattern=parse_pattern("unstructured"),
+                        params=params, calibration=ids, num_samples=2, seq_len=8, progress=False, **bad)

@@ -57,27 +57,15 @@ from torch import Tensor, nn
 from ..errors import MethodError, ModelError, check_sparsity
 from ..masks import MaskSet
 from ..patterns import NM, Pattern
-from .base import Solver
+from .base import PIPELINE_OPTION_SPECS, Solver, check_options
 from .blocks import BlockInputs, _Stop, capture_inputs, find_decoder_blocks, run_block
 from .calibration import prepare_calibration
 from .reconstruct import TARGETS as REC_TARGETS
 from .reconstruct import TRAIN as REC_TRAIN
 from .stats import InputStats, accumulate
 
-PIPELINE_OPTIONS = (
-    "true_sequential",
-    "batch_size",
-    "reconstruct",
-    "reconstruct_steps",
-    "reconstruct_lr",
-    "reconstruct_target",
-    "reconstruct_train",
-    "owl_m",
-    "owl_lambda",
-    "sensitivity_grid",
-    "sensitivity_samples",
-    "progress",
-)
+#: names of the pipeline's own options (the rest of ``**kwargs`` goes to the solver)
+PIPELINE_OPTIONS = tuple(PIPELINE_OPTION_SPECS)
 
 
 def _tqdm(it, **kw):
@@ -268,7 +256,8 @@ def run_oneshot(
 
     t0 = time.perf_counter()
     s = check_sparsity(sparsity)
-    opts = {k: kwargs.pop(k) for k in list(kwargs) if k in PIPELINE_OPTIONS}
+    opts = check_options("pipeline", PIPELINE_OPTION_SPECS,
+                         {k: kwargs.pop(k) for k in list(kwargs) if k in PIPELINE_OPTIONS})
     solver_cls = SOLVERS.get(method)
     if solver_cls is None:
         raise MethodError(f"unknown one-shot method {method!r}; available: {', '.join(SOLVERS)}.")
