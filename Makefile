@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: all venv demo test test-fast lint data clean
+.PHONY: all venv demo test test-fast lint data clean mutation report
 
 all: test
 
@@ -46,7 +46,18 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) benchmarks/report.py --check
+
+# README/docs number sections regenerated from benchmarks/results/*.json
+report: $(STAMP)
+	$(PY) benchmarks/report.py
+
+# planted bugs (mutmut) in the core modules: per-module scores in benchmarks/results/mutation.json
+# (long: run it on a quiet machine; a second run resumes in the same work folder)
+mutation: $(STAMP)
+	$(PIP) install -q 'mutmut==3.8.1'
+	$(PY) benchmarks/mutation_scores.py
 
 clean:
 	rm -rf demo_out .pytest_cache .ruff_cache
