@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads = torch.get_num_threads()
         pl = plan(model, batch_size=1)
     except SparseTorchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
 
     file_bytes = ckpt.stat().st_size
