@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparsetorch import MaskSet
-from sparsetorch.errors import CheckpointError, MaskError
+from sparsetorch.errors import CheckpointError, MaskError, PatternError
 
 
 def _net() -> nn.Module:
@@ -95,3 +95,59 @@ def test_version_zero_or_missing_and_missing_patterns_still_load(tmp_path, meta)
 def test_repr_counts_tensors_and_sparsity() -> None:
     assert repr(MaskSet({"a": torch.tensor([True, False]), "b": torch.tensor([True, True])})) == \
         "MaskSet(2 tensors, sparsity=0.2500)"
+
+
+def test_empty_and_fresh_masksets() -> None:
+    ms = MaskSet({})
+    assert ms.sparsity().overall == 0.0 and ms.sparsity().per_layer == {}
+    ms.rezero()  # nothing enforced yet: a no-op
+    ms.release()
+    ms.rezero()
+
+
+def test_masks_must_be_tensors_and_are_stored_as_bool() -> None:
+    with pytest.raises(MaskError, match=r"^mask for 'a' must be a tensor, got list\.$"):
+        MaskSet({"a": [1, 0]})
+    ms = MaskSet({"w": torch.tensor([1.0, 0.0, 3.0])})
+    assert ms.masks["w"].dtype == torch.bool and ms.masks["w"].tolist() == [True, False, True]
+
+
+def test_from_scores_takes_a_pattern_per_name_and_names_a_misfit() -> None:
+    scores = {"a": torch.arange(8.0).view(2, 4), "b": torch.arange(8.0).view(2, 4)}
+    ms = MaskSet.from_scores(scores, 0.5, {"a": "2:4", "b": "channel"})
+    assert str(ms.patterns["a"]) == "2:4" and str(ms.patterns["b"]) == "channel"
+    assert ms.masks["b"].tolist() == [[False] * 4, [True] * 4]
+    with pytest.raises(PatternError, match="odd_layer"):
+        MaskSet.from_scores({"odd_layer": torch.ones(2, 6)}, 0.5, "4:8")
+
+
+def test_unknown_names_get_suggestions() -> None:
+    from sparsetorch.errors import TargetError
+
+    ms = MaskSet({"layer.weight": torch.ones(2, dtype=torch.bool)})
+    with pytest.raises(TargetError, match=r"^no mask for 'layer\.wieght'\. Did you mean: layer\.weight\?$"):
+        ms["layer.wieght"]
+
+
+def test_verify_messages_say_what_was_given() -> None:
+    ms = MaskSet({"gone": torch.ones(2, 2, dtype=torch.bool)})
+    with pytest.raises(MaskError, match=r"^mask 'gone' names no parameter of the tensors\. The masks were made for a different model\.$"):
+        ms.verify({"w": torch.ones(2, 2)})
+    with pytest.raises(MaskError, match=r"names no parameter of Linear\..* The masks were made for a different model\.$"):
+        ms.verify(nn.Linear(2, 2))
+
+
+def test_enforce_hooks_every_trainable_masked_parameter_after_a_frozen_one() -> None:
+    net = nn.Sequential(nn.Linear(3, 3, bias=False), nn.Linear(3, 3, bias=False))
+    net[0].weight.requires_grad_(False)
+    m1 = torch.tensor([[True, False, True]] * 3)
+    ms = MaskSet({"0.weight": torch.ones(3, 3, dtype=torch.bool), "1.weight": m1}).enforce(net)
+    net(torch.randn(4, 3)).sum().backward()
+    assert bool((net[1].weight.grad[~m1] == 0).all()) and bool((net[1].weight.grad[m1] != 0).any())
+    ms.release()
+    ms.rezero()  # released: nothing left to re-zero
+
+
+def test_one_element_sparsity() -> None:
+    st = MaskSet({"a": torch.tensor([False]), "b": torch.tensor([True, False])}).sparsity()
+    assert st.per_layer == {"a": 1.0, "b": 0.5} and st.overall == pytest.approx(2 / 3)
