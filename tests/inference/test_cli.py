@@ -9,17 +9,9 @@ from pathlib import Path
 import pytest
 from tiny_models import make_tiny_llama
 
-from sparsetorch.cli import main
-
 transformers = pytest.importorskip("transformers")
 
-
-def run(argv: list[str]) -> int:
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
+from test_cli_main import run  # noqa: E402 - the one in-process CLI runner (exit code)
 
 
 @pytest.fixture(scope="module")
