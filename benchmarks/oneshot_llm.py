@@ -120,13 +120,28 @@ def _sparsity(model) -> float:
     return z / max(n, 1)
 
 
-def worker(cfg: str, model_dir: Path) -> dict:
+def split_batch(cfg: str) -> tuple[str, int | None]:
+    """``"wanda@0.5/b1"`` -> ``("wanda@0.5", 1)``; no ``/bN`` suffix -> each tool's default batch."""
+    base, sep, b = cfg.partition("/b")
+    if not sep:
+        return cfg, None
+    if not b.isdigit() or int(b) < 1:
+        raise SystemExit(f"bad batch suffix in {cfg!r}: use METHOD@SPEC/bN with N >= 1")
+    return base, int(b)
+
+
+def worker(cfg: str, model_dir: Path, threads: int | None = None) -> dict:
     import torch
 
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     model, tok = _load(model_dir)
     calib, evalw = _windows(tok)
     res: dict = {"config": cfg, "torch_threads": torch.get_num_threads()}
+    cfg, batch = split_batch(cfg)
+    # each tool's own default calibration batch when no /bN is given (ours 8, llm-compressor 1)
+    res["batch_size"] = batch if batch is not None else (1 if cfg.startswith("llmc-") else 8)
     if cfg == "dense":
         res["ppl"] = _ppl(model, evalw)
     elif cfg == "floor":
@@ -143,11 +158,12 @@ def worker(cfg: str, model_dir: Path) -> dict:
         sparsity = None if nm else float(spec)
         pattern = spec if nm else "unstructured"
         if method.startswith("llmc-"):
-            res.update(_run_llmc(model, calib, method[5:], sparsity, spec if nm else "0:0"))
+            res.update(_run_llmc(model, calib, method[5:], sparsity, spec if nm else "0:0",
+                                 res["batch_size"]))
         else:
             import sparsetorch
 
-            kw: dict = {}
+            kw: dict = {"batch_size": res["batch_size"]}
             if method.endswith("-ref"):  # the reference SparseGPT update, no mask-fixed refit
                 method = method[: -len("-ref")]
                 kw["refit"] = 0
@@ -167,7 +183,7 @@ def worker(cfg: str, model_dir: Path) -> dict:
                 base = "dsnot"
             t = time.perf_counter()
             if base == "magnitude" and allocation == "uniform":
-                rep = sparsetorch.prune(model, "magnitude", sparsity, pattern)
+                rep = sparsetorch.prune(model, "magnitude", sparsity, pattern)  # no calibration
             else:
                 rep = sparsetorch.prune(
                     model,
@@ -194,7 +210,7 @@ def worker(cfg: str, model_dir: Path) -> dict:
     return res
 
 
-def _run_llmc(model, calib, method: str, sparsity, mask_structure: str) -> dict:
+def _run_llmc(model, calib, method: str, sparsity, mask_structure: str, batch_size: int = 1) -> dict:
     import torch
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -225,7 +241,7 @@ def _run_llmc(model, calib, method: str, sparsity, mask_structure: str) -> dict:
         num_calibration_samples=calib.shape[0],
         max_seq_length=calib.shape[1],
         shuffle_calibration_samples=False,
-        batch_size=1,
+        batch_size=batch_size,
     )
     import llmcompressor
 
@@ -233,10 +249,15 @@ def _run_llmc(model, calib, method: str, sparsity, mask_structure: str) -> dict:
 
 
 # ---------------------------------------------------------------------- driver
-def run_one(cfg: str, model_dir: Path, llmc_python: str, timeout: int) -> dict:
+def run_one(cfg: str, model_dir: Path, llmc_python: str, timeout: int,
+            threads: int | None = None) -> dict:
+    """Run one config in a fresh subprocess (its own venv for llm-compressor); its RESULT dict."""
     py = llmc_python if cfg.startswith("llmc-") else sys.executable
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), TOKENIZERS_PARALLELISM="false")
     cmd = [py, str(Path(__file__).resolve()), "--worker", cfg, "--model-dir", str(model_dir)]
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+        cmd += ["--threads", str(threads)]
     t = time.perf_counter()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -330,9 +351,10 @@ def main() -> None:
                     help="results JSON to merge into (one driver per file; default %(default)s)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, help="torch threads per config (default: torch's)")
     a = ap.parse_args()
     if a.worker:
-        res = worker(a.worker, Path(a.model_dir))
+        res = worker(a.worker, Path(a.model_dir), a.threads)
         print("RESULT " + json.dumps(res))
         return
     if a.list:
@@ -358,7 +380,7 @@ def main() -> None:
     for cfg in cfgs:
         print(f"running {cfg} ...", flush=True)
         load_before = load_average()
-        r = run_one(cfg, model_dir, a.llmc_python, a.timeout)
+        r = run_one(cfg, model_dir, a.llmc_python, a.timeout, a.threads)
         r["date"] = time.strftime("%Y-%m-%d %H:%M")
         r["provenance"] = run.entry(load_before, versions=r.pop("versions", None))
         results[cfg] = r
