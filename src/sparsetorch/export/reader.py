@@ -191,8 +191,7 @@ def _parse_safetensors(data: memoryview, where: str) -> tuple[dict[str, tuple[np
         raw = _json(bytes(data[8 : 8 + n]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ReadError(f"{where}: safetensors header is not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise ReadError(f"{where}: safetensors header is not a JSON object")
+    # the '{' check above makes ``raw`` a JSON object
     start = 8 + n
     buf_len = size - start
     meta = raw.pop("__metadata__", None)
