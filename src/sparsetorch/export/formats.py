@@ -449,7 +449,7 @@ class NMPacked(StorageFormat):
         return n, m
 
     def valid(self, a, dtype_name, mask=None, n=2, m=4, **params):
-        if not (0 < n < m <= self.MAX_M) or a.ndim < 1 or dtype_name == "bool" or _input_dim(a.shape) % m:
+        if type(n) is not int or type(m) is not int or not (0 < n < m <= self.MAX_M) or a.ndim < 1 or dtype_name == "bool" or _input_dim(a.shape) % m:
             return False
         sup = _support(a, dtype_name, mask)
         return bool((nm_groups(sup, m).sum(axis=1) <= n).all())
