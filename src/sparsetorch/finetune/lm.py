@@ -1,0 +1,258 @@
+"""Recovery fine-tuning of a pruned Hugging Face causal LM, with the dense model as teacher.
+
+:func:`finetune` is :func:`~sparsetorch.finetune.loop.train_masked` plus what an LM needs:
+token windows drawn in a seeded order, a teacher forward for the distillation losses
+(:mod:`~sparsetorch.finetune.losses`), held-out perplexity, and checks that the teacher fits the
+student (same vocabulary; for SquareHead the same depth and width) and that no training window
+is an evaluation window.
+
+Data rule (see README, "Data and evaluation protocol"): fine-tune on the calibration half of the
+embedded corpus (:func:`embedded_windows`) and, for longer runs, on the Python documentation
+sections of Debian's ``python3.11-doc`` (:func:`python_docs_text`); never on the evaluation half.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DataError
+from ..masks import MaskSet
+from .loop import FinetuneConfig, FinetuneError, FinetuneResult, train_masked
+from .losses import LossSpec, causal_ce, kd_kl, parse_loss, squarehead
+
+__all__ = ["DOCS_SECTIONS", "DOCS_ROOT", "WindowSampler", "embedded_windows", "finetune",
+           "python_docs_text", "check_teacher"]
+
+#: where Debian's python3.11-doc puts the reStructuredText sources of the documentation
+DOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
+#: sections used for fine-tuning text; ``reference/`` (the embedded evaluation corpus comes from
+#: the language reference) and ``library/`` are left out on purpose
+DOCS_SECTIONS = ("whatsnew", "howto", "c-api", "tutorial", "faq", "extending", "distributing",
+                 "using", "install")
+
+
+class WindowSampler:
+    """Micro-batch ``i`` of an endless stream of seeded per-epoch permutations of ``n`` windows.
+
+    Position ``k = i * batch + j`` of the stream is window ``perm_e[k % n]`` with epoch
+    ``e = k // n`` and ``perm_e = randperm(n)`` from a generator seeded with ``(seed, e)``:
+    every window is seen once per epoch, and batch ``i`` depends on ``i`` alone (a resumed run
+    draws the same batches).
+    """
+
+    def __init__(self, n: int, batch: int, seed: int = 0) -> None:
+        if n < 1:
+            raise DataError("no training windows: pass at least one window of tokens")
+        self.n, self.batch, self.seed = n, batch, seed
+        self._perms: dict[int, Tensor] = {}
+
+    def perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(self.n, generator=g)
+        return self._perms[epoch]
+
+    def __call__(self, i: int) -> Tensor:
+        ks = range(i * self.batch, (i + 1) * self.batch)
+        return torch.stack([self.perm(k // self.n)[k % self.n] for k in ks])
+
+
+def embedded_windows(tokenizer: Any, seq_len: int = 512) -> Tensor:
+    """Every ``seq_len`` window of the *calibration* half of the embedded corpus (never the
+    evaluation half): 97 windows of 512 tokens for SmolLM2."""
+    from ..data.text import pydoc_topics_split, token_windows
+
+    return token_windows(tokenizer, pydoc_topics_split()[0], seq_len=seq_len)
+
+
+def python_docs_text(root: str | os.PathLike[str] | None = None,
+                     sections: Sequence[str] = DOCS_SECTIONS) -> str:
+    """The ``.txt`` sources of the given documentation sections, sorted by path, joined by a
+    blank line. Install them with ``apt-get install python3.11-doc`` (``make data`` does)."""
+    base = Path(root) if root is not None else DOCS_ROOT
+    if not base.is_dir():
+        raise DataError(f"Python documentation sources not found at {base}; install Debian's python3.11-doc "
+                        "(`make data`, or apt-get install -y python3.11-doc) or pass root=")
+    bad = [s for s in sections if s in ("reference", "library") or "/" in s or s.startswith(".")]
+    if bad:
+        raise DataError(f"section {bad[0]!r} may not be used for fine-tuning (reference/ holds the "
+                        "evaluation text; library/ is left out by the data rule)")
+    files: list[Path] = []
+    for s in sections:
+        d = base / s
+        if not d.is_dir():
+            raise DataError(f"documentation section {s!r} not found under {base}")
+        files += sorted(p for p in d.rglob("*.txt") if p.is_file())
+    if not files:
+        raise DataError(f"no .txt sources under {base} for sections {list(sections)}")
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(files))
+
+
+def _vocab(model: nn.Module) -> int | None:
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return int(emb.weight.shape[0]) if emb is not None else None
+
+
+def check_teacher(student: nn.Module, teacher: nn.Module | None, spec: LossSpec) -> None:
+    """Raise :class:`FinetuneError` when ``teacher`` cannot teach ``student`` under ``spec``."""
+    if not spec.needs_teacher:
+        return
+    if teacher is None:
+        raise FinetuneError(f"loss {spec} needs a teacher (the dense model); pass teacher= or use loss='ce'")
+    if teacher is student:
+        raise FinetuneError("the teacher is the student itself; pass the dense model (a separate copy)")
+    mine = {id(p) for p in student.parameters()}
+    if any(id(p) in mine for p in teacher.parameters()):
+        raise FinetuneError("the teacher shares parameters with the student; pass a separate copy of the "
+                            "dense model (copy.deepcopy it before pruning)")
+    vs, vt = _vocab(student), _vocab(teacher)
+    if vs is not None and vt is not None and vs != vt:
+        raise FinetuneError(f"the teacher's vocabulary ({vt} tokens) differs from the student's ({vs}); "
+                            "distillation needs the same tokenizer: use the model the student was pruned from")
+    if spec.needs_hidden:
+        cs, ct = getattr(student, "config", None), getattr(teacher, "config", None)
+        for key in ("num_hidden_layers", "hidden_size"):
+            a, b = getattr(cs, key, None), getattr(ct, key, None)
+            if a is not None and b is not None and a != b:
+                raise FinetuneError(f"squarehead compares hidden states layer by layer, but the teacher's "
+                                    f"{key} is {b} and the student's {a}; use the model the student was pruned "
+                                    "from, or loss='kd'")
+
+
+def _check_windows(data: Any, what: str) -> Tensor:
+    if not isinstance(data, Tensor) or data.dim() != 2 or data.dtype != torch.long:
+        raise DataError(f"{what} must be a LongTensor of token windows [n, seq_len], got "
+                        f"{type(data).__name__}{tuple(data.shape) if isinstance(data, Tensor) else ''}")
+    if data.shape[0] < 1 or data.shape[1] < 2:
+        raise DataError(f"{what} is empty: need at least one window of at least 2 tokens, got {tuple(data.shape)}")
+    return data
+
+
+def _no_eval_windows_in(train: Tensor, evalw: Tensor) -> None:
+    if train.shape[1] != evalw.shape[1]:
+        return
+    seen = {bytes(r.numpy().tobytes()): i for i, r in enumerate(evalw)}
+    for i, r in enumerate(train):
+        j = seen.get(bytes(r.numpy().tobytes()))
+        if j is not None:
+            raise DataError(f"training window {i} is evaluation window {j}: never fine-tune on the evaluation "
+                            "text (use embedded_windows() or python_docs_text())")
+
+
+def finetune(
+    model: nn.Module,
+    masks: MaskSet | None,
+    data: Tensor,
+    teacher: nn.Module | None = None,
+    loss: str | LossSpec | dict[str, float] = "kd",
+    steps: int = 100,
+    lr: float = 1e-4,
+    *,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    temperature: float = 1.0,
+    squarehead_reduction: str = "mean",
+    eval_windows: Tensor | None = None,
+    eval_every: int | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    warmup_steps: int | None = None,
+    min_lr_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    bf16: bool = False,
+    gradient_checkpointing: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Fine-tune a pruned causal LM in place without changing its masks; returns the run record.
+
+    ``data`` is a LongTensor of training windows ``[n, seq_len]`` (e.g. :func:`embedded_windows`);
+    ``loss`` is ``"ce"``, ``"kd"``, ``"squarehead"``, ``"kd+squarehead"`` or any weighted sum such as
+    ``"0.5*ce+kd"`` (see :func:`~sparsetorch.finetune.losses.parse_loss`); distillation losses need
+    ``teacher`` (the dense model, kept frozen). ``eval_windows`` (held-out text) gives the
+    perplexity before training and every ``eval_every`` steps and at the end, in ``result.evals``.
+    Checkpoints go to ``checkpoint_dir/last`` every ``checkpoint_every`` steps; ``resume=`` (that
+    folder) continues bit-identically. The masks are verified (pattern included) at the end.
+    """
+    spec = parse_loss(loss)
+    config = FinetuneConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
+                            warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
+                            max_grad_norm=max_grad_norm, seed=seed, bf16=bf16, eval_every=eval_every,
+                            checkpoint_every=checkpoint_every)
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise FinetuneError("checkpoint_every needs checkpoint_dir= (where to write the checkpoints)")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise FinetuneError(f"temperature must be > 0, got {temperature!r}")
+    data = _check_windows(data, "data")
+    if eval_windows is not None:
+        eval_windows = _check_windows(eval_windows, "eval_windows")
+        _no_eval_windows_in(data, eval_windows)
+    check_teacher(model, teacher, spec)
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    w_ce, w_kd, w_sq = spec.weight("ce"), spec.weight("kd"), spec.weight("squarehead")
+    hidden = spec.needs_hidden
+    sampler = WindowSampler(data.shape[0], batch_size, seed)
+    device = next(model.parameters()).device
+
+    def batch_fn(i: int) -> Tensor:
+        return data[sampler(i)].to(device)
+
+    def loss_fn(m: nn.Module, ids: Tensor) -> tuple[Tensor, int]:
+        out = m(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+        total = torch.zeros((), device=ids.device)
+        if w_ce:
+            total = total + w_ce * causal_ce(out.logits, ids)
+        if teacher is not None and (w_kd or w_sq):
+            with torch.no_grad():
+                t = teacher(input_ids=ids, output_hidden_states=hidden, use_cache=False)
+            if w_kd:
+                total = total + w_kd * kd_kl(out.logits, t.logits, temperature)
+            if w_sq:
+                # outputs of every decoder block (HF: hidden_states[0] is the embedding output)
+                total = total + w_sq * squarehead(out.hidden_states[1:], t.hidden_states[1:], squarehead_reduction)
+        return total, ids.numel()
+
+    eval_fn = None
+    if eval_windows is not None:
+        from ..evaluate import perplexity
+
+        def eval_fn(m: nn.Module) -> float:
+            return perplexity(m, windows=eval_windows, max_windows=None, progress=False)
+
+    gc_off = None
+    if gradient_checkpointing:
+        # transformers >= 5.x names it activation checkpointing; older releases gradient checkpointing
+        on = next((getattr(model, n) for n in ("activation_checkpointing_enable", "gradient_checkpointing_enable")
+                   if hasattr(model, n)), None)
+        if on is None:
+            raise FinetuneError("gradient_checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+        on()
+        gc_off = next(getattr(model, n) for n in ("activation_checkpointing_disable", "gradient_checkpointing_disable")
+                      if hasattr(model, n))
+    try:
+        if eval_fn is not None and resume is None:
+            model.eval()
+            with torch.no_grad():
+                before = eval_fn(model)
+        result = train_masked(model, masks, batch_fn, loss_fn, config, eval_fn=eval_fn,
+                              checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
+                              desc=f"finetune {spec}")
+    finally:
+        if gc_off is not None:
+            gc_off()
+    if eval_fn is not None and resume is None:
+        result.evals.insert(0, [0, before])
+    return result
