@@ -628,6 +628,68 @@ def inference_shared(r: Results) -> str:
     return "\n".join(out)
 
 
+#: like-for-like pairs of oneshot_vs_llmc.json: (label, ours, theirs) per spec and batch
+VS_PAIRS = [("SparseGPT (no refit)", "sparsegpt-ref", "llmc-sparsegpt"), ("Wanda", "wanda", "llmc-wanda")]
+
+
+def _vs_cfgs(e: dict[str, dict]) -> list[tuple[str, str, str, str]]:
+    """(spec, batch, ours config, theirs config) for every pair present, in spec and batch order."""
+    out = []
+    for k in e:
+        m, _, rest = k.partition("@")
+        spec, _, b = rest.partition("/b")
+        for _, ours, theirs in VS_PAIRS:
+            if m == ours and f"{theirs}@{spec}/b{b}" in e:
+                out.append((spec, b, k, f"{theirs}@{spec}/b{b}"))
+    return sorted(out, key=lambda x: (ONESHOT_SPECS.index(x[0]) if x[0] in ONESHOT_SPECS else 99, int(x[1]), x[2]))
+
+
+def oneshot_vs_llmc(r: Results) -> str:
+    """Interleaved, repeated side-by-side with llm-compressor: medians, ranges, measured noise."""
+    d = r("oneshot_vs_llmc")
+    e = {k: v for k, v in d.items() if not k.startswith("_") and isinstance(v, dict) and v.get("summary", {}).get("n")}
+    meta = d.get("_meta", {})
+    label = {ours: lab for lab, ours, _ in VS_PAIRS}
+    out = ["| algorithm | spec | batch | ours s: median [min–max] | llm-compressor s | time ours/theirs | "
+           "E16 ours / theirs | load+prune RSS GiB ours / theirs | verdict |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    spreads = []
+    for spec, b, ka, kb in _vs_cfgs(e):
+        a, t = e[ka]["summary"], e[kb]["summary"]
+        spreads += [a["spread"], t["spread"]]
+        rt = a["median_seconds"] / t["median_seconds"]
+        if a["max_seconds"] < t["min_seconds"]:
+            verdict = "faster: ranges do not overlap"
+        elif a["min_seconds"] > t["max_seconds"]:
+            verdict = "slower: ranges do not overlap"
+        else:
+            verdict = "parity within noise (ranges overlap)"
+
+        def p(x):  # noqa: ANN001, ANN202
+            return ppl(x) if isinstance(x, float) else "/".join(ppl(v) for v in x) + " (repeats differ)"
+
+        out.append(
+            f"| {label[ka.split('@')[0]]} | {spec_label(spec)} | {b} | {a['median_seconds']:.0f} "
+            f"[{a['min_seconds']:.0f}–{a['max_seconds']:.0f}] | {t['median_seconds']:.0f} "
+            f"[{t['min_seconds']:.0f}–{t['max_seconds']:.0f}] | {ratio(rt)} | {p(a['ppl'])} / {p(t['ppl'])} | "
+            f"{a['median_rss_after_prune_gib']:.2f} / {t['median_rss_after_prune_gib']:.2f} | {verdict} |")
+    runs = [x for v in e.values() for x in v["runs"] if x.get("load_before")]
+    loads = [x["load_before"][0] for x in runs]
+    n = sorted({v["summary"]["n"] for v in e.values()})
+    threads = sorted({t for v in e.values() for t in v["summary"]["torch_threads"] if t})
+    out += ["", (
+        f"Both tools at {'/'.join(map(str, threads))} torch threads, the same model folder, 64 calibration "
+        f"windows and E16 evaluation, each run in a fresh process; {'/'.join(map(str, n))} repeats per config, "
+        f"run round-robin with the order rotated each round (one driver, `benchmarks/oneshot_vs_llmc.py`). "
+        f"Seconds are the pruning call only; median [min–max] over the repeats. Measured noise: the "
+        f"spread (max − min) / median of one config's repeats is {span([x * 100 for x in spreads], lambda x: f'{x:.0f}')}%. "
+        f"A time ratio counts as a difference only when the two ranges do not overlap. Load average "
+        f"(1 min) before each run: {span(loads, lambda x: f'{x:.2f}')}. llm-compressor "
+        f"{(meta.get('versions') or {}).get('llmcompressor', '?')}. "
+        + provenance_note(f"{RESULTS_DIR}/oneshot_vs_llmc.json", d))]
+    return "\n".join(out)
+
+
 #: decode benchmark JSONs (interleaved repeats, medians with ranges) by machine state
 DECODE_STATES = [("quiet", "sparse_inference_decode_quiet_v2"), ("loaded", "sparse_inference_decode_loaded")]
 
@@ -676,6 +738,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "oneshot-table": oneshot_table,
     "oneshot-compare": oneshot_compare,
     "oneshot-refit": oneshot_refit,
+    "oneshot-vs-llmc": oneshot_vs_llmc,
     "reference-ppl": reference_ppl,
     "training-summary": training_summary,
     "training-sweep-table": training_sweep_table,

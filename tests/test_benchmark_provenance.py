@@ -148,7 +148,7 @@ def test_oneshot_driver_stamps_every_entry(tmp_path: Path, monkeypatch: pytest.M
     results.write_text(json.dumps({"wanda@0.5": old}))
     calls = []
 
-    def fake_run_one(cfg, model_dir, llmc_python, timeout):
+    def fake_run_one(cfg, model_dir, llmc_python, timeout, threads=None):
         calls.append(cfg)
         r = {"config": cfg, "ppl": 20.0, "seconds": 1.0, "peak_rss_gib": 1.0, "torch_threads": 1,
              "versions": {"python": "3.x", "torch": "9.9", "transformers": "8.8", "numpy": "7.7"}}
@@ -210,3 +210,39 @@ def test_write_json_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     prov.write_json(tmp_path / "a" / "b.json", {"x": 1})
     assert seen == [tmp_path / "a" / "b.json"]
     assert json.loads((tmp_path / "a" / "b.json").read_text()) == {"x": 1}
+
+
+# --------------------------------------------------------------------------- like-for-like driver
+def test_vs_llmc_driver_rotates_and_summarizes(tmp_path, monkeypatch):
+    vs = _module("oneshot_vs_llmc")
+    cfgs = vs.matrix(["0.5"], [1, 8])
+    assert cfgs == ["sparsegpt-ref@0.5/b1", "llmc-sparsegpt@0.5/b1", "wanda@0.5/b1", "llmc-wanda@0.5/b1",
+                    "sparsegpt-ref@0.5/b8", "llmc-sparsegpt@0.5/b8", "wanda@0.5/b8", "llmc-wanda@0.5/b8"]
+    assert vs.rotated(["a", "b", "c"], 1) == ["b", "c", "a"] and vs.rotated(["a", "b", "c"], 4) == ["b", "c", "a"]
+    s = vs.summarize([{"seconds": 10.0, "ppl": 2.0, "rss_after_prune_gib": 1.0, "torch_threads": 2, "batch_size": 1},
+                      {"seconds": 14.0, "ppl": 2.0, "rss_after_prune_gib": 1.2, "torch_threads": 2},
+                      {"seconds": 12.0, "ppl": 2.0, "rss_after_prune_gib": 1.1, "torch_threads": 2},
+                      {"error": "boom"}])
+    assert (s["n"], s["median_seconds"], s["min_seconds"], s["max_seconds"]) == (3, 12.0, 10.0, 14.0)
+    assert s["spread"] == pytest.approx(4 / 12) and s["ppl"] == 2.0 and s["median_rss_after_prune_gib"] == 1.1
+    assert vs.summarize([{"seconds": 1.0, "ppl": 2.0}, {"seconds": 1.0, "ppl": 2.5}])["ppl"] == [2.0, 2.5]
+    assert vs.summarize([{"error": "x"}]) == {"n": 0}
+    # the driver: every config once per round, the order rotated by one each round
+    calls = []
+
+    def fake_run_one(cfg, model_dir, llmc_python, timeout, threads=None):
+        calls.append((cfg, threads))
+        return {"config": cfg, "ppl": 20.0, "seconds": 1.0 + len(calls), "rss_after_prune_gib": 1.0,
+                "torch_threads": threads, "batch_size": 1, "versions": {"python": "3.x"}}
+
+    monkeypatch.setattr(vs, "run_one", fake_run_one)
+    monkeypatch.setattr(vs, "ensure_model_dir", lambda: tmp_path)
+    out = tmp_path / "vs.json"
+    monkeypatch.setattr(sys, "argv", ["oneshot_vs_llmc.py", "--configs", "a@0.5/b1,b@0.5/b1,c@0.5/b1",
+                                      "--repeats", "2", "--threads", "2", "--results", str(out)])
+    vs.main()
+    assert [c for c, _ in calls] == ["a@0.5/b1", "b@0.5/b1", "c@0.5/b1", "b@0.5/b1", "c@0.5/b1", "a@0.5/b1"]
+    assert {t for _, t in calls} == {2}
+    data = json.loads(out.read_text())
+    assert data["a@0.5/b1"]["summary"]["n"] == 2 and [r["round"] for r in data["a@0.5/b1"]["runs"]] == [1, 2]
+    assert data["_meta"]["rounds_done"] == 2 and data["_meta"]["threads"] == 2
