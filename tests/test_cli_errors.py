@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli_main import byte_tokenizer, run
-from tiny_models import make_tiny_llama
+from test_cli_main import run
 
 import sparsetorch.data.llm as llm
 from sparsetorch.cli import main
@@ -81,14 +80,6 @@ def test_a_real_bug_keeps_its_traceback(monkeypatch) -> None:
     monkeypatch.setattr("sparsetorch.analysis.report.verify_folder", boom)
     with pytest.raises(RuntimeError, match="a bug"):
         main(["verify", "."])
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    make_tiny_llama(vocab=256).save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
 
 
 @pytest.fixture

@@ -12,34 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_llama
+from tiny_models import byte_tokenizer, make_tiny_llama
 
 from sparsetorch.cli import main
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer with exactly 256 ids (one per byte), no merges."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    b2u = bytes_to_unicode()
-    vocab = {b2u[b]: b for b in range(256)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok)
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    model = make_tiny_llama(vocab=256)
-    model.save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
 
 
 def run(argv: list[str]) -> int:

@@ -411,6 +411,7 @@ _register("sparsetorch.export.cli")
 _register("sparsetorch.training.cli")
 _register("sparsetorch.inference.cli")
 _register("sparsetorch.oneshot.cli")
+_register("sparsetorch.finetune.cli")
 
 
 def main(argv: list[str] | None = None) -> None:

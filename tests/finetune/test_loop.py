@@ -206,3 +206,18 @@ def test_bad_inputs():
         train_masked(lin, masks, lambda i: None, lambda m, b: (m.weight.sum() * float("nan"), 1),
                      FinetuneConfig(steps=1), progress=False)
     assert torch.equal(lin.weight.detach(), w * masks.masks["weight"])  # no update was taken
+
+
+def test_on_step_can_stop_the_run_and_it_is_evaluated_there():
+    lin, masks, loss_fn, *_ = _problem()
+    seen = []
+
+    def on_step(done, res, model):
+        seen.append((done, len(res.losses)))
+        return done == 2
+
+    res = train_masked(lin, masks, lambda i: None, loss_fn, FinetuneConfig(steps=10, eval_every=5), progress=False,
+                       on_step=on_step, eval_fn=lambda m: float(m.weight.detach().abs().sum()))
+    assert seen == [(1, 1), (2, 2)] and res.steps == 2 and res.stopped_early
+    assert res.evals[0][0] == 0 and res.evals[1:] == [[2, pytest.approx(float(lin.weight.detach().abs().sum()))]]
+    masks.verify(lin)

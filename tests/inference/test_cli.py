@@ -7,22 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
-from tiny_models import make_tiny_llama
 
 transformers = pytest.importorskip("transformers")
 
 from test_cli_main import run  # noqa: E402 - the one in-process CLI runner (exit code)
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    from test_cli_main import byte_tokenizer
-
-    d = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    make_tiny_llama(vocab=256).save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return d
-
 
 # the tiny Llama: 2 blocks of q/k/v/o (64x64, 32x64, 32x64, 64x64) and gate/up/down (128x64, 128x64,
 # 64x128), and a 256x64 LM head tied to the embedding

@@ -64,7 +64,7 @@ def test_eval_cli_missing_model_is_a_typed_error(tmp_path, capsys):
 
 
 def test_eval_cli_checks_arguments_and_json_before_loading(tmp_path, monkeypatch, capsys):
-    from test_cli_main import byte_tokenizer
+    from tiny_models import byte_tokenizer
 
     import sparsetorch.data.llm as llm
     from sparsetorch.cli import main

@@ -5,6 +5,7 @@
 * :func:`train_masked` -- the same engine for any ``nn.Module`` and loss (AdamW, warm-up +
   cosine, accumulation, clipping on the masked gradients, atomic checkpoints, exact resume).
 * :mod:`.losses` -- the loss terms as pure functions and :func:`parse_loss`.
+* :func:`soup` -- Sparse Model Soups: uniform or greedy averages of children of one parent.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .loop import (
     train_masked,
 )
 from .losses import LossError, LossSpec, causal_ce, kd_kl, parse_loss, squarehead
+from .soup import SoupError, SoupResult, average_state, check_same_masks, soup
 
 __all__ = [
     "DOCS_SECTIONS",
@@ -34,8 +36,12 @@ __all__ = [
     "FinetuneResult",
     "LossError",
     "LossSpec",
+    "SoupError",
+    "SoupResult",
     "WindowSampler",
+    "average_state",
     "causal_ce",
+    "check_same_masks",
     "check_teacher",
     "embedded_windows",
     "finetune",
@@ -44,6 +50,7 @@ __all__ = [
     "lr_factor",
     "parse_loss",
     "python_docs_text",
+    "soup",
     "squarehead",
     "train_masked",
 ]

@@ -173,6 +173,7 @@ def finetune(
     gradient_checkpointing: bool = False,
     seed: int = 0,
     progress: bool = True,
+    on_step: Any = None,
 ) -> FinetuneResult:
     """Fine-tune a pruned causal LM in place without changing its masks; returns the run record.
 
@@ -183,6 +184,7 @@ def finetune(
     perplexity before training and every ``eval_every`` steps and at the end, in ``result.evals``.
     Checkpoints go to ``checkpoint_dir/last`` every ``checkpoint_every`` steps; ``resume=`` (that
     folder) continues bit-identically. The masks are verified (pattern included) at the end.
+    ``on_step(steps_done, result, model)`` is called after every step; True stops the run.
     """
     spec = parse_loss(loss)
     config = FinetuneConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
@@ -243,16 +245,10 @@ def finetune(
         gc_off = next(getattr(model, n) for n in ("activation_checkpointing_disable", "gradient_checkpointing_disable")
                       if hasattr(model, n))
     try:
-        if eval_fn is not None and resume is None:
-            model.eval()
-            with torch.no_grad():
-                before = eval_fn(model)
         result = train_masked(model, masks, batch_fn, loss_fn, config, eval_fn=eval_fn,
                               checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-                              desc=f"finetune {spec}")
+                              desc=f"finetune {spec}", on_step=on_step)
     finally:
         if gc_off is not None:
             gc_off()
-    if eval_fn is not None and resume is None:
-        result.evals.insert(0, [0, before])
     return result

@@ -44,6 +44,8 @@ CHECKPOINT_NAME = "last"
 _STATE_FILE = "state.safetensors"
 _MASK_FILE = "masks.safetensors"
 _CKPT_VERSION = 1
+#: result fields that describe this process, not the run (not stored in checkpoints)
+_NOT_RESUMED = ("resumed_from", "stopped_early")
 
 
 class FinetuneError(SparseTorchError, ValueError):
@@ -145,6 +147,8 @@ class FinetuneResult:
     evals: list[list[float]] = field(default_factory=list)
     peak_rss_mb: float = 0.0
     resumed_from: int | None = None
+    #: True when ``on_step`` ended the run before ``config.steps``
+    stopped_early: bool = False
 
     @property
     def final_loss(self) -> float | None:
@@ -236,6 +240,8 @@ def train_masked(
     resume: str | Path | None = None,
     progress: bool = True,
     desc: str = "finetune",
+    on_step: Callable[[int, FinetuneResult, nn.Module], bool | None] | None = None,
+    eval_before: bool = True,
 ) -> FinetuneResult:
     """Train ``model`` in place for ``config.steps`` optimizer steps without changing its masks.
 
@@ -243,6 +249,10 @@ def train_masked(
     batch)`` returns ``(loss, tokens_or_samples)``; ``eval_fn(model)`` (optional) is called every
     ``eval_every`` steps and after the last one, in eval mode. ``masks=None`` with ``resume``
     takes the checkpoint's masks; without ``resume`` it is an error (nothing to preserve).
+    ``on_step(steps_done, result, model)`` runs after every step (and its evaluation and
+    checkpoint); returning True stops the run there (e.g. at a wall-clock budget), with
+    ``result.stopped_early`` set. The masks are verified either way. With ``eval_before`` a fresh
+    run also evaluates before the first step (``result.evals[0] == [0, value]``; kept on resume).
     """
     if not isinstance(model, nn.Module):
         raise FinetuneError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -281,7 +291,8 @@ def train_masked(
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         hist = state["history"]
-        result = FinetuneResult(**{**hist, "resumed_from": start})
+        result = FinetuneResult(**{**{k: v for k, v in hist.items() if k not in _NOT_RESUMED},
+                                   "resumed_from": start})
     else:
         torch.manual_seed(config.seed)
     masks.enforce(model, opt)  # after loading: zeroes pruned weights, hooks the grads and the step
@@ -302,6 +313,10 @@ def train_masked(
     autocast = (torch.autocast(_device_type(model), dtype=torch.bfloat16) if config.bf16
                 else contextlib.nullcontext())
     warmup = config.warmup
+    if eval_fn is not None and eval_before and state is None:
+        model.eval()
+        with torch.no_grad():
+            result.evals.append([0, float(eval_fn(model))])
     t_run = time.perf_counter()
     seconds_before = result.seconds
     was_training = model.training
@@ -358,8 +373,15 @@ def train_masked(
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "rng": torch.get_rng_state(),
-                    "history": {k: v for k, v in result.to_dict().items() if k != "resumed_from"},
+                    "history": {k: v for k, v in result.to_dict().items() if k not in _NOT_RESUMED},
                 }, masks)
+            if on_step is not None and on_step(step + 1, result, model) and not last_step:
+                result.stopped_early = True
+                if eval_fn is not None and not (result.evals and result.evals[-1][0] == step + 1):
+                    model.eval()
+                    with torch.no_grad():
+                        result.evals.append([step + 1, float(eval_fn(model))])
+                break
     finally:
         if bar is not None:
             bar.close()
