@@ -105,7 +105,8 @@ def provenance_note(rel: str, data: Any) -> str:
         f"Source: `{rel}`, commit `{commit}`{dirty}, `{meta.get('command')}`; "
         f"python {v.get('python')}, torch {v.get('torch')}, transformers {v.get('transformers')}, "
         f"numpy {v.get('numpy')}; {meta.get('cpu_model')}, {meta.get('cpu_count')} CPUs, "
-        f"{meta.get('torch_threads')} torch thread(s); load average {load_str(meta.get('load_before'))} "
+        f"{meta.get('torch_threads') if meta.get('torch_threads') is not None else 'per-run'} torch thread(s); "
+        f"load average {load_str(meta.get('load_before'))} "
         f"before, {load_str(meta.get('load_after'))} after; {meta.get('date_utc')}."
     )
 
@@ -677,6 +678,12 @@ def oneshot_vs_llmc(r: Results) -> str:
     loads = [x["load_before"][0] for x in runs]
     n = sorted({v["summary"]["n"] for v in e.values()})
     threads = sorted({t for v in e.values() for t in v["summary"]["torch_threads"] if t})
+    # a benchmark run keeps ~its thread count busy; more than that + 0.5 means other work ran too
+    busy_at = max(threads or [1]) + 0.5
+    def peak(x: dict) -> float:
+        return max(x["load_before"][0], (x.get("load_after") or [0.0])[0])
+
+    busy = [(k, x) for k, v in e.items() for x in v["runs"] if x.get("load_before") and peak(x) > busy_at]
     out += ["", (
         f"Both tools at {'/'.join(map(str, threads))} torch threads, the same model folder, 64 calibration "
         f"windows and E16 evaluation, each run in a fresh process; {'/'.join(map(str, n))} repeats per config, "
@@ -684,7 +691,10 @@ def oneshot_vs_llmc(r: Results) -> str:
         f"Seconds are the pruning call only; median [min–max] over the repeats. Measured noise: the "
         f"spread (max − min) / median of one config's repeats is {span([x * 100 for x in spreads], lambda x: f'{x:.0f}')}%. "
         f"A time ratio counts as a difference only when the two ranges do not overlap. Load average "
-        f"(1 min) before each run: {span(loads, lambda x: f'{x:.2f}')}. llm-compressor "
+        f"(1 min) before each run: {span(loads, lambda x: f'{x:.2f}')}"
+        + ("" if not busy else "; above " + f"{busy_at:g} before or after (other work ran on the machine): "
+           + ", ".join(f"{k} round {x['round']} ({x['seconds']:.0f} s, load up to {peak(x):.2f})" for k, x in busy))
+        + ". llm-compressor "
         f"{(meta.get('versions') or {}).get('llmcompressor', '?')}. "
         + provenance_note(f"{RESULTS_DIR}/oneshot_vs_llmc.json", d))]
     return "\n".join(out)
