@@ -92,6 +92,7 @@ def run_one(start: str, loss: str, budget: float, marks: list[float], args) -> d
         train = embedded_windows(tok, args.seq_len)
     e16 = eval_windows(tok, 16, 512)
     ppl0 = perplexity(student, windows=e16, progress=False)
+    full0 = perplexity(student, tok, max_windows=None, progress=False) if args.full_eval else None
     # seconds per step from a 2-step probe on a copy (same settings): sets the schedule's length
     probe = copy.deepcopy(student)
     t = time.perf_counter()
@@ -131,7 +132,7 @@ def run_one(start: str, loss: str, budget: float, marks: list[float], args) -> d
         "steps_planned": steps, "steps": res.steps, "tokens": res.tokens, "train_seconds": res.seconds,
         "eval_seconds_in_run": eval_seconds[0], "sec_per_step_probe": per_step,
         "ppl_e16_before": ppl0, "marks": points, "ppl_e16_after": points[-1][3] if points else None,
-        "ppl_full_after": full, "loss_first": res.losses[0], "loss_last": res.final_loss,
+        "ppl_full_before": full0, "ppl_full_after": full, "loss_first": res.losses[0], "loss_last": res.final_loss,
         "peak_rss_mb": res.peak_rss_mb, "sparsity": masks.sparsity().overall,
         "masks_verified": True,
     }

@@ -700,6 +700,29 @@ def oneshot_vs_llmc(r: Results) -> str:
     return "\n".join(out)
 
 
+def finetune_runs(r: Results) -> str:
+    """Recovery fine-tuning at wall-clock budgets (finetune_llm.json), one row per run."""
+    d = r("finetune_llm")
+    e = {k: v for k, v in d.items() if not k.startswith("_")}
+    out = ["| start | loss | precision | budget | steps | tokens | E16 before | E16 after | whole eval half before → after |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for _, x in sorted(e.items(), key=lambda kv: (kv[1]["start"], kv[1]["loss"], kv[1]["budget_s"], kv[1]["bf16"])):
+        full = "" if x.get("ppl_full_after") is None else ppl(x["ppl_full_after"])
+        if full and x.get("ppl_full_before") is not None:
+            full = f"{ppl(x['ppl_full_before'])} → {full}"
+        out.append(f"| {x['start']} | {x['loss']} | {'bf16 autocast' if x['bf16'] else 'fp32'} | "
+                   f"{x['budget_s'] / 60:g} min | {x['steps']} | {x['tokens']} | {ppl(x['ppl_e16_before'])} | "
+                   f"{ppl(x['ppl_e16_after'])} | {full} |")
+    any_x = next(iter(e.values()))
+    out += ["", (
+        f"SmolLM2-135M pruned one-shot (library defaults, 64 calibration windows), fine-tuned with the dense "
+        f"model as teacher on `{any_x['data']}` text ({any_x['train_windows']} windows of {any_x['seq_len']} "
+        f"tokens; never the evaluation half), batch {any_x['batch']}, lr {any_x['lr']:g}, AdamW with warm-up "
+        f"and cosine over the budget, {any_x['threads']} threads; the budget counts training time only. "
+        + entries_note(f"{RESULTS_DIR}/finetune_llm.json", e))]
+    return "\n".join(out)
+
+
 #: decode benchmark JSONs (interleaved repeats, medians with ranges) by machine state
 DECODE_STATES = [("quiet", "sparse_inference_decode_quiet_v2"), ("loaded", "sparse_inference_decode_loaded")]
 
@@ -749,6 +772,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "oneshot-compare": oneshot_compare,
     "oneshot-refit": oneshot_refit,
     "oneshot-vs-llmc": oneshot_vs_llmc,
+    "finetune-runs": finetune_runs,
     "reference-ppl": reference_ppl,
     "training-summary": training_summary,
     "training-sweep-table": training_sweep_table,
