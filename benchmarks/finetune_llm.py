@@ -129,7 +129,7 @@ def run_one(start: str, loss: str, budget: float, marks: list[float], args) -> d
         "start": start, "loss": loss, "budget_s": budget, "data": args.data, "train_windows": int(train.shape[0]),
         "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum, "lr": args.lr,
         "bf16": args.bf16, "threads": args.threads, "prune_seconds": prune_sec,
-        "steps_planned": steps, "steps": res.steps, "tokens": res.tokens, "train_seconds": res.seconds,
+        "steps_planned": steps, "steps_fixed": bool(args.steps), "steps": res.steps, "tokens": res.tokens, "train_seconds": res.seconds,
         "eval_seconds_in_run": eval_seconds[0], "sec_per_step_probe": per_step,
         "ppl_e16_before": ppl0, "marks": points, "ppl_e16_after": points[-1][3] if points else None,
         "ppl_full_before": full0, "ppl_full_after": full, "loss_first": res.losses[0], "loss_last": res.final_loss,
@@ -146,7 +146,7 @@ def table(data: dict) -> str:
             continue
         marks = ", ".join(f"{m / 60:g}: {p:.2f}" for m, _, _, p in r["marks"])
         tgt = TARGETS.get(r["start"])
-        verdict = "" if tgt is None or r["budget_s"] < 1800 else \
+        verdict = "" if tgt is None or r["budget_s"] < 1800 or r.get("steps_fixed") else \
             (f"<= {tgt}: {'met' if r['ppl_e16_after'] <= tgt else 'MISSED'}")
         full = "" if r.get("ppl_full_after") is None else f"{r['ppl_full_after']:.2f}"
         rows.append(f"| {r['start']} | {r['loss']} | {r['budget_s'] / 60:g} min | {r['ppl_e16_before']:.2f} | "
