@@ -704,23 +704,45 @@ def finetune_runs(r: Results) -> str:
     """Recovery fine-tuning at wall-clock budgets (finetune_llm.json), one row per run."""
     d = r("finetune_llm")
     e = {k: v for k, v in d.items() if not k.startswith("_")}
-    out = ["| start | loss | precision | budget | steps | tokens | E16 before | E16 after | whole eval half before → after |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| start | loss | precision | budget | trained | steps | tokens | E16 before | E16 after | "
+           "whole eval half before → after |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for _, x in sorted(e.items(), key=lambda kv: (kv[1]["start"], kv[1]["loss"], kv[1]["budget_s"], kv[1]["bf16"])):
         full = "" if x.get("ppl_full_after") is None else ppl(x["ppl_full_after"])
         if full and x.get("ppl_full_before") is not None:
             full = f"{ppl(x['ppl_full_before'])} → {full}"
         out.append(f"| {x['start']} | {x['loss']} | {'bf16 autocast' if x['bf16'] else 'fp32'} | "
-                   f"{x['budget_s'] / 60:g} min | {x['steps']} | {x['tokens']} | {ppl(x['ppl_e16_before'])} | "
+                   f"{x['budget_s'] / 60:g} min | {x['train_seconds'] / 60:.1f} min | {x['steps']} | {x['tokens']} | "
+                   f"{ppl(x['ppl_e16_before'])} | "
                    f"{ppl(x['ppl_e16_after'])} | {full} |")
     any_x = next(iter(e.values()))
     out += ["", (
         f"SmolLM2-135M pruned one-shot (library defaults, 64 calibration windows), fine-tuned with the dense "
         f"model as teacher on `{any_x['data']}` text ({any_x['train_windows']} windows of {any_x['seq_len']} "
         f"tokens; never the evaluation half), batch {any_x['batch']}, lr {any_x['lr']:g}, AdamW with warm-up "
-        f"and cosine over the budget, {any_x['threads']} threads; the budget counts training time only. "
+        f"and cosine over the planned steps, {any_x['threads']} threads. The number of steps is planned from "
+        f"a short probe of the step time; runs measured before the probe skipped its first step stopped "
+        f"short of their budget (\"trained\" is the training time actually spent). "
         + entries_note(f"{RESULTS_DIR}/finetune_llm.json", e))]
     return "\n".join(out)
+
+
+def finetune_bf16(r: Results) -> str:
+    """Inline: bf16 autocast vs fp32, from the 5-minute pair and the equal-steps run."""
+    e = {k: v for k, v in r("finetune_llm").items() if not k.startswith("_")}
+    pair = [(k, v) for k, v in e.items() if v["budget_s"] == 300 and not v.get("steps_fixed")]
+    fp = next((v for _, v in pair if not v["bf16"]), None)
+    bf = next((v for _, v in pair if v["bf16"] and v["start"] == (fp or {}).get("start")
+               and v["loss"] == (fp or {}).get("loss")), None)
+    eq = next((v for k, v in r("finetune_llm_bf16_equal_steps").items() if not k.startswith("_")), None)
+    if not (fp and bf and eq):
+        raise ReportError("finetune_llm.json needs a 5-minute fp32/bf16 pair and finetune_llm_bf16_equal_steps.json a run")
+    tps = (bf["tokens"] / bf["train_seconds"]) / (fp["tokens"] / fp["train_seconds"])
+    return (f"it gave {ratio(tps)} the tokens/s of fp32 ({bf['start']}, {bf['loss']}: {bf['steps']} steps in "
+            f"{bf['train_seconds']:.0f} s against {fp['steps']} in {fp['train_seconds']:.0f} s, E16 "
+            f"{ppl(bf['ppl_e16_after'])} against {ppl(fp['ppl_e16_after'])}) and "
+            f"after the same {eq['steps']} steps E16 {ppl(eq['ppl_e16_after'])} against fp32's "
+            f"{ppl(fp['ppl_e16_after'])} (`benchmarks/results/finetune_llm*.json`)")
 
 
 #: decode benchmark JSONs (interleaved repeats, medians with ranges) by machine state
@@ -773,6 +795,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "oneshot-refit": oneshot_refit,
     "oneshot-vs-llmc": oneshot_vs_llmc,
     "finetune-runs": finetune_runs,
+    "finetune-bf16": finetune_bf16,
     "reference-ppl": reference_ppl,
     "training-summary": training_summary,
     "training-sweep-table": training_sweep_table,

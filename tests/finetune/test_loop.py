@@ -221,3 +221,18 @@ def test_on_step_can_stop_the_run_and_it_is_evaluated_there():
     assert seen == [(1, 1), (2, 2)] and res.steps == 2 and res.stopped_early
     assert res.evals[0][0] == 0 and res.evals[1:] == [[2, pytest.approx(float(lin.weight.detach().abs().sum()))]]
     masks.verify(lin)
+
+
+def test_bf16_modes(monkeypatch):
+    import sparsetorch.finetune.loop as loop_mod
+
+    with pytest.raises(FinetuneError, match=r"bf16 must be True, False or 'auto'"):
+        FinetuneConfig(steps=1, bf16="yes")
+    for avail in (True, False):
+        monkeypatch.setattr(loop_mod, "bf16_available", lambda device, a=avail: a)
+        lin, masks, loss_fn, *_ = _problem()
+        res = train_masked(lin, masks, lambda i: None, loss_fn, FinetuneConfig(steps=1, bf16="auto"), progress=False)
+        assert res.bf16 is avail
+    res = train_masked(*_problem()[:1], _problem()[1], lambda i: None, _problem()[2], FinetuneConfig(steps=1, bf16=False),
+                       progress=False)
+    assert res.bf16 is False

@@ -64,7 +64,7 @@ def register(app: typer.Typer) -> None:
         checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Write resumable checkpoints here."),
         checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
         resume: Path | None = typer.Option(None, "--resume", help="Continue from this checkpoint folder."),
-        bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast for forward and backward."),
+        bf16: str = typer.Option("auto", "--bf16", help="bf16 autocast: auto (where the hardware has bf16), on, off."),
         gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
         seed: int = typer.Option(0, "--seed"),
         json_path: Path | None = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
@@ -88,6 +88,10 @@ def register(app: typer.Typer) -> None:
 
         # every argument and output is checked before a model is loaded
         spec = parse_loss(loss)
+        modes = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+        if bf16.lower() not in modes:
+            raise FinetuneError(f"--bf16 must be auto, on or off, got {bf16!r}")
+        bf16_mode = modes[bf16.lower()]
         FinetuneConfig(steps=steps, lr=lr, batch_size=batch, grad_accum=grad_accum, weight_decay=weight_decay,
                        max_grad_norm=max_grad_norm or None, seed=seed, eval_every=eval_every,
                        checkpoint_every=checkpoint_every)
@@ -131,7 +135,7 @@ def register(app: typer.Typer) -> None:
         res = finetune(student, masks, train, teacher=teacher_model, loss=spec, steps=steps, lr=lr,
                        batch_size=batch, grad_accum=grad_accum, temperature=temperature, eval_windows=ew,
                        eval_every=eval_every, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
-                       resume=resume, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, bf16=bf16,
+                       resume=resume, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, bf16=bf16_mode,
                        gradient_checkpointing=gradient_checkpointing, seed=seed)
         seconds = time.perf_counter() - t0
         zeros = sum(int((p == 0).sum()) for n, p in student.named_parameters() if n in masks.masks)
@@ -146,7 +150,7 @@ def register(app: typer.Typer) -> None:
             "masks_sparsity_after": masks.sparsity().overall,
             "tokens": res.tokens, "seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
             "loss_first": res.losses[0] if res.losses else None, "loss": res.final_loss,
-            "evals": res.evals, "resumed_from": res.resumed_from,
+            "evals": res.evals, "resumed_from": res.resumed_from, "bf16": res.bf16,
         }
         if ppl_before is not None:
             _say(f"perplexity before: [bold]{ppl_before:.3f}[/]")

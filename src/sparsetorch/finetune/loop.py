@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, SparseTorchError
 from ..masks import MaskSet
 
-__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "lr_factor", "train_masked",
+__all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "bf16_available", "lr_factor", "train_masked",
            "CHECKPOINT_NAME", "load_checkpoint"]
 
 #: folder written inside ``checkpoint_dir`` (replaced atomically at every checkpoint)
@@ -45,7 +45,7 @@ _STATE_FILE = "state.safetensors"
 _MASK_FILE = "masks.safetensors"
 _CKPT_VERSION = 1
 #: result fields that describe this process, not the run (not stored in checkpoints)
-_NOT_RESUMED = ("resumed_from", "stopped_early")
+_NOT_RESUMED = ("resumed_from", "stopped_early", "bf16")
 
 
 class FinetuneError(SparseTorchError, ValueError):
@@ -71,8 +71,10 @@ class FinetuneConfig:
     #: clip the global norm of the (masked) gradients; None = no clipping
     max_grad_norm: float | None = 1.0
     seed: int = 0
-    #: run forward and backward under ``torch.autocast(<device>, torch.bfloat16)``
-    bf16: bool = False
+    #: run forward and backward under ``torch.autocast(<device>, torch.bfloat16)``; ``"auto"``: where
+    #: the hardware has bf16 arithmetic (CPU flags avx512_bf16 / amx_bf16, or a CUDA device that
+    #: supports it) -- see :func:`bf16_available`
+    bf16: bool | str = False
     eval_every: int | None = None
     checkpoint_every: int | None = None
 
@@ -99,6 +101,8 @@ class FinetuneConfig:
             raise FinetuneError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
             raise FinetuneError(f"max_grad_norm must be > 0 or None (no clipping), got {self.max_grad_norm!r}")
+        if not (isinstance(self.bf16, bool) or self.bf16 == "auto"):
+            raise FinetuneError(f"bf16 must be True, False or 'auto', got {self.bf16!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise FinetuneError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
 
@@ -116,6 +120,25 @@ class FinetuneConfig:
         d.pop("checkpoint_every")
         d["betas"] = list(d["betas"])
         return d
+
+
+def bf16_available(device_type: str = "cpu") -> bool:
+    """Whether bf16 autocast runs on bf16 hardware here: a CUDA device with bf16 support, or a
+    CPU whose flags include ``avx512_bf16`` or ``amx_bf16`` (Linux ``/proc/cpuinfo``). Elsewhere
+    bf16 is emulated and slower than fp32."""
+    if device_type == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if device_type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def lr_factor(step: int, steps: int, warmup: int, min_ratio: float) -> float:
@@ -149,6 +172,8 @@ class FinetuneResult:
     resumed_from: int | None = None
     #: True when ``on_step`` ended the run before ``config.steps``
     stopped_early: bool = False
+    #: whether this process ran under bf16 autocast (``bf16="auto"`` resolved)
+    bf16: bool = False
 
     @property
     def final_loss(self) -> float | None:
@@ -310,7 +335,9 @@ def train_masked(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True)
-    autocast = (torch.autocast(_device_type(model), dtype=torch.bfloat16) if config.bf16
+    use_bf16 = bf16_available(_device_type(model)) if config.bf16 == "auto" else bool(config.bf16)
+    result.bf16 = use_bf16
+    autocast = (torch.autocast(_device_type(model), dtype=torch.bfloat16) if use_bf16
                 else contextlib.nullcontext())
     warmup = config.warmup
     if eval_fn is not None and eval_before and state is None:
