@@ -328,3 +328,32 @@ def test_get_format_names():
         assert type(F.get_format(name)) is cls and F.get_format(F.Format(name)) is F.FORMATS[F.Format(name)]
     with pytest.raises(FormatError, match=r"unknown format 'zip'; known: dense, bitmask, csr, n:m"):
         F.get_format("zip")
+
+
+def test_csr_outputs_and_bf16_zero():
+    # the mask comes back as bool in the tensor's own shape, 1-D and N-D alike
+    for shape in ((5,), (2, 3, 2)):
+        a = np.zeros(shape, np.float32)
+        a.reshape(-1)[[1, 4]] = [2.0, -3.0]
+        parts, _ = CSR.compress(a)
+        out, sup = CSR.decompress(parts, shape, "float32")
+        assert out.shape == shape and sup.shape == shape and sup.dtype == np.bool_ and out.dtype == np.float32
+        assert out.tolist() == a.tolist() and int(sup.sum()) == 2
+    # bf16 bits: -0.0 (0x8000) is zero and is not stored; the dtype name must reach the support
+    bits = np.array([[0x8000, 0x3F80, 0x0000, 0x4000]], np.uint16)
+    parts, _ = CSR.compress(bits, dtype="bfloat16")
+    assert parts["values"].tolist() == [0x3F80, 0x4000] and parts["col_idx"].tolist() == [1, 3]
+    assert parts["row_ptr"].dtype == np.uint8
+    out, _ = CSR.decompress(parts, (1, 4), "bfloat16")
+    assert out.tolist() == [[0, 0x3F80, 0, 0x4000]]
+    # uint64 index parts with small values are valid; only values beyond int64 are out of range
+    ok = {"row_ptr": np.array([0, 1, 2], np.uint64), "col_idx": np.array([2, 0], np.uint64),
+          "values": np.array([1.0, 2.0], np.float32)}
+    assert CSR.decompress(ok, (2, 3), "float32")[0].tolist() == [[0, 0, 1], [2, 0, 0]]
+    edge = dict(ok, row_ptr=np.array([0, 2**63 - 1, 2], np.uint64))
+    with pytest.raises(FormatError, match=r"^row_ptr must start at 0 and end at nnz=2, got 0\.\.2$|^row_ptr is not"):
+        CSR.decompress(edge, (2, 3), "float32")
+    with pytest.raises(FormatError, match=r"^row_ptr value out of range$"):
+        CSR.decompress(dict(ok, row_ptr=np.array([0, 2**63, 2], np.uint64)), (2, 3), "float32")
+    with pytest.raises(FormatError, match=r"^csr needs a tensor with at least 1 dimension$"):
+        CSR.decompress(ok, (), "float32")
