@@ -357,3 +357,25 @@ def test_csr_outputs_and_bf16_zero():
         CSR.decompress(dict(ok, row_ptr=np.array([0, 2**63, 2], np.uint64)), (2, 3), "float32")
     with pytest.raises(FormatError, match=r"^csr needs a tensor with at least 1 dimension$"):
         CSR.decompress(ok, (), "float32")
+
+
+def test_csr_order_check_spans_rows_and_value_dtype():
+    # row 1 holds columns 2 then 1: not increasing, although it starts a new row after row 0
+    with pytest.raises(FormatError, match=r"^column indices are not strictly increasing inside a row$"):
+        CSR.decompress(_csr([0, 1, 3], [0, 2, 1], [1.0, 2.0, 3.0]), (2, 3), "float32")
+    bad = dict(_csr([0, 1, 1], [0], [1.0]), values=np.array([1.0]))  # float64 values for a float32 tensor
+    with pytest.raises(FormatError, match=r"^part 'values' has dtype float64, expected float32$"):
+        CSR.decompress(bad, (2, 3), "float32")
+
+
+def test_nm_valid_edges():
+    one_of_four = np.array([[0.0, 3.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]], np.float32)
+    assert NM.valid(one_of_four, "float32", n=1, m=4)  # n = 1 is allowed
+    sixteen = np.zeros((1, 16), np.float32)
+    sixteen[0, 5] = 1.0
+    assert NM.valid(sixteen, "float32", n=1, m=16)  # m = MAX_M is allowed
+    assert NM.valid(np.array([1.0, 0.0, 0.0, 2.0], np.float32), "float32")  # 1-D tensors group too
+    # bf16 -0.0 (0x8000) is zero: two real values + one -0.0 per group still fit 2:4
+    bits = np.array([[0x3F80, 0x8000, 0x4000, 0x0000]], np.uint16)
+    assert NM.valid(bits, "bfloat16")
+    assert not NM.valid(np.array([[0x3F80, 0x3F80, 0x4000, 0x0000]], np.uint16), "bfloat16")
