@@ -139,6 +139,18 @@ def model_max_positions(model: str) -> int | None:
     return None
 
 
+def write_json_summary(json_path: Path | None, result: dict, overwrite: bool) -> None:
+    """Write a command's ``--json`` summary atomically (nothing when ``json_path`` is None)."""
+    if json_path is None:
+        return
+    import json
+
+    from .atomic import atomic_write_text
+
+    atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n", overwrite=overwrite)
+    _say(f"wrote {escape(str(json_path))}")
+
+
 def check_outputs(model: str, out: Path | None, json_path: Path | None, overwrite: bool) -> list[Path]:
     """Fail before any work if ``--out`` / ``--json`` cannot be written; return the input folders.
 
@@ -352,11 +364,7 @@ def prune(
 
         saved = save_hf_model(lm, tokenizer, out, extra=extra, overwrite=overwrite, inputs=inputs)
         _say(f"saved Hugging Face model folder, {MASKS_FILE}, sparsity.png, sparsetorch.json to {escape(str(saved))}")
-    if json_path is not None:
-        from .atomic import atomic_write_text
-
-        atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n", overwrite=overwrite)
-        _say(f"wrote {escape(str(json_path))}")
+    write_json_summary(json_path, result, overwrite)
 
 
 @app.command()

@@ -77,7 +77,7 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
 
         from ..analysis.report import MASKS_FILE
-        from ..cli import _peak_rss_mb, _say, check_outputs, model_max_positions
+        from ..cli import _peak_rss_mb, _say, check_outputs, model_max_positions, write_json_summary
         from ..data.llm import load_causal_lm, save_hf_model
         from ..data.text import eval_windows as make_eval_windows
         from ..errors import DataError, ModelError
@@ -166,11 +166,7 @@ def register(app: typer.Typer) -> None:
 
         saved = save_hf_model(student, tok, out, extra=extra, overwrite=overwrite, inputs=inputs)
         _say(f"saved the fine-tuned model folder with {MASKS_FILE} and sparsetorch.json to {escape(str(saved))}")
-        if json_path is not None:
-            from ..atomic import atomic_write_text
-
-            atomic_write_text(json_path, json.dumps(result, indent=2, default=str) + "\n", overwrite=overwrite)
-            _say(f"wrote {escape(str(json_path))}")
+        write_json_summary(json_path, result, overwrite)
 
     @app.command("soup")
     def soup_cmd(
@@ -191,7 +187,7 @@ def register(app: typer.Typer) -> None:
 
         from ..analysis.report import MASKS_FILE
         from ..atomic import check_output_dir, check_output_file
-        from ..cli import _say
+        from ..cli import _say, write_json_summary
         from ..data.llm import load_causal_lm, save_hf_model
         from ..data.text import token_windows
         from ..errors import DataError, ModelError
@@ -238,7 +234,4 @@ def register(app: typer.Typer) -> None:
 
         saved = save_hf_model(res.model, tok, out, extra=extra, overwrite=overwrite, inputs=srcs)
         _say(f"saved the soup to {escape(str(saved))}")
-        if json_path is not None:
-            from ..atomic import atomic_write_text
-
-            atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n", overwrite=overwrite)
+        write_json_summary(json_path, summary, overwrite)

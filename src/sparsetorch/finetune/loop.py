@@ -365,11 +365,9 @@ def train_masked(
                 loss_sum += float(loss.detach())
                 tokens += int(n)
             # the grads are already masked (post-accumulate hooks): the norm is over kept weights
-            if config.max_grad_norm is not None:
-                norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-            else:
-                norm = float(torch.linalg.vector_norm(
-                    torch.stack([p.grad.detach().float().norm() for p in params if p.grad is not None])))
+            # max_norm=inf measures the norm without scaling (the clip factor is clamped to 1)
+            limit = config.max_grad_norm if config.max_grad_norm is not None else math.inf
+            norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
             opt.step()  # masks.rezero() runs as a post-step hook
             opt.zero_grad(set_to_none=True)
             result.steps = step + 1
