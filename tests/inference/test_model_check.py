@@ -127,3 +127,29 @@ def test_decode_runs_measures_each_repeat(tiny_llama) -> None:
     ids = torch.randint(0, 128, (1, 4), generator=torch.Generator().manual_seed(0))
     runs = decode_runs(tiny_llama.eval(), ids, new_tokens=3, repeats=4)
     assert len(runs) == 4 and all(r > 0 for r in runs)
+
+
+def test_decode_runs_feeds_the_kv_cache_without_deprecated_arguments(tiny_llama) -> None:
+    """Every decode step passes one new token plus the cache the previous step returned, under the
+    current transformers name (``past_key_values=`` warns from 5.24 and is removed in 5.40)."""
+    import warnings
+
+    from sparsetorch.inference.bench import decode_runs
+
+    seen = []
+
+    def pre(_mod, args, kwargs):  # noqa: ANN001, ANN202
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        seen.append((kwargs["input_ids"].shape[1], None if cache is None else cache.get_seq_length()))
+
+    model = tiny_llama.eval()
+    handle = model.register_forward_pre_hook(pre, with_kwargs=True)
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(0))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            decode_runs(model, ids, new_tokens=3, repeats=1)
+    finally:
+        handle.remove()
+    # prefill of 5 tokens without a cache, then 3 single-token steps on a cache of 5, 6, 7 positions
+    assert seen == [(5, None), (1, 5), (1, 6), (1, 7)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import statistics
 import time
@@ -73,15 +74,18 @@ def decode_runs(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 32
     ``prompt_ids`` is ``[1, T]``. Each step feeds one token with the KV cache, so every Linear
     sees a batch of one row: the regime sparse CPU kernels are built for.
     """
+    # transformers >= 5.24 names the KV cache ``cache`` (``past_key_values`` is deprecated and
+    # goes in 5.40); older releases only know ``past_key_values``
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     runs = []
     for _ in range(max(1, repeats)):
         out = model(input_ids=prompt_ids, use_cache=True)
-        past = out.past_key_values
+        past = out[key] if key in out else out.past_key_values
         nxt = out.logits[:, -1:].argmax(-1)
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=nxt, use_cache=True, **{key: past})
+            past = out[key] if key in out else out.past_key_values
             nxt = out.logits[:, -1:].argmax(-1)
         runs.append(new_tokens / (time.perf_counter() - t0))
     return runs
