@@ -420,6 +420,7 @@ _register("sparsetorch.training.cli")
 _register("sparsetorch.inference.cli")
 _register("sparsetorch.oneshot.cli")
 _register("sparsetorch.finetune.cli")
+_register("sparsetorch.stages_cli")
 
 
 def main(argv: list[str] | None = None) -> None:
