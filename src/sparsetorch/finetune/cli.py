@@ -67,10 +67,21 @@ def register(app: typer.Typer) -> None:
         bf16: str = typer.Option("auto", "--bf16", help="bf16 autocast: auto (where the hardware has bf16), on, off."),
         gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
         seed: int = typer.Option(0, "--seed"),
+        lora: int = typer.Option(0, "--lora", help="Train sparse LoRA adapters of rank R (masked delta, SQFT) and "
+                                 "write the merged model; 0 = full fine-tuning. LoRA usually wants a larger --lr "
+                                 "(e.g. 1e-3)."),
+        lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (scaling alpha/R); default 2R."),
+        lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="Dropout on the adapter path."),
+        lora_targets: str | None = typer.Option(
+            None, "--lora-targets", help="Comma-separated module names or suffixes to adapt (e.g. q_proj,v_proj); "
+            "default: every pruned linear layer."),
         json_path: Path | None = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder / --json file."),
     ) -> None:
-        """Fine-tune a pruned causal LM without changing its masks; report perplexity before/after."""
+        """Fine-tune a pruned causal LM without changing its masks; report perplexity before/after.
+
+        With --lora R only sparse LoRA adapters train; they are merged with the mask at the end,
+        so the written model is a plain HF folder with exactly the parent's masks."""
         import json
         import time
 
@@ -84,10 +95,22 @@ def register(app: typer.Typer) -> None:
         from ..masks import MaskSet
         from .lm import finetune
         from .loop import FinetuneConfig, FinetuneError
+        from .lora import LoraError, LoraSettings
         from .losses import parse_loss
 
         # every argument and output is checked before a model is loaded
         spec = parse_loss(loss)
+        if lora < 0:
+            raise LoraError(f"--lora must be a rank >= 1 (or 0 for full fine-tuning), got {lora}")
+        targets = None
+        if lora_targets is not None:
+            targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+            if not targets:
+                raise LoraError(f"--lora-targets {lora_targets!r} names no module; pass e.g. q_proj,v_proj")
+        if lora == 0 and (lora_alpha is not None or lora_dropout or targets is not None):
+            raise LoraError("--lora-alpha, --lora-dropout and --lora-targets need --lora R (a rank >= 1)")
+        settings = LoraSettings(r=lora, alpha=lora_alpha, dropout=lora_dropout, target_modules=targets) \
+            if lora else None
         modes = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
         if bf16.lower() not in modes:
             raise FinetuneError(f"--bf16 must be auto, on or off, got {bf16!r}")
@@ -118,6 +141,13 @@ def register(app: typer.Typer) -> None:
             check_output_dir(out, inputs=[*inputs, Path(teacher).expanduser()], overwrite=overwrite)
             inputs.append(Path(teacher).expanduser())
         masks = MaskSet.load(src / MASKS_FILE)
+        if settings is not None and targets is not None:
+            # the modules to adapt must be pruned ones (their masked delta is the point)
+            modules = [n.removesuffix(".weight") for n in masks.masks]
+            for t in targets:
+                if not any(m == t or m.endswith("." + t) for m in modules):
+                    raise LoraError(f"--lora-targets {t!r} matches no pruned layer of {model_dir} (pruned: "
+                                    f"{', '.join(sorted({m.rsplit('.', 1)[-1] for m in modules})[:8])})")
 
         _say(f"loading [bold]{escape(model_dir)}[/] ...")
         student, tok = load_causal_lm(model_dir, progress=True)
@@ -136,7 +166,7 @@ def register(app: typer.Typer) -> None:
                        batch_size=batch, grad_accum=grad_accum, temperature=temperature, eval_windows=ew,
                        eval_every=eval_every, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        resume=resume, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, bf16=bf16_mode,
-                       gradient_checkpointing=gradient_checkpointing, seed=seed)
+                       gradient_checkpointing=gradient_checkpointing, seed=seed, lora=settings)
         seconds = time.perf_counter() - t0
         zeros = sum(int((p == 0).sum()) for n, p in student.named_parameters() if n in masks.masks)
         numel = sum(masks.masks[n].numel() for n in masks.masks)
@@ -151,11 +181,18 @@ def register(app: typer.Typer) -> None:
             "tokens": res.tokens, "seconds": seconds, "peak_rss_mb": _peak_rss_mb(),
             "loss_first": res.losses[0] if res.losses else None, "loss": res.final_loss,
             "evals": res.evals, "resumed_from": res.resumed_from, "bf16": res.bf16,
+            "trainable_params": res.trainable_params,
+            # LoRA: the settings, and that the written model is the masked merge (no adapter files)
+            "lora": None if settings is None else {**settings.to_dict(), "merged": True,
+                                                   "written": "merged model (W + M * s*BA), no adapters"},
         }
         if ppl_before is not None:
             _say(f"perplexity before: [bold]{ppl_before:.3f}[/]")
         if ppl_after is not None:
             _say(f"perplexity after {res.steps} steps: [bold]{ppl_after:.3f}[/]")
+        if settings is not None:
+            _say(f"sparse LoRA r={settings.r} alpha={settings.lora_alpha:g}: {res.trainable_params} adapter "
+                 "parameters trained, merged with the masks into the model")
         _say(f"{res.tokens} tokens in {seconds:.1f} s ({res.tokens / max(seconds, 1e-9):.0f} tokens/s); "
              f"masks verified, sparsity {sparsity_before:.4f} before, {masks.sparsity().overall:.4f} after")
 

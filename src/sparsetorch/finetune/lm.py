@@ -174,6 +174,7 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     on_step: Any = None,
+    lora: Any = None,
 ) -> FinetuneResult:
     """Fine-tune a pruned causal LM in place without changing its masks; returns the run record.
 
@@ -188,12 +189,23 @@ def finetune(
     ``bf16="auto"`` (default) trains under bf16 autocast where the hardware has bf16 arithmetic
     (measured on an avx512_bf16 CPU: 1.6x the tokens/s of fp32 and the same E16 after the same
     13 KD steps, 22.10 vs 22.11); ``False`` forces fp32.
+
+    ``lora`` (a rank, a dict or a :class:`~sparsetorch.finetune.lora.LoraSettings`) trains sparse
+    LoRA adapters instead of the weights (:func:`~sparsetorch.finetune.lora.add_sparse_lora`: the
+    delta is masked in the forward, SQFT's SparsePEFT) and at the end merges them into ``model``
+    in place (:func:`~sparsetorch.finetune.lora.merge_masked`): ``model`` is again a plain model
+    with the same masks. Evaluations during the run see the adapted model; checkpoints hold the
+    adapters too and resume bit-identically. If the run fails, the adapters are removed unmerged.
     """
+    from .lora import LoraSettings
+
     spec = parse_loss(loss)
+    settings = LoraSettings.parse(lora)
     config = FinetuneConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
                             warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
                             max_grad_norm=max_grad_norm, seed=seed, bf16=bf16, eval_every=eval_every,
-                            checkpoint_every=checkpoint_every)
+                            checkpoint_every=checkpoint_every,
+                            adapter=settings.to_dict() if settings is not None else None)
     if checkpoint_every is not None and checkpoint_dir is None:
         raise FinetuneError("checkpoint_every needs checkpoint_dir= (where to write the checkpoints)")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -237,21 +249,52 @@ def finetune(
         def eval_fn(m: nn.Module) -> float:
             return perplexity(m, windows=eval_windows, max_windows=None, progress=False)
 
-    gc_off = None
-    if gradient_checkpointing:
-        # transformers >= 5.x names it activation checkpointing; older releases gradient checkpointing
-        on = next((getattr(model, n) for n in ("activation_checkpointing_enable", "gradient_checkpointing_enable")
-                   if hasattr(model, n)), None)
-        if on is None:
-            raise FinetuneError("gradient_checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
-        on()
-        gc_off = next(getattr(model, n) for n in ("activation_checkpointing_disable", "gradient_checkpointing_disable")
-                      if hasattr(model, n))
+    train_model, train_masks, peft_model = model, masks, None
+    if settings is not None:
+        from .lora import add_sparse_lora, lora_masks_from_checkpoint, peft_masks
+
+        if masks is None and resume is not None:
+            masks = lora_masks_from_checkpoint(resume)
+        if masks is None:
+            raise FinetuneError("masks is None: LoRA needs the MaskSet of the pruned model (the delta is masked "
+                                "by it), e.g. MaskSet.from_model(model) for a model whose zeros are its mask")
+        if resume is not None:
+            masks.apply(model)  # the checkpoint replaces every weight; only the wrapping must fit
+        peft_model = add_sparse_lora(model, masks, r=settings.r, alpha=settings.alpha, dropout=settings.dropout,
+                                     target_modules=settings.target_modules, seed=seed)
+        train_model, train_masks = peft_model, peft_masks(peft_model, masks)
+
+    cleanup = []
+    ok = False
     try:
-        result = train_masked(model, masks, batch_fn, loss_fn, config, eval_fn=eval_fn,
+        if gradient_checkpointing:
+            # transformers >= 5.x names it activation checkpointing; older releases gradient checkpointing
+            on = next((getattr(model, n) for n in ("activation_checkpointing_enable",
+                                                   "gradient_checkpointing_enable") if hasattr(model, n)), None)
+            if on is None:
+                raise FinetuneError("gradient_checkpointing needs a Hugging Face model (gradient_checkpointing_enable)")
+            on()
+            cleanup.append(next(getattr(model, n) for n in ("activation_checkpointing_disable",
+                                                            "gradient_checkpointing_disable") if hasattr(model, n)))
+            if peft_model is not None and hasattr(model, "enable_input_require_grads"):
+                # frozen embeddings: checkpointed blocks need an input that requires grad, or the
+                # adapters inside them receive no gradient
+                model.enable_input_require_grads()
+                cleanup.append(model.disable_input_require_grads)
+        result = train_masked(train_model, train_masks, batch_fn, loss_fn, config, eval_fn=eval_fn,
                               checkpoint_dir=checkpoint_dir, resume=resume, progress=progress,
-                              desc=f"finetune {spec}", on_step=on_step)
+                              desc=f"finetune {spec}" + (f" lora r={settings.r}" if settings else ""),
+                              on_step=on_step)
+        ok = True
     finally:
-        if gc_off is not None:
-            gc_off()
+        for off in reversed(cleanup):
+            off()
+        if peft_model is not None and not ok:
+            from .lora import unload_unmerged
+
+            unload_unmerged(peft_model)  # give the caller back the plain model, adapters dropped
+    if peft_model is not None:
+        from .lora import merge_masked
+
+        merge_masked(peft_model, masks)  # in place: ``model`` is plain again, masks verified
     return result

@@ -77,6 +77,10 @@ class FinetuneConfig:
     bf16: bool | str = False
     eval_every: int | None = None
     checkpoint_every: int | None = None
+    #: what trains besides (or instead of) the model's own weights, as plain JSON data, e.g. the
+    #: LoRA settings of :mod:`~sparsetorch.finetune.lora`; None = the model's own parameters.
+    #: Part of the trajectory: a checkpoint resumes only with the same adapters.
+    adapter: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         def positive_int(name: str, v: Any, allow_none: bool = False) -> None:
@@ -105,6 +109,8 @@ class FinetuneConfig:
             raise FinetuneError(f"bf16 must be True, False or 'auto', got {self.bf16!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise FinetuneError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        if self.adapter is not None and not isinstance(self.adapter, dict):
+            raise FinetuneError(f"adapter must be None or a dict of plain settings, got {type(self.adapter).__name__}")
 
     @property
     def warmup(self) -> int:
@@ -174,6 +180,8 @@ class FinetuneResult:
     stopped_early: bool = False
     #: whether this process ran under bf16 autocast (``bf16="auto"`` resolved)
     bf16: bool = False
+    #: number of parameters the optimizer trained (all weights, or only the adapters of a LoRA run)
+    trainable_params: int = 0
 
     @property
     def final_loss(self) -> float | None:
@@ -322,6 +330,7 @@ def train_masked(
         torch.manual_seed(config.seed)
     masks.enforce(model, opt)  # after loading: zeroes pruned weights, hooks the grads and the step
     params = [p for g in opt.param_groups for p in g["params"]]
+    result.trainable_params = sum(p.numel() for p in params)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt_dir is not None:
         from ..atomic import check_output_dir, is_sparsetorch_dir
