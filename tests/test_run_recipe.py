@@ -161,6 +161,29 @@ def test_a_pruned_folder_can_start_with_finetune(pruned, hf_dir, tmp_path):
     assert res.stages[0]["ppl_before"] is None and res.stages[1]["verified"] is True
 
 
+def test_a_lora_finetune_stage_merges_into_the_same_masks(pruned, tmp_path):
+    """``lora:`` in a finetune stage trains sparse LoRA adapters and writes the merged plain model:
+    no adapter tensors in the folder, exactly the parent's masks, and the weights did move."""
+    from sparsetorch import MaskSet
+
+    out = tmp_path / "o"
+    res = run_recipe({"model": str(pruned), "out": str(out), "seq_len": SEQ, "eval_windows": 0,
+                      "stages": [{"finetune": {"loss": "ce", "steps": 2, "batch": 1, "bf16": False, "lr": 1e-2,
+                                               "lora": {"r": 2, "target_modules": ["q_proj"]}}}]},
+                     progress=False)
+    state = _state(out / "01-finetune")
+    assert not any("lora" in k for k in state)
+    before, after = MaskSet.load(pruned / "masks.safetensors"), MaskSet.load(out / "01-finetune" / "masks.safetensors")
+    assert all(torch.equal(after.masks[n], before.masks[n]) for n in before.masks)
+    old = _state(pruned)
+    q, v = "model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.v_proj.weight"
+    assert not torch.equal(state[q], old[q]) and torch.equal(state[v], old[v])  # only the targets moved
+    assert torch.equal(state[q] != 0, before.masks[q])  # every kept weight non-zero, every pruned one zero
+    summary = res.stages[0]
+    assert summary["settings"]["lora"] == {"r": 2, "target_modules": ["q_proj"]}
+    assert 0 < summary["trainable_params"] < sum(t.numel() for t in old.values()) // 10
+
+
 # ----------------------------------------------------------------------------- bad recipes
 @pytest.fixture
 def no_load(monkeypatch):
@@ -200,6 +223,8 @@ def _bad(hf_dir: Path, pruned: Path, out: Path) -> list[tuple[dict, str, str]]:
         ({"model": m, "stages": [prune, {"finetune": {"data": "/no/such.txt"}}]}, "DataError", "neither"),
         ({"model": m, "stages": [prune, {"finetune": {"teacher": "/no/such"}}]}, "ModelError", "teacher '/no/such'"),
         ({"model": m, "stages": [prune, {"finetune": {"temperature": 0}}]}, "FinetuneError", "temperature"),
+        ({"model": m, "stages": [prune, {"finetune": {"lora": 0}}]}, "LoraError", "rank r must be a positive"),
+        ({"model": m, "stages": [prune, {"finetune": {"lora": {"rank": 4}}}]}, "LoraError", "unknown LoRA setting"),
         ({"model": m, "stages": [prune, {"export": {"format": "zip"}}]}, "CheckpointError", "format must be"),
         ({"model": m, "stages": [prune, {"export": {"dtype": "int8"}}]}, "CheckpointError", "dtype must be"),
         ({"model": m, "seq_len": 257, "stages": ["prune"]}, "ModelError", "accepts (256 positions"),

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,25 +93,63 @@ class Recipe:
             raise AttributeError(name) from None
 
 
-def read_recipe_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
-    """Read a recipe mapping from a dict, a YAML file path or a YAML string (typed errors)."""
-    if isinstance(source, Mapping):
-        return dict(source)
+def recipe_loader() -> type:
+    """A SafeLoader without YAML 1.1's base-60 numbers and with exponent-only floats."""
     import yaml
 
-    text = str(source)
-    p = Path(text)
-    if isinstance(source, os.PathLike) or (len(text) < 4096 and "\n" not in text and p.suffix in (".yaml", ".yml")):
-        if not p.is_file():
-            raise MethodError(f"recipe file {p} does not exist.")
-        text = p.read_text()
+    class RecipeLoader(yaml.SafeLoader):
+        pass
+
+    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+    RecipeLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    RecipeLoader.add_implicit_resolver(
+        int_tag,
+        re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+        list("-+0123456789"),
+    )
+    RecipeLoader.add_implicit_resolver(
+        float_tag,
+        re.compile(r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
+                   r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."),
+    )
+    return RecipeLoader
+
+
+def read_yaml(source: str | os.PathLike[str] | Mapping[str, Any], not_mapping: str) -> tuple[dict[str, Any], str | None]:
+    """``(mapping, yaml_text)`` from a dict, a YAML file path or a YAML string; ``yaml_text`` is
+    None for a dict. Read with :func:`recipe_loader`, so ``pattern: 2:4`` is the string "2:4" and
+    ``lr: 1e-4`` a number. :class:`MethodError` for a missing or unreadable file, invalid YAML, or
+    a document that is not a mapping (``not_mapping`` is that message)."""
+    if isinstance(source, Mapping):
+        return dict(source), None
+    import yaml
+
+    text = os.fspath(source) if isinstance(source, os.PathLike) else str(source)
+    path = Path(text)
+    if isinstance(source, os.PathLike) or (len(text) < 4096 and "\n" not in text and path.suffix in (".yaml", ".yml")):
+        if not path.is_file():
+            raise MethodError(f"recipe file {path} does not exist; pass the path of a YAML recipe.")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MethodError(f"cannot read the recipe file {path}: {exc}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=recipe_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise MethodError(f"recipe is not valid YAML: {exc}") from exc
+        raise MethodError(f"the recipe is not valid YAML: {exc}") from None
     if not isinstance(data, dict):
-        raise MethodError("a recipe must be a YAML mapping such as 'method: rigl' / 'sparsity: 0.9' on separate lines.")
-    return data
+        raise MethodError(not_mapping)
+    return data, text
+
+
+def read_recipe_source(source: str | os.PathLike[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a recipe mapping from a dict, a YAML file path or a YAML string (typed errors)."""
+    return read_yaml(source, "a recipe must be a YAML mapping such as 'method: rigl' / 'sparsity: 0.9' on "
+                             "separate lines.")[0]
 
 
 def load_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> Recipe:

@@ -41,7 +41,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -56,6 +55,7 @@ from .errors import (
     SparseTorchError,
     close_matches,
 )
+from .recipes import read_yaml
 
 __all__ = [
     "STAGES",
@@ -81,60 +81,15 @@ SUMMARY_FILE = "sparsetorch.json"
 
 
 # --------------------------------------------------------------------------- YAML
-def _recipe_loader() -> type:
-    """A SafeLoader without YAML 1.1's base-60 numbers and with exponent-only floats."""
-    import yaml
-
-    class RecipeLoader(yaml.SafeLoader):
-        pass
-
-    int_tag, float_tag = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
-    RecipeLoader.yaml_implicit_resolvers = {
-        first: [(tag, rx) for tag, rx in resolvers if tag not in (int_tag, float_tag)]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-    }
-    RecipeLoader.add_implicit_resolver(
-        int_tag,
-        re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-        list("-+0123456789"),
-    )
-    RecipeLoader.add_implicit_resolver(
-        float_tag,
-        re.compile(r"^(?:[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?|[-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?"
-                   r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-        list("-+0123456789."),
-    )
-    return RecipeLoader
-
-
 def read_run_recipe(source: str | os.PathLike[str] | Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
     """``(mapping, yaml_text)`` of a run recipe given as a YAML file path, a YAML string or a dict.
 
     Raises :class:`MethodError` for a missing file, invalid YAML or a document that is not a
-    mapping. ``yaml_text`` is None for a dict.
+    mapping. ``yaml_text`` is None for a dict. YAML is read by :func:`~sparsetorch.recipes.read_yaml`
+    (``2:4`` stays a string, ``1e-4`` is a number).
     """
-    if isinstance(source, Mapping):
-        return dict(source), None
-    import yaml
-
-    text = os.fspath(source) if isinstance(source, os.PathLike) else str(source)
-    path = Path(text)
-    if isinstance(source, os.PathLike) or ("\n" not in text and path.suffix in (".yaml", ".yml")):
-        if not path.is_file():
-            raise MethodError(f"recipe file {path} does not exist; pass the path of a YAML run recipe "
-                              "(see examples/recover_2of4.yaml).")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise MethodError(f"cannot read the recipe file {path}: {exc}") from None
-    try:
-        data = yaml.load(text, Loader=_recipe_loader())  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise MethodError(f"the recipe is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise MethodError("a run recipe must be a YAML mapping with 'model:', 'out:' and 'stages:' "
-                          "(see examples/recover_2of4.yaml).")
-    return data, text
+    return read_yaml(source, "a run recipe must be a YAML mapping with 'model:', 'out:' and 'stages:' "
+                             "(see examples/recover_2of4.yaml).")
 
 
 # --------------------------------------------------------------------------- small checkers
@@ -489,6 +444,9 @@ class FinetuneSettings:
     bf16: bool | str = "auto"
     gradient_checkpointing: bool = False
     seed: int = 0
+    #: sparse LoRA instead of full fine-tuning: a rank, or {r, alpha, dropout, target_modules}
+    #: (``finetune(lora=...)``; the merged model keeps the masks)
+    lora: int | dict[str, Any] | None = None
     #: folders this stage reads (teacher, resume), kept out of the output
     reads: list[str] = field(default_factory=list)
 
@@ -524,6 +482,10 @@ def _check_finetune(settings: dict[str, Any], ctx: PlanContext) -> FinetuneSetti
         s.reads.append(str(data_file))
     if not isinstance(s.gradient_checkpointing, bool):
         raise FinetuneError(f"gradient_checkpointing must be true or false, got {s.gradient_checkpointing!r}")
+    if s.lora is not None:
+        from .finetune.lora import LoraSettings
+
+        LoraSettings.parse(s.lora)  # LoraError for a bad rank, alpha, dropout, targets or key
     _check_positions(ctx.model, s.seq_len, ctx.where)
     if spec.needs_teacher:
         if s.teacher is None:
@@ -574,7 +536,7 @@ def _run_finetune(state: RunState, s: FinetuneSettings, env: StageEnv) -> tuple[
                    eval_windows=state.eval_windows, eval_every=s.eval_every, checkpoint_dir=s.checkpoint_dir,
                    checkpoint_every=s.checkpoint_every, resume=s.resume, weight_decay=s.weight_decay,
                    max_grad_norm=s.max_grad_norm, bf16=s.bf16, gradient_checkpointing=s.gradient_checkpointing,
-                   seed=s.seed, progress=env.progress)
+                   seed=s.seed, progress=env.progress, lora=s.lora)
     seconds = time.perf_counter() - t0
     ppl_before = res.evals[0][1] if res.evals and res.evals[0][0] == 0 else state.ppl
     ppl_after = res.evals[-1][1] if res.evals else None
@@ -584,13 +546,15 @@ def _run_finetune(state: RunState, s: FinetuneSettings, env: StageEnv) -> tuple[
         "ppl_before": ppl_before, "ppl_after": ppl_after, "sparsity_before": sparsity_before,
         "sparsity_after": state.masks.sparsity().overall, "loss_first": res.losses[0] if res.losses else None,
         "loss": res.final_loss, "seconds_train": seconds, "bf16": res.bf16, "evals": res.evals,
-        "losses": res.losses, "settings": env.stage.settings_dict(),
+        "losses": res.losses, "settings": env.stage.settings_dict(), "trainable_params": res.trainable_params,
     }
     return dataclasses.replace(state, ppl=ppl_after), summary
 
 
 def _line_finetune(s: dict[str, Any]) -> str:
-    return (f"{s['objective']}, {s['steps']} steps, ppl {_ppl(s['ppl_before'])} -> {_ppl(s['ppl_after'])}, "
+    lora = s["settings"].get("lora")
+    how = f" sparse LoRA {lora if isinstance(lora, dict) else {'r': lora}}," if lora is not None else ""
+    return (f"{s['objective']},{how} {s['steps']} steps, ppl {_ppl(s['ppl_before'])} -> {_ppl(s['ppl_after'])}, "
             f"masks kept (sparsity {s['sparsity_after']:.4f})")
 
 

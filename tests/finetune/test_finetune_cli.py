@@ -136,3 +136,21 @@ def test_soup_of_two_children(pruned_dir, hf_dir, tmp_path):
     p = _cli(["soup", str(kids[0]), str(other), "--out", str(tmp_path / "bad")], tmp_path)
     assert p.returncode == 2 and "error: SoupError: " in p.stderr and "differs from model 0's" in p.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_data_docs_without_the_docs_package_fails_before_a_model_loads(pruned_dir, hf_dir, tmp_path, monkeypatch,
+                                                                      capsys):
+    """--data docs when python3.11-doc is not installed: a DataError naming the package, before
+    any model is loaded (not minutes later, after the student and teacher are in memory)."""
+    import sparsetorch.data.llm as llm
+    import sparsetorch.finetune.lm as lm
+
+    monkeypatch.setattr(lm, "DOCS_ROOT", tmp_path / "no-docs")
+
+    def load(*a, **k):
+        raise AssertionError("a model was loaded before --data was checked")
+
+    monkeypatch.setattr(llm, "load_causal_lm", load)
+    assert run(_args(pruned_dir, hf_dir, tmp_path / "o", "--data", "docs")) == 2
+    err = capsys.readouterr().err
+    assert "DataError" in err and "python3.11-doc" in err and not (tmp_path / "o").exists()

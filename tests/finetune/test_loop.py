@@ -236,3 +236,23 @@ def test_bf16_modes(monkeypatch):
     res = train_masked(*_problem()[:1], _problem()[1], lambda i: None, _problem()[2], FinetuneConfig(steps=1, bf16=False),
                        progress=False)
     assert res.bf16 is False
+
+
+def test_resume_compares_what_bf16_auto_resolved_to(tmp_path, monkeypatch):
+    """bf16="auto" is stored as what it meant when the checkpoint was written: resuming where
+    "auto" means something else is refused (it would not continue the same trajectory), while an
+    explicit value equal to the stored one resumes."""
+    import sparsetorch.finetune.loop as loop
+
+    lin, masks, loss_fn, *_ = _problem()
+    monkeypatch.setattr(loop, "bf16_available", lambda device_type="cpu": False)
+    cfg = FinetuneConfig(**CFG, bf16="auto", checkpoint_every=5)
+    train_masked(lin, masks, lambda i: None, loss_fn, cfg, checkpoint_dir=tmp_path, progress=False)
+    state, _ = load_checkpoint(tmp_path)
+    assert state["config"]["bf16"] is False  # resolved, not "auto"
+    monkeypatch.setattr(loop, "bf16_available", lambda device_type="cpu": True)
+    with pytest.raises(FinetuneError, match=r"bf16 \(False there, True now\)"):
+        train_masked(lin, None, lambda i: None, loss_fn, cfg, resume=tmp_path, progress=False)
+    res = train_masked(lin, None, lambda i: None, loss_fn, FinetuneConfig(**CFG, bf16=False), resume=tmp_path,
+                       progress=False)
+    assert res.bf16 is False

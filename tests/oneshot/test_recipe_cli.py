@@ -93,3 +93,19 @@ def test_eval_cli_checks_arguments_and_json_before_loading(tmp_path, monkeypatch
     main(["eval", str(src), "--windows", "1", "--seq-len", "32", "--json", str(tmp_path / "old.json"), "--overwrite"])
     res = json.loads((tmp_path / "old.json").read_text())
     assert res["windows"] == 1 and res["seq_len"] == 32 and math.isfinite(res["ppl"])
+
+
+def test_unquoted_pattern_and_exponent_read_as_written():
+    """YAML 1.1 reads an unquoted ``2:4`` as the base-60 integer 124 and ``1e-4`` as a string; the
+    recipe reader keeps ``2:4`` a pattern string and makes ``1e-4`` a float (one reader serves the
+    one-shot, training and run recipes)."""
+    import yaml
+
+    text = "oneshot:\n  method: wanda\n  pattern: 2:4\n  sparsity: null\n"
+    assert yaml.safe_load(text)["oneshot"]["pattern"] == 124  # the trap this guards against
+    assert load_oneshot_recipe(text).pattern == "2:4"
+    from sparsetorch import recipes
+
+    data = recipes.read_recipe_source("a: 2:4\nb: 1e-4\nc: 10\nd: 0.5\ne: 1_000\nf: .inf\n")
+    assert data == {"a": "2:4", "b": 1e-4, "c": 10, "d": 0.5, "e": 1000, "f": math.inf}
+    assert recipes.load_recipe("method: gmp\nsparsity: 9e-1\ntotal_steps: 10\n").training.sparsity == 0.9

@@ -5,7 +5,12 @@
 * :func:`train_masked` -- the same engine for any ``nn.Module`` and loss (AdamW, warm-up +
   cosine, accumulation, clipping on the masked gradients, atomic checkpoints, exact resume).
 * :mod:`.losses` -- the loss terms as pure functions and :func:`parse_loss`.
-* :func:`soup` -- Sparse Model Soups: uniform or greedy averages of children of one parent.
+* :func:`soup` -- Sparse Model Soups: uniform or greedy averages of children of one parent;
+  :func:`train_children` and :func:`iterative_sms` (prune -> k children -> soup, m phases).
+* :mod:`.lora` -- sparse LoRA: adapters whose delta is masked in the forward, so that
+  :func:`merge_masked` keeps the parent's masks exactly (``finetune(..., lora=16)``).
+
+``peft`` is imported only when a LoRA function is first used (it takes seconds to import).
 """
 
 from __future__ import annotations
@@ -27,32 +32,60 @@ from .loop import (
     lr_factor,
     train_masked,
 )
+from .lora import LoraError, LoraSettings, add_sparse_lora, merge_masked, merge_naive
 from .losses import LossError, LossSpec, causal_ce, kd_kl, parse_loss, squarehead
-from .soup import SoupError, SoupResult, average_state, check_same_masks, soup
+from .soup import (
+    Child,
+    ChildSetting,
+    PhaseRecord,
+    SMSResult,
+    SoupError,
+    SoupResult,
+    average_state,
+    check_same_masks,
+    iterative_sms,
+    phase_sparsities,
+    prune_further,
+    soup,
+    train_children,
+)
 
 __all__ = [
+    "Child",
+    "ChildSetting",
     "DOCS_SECTIONS",
     "FinetuneConfig",
     "FinetuneError",
     "FinetuneResult",
     "LossError",
+    "LoraError",
+    "LoraSettings",
     "LossSpec",
+    "PhaseRecord",
+    "SMSResult",
     "SoupError",
     "SoupResult",
     "WindowSampler",
     "average_state",
+    "add_sparse_lora",
     "bf16_available",
     "causal_ce",
     "check_same_masks",
     "check_teacher",
     "embedded_windows",
     "finetune",
+    "iterative_sms",
     "kd_kl",
     "load_checkpoint",
     "lr_factor",
+    "merge_masked",
+    "merge_naive",
     "parse_loss",
+    "phase_sparsities",
+    "prune_further",
     "python_docs_text",
     "soup",
     "squarehead",
+    "train_children",
     "train_masked",
 ]

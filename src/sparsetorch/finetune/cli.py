@@ -10,11 +10,16 @@ LOSS_HELP = "ce, kd, squarehead, kd+squarehead, or a weighted sum such as 0.5*ce
 
 
 def check_data(data: str) -> Path | None:
-    """Validate ``--data`` before any model is loaded: ``embedded``, ``docs`` or a non-empty UTF-8
-    text FILE (returned as a Path)."""
+    """Validate ``--data`` before any model is loaded: ``embedded``, ``docs`` (the python3.11-doc
+    sections must be installed) or a non-empty UTF-8 text FILE (returned as a Path)."""
     from ..errors import DataError
 
-    if data in ("embedded", "docs"):
+    if data == "embedded":
+        return None
+    if data == "docs":
+        from .lm import docs_files
+
+        docs_files()
         return None
     path = Path(data).expanduser()
     if not path.is_file():

@@ -73,10 +73,10 @@ def embedded_windows(tokenizer: Any, seq_len: int = 512) -> Tensor:
     return token_windows(tokenizer, pydoc_topics_split()[0], seq_len=seq_len)
 
 
-def python_docs_text(root: str | os.PathLike[str] | None = None,
-                     sections: Sequence[str] = DOCS_SECTIONS) -> str:
-    """The ``.txt`` sources of the given documentation sections, sorted by path, joined by a
-    blank line. Install them with ``apt-get install python3.11-doc`` (``make data`` does)."""
+def docs_files(root: str | os.PathLike[str] | None = None, sections: Sequence[str] = DOCS_SECTIONS) -> list[Path]:
+    """The ``.txt`` sources of the given python3.11-doc sections, sorted by path; DataError when
+    the package is missing, a section is not allowed by the data rule or not there, or no file is
+    found. Cheap (no file is read): ``--data docs`` is checked with it before a model loads."""
     base = Path(root) if root is not None else DOCS_ROOT
     if not base.is_dir():
         raise DataError(f"Python documentation sources not found at {base}; install Debian's python3.11-doc "
@@ -93,7 +93,15 @@ def python_docs_text(root: str | os.PathLike[str] | None = None,
         files += sorted(p for p in d.rglob("*.txt") if p.is_file())
     if not files:
         raise DataError(f"no .txt sources under {base} for sections {list(sections)}")
-    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in sorted(files))
+    return sorted(files)
+
+
+def python_docs_text(root: str | os.PathLike[str] | None = None,
+                     sections: Sequence[str] = DOCS_SECTIONS) -> str:
+    """The ``.txt`` sources of the given documentation sections (:func:`docs_files`), sorted by
+    path, joined by a blank line. Install them with ``apt-get install python3.11-doc`` (``make
+    data`` does)."""
+    return "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in docs_files(root, sections))
 
 
 def _vocab(model: nn.Module) -> int | None:

@@ -128,6 +128,14 @@ class FinetuneConfig:
         return d
 
 
+def _resolve_bf16(trajectory: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``trajectory`` with ``bf16="auto"`` replaced by what it means on this machine (True/False);
+    checkpoints store the resolved value (older ones may hold "auto": resolved here too)."""
+    if trajectory.get("bf16") == "auto":
+        return {**trajectory, "bf16": bf16_available(_device_type(model))}
+    return trajectory
+
+
 def bf16_available(device_type: str = "cpu") -> bool:
     """Whether bf16 autocast runs on bf16 hardware here: a CUDA device with bf16 support, or a
     CPU whose flags include ``avx512_bf16`` or ``amx_bf16`` (Linux ``/proc/cpuinfo``). Elsewhere
@@ -299,7 +307,10 @@ def train_masked(
         if masks is not None:
             _check_masks_match(masks, saved_masks, checkpoint_path(resume))
         masks = saved_masks
-        mine, theirs = config.trajectory(), state["config"]
+        # "auto" is compared as what it resolved to: a run checkpointed in fp32 and resumed where
+        # "auto" means bf16 (or the reverse) would not continue the same trajectory
+        mine = _resolve_bf16(config.trajectory(), model)
+        theirs = _resolve_bf16(state["config"], model)
         diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
         if diff:
             raise FinetuneError(
@@ -403,7 +414,7 @@ def train_masked(
                     "kind": "sparsetorch-finetune",
                     "version": _CKPT_VERSION,
                     "step": step + 1,
-                    "config": config.trajectory(),
+                    "config": _resolve_bf16(config.trajectory(), model),
                     "model": model.state_dict(),
                     "optimizer": opt.state_dict(),
                     "rng": torch.get_rng_state(),
