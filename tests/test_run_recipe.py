@@ -234,12 +234,9 @@ def _bad(hf_dir: Path, pruned: Path, out: Path) -> list[tuple[dict, str, str]]:
 
 
 @pytest.fixture(scope="module")
-def pruned(hf_dir, tmp_path_factory) -> Path:
-    """A pruned folder (with masks.safetensors) written by `sparsetorch prune`."""
-    out = tmp_path_factory.mktemp("pruned") / "p24"
-    assert run(["prune", "--model", str(hf_dir), "--pattern", "2:4", "--seq-len", "32", "--eval-windows", "0",
-                "--no-table", "--out", str(out)]) == 0
-    return out
+def pruned(pruned_dir) -> Path:
+    """A pruned folder (with masks.safetensors) written by `sparsetorch prune` (conftest's pruned_dir)."""
+    return pruned_dir
 
 
 def test_each_bad_recipe_raises_its_typed_error_before_a_model_loads(hf_dir, pruned, tmp_path, no_load):

@@ -19,14 +19,6 @@ from sparsetorch.analysis.report import verify_folder
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module")
-def pruned_dir(hf_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pruned") / "p24"
-    assert run(["prune", "--model", str(hf_dir), "--pattern", "2:4", "--seq-len", "32", "--eval-windows", "0",
-                "--no-table", "--out", str(out)]) == 0
-    return out
-
-
 def _args(pruned_dir, hf_dir, out, *extra):
     return ["finetune", str(pruned_dir), "--teacher", str(hf_dir), "--steps", "3", "--seq-len", "32",
             "--batch", "2", "--eval-windows", "2", "--lr", "1e-3", "--out", str(out), *extra]

@@ -32,15 +32,6 @@ VOCAB = 64
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared machine: one thread avoids oversubscription (20x faster under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _pruned(pattern="2:4"):
     dense = make_tiny_llama(vocab=VOCAB)
     student = copy.deepcopy(dense)

@@ -22,23 +22,6 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared machine: one thread avoids oversubscription."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def pruned_dir(hf_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("pruned") / "p24"
-    assert run(["prune", "--model", str(hf_dir), "--pattern", "2:4", "--seq-len", "32", "--eval-windows", "0",
-                "--no-table", "--out", str(out)]) == 0
-    return out
-
-
 def _args(pruned_dir, out, *extra):
     return ["finetune", str(pruned_dir), "--loss", "ce", "--steps", "3", "--seq-len", "32", "--batch", "2",
             "--lr", "1e-2", "--bf16", "off", "--out", str(out), *extra]
