@@ -879,6 +879,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "finetune-runs": finetune_runs,
     "finetune-bf16": finetune_bf16,
     "soups": soups_table,
+    "sparse-lora": sparse_lora_table,
     "reference-ppl": reference_ppl,
     "training-summary": training_summary,
     "training-sweep-table": training_sweep_table,
