@@ -10,6 +10,61 @@ import torch
 from sparsetorch.finetune import LossError, causal_ce, kd_kl, parse_loss, squarehead
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_causal_ce_gradient_is_the_definition(monkeypatch, dtype):
+    # d/dz_t [1/N sum_t -log softmax(z_t)[y_{t+1}]] = (softmax(z_t) - onehot(y_{t+1})) / N, and 0 at the
+    # last position (it predicts nothing) and where the next id is -100 (skipped, not counted in N)
+    import sparsetorch.finetune.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 7)
+    g = torch.Generator().manual_seed(1)
+    z = (torch.randn(2, 5, 7, generator=g) * 3).to(dtype).requires_grad_()
+    ids = torch.randint(0, 7, (2, 5), generator=g)
+    ids[1, 3] = -100
+    (causal_ce(z, ids) * 2.0).backward()
+    p = torch.softmax(z.detach().double(), -1)
+    want = torch.zeros_like(p)
+    logp, count = 0.0, 0
+    for b in range(2):
+        for t in range(4):
+            y = int(ids[b, t + 1])
+            if y < 0:
+                continue
+            count += 1
+            logp += float(p[b, t, y].log())
+            want[b, t] = p[b, t]
+            want[b, t, y] -= 1
+    want *= 2.0 / count
+    assert count == 7
+    assert float(causal_ce(z, ids)) == pytest.approx(-logp / count, rel=1e-5)
+    tol = 1e-7 if dtype == torch.float32 else 2**-8 * float(want.abs().max())
+    assert z.grad.dtype == dtype
+    assert torch.allclose(z.grad.double(), want, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_kd_gradient_is_the_definition(monkeypatch, dtype, temperature):
+    # d/ds [T^2/N sum_rows KL(softmax(t/T) || softmax(s/T))] = T/N (softmax(s/T) - softmax(t/T)),
+    # written out here by hand; chunks of 3 rows make the fused loss cross chunk boundaries
+    import sparsetorch.finetune.losses as losses
+
+    monkeypatch.setattr(losses, "_CHUNK_ELEMENTS", 3 * 7)
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(2, 5, 7, generator=g) * 3).to(dtype).requires_grad_()
+    t = (torch.randn(2, 5, 7, generator=g) * 3).to(dtype).requires_grad_()
+    loss = kd_kl(s, t, temperature) * 0.5  # an upstream weight reaches the gradient
+    loss.backward()
+    ps, pt = (torch.softmax(x.detach().double() / temperature, -1) for x in (s, t))
+    want_loss = 0.5 * temperature**2 * (pt * (pt.log() - ps.log())).sum(-1).mean()
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
+    want = 0.5 * temperature / 10 * (ps - pt)
+    tol = 1e-7 if dtype == torch.float32 else 2**-8 * float(want.abs().max())  # bf16 rounding
+    assert s.grad.dtype == dtype
+    assert torch.allclose(s.grad.double(), want, atol=tol, rtol=0)
+    assert t.grad is None  # the teacher is a constant
+
+
 def test_causal_ce_by_hand():
     # two positions predict tokens 1 and 0; vocab of 2
     logits = torch.tensor([[[0.0, math.log(3.0)], [math.log(4.0), 0.0], [5.0, -5.0]]])
