@@ -100,3 +100,37 @@ def test_mismatches_are_refused_naming_the_tensor():
     flipped = MaskSet({"0.weight": ~masks.masks["0.weight"], "2.weight": masks.masks["2.weight"]})
     with pytest.raises(SoupError, match="0.weight: the mask of model 1 differs"):
         soup(_children()[0][:2], masks=[masks, flipped])
+
+
+def test_recalibrate_bn_gives_the_batch_average_statistics_of_the_soup():
+    # the definition, computed here by hand: with equal-size batches the re-estimated running mean
+    # is the mean of BN's input over all of them and the running variance the mean of the
+    # per-batch unbiased variances; weights, modes and momentum are left as they were
+    from sparsetorch.finetune import recalibrate_bn
+
+    kids, masks = _children()
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 6, generator=g) * 2 + 1 for _ in range(4)]
+    res = soup(kids, masks=[masks] * 3, recalibrate=recalibrate_bn(batches))
+    m = res.model
+    plain = soup(kids).model
+    with torch.no_grad():
+        pre = [m[0](b) for b in batches]  # what the BatchNorm sees
+    want_mean = torch.cat(pre).mean(0)
+    want_var = torch.stack([p.var(0, unbiased=True) for p in pre]).mean(0)
+    assert torch.allclose(m[1].running_mean, want_mean, atol=1e-5)
+    assert torch.allclose(m[1].running_var, want_var, atol=1e-5)
+    assert not torch.allclose(plain[1].running_mean, want_mean, atol=1e-2)  # averaging alone is off
+    for (n, p), q in zip(m.named_parameters(), plain.parameters(), strict=True):
+        assert torch.equal(p, q), n  # no weight moved
+    assert m[1].momentum == 0.1 and m.training == plain.training
+    masks.verify(m)
+    # a function returning an iterable works too, and an eval-mode model stays in eval mode
+    m.eval()
+    recalibrate_bn(lambda: iter(batches))(m)
+    assert torch.allclose(m[1].running_mean, want_mean, atol=1e-5)
+    assert not m.training and not m[1].training
+    with pytest.raises(SoupError, match="no batches"):
+        recalibrate_bn([])(m)
+    with pytest.raises(SoupError, match="batches must be"):
+        recalibrate_bn(3)

@@ -46,6 +46,7 @@ from .soup import (
     iterative_sms,
     phase_sparsities,
     prune_further,
+    recalibrate_bn,
     soup,
     train_children,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "phase_sparsities",
     "prune_further",
     "python_docs_text",
+    "recalibrate_bn",
     "soup",
     "squarehead",
     "train_children",

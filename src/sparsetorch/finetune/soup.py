@@ -36,8 +36,8 @@ from ..scores import get_score
 from .loop import FinetuneConfig, FinetuneError, FinetuneResult, train_masked
 
 __all__ = ["Child", "ChildSetting", "PhaseRecord", "SMSResult", "SoupError", "SoupResult", "average_state",
-           "check_same_masks", "check_settings", "iterative_sms", "phase_sparsities", "prune_further", "soup",
-           "train_children"]
+           "check_same_masks", "check_settings", "iterative_sms", "phase_sparsities", "prune_further",
+           "recalibrate_bn", "soup", "train_children"]
 
 
 class SoupError(FinetuneError):
@@ -175,6 +175,55 @@ def soup(
             best = s
             soup_scores.append(s)
     return SoupResult(_make(models, used, recalibrate), used, scores, soup_scores)
+
+
+def recalibrate_bn(batches: Callable[[], Any] | Sequence[Any],
+                   forward: Callable[[nn.Module, Any], Any] | None = None) -> Callable[[nn.Module], None]:
+    """A ``recalibrate=`` for :func:`soup` / :func:`iterative_sms` that re-estimates BatchNorm.
+
+    Averaged weights come with averaged running statistics that do not match them (SMS
+    recalibrates BN on a fraction of the training data). The returned function resets every
+    ``_BatchNorm``'s running statistics and runs ``batches`` through the model in train mode
+    without gradients, with ``momentum=None`` so that the statistics become the equal-weight
+    average over the batches (PyTorch's cumulative average: the mean of the batch means and of
+    the unbiased batch variances). Weights are not touched; each module's mode and momentum are
+    restored. ``batches`` is a sequence, or a function returning a fresh iterable each call;
+    ``forward(model, batch)`` defaults to ``model(batch)`` (or ``model(batch[0])`` for a tuple).
+    A model without BatchNorm is left as it is.
+    """
+    if not (callable(batches) or isinstance(batches, Sequence)):
+        raise SoupError(f"batches must be a sequence of inputs or a function returning an iterable, got "
+                        f"{type(batches).__name__}")
+
+    def run(model: nn.Module) -> None:
+        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+        if not bns:
+            return
+        modes = [(m, m.training) for m in model.modules()]
+        momenta = [(m, m.momentum) for m in bns]
+        n = 0
+        try:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None
+            model.train()
+            with torch.no_grad():
+                for batch in (batches() if callable(batches) else batches):
+                    if forward is not None:
+                        forward(model, batch)
+                    else:
+                        model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+                    n += 1
+        finally:
+            for m, training in modes:
+                m.training = training
+            for m, momentum in momenta:
+                m.momentum = momentum
+        if n == 0:
+            raise SoupError("recalibrate_bn got no batches: the BatchNorm statistics were reset and nothing "
+                            "re-estimated them; pass at least one batch of training data")
+
+    return run
 
 
 def _check_how(how: str, val_fn: Callable[[nn.Module], float] | None) -> None:
