@@ -429,7 +429,8 @@ class FinetuneSettings:
     teacher: str | None = None
     loss: str = "kd"
     steps: int = 100
-    lr: float = 1e-4
+    #: default 1e-4, or 1e-3 with ``lora`` (:func:`sparsetorch.finetune.lm.default_lr`)
+    lr: float | None = None
     batch: int = 4
     grad_accum: int = 1
     seq_len: int = 512
@@ -455,26 +456,23 @@ FINETUNE_KEYS = tuple(f.name for f in dataclasses.fields(FinetuneSettings) if f.
 
 
 def _check_finetune(settings: dict[str, Any], ctx: PlanContext) -> FinetuneSettings:
-    """Checked with the code ``sparsetorch finetune`` uses: :func:`parse_loss`,
-    :class:`FinetuneConfig`, ``check_data``; the teacher must exist before it is needed."""
+    """Checked with the code ``sparsetorch finetune`` uses: :func:`check_options` (loss, LoRA,
+    optimisation), ``check_data``; the teacher must exist before it is needed."""
     from .finetune.cli import check_data
-    from .finetune.loop import FinetuneConfig, FinetuneError
-    from .finetune.losses import parse_loss
+    from .finetune.lm import check_options
+    from .finetune.loop import FinetuneError
 
     s = FinetuneSettings(**{"seq_len": ctx.seq_len, **settings})
     for name in ("lr", "temperature", "weight_decay", "max_grad_norm"):
         setattr(s, name, _float(getattr(s, name), name))
-    spec = parse_loss(s.loss)
-    s.loss = str(spec)
     s.max_grad_norm = s.max_grad_norm or None  # 0 turns clipping off, as --max-grad-norm 0 does
-    FinetuneConfig(steps=s.steps, lr=s.lr, batch_size=s.batch, grad_accum=s.grad_accum,
-                   weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm, seed=s.seed, bf16=s.bf16,
-                   eval_every=s.eval_every, checkpoint_every=s.checkpoint_every)
+    spec, _, config = check_options(
+        loss=s.loss, steps=s.steps, lr=s.lr, lora=s.lora, batch_size=s.batch, grad_accum=s.grad_accum,
+        weight_decay=s.weight_decay, max_grad_norm=s.max_grad_norm, seed=s.seed, bf16=s.bf16,
+        eval_every=s.eval_every, checkpoint_every=s.checkpoint_every, checkpoint_dir=s.checkpoint_dir,
+        temperature=s.temperature)
+    s.loss, s.lr = str(spec), config.lr
     _int(s.seq_len, "seq_len", 2)
-    if isinstance(s.temperature, bool) or not isinstance(s.temperature, (int, float)) or not s.temperature > 0:
-        raise FinetuneError(f"temperature must be > 0, got {s.temperature!r}")
-    if s.checkpoint_every is not None and s.checkpoint_dir is None:
-        raise FinetuneError("checkpoint_every needs checkpoint_dir (where to write the checkpoints)")
     if not isinstance(s.data, str):
         raise DataError(f"data must be 'embedded', 'docs' or a text file path, got {s.data!r}.")
     data_file = check_data(s.data)
@@ -482,10 +480,6 @@ def _check_finetune(settings: dict[str, Any], ctx: PlanContext) -> FinetuneSetti
         s.reads.append(str(data_file))
     if not isinstance(s.gradient_checkpointing, bool):
         raise FinetuneError(f"gradient_checkpointing must be true or false, got {s.gradient_checkpointing!r}")
-    if s.lora is not None:
-        from .finetune.lora import LoraSettings
-
-        LoraSettings.parse(s.lora)  # LoraError for a bad rank, alpha, dropout, targets or key
     _check_positions(ctx.model, s.seq_len, ctx.where)
     if spec.needs_teacher:
         if s.teacher is None:

@@ -170,3 +170,19 @@ def test_python_docs_sections(tmp_path):
         lm_mod.python_docs_text(tmp_path / "nowhere")
     with pytest.raises(DataError, match="section 'faq' not found"):
         lm_mod.python_docs_text(root, sections=("faq",))
+
+
+def test_check_options_resolves_the_default_lr_and_refuses_what_finetune_refuses():
+    from sparsetorch.finetune.lm import DEFAULT_LORA_LR, DEFAULT_LR, check_options
+
+    assert check_options()[2].lr == DEFAULT_LR == 1e-4
+    spec, settings, config = check_options(loss="kd+squarehead", lora=8)
+    assert config.lr == DEFAULT_LORA_LR == 1e-3 and settings.r == 8 and spec.needs_hidden
+    assert config.adapter == settings.to_dict()
+    assert check_options(lora=8, lr=3e-4)[2].lr == 3e-4
+    with pytest.raises(FinetuneError, match="checkpoint_every needs checkpoint_dir"):
+        check_options(checkpoint_every=2)
+    with pytest.raises(FinetuneError, match="temperature must be > 0"):
+        check_options(temperature=True)
+    with pytest.raises(FinetuneError, match="lr must be"):
+        check_options(lr=-1.0)

@@ -97,3 +97,13 @@ def test_bad_lora_through_the_console_script(pruned_dir, tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert "error: LoraError: --lora must be a rank >= 1" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(("extra", "lr"), [(["--lora", "2"], 1e-3), ([], 1e-4), (["--lora", "2", "--lr", "5e-3"], 5e-3)])
+def test_default_lr_is_larger_for_lora(pruned_dir, tmp_path, capsys, extra, lr):
+    # adapters start at zero and need larger steps: without --lr, LoRA trains at 1e-3, full fine-tuning at 1e-4
+    args = ["finetune", str(pruned_dir), "--loss", "ce", "--steps", "2", "--seq-len", "32", "--batch", "2",
+            "--bf16", "off", "--out", str(tmp_path / "o"), "--eval-windows", "0", "--json", str(tmp_path / "o.json"),
+            *extra]
+    assert run(args) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "o.json").read_text())["lr"] == lr

@@ -55,7 +55,8 @@ def register(app: typer.Typer) -> None:
             None, "--teacher", help="The dense model: 'smollm2' or an HF folder (needed by kd and squarehead)."),
         loss: str = typer.Option("kd", "--loss", help=LOSS_HELP),
         steps: int = typer.Option(100, "--steps", help="Optimizer steps."),
-        lr: float = typer.Option(1e-4, "--lr", help="Peak learning rate (AdamW, warm-up then cosine)."),
+        lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (AdamW, warm-up then cosine); "
+                                        "default 1e-4, or 1e-3 with --lora."),
         batch: int = typer.Option(4, "--batch", help="Windows per micro-batch."),
         grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step."),
         seq_len: int = typer.Option(512, "--seq-len", help="Tokens per training and evaluation window."),
@@ -73,8 +74,7 @@ def register(app: typer.Typer) -> None:
         gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
         seed: int = typer.Option(0, "--seed"),
         lora: int = typer.Option(0, "--lora", help="Train sparse LoRA adapters of rank R (masked delta, SQFT) and "
-                                 "write the merged model; 0 = full fine-tuning. LoRA usually wants a larger --lr "
-                                 "(e.g. 1e-3)."),
+                                 "write the merged model; 0 = full fine-tuning (the default --lr becomes 1e-3)."),
         lora_alpha: float | None = typer.Option(None, "--lora-alpha", help="LoRA alpha (scaling alpha/R); default 2R."),
         lora_dropout: float = typer.Option(0.0, "--lora-dropout", help="Dropout on the adapter path."),
         lora_targets: str | None = typer.Option(
@@ -98,8 +98,8 @@ def register(app: typer.Typer) -> None:
         from ..data.text import eval_windows as make_eval_windows
         from ..errors import DataError, ModelError
         from ..masks import MaskSet
-        from .lm import finetune
-        from .loop import FinetuneConfig, FinetuneError
+        from .lm import check_options, finetune
+        from .loop import FinetuneError
         from .lora import LoraError, LoraSettings
         from .losses import parse_loss
 
@@ -120,16 +120,19 @@ def register(app: typer.Typer) -> None:
         if bf16.lower() not in modes:
             raise FinetuneError(f"--bf16 must be auto, on or off, got {bf16!r}")
         bf16_mode = modes[bf16.lower()]
-        FinetuneConfig(steps=steps, lr=lr, batch_size=batch, grad_accum=grad_accum, weight_decay=weight_decay,
-                       max_grad_norm=max_grad_norm or None, seed=seed, eval_every=eval_every,
-                       checkpoint_every=checkpoint_every)
+        if checkpoint_every is not None and checkpoint_dir is None:
+            raise FinetuneError("--checkpoint-every needs --checkpoint-dir")
+        spec, settings, config = check_options(
+            loss=spec, steps=steps, lr=lr, lora=settings, batch_size=batch, grad_accum=grad_accum,
+            weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, seed=seed, bf16=bf16_mode,
+            eval_every=eval_every, checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
+            temperature=temperature)
+        lr = config.lr
         if seq_len < 2 or eval_windows < 0:
             raise DataError("--seq-len must be >= 2 and --eval-windows >= 0.")
         if spec.needs_teacher and teacher is None:
             raise FinetuneError(f"--loss {spec} needs --teacher (the dense model: 'smollm2' or an HF folder); "
                                 "or use --loss ce")
-        if checkpoint_every is not None and checkpoint_dir is None:
-            raise FinetuneError("--checkpoint-every needs --checkpoint-dir")
         check_data(data)
         src = Path(model_dir).expanduser()
         if not (src / MASKS_FILE).is_file():

@@ -27,7 +27,8 @@ from .loop import FinetuneConfig, FinetuneError, FinetuneResult, train_masked
 from .losses import LossSpec, causal_ce, kd_kl, parse_loss, squarehead
 
 __all__ = ["DOCS_SECTIONS", "DOCS_ROOT", "WindowSampler", "embedded_windows", "finetune",
-           "python_docs_text", "check_teacher"]
+           "python_docs_text", "check_teacher", "check_options", "default_lr",
+           "DEFAULT_LR", "DEFAULT_LORA_LR"]
 
 #: where Debian's python3.11-doc puts the reStructuredText sources of the documentation
 DOCS_ROOT = Path("/usr/share/doc/python3.11/html/_sources")
@@ -155,6 +156,60 @@ def _no_eval_windows_in(train: Tensor, evalw: Tensor) -> None:
                             "text (use embedded_windows() or python_docs_text())")
 
 
+#: peak learning rates when none is given: full fine-tuning, and sparse LoRA (adapters start at
+#: zero and need larger steps; benchmarks/sparse_lora.py: 1e-3 for 20 KD steps came within 1.3%
+#: of full fine-tuning's E16)
+DEFAULT_LR = 1e-4
+DEFAULT_LORA_LR = 1e-3
+
+
+def default_lr(lora: Any = None) -> float:
+    """The default peak learning rate: :data:`DEFAULT_LORA_LR` with LoRA, else :data:`DEFAULT_LR`."""
+    return DEFAULT_LORA_LR if lora else DEFAULT_LR
+
+
+def check_options(
+    *,
+    loss: str | LossSpec | dict[str, float] = "kd",
+    steps: int = 100,
+    lr: float | None = None,
+    lora: Any = None,
+    batch_size: int = 4,
+    grad_accum: int = 1,
+    warmup_steps: int | None = None,
+    min_lr_ratio: float = 0.1,
+    weight_decay: float = 0.0,
+    max_grad_norm: float | None = 1.0,
+    seed: int = 0,
+    bf16: bool | str = "auto",
+    eval_every: int | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    temperature: float = 1.0,
+) -> tuple[LossSpec, Any, FinetuneConfig]:
+    """Check every option of :func:`finetune` that needs no model or data, before anything loads.
+
+    One function for the API, ``sparsetorch finetune`` and the ``finetune:`` stage of a run
+    recipe, so the three refuse the same things with the same errors. Returns the parsed loss,
+    the :class:`~sparsetorch.finetune.lora.LoraSettings` (or None) and the
+    :class:`FinetuneConfig` (``lr`` resolved by :func:`default_lr`).
+    """
+    from .lora import LoraSettings
+
+    spec = parse_loss(loss)
+    settings = LoraSettings.parse(lora)
+    config = FinetuneConfig(steps=steps, lr=default_lr(settings) if lr is None else lr, batch_size=batch_size,
+                            grad_accum=grad_accum, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
+                            weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, bf16=bf16,
+                            eval_every=eval_every, checkpoint_every=checkpoint_every,
+                            adapter=settings.to_dict() if settings is not None else None)
+    if checkpoint_every is not None and checkpoint_dir is None:
+        raise FinetuneError("checkpoint_every needs checkpoint_dir= (where to write the checkpoints)")
+    if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise FinetuneError(f"temperature must be > 0, got {temperature!r}")
+    return spec, settings, config
+
+
 def finetune(
     model: nn.Module,
     masks: MaskSet | None,
@@ -162,7 +217,7 @@ def finetune(
     teacher: nn.Module | None = None,
     loss: str | LossSpec | dict[str, float] = "kd",
     steps: int = 100,
-    lr: float = 1e-4,
+    lr: float | None = None,
     *,
     batch_size: int = 4,
     grad_accum: int = 1,
@@ -194,6 +249,7 @@ def finetune(
     Checkpoints go to ``checkpoint_dir/last`` every ``checkpoint_every`` steps; ``resume=`` (that
     folder) continues bit-identically. The masks are verified (pattern included) at the end.
     ``on_step(steps_done, result, model)`` is called after every step; True stops the run.
+    ``lr`` defaults to :func:`default_lr` (1e-4, or 1e-3 with ``lora``).
     ``bf16="auto"`` (default) trains under bf16 autocast where the hardware has bf16 arithmetic
     (measured on an avx512_bf16 CPU: 1.6x the tokens/s of fp32 and the same E16 after the same
     13 KD steps, 22.10 vs 22.11); ``False`` forces fp32.
@@ -205,19 +261,11 @@ def finetune(
     with the same masks. Evaluations during the run see the adapted model; checkpoints hold the
     adapters too and resume bit-identically. If the run fails, the adapters are removed unmerged.
     """
-    from .lora import LoraSettings
-
-    spec = parse_loss(loss)
-    settings = LoraSettings.parse(lora)
-    config = FinetuneConfig(steps=steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum,
-                            warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
-                            max_grad_norm=max_grad_norm, seed=seed, bf16=bf16, eval_every=eval_every,
-                            checkpoint_every=checkpoint_every,
-                            adapter=settings.to_dict() if settings is not None else None)
-    if checkpoint_every is not None and checkpoint_dir is None:
-        raise FinetuneError("checkpoint_every needs checkpoint_dir= (where to write the checkpoints)")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise FinetuneError(f"temperature must be > 0, got {temperature!r}")
+    spec, settings, config = check_options(
+        loss=loss, steps=steps, lr=lr, lora=lora, batch_size=batch_size, grad_accum=grad_accum,
+        warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm, seed=seed, bf16=bf16, eval_every=eval_every,
+        checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, temperature=temperature)
     data = _check_windows(data, "data")
     if eval_windows is not None:
         eval_windows = _check_windows(eval_windows, "eval_windows")
