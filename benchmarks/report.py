@@ -742,6 +742,32 @@ def finetune_runs(r: Results) -> str:
     return "\n".join(out)
 
 
+def finetune_kd_vs_ce(r: Results) -> str:
+    """Inline: KD against CE-only at equal wall-clock time, run back to back (finetune_llm_kd_vs_ce.json)."""
+    e = {k: v for k, v in r("finetune_llm_kd_vs_ce").items() if not k.startswith("_")}
+    pairs: dict = {}
+    for x in e.values():
+        pairs.setdefault((x["start"], x["budget_s"]), {})[x["loss"]] = x
+    parts = []
+    for (start, budget), by in sorted(pairs.items()):
+        if "kd" not in by or "ce" not in by:
+            continue
+        kd, ce = by["kd"], by["ce"]
+        ce_marks = {m[0]: m for m in ce["marks"]}
+        at = []
+        for sec, steps, _tok, p_kd in kd["marks"]:
+            if sec not in ce_marks:
+                continue
+            p_ce, steps_ce = ce_marks[sec][3], ce_marks[sec][1]
+            who = "KD ahead" if p_kd < p_ce else "CE-only ahead"
+            at.append(f"{sec / 60:g} min: KD {ppl(p_kd)} ({steps} steps) vs CE-only {ppl(p_ce)} ({steps_ce} steps), {who}")
+        parts.append(f"{start}, E16 {ppl(kd['ppl_e16_before'])} before, one {budget / 60:g}-min schedule each: "
+                     + "; ".join(at))
+    if not parts:
+        raise ReportError("finetune_llm_kd_vs_ce.json needs a kd and a ce run of one start and budget")
+    return ". ".join(parts) + " (" + entries_note(f"{RESULTS_DIR}/finetune_llm_kd_vs_ce.json", e).rstrip(".") + ")"
+
+
 def finetune_bf16(r: Results) -> str:
     """Inline: bf16 autocast vs fp32, from the 5-minute pair and the equal-steps run."""
     e = {k: v for k, v in r("finetune_llm").items() if not k.startswith("_")}
