@@ -291,7 +291,7 @@ def _gguf_header(path: Path, context_length: int | None) -> Path:
 
 
 def test_gguf_context_length_is_read_from_the_header_only(tmp_path) -> None:
-    from sparsetorch.cli import _gguf_context_length
+    from sparsetorch.data.llm import gguf_context_length as _gguf_context_length
 
     assert _gguf_context_length(_gguf_header(tmp_path / "a.gguf", 2048)) == 2048
     assert _gguf_context_length(_gguf_header(tmp_path / "b.gguf", None)) is None

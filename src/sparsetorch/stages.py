@@ -135,7 +135,7 @@ def _model_source(model: Any, what: str = "model") -> Path | None:
 
 
 def _check_positions(model: str, seq_len: int, where: str) -> None:
-    from .cli import model_max_positions
+    from .data.llm import model_max_positions
 
     limit = model_max_positions(model)
     if limit is not None and seq_len > limit:

@@ -212,3 +212,72 @@ def save_hf_model(
         if extra is not None:
             extra(tmp)
     return out
+
+
+_GGUF_TYPES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def gguf_context_length(path: Path) -> int | None:
+    """``<arch>.context_length`` from a GGUF header, reading only the key/value section.
+
+    (``gguf.GGUFReader`` parses every tensor of the file; this stops at the key.) None if the
+    file does not say or cannot be parsed -- the pipeline checks sequence lengths again later.
+    """
+    import struct
+
+    def read(f, fmt: str):  # noqa: ANN001
+        size = struct.calcsize("<" + fmt)
+        data = f.read(size)
+        if len(data) != size:
+            raise ValueError("truncated GGUF header")
+        return struct.unpack("<" + fmt, data)[0]
+
+    def skip_value(f, vtype: int) -> None:  # noqa: ANN001
+        if vtype == 8:  # string
+            f.seek(read(f, "Q"), 1)
+        elif vtype == 9:  # array
+            etype, count = read(f, "I"), read(f, "Q")
+            if etype == 8:
+                for _ in range(count):
+                    f.seek(read(f, "Q"), 1)
+            else:
+                f.seek(struct.calcsize("<" + _GGUF_TYPES[etype]) * count, 1)
+        else:
+            f.seek(struct.calcsize("<" + _GGUF_TYPES[vtype]), 1)
+
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF" or read(f, "I") < 2:
+                return None
+            read(f, "Q")  # tensor count
+            for _ in range(min(read(f, "Q"), 100_000)):
+                key = f.read(read(f, "Q")).decode("utf-8", "replace")
+                vtype = read(f, "I")
+                if key.endswith(".context_length") and vtype in _GGUF_TYPES and vtype not in (6, 7, 12):
+                    return int(read(f, _GGUF_TYPES[vtype]))
+                skip_value(f, vtype)
+    except (OSError, ValueError, KeyError, struct.error):
+        return None
+    return None
+
+
+def model_max_positions(model: str) -> int | None:
+    """The longest sequence ``model`` accepts, read from its config without loading it (or None)."""
+    import json
+
+    path = Path(model).expanduser()
+    if model.lower() in MODEL_ALIASES or (path.is_file() and path.suffix == ".gguf"):
+        try:
+            gguf = smollm2_gguf_path() if model.lower() in MODEL_ALIASES else path
+        except DependencyError:
+            return None  # the loader names the missing package
+        return gguf_context_length(gguf)
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # not a folder with a readable config: the loader reports it
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = cfg.get(key) if isinstance(cfg, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None

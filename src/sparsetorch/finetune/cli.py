@@ -93,8 +93,8 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
 
         from ..analysis.report import MASKS_FILE
-        from ..cli import _peak_rss_mb, _say, check_outputs, model_max_positions, write_json_summary
-        from ..data.llm import load_causal_lm, save_hf_model
+        from ..cli import _peak_rss_mb, _say, check_outputs, write_json_summary
+        from ..data.llm import load_causal_lm, model_max_positions, save_hf_model
         from ..data.text import eval_windows as make_eval_windows
         from ..errors import DataError, ModelError
         from ..masks import MaskSet

@@ -37,8 +37,8 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
 
         from ..atomic import atomic_write_text, check_output_file
-        from ..cli import console, model_max_positions
-        from ..data.llm import load_causal_lm
+        from ..cli import console
+        from ..data.llm import load_causal_lm, model_max_positions
         from ..data.text import eval_windows, token_windows
         from ..errors import DataError, ModelError
         from ..evaluate import generate_sample, perplexity
