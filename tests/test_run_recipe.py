@@ -150,7 +150,8 @@ def test_a_pruned_folder_can_start_with_finetune(pruned, hf_dir, tmp_path):
     assert plan.stages[0].settings.teacher == str(hf_dir) and {pruned, hf_dir} <= set(plan.inputs)
     assert plan.stages[0].folder == (out / "01-finetune").absolute()
     res = run_recipe({"model": str(pruned), "out": str(out), "seq_len": SEQ, "eval_windows": 0,
-                      "stages": [{"finetune": {"loss": "ce", "steps": 1, "batch": 1, "bf16": False}}, "export"]},
+                      "stages": [{"finetune": {"loss": "ce", "steps": 1, "batch": 1, "bf16": False}},
+                                 {"export": {"dtype": "float16"}}, {"eval": {"windows": 1}}]},
                      progress=False)
     before = MaskSet.load(pruned / "masks.safetensors")
     after = MaskSet.load(out / "01-finetune" / "masks.safetensors")
@@ -159,6 +160,9 @@ def test_a_pruned_folder_can_start_with_finetune(pruned, hf_dir, tmp_path):
     name = "model.layers.1.self_attn.q_proj.weight"
     assert not torch.equal(_state(out / "01-finetune")[name], _state(pruned)[name])  # it trained
     assert res.stages[0]["ppl_before"] is None and res.stages[1]["verified"] is True
+    assert res.stages[1]["dtype"] == "float16"
+    # the export wrote a float16 copy; the eval after it measured the run's float32 model, and says so
+    assert (res.stages[2]["model"], res.stages[2]["dtype"]) == ("in memory", "float32")
 
 
 def test_a_lora_finetune_stage_merges_into_the_same_masks(pruned, tmp_path):

@@ -664,8 +664,11 @@ def _run_eval(state: RunState, s: EvalSettings, env: StageEnv) -> tuple[RunState
     w = eval_windows(state.tokenizer, s.windows, s.seq_len)
     t0 = time.perf_counter()
     ppl = perplexity(state.model, windows=w, max_windows=None, batch_size=s.batch_size, progress=env.progress)
+    # what was measured: the run's model as it is in memory (an export stage writes a converted
+    # copy and leaves the model as it was, so an eval after it measures the model, not the file)
     summary = {"stage": "eval", "index": env.stage.index, "ppl": ppl, "windows": int(w.shape[0]),
                "seq_len": s.seq_len, "seconds_eval": time.perf_counter() - t0,
+               "model": "in memory", "dtype": str(next(state.model.parameters()).dtype).removeprefix("torch."),
                "sparsity": None if state.masks is None else state.masks.sparsity().overall,
                "settings": env.stage.settings_dict()}
     with atomic_dir(env.stage.folder, overwrite=False, inputs=env.plan.inputs) as tmp:
