@@ -765,6 +765,12 @@ def finetune_kd_vs_ce(r: Results) -> str:
                      + "; ".join(at))
     if not parts:
         raise ReportError("finetune_llm_kd_vs_ce.json needs a kd and a ce run of one start and budget")
+    for (start, _budget), by in sorted(pairs.items()):
+        if start == "dense" and "ce" in by:  # what fine-tuning on this text does without pruning
+            d = by["ce"]
+            marks = ", ".join(f"{m[0] / 60:g} min {ppl(m[3])}" for m in d["marks"])
+            parts.append(f"the dense model fine-tuned with CE the same way (the domain shift alone): E16 "
+                         f"{ppl(d['ppl_e16_before'])} → {marks}")
     return ". ".join(parts) + " (" + entries_note(f"{RESULTS_DIR}/finetune_llm_kd_vs_ce.json", e).rstrip(".") + ")"
 
 
@@ -904,6 +910,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "oneshot-vs-llmc": oneshot_vs_llmc,
     "finetune-runs": finetune_runs,
     "finetune-bf16": finetune_bf16,
+    "finetune-kd-vs-ce": finetune_kd_vs_ce,
     "soups": soups_table,
     "sparse-lora": sparse_lora_table,
     "reference-ppl": reference_ppl,
