@@ -153,3 +153,37 @@ def test_decode_runs_feeds_the_kv_cache_without_deprecated_arguments(tiny_llama)
         handle.remove()
     # prefill of 5 tokens without a cache, then 3 single-token steps on a cache of 5, 6, 7 positions
     assert seen == [(5, None), (1, 5), (1, 6), (1, 7)]
+
+
+def test_timers_wait_for_queued_gpu_work(monkeypatch) -> None:
+    """GPU kernels run asynchronously: every host-clock timer must synchronize before reading
+    the clock after the timed work, else it measures launch time (CUDA faked: hooks recorded)."""
+    import time
+
+    from sparsetorch.inference import bench, select
+
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
+    real = time.perf_counter
+    monkeypatch.setattr(time, "perf_counter", lambda: (events.append("clock"), real())[1])
+
+    def work() -> None:
+        events.append("work")
+
+    def clock_after_work_is_synced() -> None:
+        last_work = max(i for i, e in enumerate(events) if e == "work")
+        after = events[last_work + 1:]
+        assert "clock" in after and after.index("sync") < after.index("clock"), events
+
+    select.mean_timer("k", work, repeats=4, warmup=1)
+    clock_after_work_is_synced()
+    events.clear()
+    bench.interleaved_medians({"a": work}, repeats=2, rounds=1)
+    clock_after_work_is_synced()
+    # and without CUDA in use, no synchronize is attempted
+    events.clear()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    select.mean_timer("k", work, repeats=3, warmup=0)
+    assert "sync" not in events

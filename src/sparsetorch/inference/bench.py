@@ -12,7 +12,18 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["machine_info", "decode_runs", "decode_tokens_per_s", "interleaved_medians"]
+__all__ = ["machine_info", "decode_runs", "decode_tokens_per_s", "interleaved_medians", "device_sync"]
+
+
+def device_sync() -> None:
+    """Wait for queued GPU work, so that a host clock read next marks its end, not its launch.
+
+    CUDA kernels run asynchronously: without this, ``time.perf_counter()`` around a GPU call
+    measures how long it took to *queue* the work, and a kernel choice made from such times is
+    arbitrary. A no-op where CUDA is absent or was never used by this process.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def machine_info() -> dict[str, Any]:
@@ -60,8 +71,10 @@ def interleaved_medians(
             fn = fns[name]
             ts = []
             for _ in range(max(1, repeats)):
+                device_sync()
                 t0 = time.perf_counter()
                 fn()
+                device_sync()
                 ts.append(time.perf_counter() - t0)
             per[name].append(statistics.median(ts))
     return {k: statistics.median(v) for k, v in per.items()}
@@ -82,11 +95,13 @@ def decode_runs(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 32
         out = model(input_ids=prompt_ids, use_cache=True)
         past = out[key] if key in out else out.past_key_values
         nxt = out.logits[:, -1:].argmax(-1)
+        device_sync()
         t0 = time.perf_counter()
         for _ in range(new_tokens):
             out = model(input_ids=nxt, use_cache=True, **{key: past})
             past = out[key] if key in out else out.past_key_values
             nxt = out.logits[:, -1:].argmax(-1)
+        device_sync()
         runs.append(new_tokens / (time.perf_counter() - t0))
     return runs
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .bench import device_sync
 from .select import Timer
 from .sparsify import LayerChoice, decode_step_input, eligible_linears, measure_layer
 
@@ -217,8 +218,10 @@ def plan(
                 call()
                 ts = []
                 for _ in range(5):
+                    device_sync()
                     t0 = time.perf_counter()
                     call()
+                    device_sync()
                     ts.append(time.perf_counter() - t0)
                 report.model_latency_s = statistics.median(ts)
     return report

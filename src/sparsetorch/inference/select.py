@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .bench import device_sync
 from .kernels import Packed, get_kernel
 
 __all__ = ["Timer", "mean_timer", "median_timer", "Selection", "select_kernel", "DEFAULT_MARGIN"]
@@ -44,13 +45,17 @@ def mean_timer(
     """
     for _ in range(warmup):
         fn()
+    device_sync()
     n = 0
     start = time.perf_counter()
     while n < repeats:
         fn()
         n += 1
-        if n >= 3 and time.perf_counter() - start > budget_s:
-            break
+        if n >= 3:
+            device_sync()
+            if time.perf_counter() - start > budget_s:
+                break
+    device_sync()
     return (time.perf_counter() - start) / n
 
 
