@@ -225,6 +225,29 @@ def _cuda_median_ms(fn: Callable[[int], object], n_inputs: int, reps: int = 30, 
     return statistics.median(ts)
 
 
+def _graph(fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """``fn`` captured as a CUDA graph (after 3 warm-up calls on a side stream, as torch asks)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def _graph_ms(fn: Callable[[], object], reps: int = 30) -> float | str:
+    """Median ms of replaying ``fn`` as a CUDA graph: the GPU time without per-call host work."""
+    try:
+        g = _graph(fn)
+    except Exception as exc:  # noqa: BLE001 - recorded in the row
+        return f"capture failed: {type(exc).__name__}: {exc}"[:200]
+    return _cuda_median_ms(lambda i: g.replay(), 1, reps=reps)
+
+
 def bench_linear(quick: bool) -> list[dict[str, Any]]:
     from sparsetorch.inference.kernels import KERNELS
 
@@ -248,8 +271,13 @@ def bench_linear(quick: bool) -> list[dict[str, Any]]:
                 dense = _cuda_median_ms(lambda i, xs=xs, w=w: F.linear(xs[i], w), n_in)
                 sparse = _cuda_median_ms(lambda i, xs=xs, p=packed, o=out: k.matmul(xs[i], p, None, o), n_in)
                 flop = 2.0 * tokens * inn * out
+                dg = _graph_ms(lambda xs=xs, w=w: F.linear(xs[0], w))
+                sg = _graph_ms(lambda xs=xs, p=packed, o=out: k.matmul(xs[0], p, None, o))
+                graphed = isinstance(dg, float) and isinstance(sg, float)
                 rows.append({"layer": label, "in": inn, "out": out, "tokens": tokens, "dtype": str(dtype).split(".")[-1],
                              "dense_ms": dense, "semi_structured_ms": sparse, "speedup": dense / sparse,
+                             "dense_graph_ms": dg, "semi_structured_graph_ms": sg,
+                             "graph_speedup": dg / sg if graphed else None,
                              "dense_tflops": flop / dense / 1e9, "rel_err_vs_fp64": rel})
                 del xs
             del w, packed
@@ -283,7 +311,105 @@ def bench_model(quick: bool) -> dict[str, Any]:
         out["step_16x1"] = {"dense_ms": d, "sparsified_ms": s, "speedup": d / s}
         a, b = model(input_ids=prefill).logits.float(), dense(input_ids=prefill).logits.float()
         out["logits_rel_err"] = float((a - b).norm() / b.norm())
+        # every targeted layer forced to 2:4 (a timer that always prefers it), whole forward
+        # replayed as a CUDA graph: what the GPU kernels give once per-call host work is gone
+        forced = copy.deepcopy(dense)
+        rep = sparsify_for_inference(forced, batch_size=2048, kernels=["semi_structured"], check_model=False,
+                                     timer=lambda name, fn: 0.0 if name == "semi_structured" else 1.0)
+        out["forced_kernels"] = rep.kernel_counts()
+        for key, ids in (("prefill_2048_graph", prefill), ("step_16x1_graph", step)):
+            d = _graph_ms(lambda ids=ids: dense(input_ids=ids, use_cache=False), reps=10)
+            s = _graph_ms(lambda ids=ids: forced(input_ids=ids, use_cache=False), reps=10)
+            out[key] = {"dense_ms": d, "all_2to4_ms": s,
+                        "speedup": d / s if isinstance(d, float) and isinstance(s, float) else None}
     return out
+
+
+def probe_semi_structured() -> list[dict[str, Any]]:
+    """Where the time of a 2:4 matmul goes: the torch subclass vs cuSPARSELt called directly.
+
+    Variants per shape: ``F.linear`` on the ``to_sparse_semi_structured`` subclass (what the
+    ``semi_structured`` kernel does), its host time per call, ``torch._cslt_sparse_mm`` on a
+    compressed weight (default algorithm, and the one ``_cslt_sparse_mm_search`` picks), the
+    CUTLASS subclass, and a CUDA-graph replay of the subclass call (no host overhead).
+    """
+    rows = []
+    for inn, out, tokens in ((4096, 11008, 16), (4096, 11008, 2048), (4096, 11008, 8192), (8192, 28672, 8192)):
+        rows.append(_probe_one(inn, out, tokens))
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _probe_one(inn: int, out: int, tokens: int) -> dict[str, Any]:
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(out, inn, device="cuda", dtype=torch.float16, generator=g)
+    keep = w.reshape(-1, 4).abs().argsort(-1, descending=True).argsort(-1) < 2
+    w = (w.reshape(-1, 4) * keep).reshape(out, inn)
+    x = torch.randn(tokens, inn, device="cuda", dtype=torch.float16, generator=g)
+    ref = F.linear(x, w).float()
+    r: dict[str, Any] = {"in": inn, "out": out, "tokens": tokens}
+
+    def rel(y: torch.Tensor) -> float:
+        return float((y.float() - ref).norm() / ref.norm())
+
+    r["dense_ms"] = _cuda_median_ms(lambda i: F.linear(x, w), 1)
+    sub = to_sparse_semi_structured(w)
+    r["subclass_type"] = type(sub).__name__
+    r["subclass_ms"] = _cuda_median_ms(lambda i: F.linear(x, sub), 1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        F.linear(x, sub)
+    host = (time.perf_counter() - t0) / 20
+    torch.cuda.synchronize()
+    r["subclass_host_ms_per_call"] = host * 1e3
+    try:
+        comp = torch._cslt_compress(w)
+        y = torch._cslt_sparse_mm(comp, x.t(), transpose_result=True)
+        r["cslt_rel"] = rel(y)
+        r["cslt_ms"] = _cuda_median_ms(lambda i: torch._cslt_sparse_mm(comp, x.t(), transpose_result=True), 1)
+        found = torch._cslt_sparse_mm_search(comp, x.t())
+        alg = found[0] if isinstance(found, tuple) else int(found)
+        r["cslt_search"] = found if not isinstance(found, tuple) else list(found)
+        r["cslt_best_ms"] = _cuda_median_ms(
+            lambda i: torch._cslt_sparse_mm(comp, x.t(), transpose_result=True, alg_id=alg), 1)
+    except Exception as exc:  # noqa: BLE001
+        r["cslt_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    try:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = True
+        cut = to_sparse_semi_structured(w)
+        SparseSemiStructuredTensor._FORCE_CUTLASS = False
+        r["cutlass_rel"] = rel(F.linear(x, cut))
+        r["cutlass_ms"] = _cuda_median_ms(lambda i: F.linear(x, cut), 1)
+    except Exception as exc:  # noqa: BLE001
+        SparseSemiStructuredTensor._FORCE_CUTLASS = False
+        r["cutlass_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                F.linear(x, sub)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            F.linear(x, sub)
+        r["subclass_graph_ms"] = _cuda_median_ms(lambda i: graph.replay(), 1)
+    except Exception as exc:  # noqa: BLE001
+        r["graph_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    if tokens == 2048:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                F.linear(x, sub)
+            torch.cuda.synchronize()
+        r["profile"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=14)
+        print(r["profile"], flush=True)
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "profile"}, flush=True)
+    return r
 
 
 def run_pytest_gpu() -> dict[str, Any]:
@@ -299,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--probe", action="store_true", help="only the 2:4 timing probe (where the time goes)")
     ap.add_argument("--commit", default=None, help="commit the tree was sent from (no git there)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
@@ -313,7 +440,12 @@ def main(argv: list[str] | None = None) -> int:
                                     and torch.backends.cusparselt.is_available()),
                     cuda=torch.version.cuda)
     print(info, flush=True)
-    result: dict[str, Any] = {"info": info, "checks": run_checks(args.device)}
+    if args.probe:
+        result = {"info": info, "probe": probe_semi_structured()}
+        result["_meta"] = run.meta(**info)
+        write_json(args.out, result)
+        return 0
+    result = {"info": info, "checks": run_checks(args.device)}
     if cuda:
         result["pytest_gpu"] = run_pytest_gpu()
         print("pytest -k gpu rc", result["pytest_gpu"]["rc"], result["pytest_gpu"]["tail"][-300:], flush=True)
@@ -330,10 +462,14 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.out, result)
     lin = result.get("linear")
     if isinstance(lin, list):
-        print(f"\n{'layer':32s} {'dtype':9s} {'tokens':>6s} {'dense ms':>9s} {'2:4 ms':>9s} {'speedup':>7s}")
+        print(f"\n{'layer':30s} {'dtype':8s} {'tokens':>6s} {'dense ms':>9s} {'2:4 ms':>9s} {'eager':>6s} "
+              f"{'graph d':>8s} {'graph 2:4':>9s} {'graph':>6s}")
         for r in lin:
-            print(f"{r['layer']:32s} {r['dtype']:9s} {r['tokens']:6d} {r['dense_ms']:9.4f} "
-                  f"{r['semi_structured_ms']:9.4f} {r['speedup']:6.2f}x")
+            gs = f"{r['graph_speedup']:5.2f}x" if r["graph_speedup"] else "  n/a"
+            gd = f"{r['dense_graph_ms']:8.4f}" if isinstance(r["dense_graph_ms"], float) else "     n/a"
+            g4 = f"{r['semi_structured_graph_ms']:9.4f}" if isinstance(r["semi_structured_graph_ms"], float) else "      n/a"
+            print(f"{r['layer']:30s} {r['dtype']:8s} {r['tokens']:6d} {r['dense_ms']:9.4f} "
+                  f"{r['semi_structured_ms']:9.4f} {r['speedup']:5.2f}x {gd} {g4} {gs}")
     if isinstance(result.get("model"), dict):
         print("model:", {k: v for k, v in result["model"].items() if k != "traceback"})
     failed = [c["check"] for c in result["checks"] if not c["ok"]]

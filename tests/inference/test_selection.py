@@ -73,6 +73,35 @@ def test_wrong_kernel_output_is_skipped(monkeypatch) -> None:
     assert sel.kernel == "dense" and "scipy" in sel.skipped
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_kernel_rounding_differently_is_accepted_but_wrong_one_is_not(monkeypatch, dtype) -> None:
+    """A fp16/bf16 kernel that is right up to an ulp of rounding is kept (the 2:4 GPU kernel
+    was rejected on every layer because a 16-bit output was held to the fp32 tolerance); a
+    wrong one (a weight 10% off) is still skipped, and fp32 keeps its strict tolerance."""
+    from sparsetorch.inference.kernels import KERNELS, DenseKernel
+
+    class OffBy(DenseKernel):
+        name = "off_by"
+
+        def __init__(self, factor: float) -> None:
+            self.factor = factor
+
+        def matmul(self, x, packed, bias, out_features):
+            y = torch.nn.functional.linear(x.float(), packed["weight"].float()) * self.factor
+            return y.to(x.dtype)
+
+    w = _sparse_weight(64, 256, 0.5)
+    ulp = 2.0 ** (-10 if dtype == torch.float16 else -7)  # one unit in the last place, relative
+    monkeypatch.setitem(KERNELS, "off_by", OffBy(1 + ulp))
+    timer = fake_timer({"dense": 1.0, "off_by": 0.1})
+    assert select_kernel(w.to(dtype), None, 8, ["off_by"], timer).kernel == "off_by"
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        assert select_kernel(w, None, 8, ["off_by"], timer).kernel == "dense"  # fp32: an ulp of fp16 is too much
+    monkeypatch.setitem(KERNELS, "off_by", OffBy(1.1))
+    with pytest.warns(RuntimeWarning, match="disagrees"):
+        assert select_kernel(w.to(dtype), None, 8, ["off_by"], timer).kernel == "dense"
+
+
 def test_failing_kernel_is_skipped(monkeypatch) -> None:
     from sparsetorch.inference.kernels import ScipyKernel
 
