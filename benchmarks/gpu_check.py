@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--probe", action="store_true", help="only the 2:4 timing probe (where the time goes)")
-    ap.add_argument("--commit", default=None, help="commit the tree was sent from (no git there)")
+    ap.add_argument("--commit", default=None, help="commit the tree was sent from (the GPU machine's .git may be stale)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -443,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         result = {"info": info, "probe": probe_semi_structured()}
         result["_meta"] = run.meta(**info)
+        if args.commit:
+            result["_meta"]["commit_seen_there"], result["_meta"]["commit"] = result["_meta"].get("commit"), args.commit
         write_json(args.out, result)
         return 0
     result = {"info": info, "checks": run_checks(args.device)}
@@ -456,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
                 result[key] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
                 print(result[key]["traceback"], flush=True)
     meta = run.meta(**info)
-    if meta.get("commit") is None and args.commit:
-        meta["commit"], meta["commit_note"] = args.commit, "no git checkout on the GPU machine; sent from this commit"
+    if args.commit:  # the GPU machine's copy of .git may be stale or absent: trust the sender
+        meta["commit_seen_there"], meta["commit"] = meta.get("commit"), args.commit
     result["_meta"] = meta
     write_json(args.out, result)
     lin = result.get("linear")
