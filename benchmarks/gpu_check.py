@@ -325,6 +325,33 @@ def bench_model(quick: bool) -> dict[str, Any]:
     return out
 
 
+def profile_model() -> dict[str, Any]:
+    """Kernel-time tables (torch.profiler) of a 2-block 7B-sized Llama prefill of 2048 tokens:
+    dense vs every targeted layer forced to 2:4, to see where the whole forward's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dense = _tiny_llama("cuda", hidden=4096, inter=11008, layers=2, heads=32, vocab=32000, dtype=torch.float16)
+    sparsetorch.prune(dense, "magnitude", None, "2:4")
+    forced = copy.deepcopy(dense)
+    sparsify_for_inference(forced, batch_size=2048, kernels=["semi_structured"], check_model=False,
+                           timer=lambda name, fn: 0.0 if name == "semi_structured" else 1.0)
+    ids = torch.randint(0, 32000, (1, 2048), generator=torch.Generator().manual_seed(7)).cuda()
+    out: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, m in (("dense", dense), ("all_2to4", forced)):
+            for _ in range(3):
+                m(input_ids=ids, use_cache=False)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    m(input_ids=ids, use_cache=False)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
+            out[name] = table
+            print(name, "\n", table, flush=True)
+    return out
+
+
 def probe_semi_structured() -> list[dict[str, Any]]:
     """Where the time of a 2:4 matmul goes: the torch subclass vs cuSPARSELt called directly.
 
@@ -426,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--probe", action="store_true", help="only the 2:4 timing probe (where the time goes)")
+    ap.add_argument("--profile-model", action="store_true", help="only the profiler tables of a 2:4 model")
     ap.add_argument("--commit", default=None, help="commit the tree was sent from (the GPU machine's .git may be stale)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
@@ -440,8 +468,9 @@ def main(argv: list[str] | None = None) -> int:
                                     and torch.backends.cusparselt.is_available()),
                     cuda=torch.version.cuda)
     print(info, flush=True)
-    if args.probe:
-        result = {"info": info, "probe": probe_semi_structured()}
+    if args.probe or args.profile_model:
+        result = {"info": info, **({"probe": probe_semi_structured()} if args.probe else {}),
+                  **({"profile_model": profile_model()} if args.profile_model else {})}
         result["_meta"] = run.meta(**info)
         if args.commit:
             result["_meta"]["commit_seen_there"], result["_meta"]["commit"] = result["_meta"].get("commit"), args.commit
