@@ -317,6 +317,8 @@ def bench_model(quick: bool) -> dict[str, Any]:
         rep = sparsify_for_inference(forced, batch_size=2048, kernels=["semi_structured"], check_model=False,
                                      timer=lambda name, fn: 0.0 if name == "semi_structured" else 1.0)
         out["forced_kernels"] = rep.kernel_counts()
+        a = forced(input_ids=prefill).logits.float()
+        out["forced_logits_rel_err"] = float((a - b).norm() / b.norm())
         for key, ids in (("prefill_2048_graph", prefill), ("step_16x1_graph", step)):
             d = _graph_ms(lambda ids=ids: dense(input_ids=ids, use_cache=False), reps=10)
             s = _graph_ms(lambda ids=ids: forced(input_ids=ids, use_cache=False), reps=10)

@@ -134,6 +134,21 @@ def test_from_linear_auto_and_forced() -> None:
     torch.testing.assert_close(forced.to_dense_weight(), lin.weight.detach(), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("kernel", ["torch_csr", "scipy", "dense"])
+def test_sparse_linear_output_is_contiguous_like_nn_linear(kernel) -> None:
+    """Whatever layout a kernel returns, SparseLinear hands on a contiguous tensor, as
+    nn.Linear does (a transposed view sent attention down its slow fp32 path on a GPU)."""
+    lin = nn.Linear(48, 32)
+    with torch.no_grad():
+        lin.weight.copy_(_sparse_weight())
+    sl = SparseLinear.from_linear(lin, kernel=kernel)
+    x = torch.randn(2, 5, 48)
+    with torch.no_grad():
+        y = sl(x)
+    assert y.shape == (2, 5, 32) and y.is_contiguous()
+    torch.testing.assert_close(y, lin(x).detach(), atol=1e-4, rtol=1e-4)
+
+
 def test_sparse_linear_refuses_gradients() -> None:
     from sparsetorch.errors import ModelError
 

@@ -104,7 +104,10 @@ class SparseLinear(nn.Module):
         if k.sparse:
             x2 = x2.contiguous()
         y = k.matmul(x2, self._packed(), self.bias, self.out_features)
-        return y.reshape(*lead, self.out_features)
+        # contiguous, like nn.Linear's output: some kernels compute W @ x.T and return its
+        # transposed view, and downstream ops then take slow paths (measured on an H200: with
+        # strided q/k/v, attention fell back from cuDNN fp16 to the fp32 math kernel, 2.5x slower)
+        return y.contiguous().reshape(*lead, self.out_features)
 
     def to_dense_weight(self) -> Tensor:
         """The dense ``[out, in]`` weight (reconstructed by multiplying the identity)."""
