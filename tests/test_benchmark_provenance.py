@@ -246,3 +246,20 @@ def test_vs_llmc_driver_rotates_and_summarizes(tmp_path, monkeypatch):
     data = json.loads(out.read_text())
     assert data["a@0.5/b1"]["summary"]["n"] == 2 and [r["round"] for r in data["a@0.5/b1"]["runs"]] == [1, 2]
     assert data["_meta"]["rounds_done"] == 2 and data["_meta"]["threads"] == 2
+
+
+def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py runs its checks on the CPU (the GPU parts need a lent GPU), records
+    the sender's commit over the GPU machine's possibly stale .git, and refuses cuda without one."""
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "g.json"
+    assert mod.main(["--device", "cpu", "--quick", "--commit", "f" * 40, "--out", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert [c["ok"] for c in d["checks"]] == [True] * 5
+    assert d["_meta"]["commit"] == "f" * 40 and d["_meta"]["dirty"] is None
+    assert "linear" not in d  # timing is GPU-only
+    if not torch.cuda.is_available():
+        assert mod.main(["--out", str(tmp_path / "no.json")]) == 2
+        assert not (tmp_path / "no.json").exists()
