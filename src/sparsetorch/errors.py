@@ -74,6 +74,10 @@ class ModelError(SparseTorchError, ValueError):
     """A model the requested operation cannot handle (no decoder blocks, unknown model name ...)."""
 
 
+class DistributedError(SparseTorchError, RuntimeError):
+    """Ranks disagree (masks, settings) or a distributed setting is unusable."""
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """Return a ' Did you mean: a, b?' suffix for an error message, or ''."""
     cands = list(candidates)

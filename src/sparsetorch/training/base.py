@@ -84,6 +84,11 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
     raise MethodError("data batches must be (inputs, targets) pairs or dicts with 'x'/'y'.")
 
 
+def _local(t: Tensor) -> Tensor:
+    """One process: a statistic is already the average over all the data seen."""
+    return t
+
+
 class Sparsifier:
     """Base class: owns a MaskSet for the targeted weights of one model and updates it while training.
 
@@ -138,6 +143,11 @@ class Sparsifier:
         #: (step, {layer: sparsity}) recorded after attach and after every mask change
         self.history: list[tuple[int, dict[str, float]]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        #: averages a data-dependent statistic (RigL's dense gradient, SNFS's momentum) over
+        #: data-parallel workers before a mask decision; the identity on one process.
+        #: :func:`sparsetorch.distributed.attach` sets an all-reduce mean, so every rank decides
+        #: from the same numbers and the masks stay identical.
+        self.average: Callable[[Tensor], Tensor] = _local
 
     # ------------------------------------------------------------------ lifecycle
     def attach(

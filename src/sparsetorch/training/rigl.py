@@ -55,7 +55,7 @@ class RigL(DynamicSparsifier):
                 f"rigl has no dense gradient for {name!r} at update step {self.step_count}: run "
                 "loss.backward() and optimizer.step() before sparsifier.step() on every step."
             )
-        return g.abs()
+        return self.average(g).abs()  # under data parallel: the dense gradient of the global batch
 
     def step(self) -> bool:
         changed = super().step()

@@ -120,11 +120,14 @@ class SNFS(Sparsifier):
             return False
         assert self.masks is not None
         p_rate = self.rate(step)
+        # the momentum is linear in the gradients, so averaging it over workers here equals the
+        # momentum of the averaged gradients (identity on one process)
+        momentum = {n: self.average(self.momentum[n]) for n in self.params}
         kept, removed, cap, share = {}, {}, {}, {}
         for n, p in self.params.items():
             m = self.masks[n]
             nnz = int(m.sum())
-            mom = self.momentum[n].abs()
+            mom = momentum[n].abs()
             share[n] = float(mom[m].mean()) if nnz else 0.0
             k = min(int(math.ceil(p_rate * nnz - 1e-9)), nnz)
             drop = p.detach().abs().float().masked_fill(~m, float("-inf"))
@@ -135,7 +138,7 @@ class SNFS(Sparsifier):
         share = {n: (v / ts if ts > 0 else 1.0) for n, v in share.items()}
         grow = redistribute(share, sum(removed.values()), cap)
         for n in self.params:
-            sc = self.momentum[n].abs().masked_fill(kept[n], float("-inf"))
+            sc = momentum[n].abs().masked_fill(kept[n], float("-inf"))
             g = topk_mask(sc.reshape(-1), grow[n]).reshape(sc.shape)
             self._set_mask(n, kept[n] | g)
         return True

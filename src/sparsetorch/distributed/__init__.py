@@ -1,0 +1,27 @@
+"""Sparse training on ``torch.distributed``: masks identical on every rank, checked.
+
+* :func:`attach` — attach a training method (RigL, SET, SNFS, GMP ...) under data parallelism:
+  decisions from all-reduced statistics, initial masks broadcast from one rank, then verified.
+* :func:`verify_consistent` — raise on every rank when any rank's masks differ (names the rank,
+  tensor and number of positions); :func:`broadcast_masks`, :func:`mask_digests`.
+* :func:`run_local` — run a function on N local processes in a gloo group, with hard timeouts
+  (the launcher of ``sparsetorch train-lm --nproc`` and of the tests; ``torchrun`` for real runs).
+
+See ``docs/distributed.md``.
+"""
+
+from __future__ import annotations
+
+from .launch import run_local
+from .masks import broadcast_masks, mask_digest, mask_digests, verify_consistent
+from .sparsifier import all_reduce_mean, attach
+
+__all__ = [
+    "attach",
+    "all_reduce_mean",
+    "verify_consistent",
+    "broadcast_masks",
+    "mask_digest",
+    "mask_digests",
+    "run_local",
+]
