@@ -4,6 +4,9 @@
   decisions from all-reduced statistics, initial masks broadcast from one rank, then verified.
 * :func:`verify_consistent` — raise on every rank when any rank's masks differ (names the rank,
   tensor and number of positions); :func:`broadcast_masks`, :func:`mask_digests`.
+* :func:`register_topk` — top-k + error feedback as a DDP communication hook (DGC momentum
+  correction, local clipping, density warm-up, 16-bit values as options), with byte accounting;
+  :func:`register_allreduce_counter` is DDP's default all-reduce with the same accounting.
 * :func:`run_local` — run a function on N local processes in a gloo group, with hard timeouts
   (the launcher of ``sparsetorch train-lm --nproc`` and of the tests; ``torchrun`` for real runs).
 
@@ -12,6 +15,7 @@ See ``docs/distributed.md``.
 
 from __future__ import annotations
 
+from .hooks import TopKState, register_allreduce_counter, register_topk, topk_hook
 from .launch import run_local
 from .masks import broadcast_masks, mask_digest, mask_digests, verify_consistent
 from .sparsifier import all_reduce_mean, attach
@@ -24,4 +28,8 @@ __all__ = [
     "mask_digest",
     "mask_digests",
     "run_local",
+    "TopKState",
+    "topk_hook",
+    "register_topk",
+    "register_allreduce_counter",
 ]

@@ -1,0 +1,250 @@
+"""Sparse gradient communication as DDP communication hooks (a hook = a function + a state object).
+
+(No ``from __future__ import annotations`` here: DDP checks a hook's annotations as objects.)
+
+``topk_hook`` (register with :func:`register_topk`): each rank sends, per parameter, the ``k``
+largest-magnitude entries of its gradient plus its error-feedback residual, as (value, index)
+pairs; the rest stays in the residual for the next step (Stich et al. 2018; DGC, Lin et al.
+2018). Options: DGC's momentum correction and momentum masking, local gradient clipping, a
+density warm-up, and sending values in a 16-bit float (the rounding error goes back into the
+residual, so nothing is lost). ``k = ceil(density · numel)`` is fixed per parameter, so every
+rank contributes the same number of bytes and gloo's ``all_gather`` (which rejects unequal
+sizes) works. All of a bucket's pairs travel in one ``all_gather`` of bytes.
+
+State is keyed by parameter, not by bucket: DDP's first iteration puts every parameter in one
+bucket and rebuilds the buckets afterwards (ALGORITHMS-DISTRIBUTED §1).
+
+Byte accounting (``state.bytes_sent``): what this rank transmits under the ring algorithms,
+from the tensors' sizes: an ``all_gather`` of ``B`` bytes per rank sends ``(W−1)·B``; an
+``all_reduce`` of ``B`` bytes sends ``2(W−1)/W·B`` (:func:`ring_bytes`). DDP's default hook
+(``allreduce``) is counted the same way by :func:`register_allreduce_counter`, so the ratio of the
+two is the compression actually bought. Top-k pays only below a density of about ``1/W``.
+"""
+
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..errors import DistributedError
+
+__all__ = [
+    "TopKState",
+    "topk_compress",
+    "topk_hook",
+    "register_topk",
+    "CountingState",
+    "allreduce_counting_hook",
+    "register_allreduce_counter",
+    "ring_bytes",
+]
+
+_VALUE_DTYPES = (None, torch.float16, torch.bfloat16, torch.float32)
+
+
+def ring_bytes(kind: str, nbytes: int, world: int) -> int:
+    """Bytes one rank transmits for a collective of ``nbytes`` per rank under the ring algorithm."""
+    if kind == "all_gather":
+        return (world - 1) * nbytes
+    if kind == "all_reduce":
+        return (2 * (world - 1) * nbytes) // world
+    raise ValueError(f"unknown collective {kind!r}")
+
+
+def topk_compress(a: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(indices, values, residual)``: the ``k`` largest ``|a|`` of a flat tensor, and ``a`` with
+    them zeroed. ``residual + scatter(indices, values) == a`` exactly (a partition of ``a``)."""
+    flat = a.reshape(-1)
+    idx = torch.topk(flat.abs(), k, sorted=False).indices
+    vals = flat[idx]
+    residual = flat.clone()
+    residual[idx] = 0
+    return idx, vals, residual
+
+
+@dataclass
+class TopKState:
+    """State of :func:`topk_hook` (one per DDP model, per rank).
+
+    Args:
+        density: fraction of each parameter's entries sent per step, in (0, 1]; DGC uses 0.001.
+        process_group: the group DDP runs on (None: the default group).
+        error_feedback: keep what was not sent and add it to the next gradient (default True;
+            without it top-k training loses what it drops).
+        momentum: DGC momentum correction ``u ← m·u + g; v ← v + u``, top-k taken of ``v``, and
+            both ``u`` and ``v`` zeroed where sent (momentum masking). Use it with an optimizer
+            *without* momentum (plain SGD), or momentum is applied twice. 0 turns it off.
+        clip_norm: local clipping: each rank's gradient of a parameter is clipped to norm
+            ``clip_norm / sqrt(W)`` before it enters the residual (DGC). None: off.
+        warmup_steps: density warm-up: at step ``t < warmup_steps`` the density is
+            ``density ** ((t + 1) / (warmup_steps + 1))`` (DGC's exponential schedule).
+        value_dtype: send values in this dtype (``torch.float16`` / ``bfloat16``); the rounding
+            error stays in the residual. None: the gradient's dtype.
+    """
+
+    density: float
+    process_group: Any = None
+    error_feedback: bool = True
+    momentum: float = 0.0
+    clip_norm: float | None = None
+    warmup_steps: int = 0
+    value_dtype: torch.dtype | None = None
+    #: optimizer steps seen (advanced on each step's last bucket)
+    iteration: int = 0
+    #: bytes this rank transmitted, all steps (ring model; see the module docstring)
+    bytes_sent: int = 0
+    #: bytes this rank transmitted in the last completed step
+    bytes_last_step: int = 0
+    residuals: dict[int, Tensor] = field(default_factory=dict)
+    velocities: dict[int, Tensor] = field(default_factory=dict)
+    _step_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        d = float(self.density)
+        if not (0.0 < d <= 1.0) or math.isnan(d):
+            raise DistributedError(f"top-k density must be in (0, 1], got {self.density}; e.g. 0.01 sends 1%.")
+        if not (0.0 <= float(self.momentum) < 1.0):
+            raise DistributedError(f"top-k momentum must be in [0, 1), got {self.momentum}.")
+        if self.clip_norm is not None and not float(self.clip_norm) > 0:
+            raise DistributedError(f"clip_norm must be positive (or None), got {self.clip_norm}.")
+        if int(self.warmup_steps) < 0:
+            raise DistributedError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
+        if self.value_dtype not in _VALUE_DTYPES:
+            raise DistributedError(f"value_dtype must be one of {_VALUE_DTYPES}, got {self.value_dtype}.")
+
+    def density_at(self, step: int) -> float:
+        """The density used at optimizer step ``step`` (0-based), warm-up included."""
+        if step < self.warmup_steps:
+            return float(self.density) ** ((step + 1) / (self.warmup_steps + 1))
+        return float(self.density)
+
+    def k_for(self, numel: int, step: int | None = None) -> int:
+        """Entries sent for a parameter of ``numel`` entries: ``ceil(density · numel)``, at least 1."""
+        d = self.density_at(self.iteration if step is None else step)
+        return max(1, min(numel, math.ceil(d * numel - 1e-9)))
+
+
+def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """DDP communication hook: top-k (+ error feedback) of every parameter in the bucket, one
+    ``all_gather`` of the bucket's (value, index) bytes, then the mean of every rank's sparse
+    gradient written back into the bucket."""
+    group = state.process_group
+    world = dist.get_world_size(group)
+    grads, params = bucket.gradients(), bucket.parameters()
+    payload, layout = [], []
+    for p, g in zip(params, grads):
+        key = id(p)
+        a = g.detach().reshape(-1)
+        if state.clip_norm is not None:
+            limit = float(state.clip_norm) / math.sqrt(world)
+            norm = float(a.norm())
+            if norm > limit:
+                a = a * (limit / norm)
+        if state.momentum:
+            u = state.velocities.get(key)
+            u = a.clone() if u is None else u.mul_(state.momentum).add_(a)
+            state.velocities[key] = u
+            a = u
+        if state.error_feedback:
+            e = state.residuals.get(key)
+            if e is not None:
+                a = a + e
+        k = state.k_for(a.numel())
+        idx, vals, residual = topk_compress(a, k)
+        if state.value_dtype is not None and state.value_dtype != vals.dtype:
+            sent = vals.to(state.value_dtype)
+            residual[idx] = vals - sent.to(vals.dtype)  # rounding error is kept, not lost
+            vals = sent
+        if state.error_feedback:
+            state.residuals[key] = residual
+        if state.momentum:
+            state.velocities[key][idx] = 0  # momentum masking: what was sent leaves u too
+        payload += [vals.contiguous().view(torch.uint8), idx.to(torch.int32).view(torch.uint8)]
+        layout.append((g.numel(), k, vals.dtype, a.dtype))
+    mine = torch.cat(payload)
+    gathered = [torch.empty_like(mine) for _ in range(world)]
+    state._step_bytes += ring_bytes("all_gather", mine.numel(), world)
+    if bucket.is_last():
+        state.iteration += 1
+        state.bytes_last_step, state._step_bytes = state._step_bytes, 0
+        state.bytes_sent += state.bytes_last_step
+    fut = dist.all_gather(gathered, mine, group=group, async_op=True).get_future()
+
+    def decode(_: Any) -> Tensor:
+        out = bucket.buffer()
+        offset = 0
+        for (numel, k, vdtype, adtype), g in zip(layout, grads):
+            dense = torch.zeros(numel, dtype=adtype, device=g.device)
+            vb = k * torch.empty((), dtype=vdtype).element_size()
+            for row in gathered:
+                # clone: a slice at an odd byte offset cannot be viewed as a wider dtype
+                vals = row[offset:offset + vb].clone().view(vdtype).to(adtype)
+                idx = row[offset + vb:offset + vb + 4 * k].clone().view(torch.int32).long()
+                dense.index_add_(0, idx, vals)
+            g.copy_(dense.div_(world).view_as(g).to(g.dtype))
+            offset += vb + 4 * k
+        return out
+
+    return fut.then(decode)
+
+
+def register_topk(ddp_model: nn.parallel.DistributedDataParallel, density: float, **options: Any) -> TopKState:
+    """Register :func:`topk_hook` on a DDP model; returns its :class:`TopKState` (bytes, residuals).
+
+    Raises :class:`~sparsetorch.errors.DistributedError` on one process (nothing to communicate)
+    and for bad options. Register before the first backward.
+    """
+    state = TopKState(density=density, **options)  # bad options fail first, on every rank
+    if not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
+        raise DistributedError(f"register_topk needs a DistributedDataParallel model, got {type(ddp_model).__name__}.")
+    if dist.get_world_size(state.process_group) < 2:
+        raise DistributedError("a sparse communication hook needs at least 2 ranks; with one process there "
+                               "is nothing to send: train without DDP.")
+    ddp_model.register_comm_hook(state, topk_hook)
+    return state
+
+
+@dataclass
+class CountingState:
+    """State of :func:`allreduce_counting_hook`: DDP's default all-reduce with byte accounting."""
+
+    process_group: Any = None
+    iteration: int = 0
+    bytes_sent: int = 0
+    bytes_last_step: int = 0
+    _step_bytes: int = 0
+
+
+def allreduce_counting_hook(state: CountingState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """DDP's default behaviour (divide by W, all-reduce SUM), counting the bytes sent (the baseline)."""
+    group = state.process_group
+    world = dist.get_world_size(group)
+    buf = bucket.buffer().div_(world)
+    state._step_bytes += ring_bytes("all_reduce", buf.numel() * buf.element_size(), world)
+    if bucket.is_last():
+        state.iteration += 1
+        state.bytes_last_step, state._step_bytes = state._step_bytes, 0
+        state.bytes_sent += state.bytes_last_step
+    fut = dist.all_reduce(buf, group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def register_allreduce_counter(ddp_model: nn.parallel.DistributedDataParallel,
+                               process_group: Any = None) -> CountingState:
+    """Register :func:`allreduce_counting_hook` (the dense baseline with byte accounting)."""
+    state = CountingState(process_group=process_group)
+    ddp_model.register_comm_hook(state, allreduce_counting_hook)
+    return state
+
+
+def residual_state(state: TopKState, names: Mapping[int, str]) -> dict[str, Tensor]:
+    """The residuals (and velocities) keyed by parameter name, for checkpoints: ``names`` maps
+    ``id(param)`` to its name (``{id(p): n for n, p in model.named_parameters()}``)."""
+    out = {f"residual.{names[k]}": v for k, v in state.residuals.items()}
+    out.update({f"velocity.{names[k]}": v for k, v in state.velocities.items()})
+    return out

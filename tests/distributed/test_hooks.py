@@ -1,0 +1,194 @@
+"""Sparse gradient communication hooks, checked against their definitions on 2 gloo ranks.
+
+* error feedback loses nothing: over a run, what was applied (the mean of what every rank sent)
+  plus the mean of the residuals left equals the mean of every rank's gradients, exactly up to
+  fp64 summation order;
+* density 1 is data-parallel SGD; the counting hook is DDP's default, bit for bit;
+* bytes are the ring-algorithm bytes of the tensors sent, computed here from k = ceil(d·n).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparsetorch.distributed import run_local
+from sparsetorch.distributed.hooks import (
+    TopKState,
+    register_allreduce_counter,
+    register_topk,
+    topk_compress,
+    topk_hook,
+)
+from sparsetorch.errors import DistributedError
+
+STEPS = 6
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 4)).double()
+
+
+def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return torch.randn(8, 10, generator=g, dtype=torch.float64), torch.randn(8, 4, generator=g, dtype=torch.float64)
+
+
+def _run(rank: int, world: int, kind: str, **opts) -> dict:
+    model = _model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = None
+    applied: dict[str, torch.Tensor] = {}
+    local: dict[str, torch.Tensor] = {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    if kind == "counting":
+        state = register_allreduce_counter(ddp)
+    elif kind.startswith("topk"):
+        state = TopKState(density=opts.pop("density"), **opts)
+
+        def recording(st, bucket):  # noqa: ANN001, ANN202 - DDP checks annotations as objects
+            for p, g in zip(bucket.parameters(), bucket.gradients()):
+                n = names[id(p)]
+                local[n] = local.get(n, 0) + g.detach().clone()
+
+            def keep(fut):  # noqa: ANN001, ANN202
+                for p, g in zip(bucket.parameters(), bucket.gradients()):
+                    n = names[id(p)]
+                    applied[n] = applied.get(n, 0) + g.detach().clone()
+                return fut.value()
+
+            return topk_hook(st, bucket).then(keep)
+
+        ddp.register_comm_hook(state, recording)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(STEPS):
+        x, y = _batch(step, rank)
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    out = {"params": {n: p.detach().clone() for n, p in model.named_parameters()}}
+    if state is not None:
+        out["bytes_sent"] = state.bytes_sent
+        out["bytes_last_step"] = state.bytes_last_step
+        out["iteration"] = state.iteration
+    if kind.startswith("topk"):
+        # error feedback identity, averaged over ranks: applied + mean residual == mean local gradient
+        worst = 0.0
+        for p_id, n in names.items():
+            res = state.residuals[p_id].view_as(local[n]).clone()
+            lsum = local[n].clone()
+            dist.all_reduce(res)
+            dist.all_reduce(lsum)
+            gap = (applied[n] + res / world - lsum / world).abs().max().item()
+            worst = max(worst, gap)
+        out["ef_gap"] = worst
+    return out
+
+
+def _worker(rank: int, world: int) -> dict:
+    return {
+        "plain": _run(rank, world, "plain"),
+        "counting": _run(rank, world, "counting"),
+        "topk1": _run(rank, world, "topk1", density=1.0),
+        "topk10": _run(rank, world, "topk10", density=0.1),
+        "topk10_fp16": _run(rank, world, "topk10_fp16", density=0.1, value_dtype=torch.float16),
+        "topk10_momentum": _run(rank, world, "topk10_momentum", density=0.1, momentum=0.9, warmup_steps=3,
+                                clip_norm=10.0),
+    }
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return run_local(_worker, 2, timeout_s=150, pg_timeout_s=30)
+
+
+def _sizes() -> list[int]:
+    return [p.numel() for p in _model().parameters()]
+
+
+def test_counting_hook_is_ddp_default_bit_for_bit_and_counts_ring_bytes(ranks) -> None:
+    for r in ranks:
+        for n, p in r["plain"]["params"].items():
+            assert torch.equal(r["counting"]["params"][n], p), n
+        # fp64 all-reduce: each step sends 2(W-1)/W of the gradient's bytes (W = 2: all of them)
+        assert r["counting"]["bytes_last_step"] == sum(_sizes()) * 8
+        assert r["counting"]["bytes_sent"] == STEPS * sum(_sizes()) * 8
+
+
+def test_density_one_is_data_parallel_sgd(ranks) -> None:
+    for n, p in ranks[0]["plain"]["params"].items():
+        torch.testing.assert_close(ranks[0]["topk1"]["params"][n], p, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("key", ["topk10", "topk10_fp16", "topk10_momentum"])
+def test_ranks_stay_identical(ranks, key) -> None:
+    for n, p in ranks[0][key]["params"].items():
+        assert torch.equal(ranks[1][key]["params"][n], p), n
+
+
+@pytest.mark.parametrize("key", ["topk10", "topk10_fp16"])
+def test_error_feedback_loses_nothing(ranks, key) -> None:
+    for r in ranks:
+        assert r[key]["ef_gap"] < 1e-12, r[key]["ef_gap"]
+
+
+def test_topk_bytes_follow_from_k(ranks) -> None:
+    ks = [math.ceil(0.1 * n) for n in _sizes()]
+    # W = 2: an all-gather sends (W-1) x own payload; fp64 values (8 B) + int32 indices (4 B)
+    assert ranks[0]["topk10"]["bytes_sent"] == STEPS * sum(k * (8 + 4) for k in ks)
+    assert ranks[0]["topk10_fp16"]["bytes_sent"] == STEPS * sum(k * (2 + 4) for k in ks)
+    assert ranks[0]["topk10"]["iteration"] == STEPS
+    dense = ranks[0]["counting"]["bytes_sent"]
+    assert ranks[0]["topk10"]["bytes_sent"] < 0.2 * dense
+
+
+def test_topk_compress_is_a_partition_keeping_the_largest() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, generator=g, dtype=torch.float64)
+    idx, vals, res = topk_compress(a, 37)
+    back = res.clone()
+    back[idx] += vals
+    assert torch.equal(back, a)
+    assert (res[idx] == 0).all() and res.count_nonzero() == 1000 - 37
+    assert a.abs()[idx].min() >= res.abs().max()
+
+
+def test_state_options_are_checked_and_warmup_follows_dgc() -> None:
+    for bad in (0.0, -0.1, 1.5, float("nan")):
+        with pytest.raises(DistributedError, match="density"):
+            TopKState(density=bad)
+    with pytest.raises(DistributedError, match="momentum"):
+        TopKState(density=0.1, momentum=1.0)
+    with pytest.raises(DistributedError, match="clip_norm"):
+        TopKState(density=0.1, clip_norm=0)
+    with pytest.raises(DistributedError, match="value_dtype"):
+        TopKState(density=0.1, value_dtype=torch.int8)
+    st = TopKState(density=0.001, warmup_steps=4)
+    assert [round(st.density_at(t), 6) for t in range(6)] == [
+        round(0.001 ** (t / 5), 6) for t in (1, 2, 3, 4)] + [0.001, 0.001]
+    assert st.k_for(10_000, step=10) == 10 and st.k_for(10, step=10) == 1
+
+
+def test_register_topk_refuses_a_plain_model() -> None:
+    with pytest.raises(DistributedError, match="DistributedDataParallel"):
+        register_topk(_model(), 0.1)
+    with pytest.raises(DistributedError, match="density"):
+        register_topk(_model(), 2.0)
+
+
+def _one_rank(rank: int, world: int) -> str:
+    ddp = nn.parallel.DistributedDataParallel(_model())
+    try:
+        register_topk(ddp, 0.1)
+    except DistributedError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_one_rank_with_a_sparse_hook_is_refused() -> None:
+    assert "at least 2 ranks" in run_local(_one_rank, 1, timeout_s=60)[0]
