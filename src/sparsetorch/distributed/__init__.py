@@ -7,6 +7,8 @@
 * :func:`register_topk` — top-k + error feedback as a DDP communication hook (DGC momentum
   correction, local clipping, density warm-up, 16-bit values as options), with byte accounting;
   :func:`register_allreduce_counter` is DDP's default all-reduce with the same accounting.
+* :class:`OuterLoop` — DiLoCo (outer Nesterov SGD on all-reduced pseudo-gradients) and
+  SparseLoCo (chunked top-k + error feedback + 2-bit values) every ``H`` inner steps.
 * :func:`run_local` — run a function on N local processes in a gloo group, with hard timeouts
   (the launcher of ``sparsetorch train-lm --nproc`` and of the tests; ``torchrun`` for real runs).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 from .hooks import TopKState, register_allreduce_counter, register_topk, topk_hook
 from .launch import run_local
 from .masks import broadcast_masks, mask_digest, mask_digests, verify_consistent
+from .outer import OuterLoop
 from .sparsifier import all_reduce_mean, attach
 
 __all__ = [
@@ -32,4 +35,5 @@ __all__ = [
     "topk_hook",
     "register_topk",
     "register_allreduce_counter",
+    "OuterLoop",
 ]
