@@ -348,6 +348,7 @@ _register("sparsetorch.inference.cli")
 _register("sparsetorch.oneshot.cli")
 _register("sparsetorch.finetune.cli")
 _register("sparsetorch.stages_cli")
+_register("sparsetorch.distributed.cli")
 
 
 def main(argv: list[str] | None = None) -> None:

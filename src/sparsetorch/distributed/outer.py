@@ -202,6 +202,20 @@ class OuterLoop:
         self.outer_steps += 1
         return True
 
+    @torch.no_grad()
+    def resync(self) -> None:
+        """Restart the pseudo-gradient from the current parameters after the masks changed
+        (call on every rank right after an outer step's mask update): ``θ_start`` and the outer
+        parameters become the current weights, and the outer momentum of pruned positions is
+        cleared, so a weight grown later does not inherit the momentum of the one dropped."""
+        for op, (n, p) in zip(self.outer_params, self.params.items()):
+            self.start[n].copy_(p)
+            op.data.copy_(p)
+            live = self._live(n)
+            buf = self.outer_opt.state.get(op, {}).get("momentum_buffer")
+            if live is not None and buf is not None:
+                buf.masked_fill_(~live.to(buf.device), 0)
+
     def _live(self, n: str) -> Tensor | None:
         return self.masks[n] if self.masks is not None and n in self.masks else None
 
