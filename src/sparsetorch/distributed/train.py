@@ -57,6 +57,21 @@ class TrainLMConfig:
     eval_windows: int = 32
     seed: int = 0
     timeout_s: float = 1800.0
+    #: write a checkpoint (one file per rank + manifest) every this many steps (0: never)
+    checkpoint_every: int = 0
+    checkpoint_dir: str | None = None
+    #: continue from the latest checkpoint in checkpoint_dir when there is one
+    resume: bool = False
+
+
+#: settings that may differ between a checkpoint and the run that resumes it
+_FREE_ON_RESUME = ("nproc", "timeout_s", "checkpoint_every", "checkpoint_dir", "resume", "eval_windows")
+#: env var "RANK:STEP": that rank exits at that step on its first attempt (fault-injection tests)
+FAULT_ENV = "SPARSETORCH_FAULT"
+
+
+def _settings(cfg: TrainLMConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if k not in _FREE_ON_RESUME}
 
 
 def parse_comm(spec: str) -> tuple[str, float]:
@@ -100,6 +115,24 @@ def check_config(cfg: TrainLMConfig) -> TrainLMConfig:
         if not (0.0 <= cfg.sparsity < 1.0):
             raise DistributedError(f"--sparsity must be in [0, 1), got {cfg.sparsity}.")
     kind, h = parse_comm(cfg.comm)
+    if int(cfg.checkpoint_every) < 0:
+        raise DistributedError(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}.")
+    if (cfg.checkpoint_every or cfg.resume) and not cfg.checkpoint_dir:
+        raise DistributedError("--checkpoint-every and --resume need --checkpoint-dir.")
+    if cfg.checkpoint_every and kind == "powersgd":
+        raise DistributedError("checkpoints of --comm powersgd are not supported (torch's PowerSGD state has no "
+                               "pickle-free form); use ddp, topk, diloco or sparseloco, or run without checkpoints.")
+    if cfg.checkpoint_every and kind in ("diloco", "sparseloco") and cfg.checkpoint_every % int(h):
+        raise DistributedError(f"--checkpoint-every ({cfg.checkpoint_every}) must be a multiple of H ({int(h)}): "
+                               "checkpoints are taken right after an outer step, when the replicas agree.")
+    if cfg.checkpoint_dir:
+        from .checkpoint import check_resumable, has_checkpoint
+
+        if cfg.resume and has_checkpoint(cfg.checkpoint_dir):
+            check_resumable(cfg.checkpoint_dir, int(cfg.nproc), _settings(cfg))
+        if not cfg.resume and has_checkpoint(cfg.checkpoint_dir):
+            raise DistributedError(f"{cfg.checkpoint_dir} already holds a checkpoint: pass --resume to continue "
+                                   "from it, or choose another --checkpoint-dir.")
     if kind in ("diloco", "sparseloco"):
         if cfg.steps % int(h):
             raise DistributedError(f"--steps ({cfg.steps}) must be a multiple of H ({int(h)}) so the run ends on an outer step.")
@@ -217,6 +250,19 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
             kw["update_every"] = cfg.update_every
         sp = get_method(cfg.method, **kw)
         attach(sp, model, opt)
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_name = {n: p for n, p in model.named_parameters()}
+    start, tokens, checks, saved = 0, 0, 0, None
+    if cfg.checkpoint_dir and cfg.resume:
+        from .checkpoint import has_checkpoint, load_rank
+
+        if has_checkpoint(cfg.checkpoint_dir):
+            start, saved = load_rank(cfg.checkpoint_dir, rank, world, _settings(cfg))
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["opt"])
+            if sp is not None:
+                sp.load_state_dict(saved["sparsifier"])
+            tokens, checks = int(saved["tokens"]), int(saved["mask_checks"])
     net: nn.Module = model
     state: Any = None
     outer = None
@@ -230,8 +276,11 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
             state = _powersgd(net, int(val), cfg.powersgd_start)
     else:
         outer = OuterLoop(model, kind, int(val), masks=sp.masks if sp is not None else None)
-    checks, t0, tokens = 0, time.perf_counter(), 0
-    for step in range(cfg.steps):
+    if saved is not None:
+        _load_comm(saved["comm"], state, outer, by_name)
+    t0 = time.perf_counter()
+    fault = os.environ.get(FAULT_ENV, "")
+    for step in range(start, cfg.steps):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rank * 10_007 + step)
         batch = _windows(train_ids, cfg.batch, cfg.seq_len, gen)
         loss = net(input_ids=batch, labels=batch).loss
@@ -248,17 +297,62 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
             checks += 1
             if synced:
                 outer.resync()
+        done = step + 1
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0:
+            from .checkpoint import commit, save_rank
+
+            save_rank(cfg.checkpoint_dir, done, rank, {
+                "step": done, "tokens": tokens, "mask_checks": checks, "model": model.state_dict(),
+                "opt": opt.state_dict(), "sparsifier": sp.state_dict() if sp is not None else None,
+                "comm": _comm_state(state, outer, names)})
+            commit(cfg.checkpoint_dir, done, world, _settings(cfg))
+        if fault == f"{rank}:{done}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os._exit(3)  # a planted crash (tests): the first attempt of this rank dies here
     seconds = time.perf_counter() - t0
     eval_w = _windows(eval_ids, cfg.eval_windows, cfg.seq_len, torch.Generator().manual_seed(12345))
     bytes_sent = int(outer.bytes_sent if outer is not None else getattr(state, "bytes_sent", 0))
     out = {"rank": rank, "final_eval_loss": eval_loss(model, eval_w), "bytes_sent": bytes_sent,
            "tokens": tokens, "seconds": seconds, "mask_checks": checks,
            "final_train_loss": float(loss.detach())}
+    out["param_digest"] = param_digest(model)
     if sp is not None:
         verify_consistent(sp.masks)
         out["sparsity"] = sp.sparsity_actual()
         sp.masks.verify(model)
     return out
+
+
+def _comm_state(state: Any, outer: Any, names: dict[int, str]) -> dict[str, Any]:
+    """What the communication scheme must carry over a restart (per rank)."""
+    if outer is not None:
+        return {"outer": outer.state_dict()}
+    out: dict[str, Any] = {"iteration": int(getattr(state, "iteration", 0)),
+                           "bytes_sent": int(getattr(state, "bytes_sent", 0))}
+    if hasattr(state, "residuals"):
+        out["residuals"] = {names[k]: v.clone() for k, v in state.residuals.items()}
+        out["velocities"] = {names[k]: v.clone() for k, v in state.velocities.items()}
+    return out
+
+
+def _load_comm(saved: dict[str, Any], state: Any, outer: Any, by_name: dict[str, nn.Parameter]) -> None:
+    if outer is not None:
+        outer.load_state_dict(saved["outer"])
+        return
+    state.iteration, state.bytes_sent = int(saved["iteration"]), int(saved["bytes_sent"])
+    if hasattr(state, "residuals"):
+        state.residuals = {id(by_name[n]): t for n, t in saved["residuals"].items()}
+        state.velocities = {id(by_name[n]): t for n, t in saved["velocities"].items()}
+
+
+def param_digest(model: nn.Module) -> str:
+    """BLAKE2b of every parameter's name and bytes: equal digests = bit-identical weights."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for n, p in model.named_parameters():
+        h.update(n.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def summarize(cfg: TrainLMConfig, per_rank: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
@@ -275,6 +369,7 @@ def summarize(cfg: TrainLMConfig, per_rank: list[dict[str, Any]], seconds: float
         "mask_checks": r0["mask_checks"],
         "sparsity": r0.get("sparsity"),
         "eval_loss_per_rank": [r["final_eval_loss"] for r in per_rank],
+        "param_digest_per_rank": [r["param_digest"] for r in per_rank],
         "config": asdict(cfg),
     }
 
@@ -298,13 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     """``torchrun --nproc-per-node N -m sparsetorch.distributed.train --comm ... --json PATH``."""
     ap = argparse.ArgumentParser(prog="python -m sparsetorch.distributed.train", description=__doc__.splitlines()[0])
     for f, default in asdict(TrainLMConfig()).items():
-        if f in ("nproc", "timeout_s"):
+        if f in ("nproc", "timeout_s", "checkpoint_dir", "resume"):
             continue
         ap.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+    ap.add_argument("--checkpoint-dir", default=None)
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, if any")
+    ap.add_argument("--pg-init-dir", default=None,
+                    help="rendezvous through file://DIR/pginit_<restart count> (a folder every rank sees): "
+                         "restarts after a killed rank then never reuse a dead process's port")
     ap.add_argument("--json", default=None, help="rank 0 writes the run's JSON here")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     a = vars(ap.parse_args(argv))
-    json_path, overwrite = a.pop("json"), a.pop("overwrite")
+    json_path, overwrite, pg_dir = a.pop("json"), a.pop("overwrite"), a.pop("pg_init_dir")
     if json_path:
         from ..atomic import check_output_file
 
@@ -313,7 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("run under torchrun (it sets RANK and WORLD_SIZE), or use `sparsetorch train-lm --nproc N`.")
     from datetime import timedelta
 
-    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    if pg_dir:
+        os.makedirs(pg_dir, exist_ok=True)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        init = "file://" + os.path.join(os.path.abspath(pg_dir), f"pginit_{attempt}")
+        dist.init_process_group("gloo", init_method=init, rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=timedelta(seconds=120))
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     world, rank = dist.get_world_size(), dist.get_rank()
     cfg = check_config(TrainLMConfig(nproc=world, **a))
     t0 = time.perf_counter()
