@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = "benchmarks/results"
 #: the documentation files that may hold generated sections
-DOC_FILES = ["README.md", "docs/training.md", "docs/export.md", "docs/format.md"]
+DOC_FILES = ["README.md", "docs/training.md", "docs/export.md", "docs/format.md", "docs/distributed.md"]
 SECTION = re.compile(
     r"<!-- report:(?P<name>[a-z0-9-]+) -->(?P<body>.*?)<!-- /report:(?P=name) -->", re.S
 )
@@ -949,6 +949,35 @@ def gpu_check(r: Results) -> str:
     return "\n\n".join(text)
 
 
+def distributed_table(r: Results) -> str:
+    """Communication schemes on 2 gloo ranks, dense and RigL 90% (distributed.json)."""
+    d = r("distributed")
+    rows, t, meta = d["rows"], d["targets"], d["_meta"]
+    out = ["| comm | method | eval loss | loss / DDP | bytes sent per rank | bytes / DDP | wall s |",
+           "|---|---|---|---|---|---|---|"]
+    for x in rows:
+        out.append(f"| {x['comm']} | {'RigL 90%' if x['method'] == 'rigl' else 'dense'} | {x['final_eval_loss']:.3f} | "
+                   f"{x['loss_vs_ddp']:.3f} | {x['bytes_sent_per_rank']:,} | {x['bytes_vs_ddp']:.4f} | {x['seconds']:.0f} |")
+    cfg = meta.get("model_config", {})
+
+    def verdict(key: str) -> str:
+        return "met" if t[key]["met"] else "**missed**"
+
+    out += ["", (
+        f"{cfg.get('steps')} steps per rank, {cfg.get('batch')} windows of {cfg.get('seq_len')} bytes per rank per step, "
+        f"AdamW lr {cfg.get('lr'):g} (the inner optimizer of DiLoCo/SparseLoCo, H = {meta.get('h')}); a 2-layer "
+        f"byte-level Llama (hidden {cfg.get('hidden')}); eval loss = nats per byte on the evaluation half. Targets: "
+        f"SparseLoCo ≤ 3% of DDP's bytes with loss within 5% — dense {verdict('sparseloco_none')} "
+        f"({100 * t['sparseloco_none']['bytes_vs_ddp']:.2f}% of the bytes, loss ×{t['sparseloco_none']['loss_vs_ddp']:.3f}), "
+        f"RigL {verdict('sparseloco_rigl')} ({100 * t['sparseloco_rigl']['bytes_vs_ddp']:.2f}%, "
+        f"×{t['sparseloco_rigl']['loss_vs_ddp']:.3f}); top-k 1% within 5% of DDP — dense {verdict('topk_none')} "
+        f"(×{t['topk_none']['loss_vs_ddp']:.3f}), RigL {verdict('topk_rigl')} (×{t['topk_rigl']['loss_vs_ddp']:.3f}); "
+        f"RigL's masks identical on every rank at every update: {verdict('rigl_masks_identical')} "
+        f"({t['rigl_masks_identical']['checks']} checks). Wall times ran beside other work (see the load average). "
+        + provenance_note(f"{RESULTS_DIR}/distributed.json", d))]
+    return "\n".join(out)
+
+
 GENERATORS: dict[str, Callable[[Results], str]] = {
     "oneshot-setup": oneshot_setup,
     "oneshot-table": oneshot_table,
@@ -972,6 +1001,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "inference-shared": inference_shared,
     "inference-decode": inference_decode,
     "gpu-check": gpu_check,
+    "distributed-table": distributed_table,
 }
 
 

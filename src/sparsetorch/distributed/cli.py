@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
         update_every: int = typer.Option(25, "--update-every", help="Steps between mask updates (rigl, set, snfs)."),
         seed: int = typer.Option(0, "--seed"),
         timeout: float = typer.Option(1800.0, "--timeout", help="Kill the run after this many seconds."),
+        checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (0: never)."),
+        checkpoint_dir: Path | None = typer.Option(None, "--checkpoint-dir", help="Per-rank checkpoints go here."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint, if there is one."),
         json_path: Path | None = typer.Option(None, "--json", help="Write the run's JSON here."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     ) -> None:
@@ -35,7 +38,9 @@ def register(app: typer.Typer) -> None:
 
         cfg = check_config(TrainLMConfig(nproc=nproc, comm=comm, method=method, sparsity=sparsity, steps=steps,
                                          seq_len=seq_len, batch=batch, lr=lr, update_every=update_every, seed=seed,
-                                         timeout_s=timeout))
+                                         timeout_s=timeout, checkpoint_every=checkpoint_every,
+                                         checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
+                                         resume=resume))
         if json_path is not None:
             check_output_file(json_path, overwrite=overwrite)
         result = train_lm(cfg)
