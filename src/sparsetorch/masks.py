@@ -35,6 +35,13 @@ class SparsityStats:
         self.overall = sum(self.zeros.values()) / total if total else 0.0
 
 
+def _whole(t: Tensor) -> Tensor:
+    """The whole tensor of a DTensor (a mask or weight sharded by FSDP2; collective), else ``t``."""
+    if type(t).__name__ == "DTensor" and hasattr(t, "full_tensor"):
+        return t.full_tensor()
+    return t
+
+
 class MaskSet:
     """Boolean masks keyed by parameter name, each with the pattern it must satisfy."""
 
@@ -199,8 +206,9 @@ class MaskSet:
 
     # ------------------------------------------------------------------ reporting
     def sparsity(self) -> SparsityStats:
-        """Fraction of pruned entries per layer and overall, from the masks."""
-        zeros = {n: int((~m).sum()) for n, m in self.masks.items()}
+        """Fraction of pruned entries per layer and overall, from the masks (whole tensors, also
+        for masks sharded across ranks as DTensors: every rank gets the same numbers)."""
+        zeros = {n: int((~_whole(m)).sum()) for n, m in self.masks.items()}
         numel = {n: m.numel() for n, m in self.masks.items()}
         return SparsityStats({n: zeros[n] / max(numel[n], 1) for n in zeros}, zeros, numel)
 
@@ -217,7 +225,8 @@ class MaskSet:
         Raises :class:`MaskError` naming the first offending tensor and position.
         """
         for name, p in self._params(model).items():
-            m = self.masks[name].to(p.device)
+            p, m = _whole(p), _whole(self.masks[name])  # sharded (FSDP2): check the whole tensor
+            m = m.to(p.device)
             bad = (p != 0) & ~m
             if bool(bad.any()):
                 pos = tuple(torch.nonzero(bad)[0].tolist())
@@ -235,7 +244,7 @@ class MaskSet:
         """Masks (bool tensors on CPU) and pattern names; plain data, no pickled objects."""
         return {
             "version": FORMAT_VERSION,
-            "masks": {n: m.cpu().clone() for n, m in self.masks.items()},
+            "masks": {n: _whole(m).cpu().clone() for n, m in self.masks.items()},
             "patterns": {n: str(p) for n, p in self.patterns.items()},
         }
 
@@ -255,7 +264,7 @@ class MaskSet:
         from safetensors.torch import save_file
 
         meta = {"sparsetorch_masks": json.dumps({"version": FORMAT_VERSION, "patterns": {n: str(p) for n, p in self.patterns.items()}})}
-        tensors = {n: m.cpu().contiguous() for n, m in self.masks.items()}
+        tensors = {n: _whole(m).cpu().contiguous() for n, m in self.masks.items()}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
 

@@ -9,6 +9,8 @@
   :func:`register_allreduce_counter` is DDP's default all-reduce with the same accounting.
 * :class:`OuterLoop` — DiLoCo (outer Nesterov SGD on all-reduced pseudo-gradients) and
   SparseLoCo (chunked top-k + error feedback + 2-bit values) every ``H`` inner steps.
+* :func:`shard_masks`, :func:`save_sharded`, :func:`load_sharded` — masks under FSDP2, placed
+  like their parameters, saved and resharded with DCP (2 → 3 ranks tested).
 * :func:`run_local` — run a function on N local processes in a gloo group, with hard timeouts
   (the launcher of ``sparsetorch train-lm --nproc`` and of the tests; ``torchrun`` for real runs).
 
@@ -17,6 +19,7 @@ See ``docs/distributed.md``.
 
 from __future__ import annotations
 
+from .fsdp import load_sharded, save_sharded, shard_masks
 from .hooks import TopKState, register_allreduce_counter, register_topk, topk_hook
 from .launch import run_local
 from .masks import broadcast_masks, mask_digest, mask_digests, verify_consistent
@@ -36,4 +39,7 @@ __all__ = [
     "register_topk",
     "register_allreduce_counter",
     "OuterLoop",
+    "shard_masks",
+    "save_sharded",
+    "load_sharded",
 ]
