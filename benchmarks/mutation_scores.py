@@ -152,8 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     tests = [t for m in mods for t in MODULES[m][1]]
     if not a.report_only:
         prepare(a.workdir, files, tests)
+        # one OpenMP thread: mutmut forks a worker per mutant from a process where torch has
+        # started its thread pool, and libgomp is not fork-safe; measured here, the workers then
+        # hung on a futex at 0% CPU (mutmut's CPU-time limit never fires), ~10x slower overall
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         subprocess.run([_mutmut(), "run", "--max-children", str(a.max_children)], cwd=a.workdir,
-                       stdout=subprocess.DEVNULL, check=False)
+                       stdout=subprocess.DEVNULL, check=False, env=env)
     table = score(results(a.workdir), mods)
     print(f"{'module':<20} {'mutants':>7} {'killed':>7} {'timeout':>7} {'survived':>8} {'no tests':>8} "
           f"{'equiv':>5} {'score':>7}  target {TARGET:.0%}")
