@@ -771,7 +771,16 @@ def finetune_kd_vs_ce(r: Results) -> str:
             marks = ", ".join(f"{m[0] / 60:g} min {ppl(m[3])}" for m in d["marks"])
             parts.append(f"the dense model fine-tuned with CE the same way (the domain shift alone): E16 "
                          f"{ppl(d['ppl_e16_before'])} → {marks}")
-    return ". ".join(parts) + " (" + entries_note(f"{RESULTS_DIR}/finetune_llm_kd_vs_ce.json", e).rstrip(".") + ")"
+    note = " (" + entries_note(f"{RESULTS_DIR}/finetune_llm_kd_vs_ce.json", e).rstrip(".") + ")"
+    mix_path = r.root / r.path("finetune_llm_mix")
+    if mix_path.is_file():  # a weighted sum of the two, same start, schedule and protocol
+        mix = {k: v for k, v in r("finetune_llm_mix").items() if not k.startswith("_")}
+        for x in mix.values():
+            marks = ", ".join(f"{m[0] / 60:g} min {ppl(m[3])} ({m[1]} steps)" for m in x["marks"])
+            parts.append(f"{x['loss']} on {x['start']}, one {x['budget_s'] / 60:g}-min schedule: E16 "
+                         f"{ppl(x['ppl_e16_before'])} → {marks}")
+        note += " (" + entries_note(f"{RESULTS_DIR}/finetune_llm_mix.json", mix).rstrip(".") + ")"
+    return ". ".join(parts) + note
 
 
 def finetune_bf16(r: Results) -> str:

@@ -207,7 +207,8 @@ class OuterLoop:
         """Restart the pseudo-gradient from the current parameters after the masks changed
         (call on every rank right after an outer step's mask update): ``θ_start`` and the outer
         parameters become the current weights, and the outer momentum of pruned positions is
-        cleared, so a weight grown later does not inherit the momentum of the one dropped."""
+        cleared (and SparseLoCo's error feedback there), so a weight grown later does not inherit
+        what the dropped one left."""
         for op, (n, p) in zip(self.outer_params, self.params.items()):
             self.start[n].copy_(p)
             op.data.copy_(p)
@@ -215,6 +216,8 @@ class OuterLoop:
             buf = self.outer_opt.state.get(op, {}).get("momentum_buffer")
             if live is not None and buf is not None:
                 buf.masked_fill_(~live.to(buf.device), 0)
+            if live is not None and n in self.errors:  # SparseLoCo: no stale residual on pruned positions
+                self.errors[n].masked_fill_(~live.to(self.errors[n].device), 0)
 
     def _live(self, n: str) -> Tensor | None:
         return self.masks[n] if self.masks is not None and n in self.masks else None

@@ -170,6 +170,14 @@ def build_model(cfg: TrainLMConfig) -> nn.Module:
     return LlamaForCausalLM(conf)
 
 
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's option that turns off the per-forward buffer broadcast (renamed in torch 2.13)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 class _Counter:
     bytes_sent: int = 0
     state: Any = None
@@ -267,7 +275,9 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
     state: Any = None
     outer = None
     if kind in ("ddp", "topk", "powersgd"):
-        net = nn.parallel.DistributedDataParallel(model)
+        # no buffer broadcast: the model's only buffers (rotary frequencies) are the same on
+        # every rank by construction, and every byte exchanged is then one that is counted
+        net = nn.parallel.DistributedDataParallel(model, **_no_buffer_sync())
         if kind == "ddp":
             state = register_allreduce_counter(net)
         elif kind == "topk":
