@@ -92,3 +92,50 @@ def test_masks_shard_train_save_on_2_and_reload_on_3_ranks(tmp_path: Path) -> No
             assert torch.equal(r["masks"][n], full[n])
         for n, w in two[0]["weights"].items():
             assert torch.equal(r["weights"][n], w)
+
+
+def _dst_fsdp(rank: int, world: int, method: str) -> dict:
+    """RigL/SET under FSDP2: the same model, batches and settings as the DDP definition test."""
+    from test_ddp_masks import STEPS, _batch, _method
+    from test_ddp_masks import _model as ddp_model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from sparsetorch.distributed import attach, mask_digests, verify_consistent
+
+    model = ddp_model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = _method(method)
+    attach(sp, model, opt, data=[_batch(-1, rank)])
+    digests = [mask_digests(sp.masks).tolist()]
+    for step in range(STEPS):
+        x, y = _batch(step, rank)
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        if sp.step():
+            verify_consistent(sp.masks)
+            digests.append(mask_digests(sp.masks).tolist())
+    sp.masks.verify(model)
+    return {"digests": digests, "sharded": type(next(iter(sp.masks.masks.values()))).__name__,
+            "params": {n: p.full_tensor().clone() for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("method", ["rigl", "set"])
+def test_dst_under_fsdp2_equals_one_process_on_the_union_of_the_batches(method: str) -> None:
+    """Definition (as for DDP): FSDP2's reduce-scattered gradient is the union's gradient, and
+    drop/grow rank whole layers (shards gathered on update steps only)."""
+    from test_ddp_masks import _train
+
+    two = run_local(_dst_fsdp, 2, (method,), timeout_s=150)
+    one = _train(method, False, 1, 0)
+    assert two[0]["sharded"] == "DTensor"
+    assert two[0]["digests"] == two[1]["digests"] == one["digests"]
+    assert len({tuple(d) for d in one["digests"]}) > 2  # the masks did change
+    for n, p in one["params"].items():
+        torch.testing.assert_close(two[0]["params"][n], p, rtol=1e-10, atol=1e-12)

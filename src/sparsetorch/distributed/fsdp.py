@@ -13,9 +13,9 @@ DCP: one file per rank plus metadata, readable by another world size (2 → 3 te
 masks come back identical.
 
 Build the full masks identically on every rank (a seeded rule, or after
-:func:`~.masks.broadcast_masks`) *before* sharding. Training methods that change masks
-(RigL, SET ...) do not run under FSDP2 yet: their scores would need the whole tensors
-(``full_tensor()``) on update steps.
+:func:`~.masks.broadcast_masks`) *before* sharding. RigL and SET run under FSDP2 through
+:func:`~.sparsifier.attach` (masks placed like the parameters; update steps gather whole
+layers); SNFS does not (FSDP2 bypasses its gradient hook).
 """
 
 from __future__ import annotations

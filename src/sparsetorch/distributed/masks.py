@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import DistributedError
-from ..masks import MaskSet
+from ..masks import MaskSet, _whole
 
 __all__ = ["mask_digest", "mask_digests", "verify_consistent", "broadcast_masks"]
 
@@ -29,7 +29,7 @@ def mask_digest(name: str, mask: Tensor) -> int:
     h = hashlib.blake2b(digest_size=8)
     h.update(name.encode("utf-8"))
     h.update(repr(tuple(mask.shape)).encode("ascii"))
-    h.update(np.packbits(mask.detach().to("cpu", torch.bool).numpy().reshape(-1)).tobytes())
+    h.update(np.packbits(_whole(mask.detach()).to("cpu", torch.bool).numpy().reshape(-1)).tobytes())
     return int.from_bytes(h.digest(), "little", signed=True)
 
 
@@ -80,9 +80,9 @@ def verify_consistent(masks: MaskSet, group: dist.ProcessGroup | None = None) ->
         return
     rank, idx = int(differ[0, 0]), int(differ[0, 1])
     name = masks.names()[idx]
-    ref = masks[name].detach().to("cpu", torch.uint8).clone()
+    ref = _whole(masks[name].detach()).to("cpu", torch.uint8).clone()
     dist.broadcast(ref, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-    mine = torch.tensor([int((masks[name].detach().to("cpu", torch.uint8) != ref).sum())], dtype=torch.int64)
+    mine = torch.tensor([int((_whole(masks[name].detach()).to("cpu", torch.uint8) != ref).sum())], dtype=torch.int64)
     counts = _all_gather_int64(mine, group)[:, 0]
     n_tensors = int((table != table[0]).any(0).sum())
     n_ranks = int((table != table[0]).any(1).sum())
@@ -98,11 +98,16 @@ def broadcast_masks(masks: MaskSet, src: int = 0, group: dist.ProcessGroup | Non
     """Overwrite every rank's masks with rank ``src``'s (collective); returns the names that changed
     on this rank. The caller zeroes the weights the new masks prune (``MaskSet.rezero``)."""
     changed = []
-    for name, m in masks.items():
-        buf = m.detach().to("cpu", torch.uint8).clone()
+    for name, m in list(masks.items()):
+        whole = _whole(m.detach())
+        buf = whole.to("cpu", torch.uint8).clone()
         dist.broadcast(buf, src=src, group=group)
-        new = buf.to(device=m.device, dtype=torch.bool)
-        if not torch.equal(new, m):
+        new = buf.to(device=whole.device, dtype=torch.bool)
+        if not torch.equal(new, whole):
+            if type(m).__name__ == "DTensor":  # keep the mask sharded like before (FSDP2)
+                from torch.distributed.tensor import distribute_tensor
+
+                new = distribute_tensor(new, m.device_mesh, m.placements)
             masks.set(name, new)
             changed.append(name)
     return changed

@@ -43,6 +43,8 @@ def all_reduce_mean(group: dist.ProcessGroup | None = None) -> Callable[[Tensor]
     """
 
     def average(t: Tensor) -> Tensor:
+        if type(t).__name__ == "DTensor":  # FSDP2: a shard of an already averaged gradient
+            return t
         out = t.detach().clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
         return out.div_(dist.get_world_size(group))

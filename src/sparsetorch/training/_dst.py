@@ -14,6 +14,7 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import MethodError
+from ..masks import _whole
 from ..patterns import n_pruned, topk_mask
 from ..schedules import CosineDecay
 from .base import Sparsifier, check_steps
@@ -82,14 +83,16 @@ class DynamicSparsifier(Sparsifier):
         f = self.fraction(step)
         assert self.masks is not None
         for name, p in self.params.items():
-            old = self.masks[name]
+            # whole tensors (FSDP2 shards are gathered: a collective, on update steps only), so
+            # every rank ranks the same numbers and a layer's top-k is over the whole layer
+            old = _whole(self.masks[name])
             nnz = int(old.sum())
             k = n_pruned(f, nnz)  # floor(f * nnz), robust to float round-off (shared count rule)
             if k <= 0 or nnz == old.numel():
                 continue
-            drop_score = p.detach().abs().float().masked_fill(~old, float("-inf"))
+            drop_score = _whole(p.detach()).abs().float().masked_fill(~old, float("-inf"))
             kept = topk_mask(drop_score.reshape(-1), nnz - k).reshape(old.shape)
-            g = self.grow_scores(name, p).float().masked_fill(kept, float("-inf"))
+            g = _whole(self.grow_scores(name, p)).float().masked_fill(kept, float("-inf"))
             grow = topk_mask(g.reshape(-1), k).reshape(old.shape)
             self._set_mask(name, kept | grow)
         self._after_update()

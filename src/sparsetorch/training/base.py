@@ -84,6 +84,27 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
     raise MethodError("data batches must be (inputs, targets) pairs or dicts with 'x'/'y'.")
 
 
+def _is_sharded(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "device_mesh")
+
+
+def _like(t: Tensor, p: Tensor) -> Tensor:
+    """``t`` (a whole tensor, the same on every rank) placed like parameter ``p``: a DTensor on
+    p's mesh with p's placements when p is sharded by FSDP2 (collective), else ``t`` itself."""
+    if _is_sharded(t) or not _is_sharded(p):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(p.to_local().device), p.device_mesh, p.placements)
+
+
+def _placed(masks: MaskSet, params: Mapping[str, Tensor]) -> MaskSet:
+    """``masks`` with every mask placed like its parameter (see :func:`_like`)."""
+    if not any(_is_sharded(p) for p in params.values()):
+        return masks
+    return MaskSet({n: _like(m, params[n]) for n, m in masks.items()}, dict(masks.patterns))
+
+
 def _local(t: Tensor) -> Tensor:
     """One process: a statistic is already the average over all the data seen."""
     return t
@@ -172,9 +193,11 @@ class Sparsifier:
         self.params = select(model, self.targets, self.ignore)
         self.params = self._filter_params(self.params)
         with torch.no_grad():
-            self.masks = self._initial_masks(data)
-        self._enforce()
+            self.masks = _placed(self._initial_masks(data), self.params)
+        # the method's hooks first: a post-accumulate hook of its own (RigL under FSDP2) must see
+        # the gradient before MaskSet's hook masks it
         self._install_hooks()
+        self._enforce()
         self._record()
         return self.masks
 
@@ -326,6 +349,7 @@ class Sparsifier:
         """
         assert self.masks is not None
         p = self.params[name]
+        new = _like(new, p)
         old = self.masks[name]
         grown = new & ~old
         p.masked_fill_(~new, 0)

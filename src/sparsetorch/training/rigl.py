@@ -46,7 +46,14 @@ class RigL(DynamicSparsifier):
                     else:
                         buf.add_(grad.detach())
 
-            self._handles.append(p.register_hook(hook))
+            if type(p).__name__ == "DTensor":
+                # FSDP2 assigns the reduce-scattered (already averaged) shard to .grad without
+                # autograd accumulation, so a tensor hook never fires; this one runs before
+                # MaskSet's (attach installs the method's hooks first) and sees it unmasked
+                self._handles.append(p.register_post_accumulate_grad_hook(
+                    lambda param, _name=name: hook(param.grad, _name) if param.grad is not None else None))
+            else:
+                self._handles.append(p.register_hook(hook))
 
     def grow_scores(self, name: str, param: Tensor) -> Tensor:
         g = self._dense_grad.get(name)
