@@ -6,9 +6,10 @@ joins a ``gloo`` group through a fresh ``file://`` rendezvous (never a port that
 may hold), with a process-group timeout of seconds rather than torch's default 30 minutes, and
 the whole run is killed when it outlives ``timeout_s``. It never hangs.
 
-Each rank's return value comes back as bytes written by ``torch.save`` and read with
-``torch.load(weights_only=True)``: tensors, numbers, strings, None and lists/tuples/dicts of them
-(tensors are copied, not shared: the process that made them may be gone by then). Results leave
+Each rank's return value comes back as safetensors bytes plus a JSON tree (the encoding of
+:mod:`sparsetorch.statefile`; no pickle of tensors or objects): tensors, numbers, strings, None
+and lists/tuples/dicts of them (tensors are copied, not shared: the process that made them may
+be gone by then). Results leave
 the process before the process group is torn down (torch 2.13 sometimes aborts at exit after a
 finished gloo run; that must not lose a result).
 """
@@ -16,7 +17,6 @@ finished gloo run; that must not lose a result).
 from __future__ import annotations
 
 import gc
-import io
 import os
 import queue
 import shutil
@@ -41,6 +41,34 @@ def init_method_file(folder: str) -> str:
     return "file://" + os.path.join(os.path.abspath(folder), "pg_init")
 
 
+def _encode(result: Any) -> tuple[bytes, str] | str:
+    """``(safetensors bytes, JSON tree)`` of a result; an error text if it holds another type."""
+    import json
+
+    from safetensors.torch import save
+
+    from ..statefile import flatten_state
+
+    try:
+        tensors, tree = flatten_state(result)
+    except TypeError as exc:
+        return str(exc)
+    return save(tensors), json.dumps(tree)
+
+
+def _decode(value: tuple[bytes, str] | str) -> Any:
+    import json
+
+    from safetensors.torch import load
+
+    from ..statefile import unflatten_state
+
+    if isinstance(value, str):
+        raise TypeError(value)
+    data, tree = value
+    return unflatten_state(load(data), json.loads(tree), source="a rank's result")
+
+
 def _worker(fn: Callable[..., Any], rank: int, world: int, init: str, args: Sequence[Any], out: Any,
             backend: str, pg_timeout_s: float, threads: int) -> None:
     try:
@@ -48,9 +76,7 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, init: str, args: Sequ
         dist.init_process_group(backend, init_method=init, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=pg_timeout_s))
         result = fn(rank, world, *args)
-        buf = io.BytesIO()
-        torch.save(result, buf)
-        out.put(("ok", rank, buf.getvalue()))
+        out.put(("ok", rank, _encode(result)))
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, which raises
         out.put(("error", rank, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-4000:]}"))
     finally:
@@ -132,7 +158,7 @@ def run_local(
                 continue
             if status == "ok":
                 try:
-                    results[rank] = torch.load(io.BytesIO(value), weights_only=True)
+                    results[rank] = _decode(value)
                 except Exception as exc:  # noqa: BLE001 - a result type outside the safe set
                     errors[rank] = f"its result could not be read back ({type(exc).__name__}: {exc}); return tensors, numbers, strings and lists/dicts of them."
             else:
