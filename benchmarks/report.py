@@ -959,8 +959,17 @@ def gpu_check(r: Results) -> str:
 
 
 def distributed_table(r: Results) -> str:
-    """Communication schemes on 2 gloo ranks, dense and RigL 90% (distributed.json)."""
-    d = r("distributed")
+    """Communication schemes on 2 gloo ranks, dense and RigL 90% (distributed.json), then the
+    same at a shorter H when distributed_h5.json exists."""
+    text = _distributed_one(r, "distributed")
+    if (r.root / r.path("distributed_h5")).is_file():
+        text += "\n\nThe same run with H = 5 (DiLoCo and SparseLoCo sync four times as often):\n\n"
+        text += _distributed_one(r, "distributed_h5")
+    return text
+
+
+def _distributed_one(r: Results, name: str) -> str:
+    d = r(name)
     rows, t, meta = d["rows"], d["targets"], d["_meta"]
     out = ["| comm | method | eval loss | loss / DDP | bytes sent per rank | bytes / DDP | wall s |",
            "|---|---|---|---|---|---|---|"]
@@ -983,7 +992,7 @@ def distributed_table(r: Results) -> str:
         f"(×{t['topk_none']['loss_vs_ddp']:.3f}), RigL {verdict('topk_rigl')} (×{t['topk_rigl']['loss_vs_ddp']:.3f}); "
         f"RigL's masks identical on every rank at every update: {verdict('rigl_masks_identical')} "
         f"({t['rigl_masks_identical']['checks']} checks). Wall times ran beside other work (see the load average). "
-        + provenance_note(f"{RESULTS_DIR}/distributed.json", d))]
+        + provenance_note(f"{RESULTS_DIR}/{name}.json", d))]
     return "\n".join(out)
 
 
