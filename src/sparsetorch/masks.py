@@ -35,11 +35,24 @@ class SparsityStats:
         self.overall = sum(self.zeros.values()) / total if total else 0.0
 
 
+def _is_sharded(t: Tensor) -> bool:
+    """Whether ``t`` is a DTensor (a mask or weight sharded by FSDP2)."""
+    return type(t).__name__ == "DTensor" and hasattr(t, "device_mesh")
+
+
 def _whole(t: Tensor) -> Tensor:
-    """The whole tensor of a DTensor (a mask or weight sharded by FSDP2; collective), else ``t``."""
-    if type(t).__name__ == "DTensor" and hasattr(t, "full_tensor"):
-        return t.full_tensor()
-    return t
+    """The whole tensor of a DTensor (collective), else ``t``."""
+    return t.full_tensor() if _is_sharded(t) else t
+
+
+def _place_like(t: Tensor, p: Tensor) -> Tensor:
+    """``t`` (a whole tensor, the same on every rank) placed like ``p``: a DTensor on p's mesh
+    with p's placements when p is sharded (collective), else ``t`` itself."""
+    if _is_sharded(t) or not _is_sharded(p):
+        return t
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(t.to(p.to_local().device), p.device_mesh, p.placements)
 
 
 class MaskSet:

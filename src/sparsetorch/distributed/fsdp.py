@@ -27,13 +27,9 @@ import torch
 from torch import nn
 
 from ..errors import DistributedError
-from ..masks import MaskSet
+from ..masks import MaskSet, _place_like
 
 __all__ = ["shard_masks", "save_sharded", "load_sharded"]
-
-
-def _is_dtensor(t: Any) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "device_mesh")
 
 
 def shard_masks(masks: MaskSet, model: nn.Module) -> MaskSet:
@@ -43,8 +39,6 @@ def shard_masks(masks: MaskSet, model: nn.Module) -> MaskSet:
     keeps a plain mask. Raises :class:`~sparsetorch.errors.DistributedError` when a mask names
     no parameter or its shape differs from the parameter's whole shape.
     """
-    from torch.distributed.tensor import distribute_tensor
-
     params = dict(model.named_parameters())
     out = {}
     for name, m in masks.items():
@@ -55,13 +49,7 @@ def shard_masks(masks: MaskSet, model: nn.Module) -> MaskSet:
         if tuple(p.shape) != tuple(m.shape):
             raise DistributedError(f"mask {name!r} has shape {tuple(m.shape)}, the parameter's whole shape is "
                                    f"{tuple(p.shape)}.")
-        if _is_dtensor(m):
-            out[name] = m
-        elif _is_dtensor(p):
-            out[name] = distribute_tensor(m.detach().to(torch.bool).to(p.to_local().device), p.device_mesh,
-                                          p.placements)
-        else:
-            out[name] = m
+        out[name] = _place_like(m.detach().to(torch.bool), p)
     return MaskSet(out, dict(masks.patterns))
 
 

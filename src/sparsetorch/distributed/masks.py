@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ..errors import DistributedError
-from ..masks import MaskSet, _whole
+from ..masks import MaskSet, _place_like, _whole
 
 __all__ = ["mask_digest", "mask_digests", "verify_consistent", "broadcast_masks"]
 
@@ -104,10 +104,6 @@ def broadcast_masks(masks: MaskSet, src: int = 0, group: dist.ProcessGroup | Non
         dist.broadcast(buf, src=src, group=group)
         new = buf.to(device=whole.device, dtype=torch.bool)
         if not torch.equal(new, whole):
-            if type(m).__name__ == "DTensor":  # keep the mask sharded like before (FSDP2)
-                from torch.distributed.tensor import distribute_tensor
-
-                new = distribute_tensor(new, m.device_mesh, m.placements)
-            masks.set(name, new)
+            masks.set(name, _place_like(new, m))  # a sharded mask stays sharded (FSDP2)
             changed.append(name)
     return changed

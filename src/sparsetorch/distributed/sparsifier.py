@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import DistributedError
-from ..masks import MaskSet
+from ..masks import MaskSet, _is_sharded
 from .masks import broadcast_masks, verify_consistent
 
 __all__ = ["attach", "all_reduce_mean"]
@@ -43,7 +43,7 @@ def all_reduce_mean(group: dist.ProcessGroup | None = None) -> Callable[[Tensor]
     """
 
     def average(t: Tensor) -> Tensor:
-        if type(t).__name__ == "DTensor":  # FSDP2: a shard of an already averaged gradient
+        if _is_sharded(t):  # FSDP2: a shard of an already averaged gradient
             return t
         out = t.detach().clone()
         dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .. import allocation as alloc
 from ..errors import MethodError, SparsityValueError, check_sparsity, close_matches
-from ..masks import MaskSet
+from ..masks import MaskSet, _is_sharded, _place_like
 from ..patterns import n_pruned, topk_mask
 from ..targets import select
 
@@ -84,25 +84,11 @@ def _unpack(batch: Any) -> tuple[Any, Any]:
     raise MethodError("data batches must be (inputs, targets) pairs or dicts with 'x'/'y'.")
 
 
-def _is_sharded(t: Tensor) -> bool:
-    return type(t).__name__ == "DTensor" and hasattr(t, "device_mesh")
-
-
-def _like(t: Tensor, p: Tensor) -> Tensor:
-    """``t`` (a whole tensor, the same on every rank) placed like parameter ``p``: a DTensor on
-    p's mesh with p's placements when p is sharded by FSDP2 (collective), else ``t`` itself."""
-    if _is_sharded(t) or not _is_sharded(p):
-        return t
-    from torch.distributed.tensor import distribute_tensor
-
-    return distribute_tensor(t.to(p.to_local().device), p.device_mesh, p.placements)
-
-
 def _placed(masks: MaskSet, params: Mapping[str, Tensor]) -> MaskSet:
-    """``masks`` with every mask placed like its parameter (see :func:`_like`)."""
+    """``masks`` with every mask placed like its parameter (FSDP2 shards; see ``_place_like``)."""
     if not any(_is_sharded(p) for p in params.values()):
         return masks
-    return MaskSet({n: _like(m, params[n]) for n, m in masks.items()}, dict(masks.patterns))
+    return MaskSet({n: _place_like(m, params[n]) for n, m in masks.items()}, dict(masks.patterns))
 
 
 def _local(t: Tensor) -> Tensor:
@@ -349,7 +335,7 @@ class Sparsifier:
         """
         assert self.masks is not None
         p = self.params[name]
-        new = _like(new, p)
+        new = _place_like(new, p)
         old = self.masks[name]
         grown = new & ~old
         p.masked_fill_(~new, 0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import MethodError
+from ..masks import _is_sharded
 from ._dst import DynamicSparsifier
 from .base import register_method
 
@@ -46,7 +47,7 @@ class RigL(DynamicSparsifier):
                     else:
                         buf.add_(grad.detach())
 
-            if type(p).__name__ == "DTensor":
+            if _is_sharded(p):
                 # FSDP2 assigns the reduce-scattered (already averaged) shard to .grad without
                 # autograd accumulation, so a tensor hook never fires; this one runs before
                 # MaskSet's (attach installs the method's hooks first) and sees it unmasked
