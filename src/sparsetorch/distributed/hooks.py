@@ -117,6 +117,20 @@ class TopKState:
         if self.value_dtype not in _VALUE_DTYPES:
             raise DistributedError(f"value_dtype must be one of {_VALUE_DTYPES}, got {self.value_dtype}.")
 
+    def state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """Counters, residuals and velocities keyed by ``model``'s parameter names (checkpoints)."""
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {"iteration": self.iteration, "bytes_sent": self.bytes_sent,
+                "residuals": {names[k]: v.clone() for k, v in self.residuals.items()},
+                "velocities": {names[k]: v.clone() for k, v in self.velocities.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any], model: nn.Module) -> None:
+        """Restore :meth:`state_dict` output onto ``model``'s parameters."""
+        by_name = dict(model.named_parameters())
+        self.iteration, self.bytes_sent = int(state["iteration"]), int(state["bytes_sent"])
+        self.residuals = {id(by_name[n]): t for n, t in state["residuals"].items()}
+        self.velocities = {id(by_name[n]): t for n, t in state["velocities"].items()}
+
     def density_at(self, step: int) -> float:
         """The density used at optimizer step ``step`` (0-based), warm-up included."""
         if step < self.warmup_steps:
@@ -219,6 +233,13 @@ class CountingState:
     bytes_last_step: int = 0
     _step_bytes: int = 0
 
+    def state_dict(self, model: nn.Module | None = None) -> dict[str, Any]:
+        """The counters (checkpoints); ``model`` is unused, as in :meth:`TopKState.state_dict`."""
+        return {"iteration": self.iteration, "bytes_sent": self.bytes_sent}
+
+    def load_state_dict(self, state: Mapping[str, Any], model: nn.Module | None = None) -> None:
+        self.iteration, self.bytes_sent = int(state["iteration"]), int(state["bytes_sent"])
+
 
 def allreduce_counting_hook(state: CountingState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
     """DDP's default behaviour (divide by W, all-reduce SUM), counting the bytes sent (the baseline)."""
@@ -241,10 +262,3 @@ def register_allreduce_counter(ddp_model: nn.parallel.DistributedDataParallel,
     ddp_model.register_comm_hook(state, allreduce_counting_hook)
     return state
 
-
-def residual_state(state: TopKState, names: Mapping[int, str]) -> dict[str, Tensor]:
-    """The residuals (and velocities) keyed by parameter name, for checkpoints: ``names`` maps
-    ``id(param)`` to its name (``{id(p): n for n, p in model.named_parameters()}``)."""
-    out = {f"residual.{names[k]}": v for k, v in state.residuals.items()}
-    out.update({f"velocity.{names[k]}": v for k, v in state.velocities.items()})
-    return out

@@ -258,8 +258,6 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
             kw["update_every"] = cfg.update_every
         sp = get_method(cfg.method, **kw)
         attach(sp, model, opt)
-    names = {id(p): n for n, p in model.named_parameters()}
-    by_name = {n: p for n, p in model.named_parameters()}
     start, tokens, checks, saved = 0, 0, 0, None
     if cfg.checkpoint_dir and cfg.resume:
         from .checkpoint import has_checkpoint, load_rank
@@ -287,7 +285,10 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
     else:
         outer = OuterLoop(model, kind, int(val), masks=sp.masks if sp is not None else None)
     if saved is not None:
-        _load_comm(saved["comm"], state, outer, by_name)
+        if outer is not None:
+            outer.load_state_dict(saved["comm"]["outer"])
+        else:
+            state.load_state_dict(saved["comm"], model)
     t0 = time.perf_counter()
     fault = os.environ.get(FAULT_ENV, "")
     for step in range(start, cfg.steps):
@@ -314,7 +315,7 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
             save_rank(cfg.checkpoint_dir, done, rank, {
                 "step": done, "tokens": tokens, "mask_checks": checks, "model": model.state_dict(),
                 "opt": opt.state_dict(), "sparsifier": sp.state_dict() if sp is not None else None,
-                "comm": _comm_state(state, outer, names)})
+                "comm": {"outer": outer.state_dict()} if outer is not None else state.state_dict(model)})
             commit(cfg.checkpoint_dir, done, world, _settings(cfg))
         if fault == f"{rank}:{done}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
             os._exit(3)  # a planted crash (tests): the first attempt of this rank dies here
@@ -330,28 +331,6 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
         out["sparsity"] = sp.sparsity_actual()
         sp.masks.verify(model)
     return out
-
-
-def _comm_state(state: Any, outer: Any, names: dict[int, str]) -> dict[str, Any]:
-    """What the communication scheme must carry over a restart (per rank)."""
-    if outer is not None:
-        return {"outer": outer.state_dict()}
-    out: dict[str, Any] = {"iteration": int(getattr(state, "iteration", 0)),
-                           "bytes_sent": int(getattr(state, "bytes_sent", 0))}
-    if hasattr(state, "residuals"):
-        out["residuals"] = {names[k]: v.clone() for k, v in state.residuals.items()}
-        out["velocities"] = {names[k]: v.clone() for k, v in state.velocities.items()}
-    return out
-
-
-def _load_comm(saved: dict[str, Any], state: Any, outer: Any, by_name: dict[str, nn.Parameter]) -> None:
-    if outer is not None:
-        outer.load_state_dict(saved["outer"])
-        return
-    state.iteration, state.bytes_sent = int(saved["iteration"]), int(saved["bytes_sent"])
-    if hasattr(state, "residuals"):
-        state.residuals = {id(by_name[n]): t for n, t in saved["residuals"].items()}
-        state.velocities = {id(by_name[n]): t for n, t in saved["velocities"].items()}
 
 
 def param_digest(model: nn.Module) -> str:
