@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from toy_mlp import STEPS, toy_batch, toy_model
 
 from sparsetorch.distributed import run_local
 from sparsetorch.distributed.hooks import (
@@ -26,21 +27,9 @@ from sparsetorch.distributed.hooks import (
 )
 from sparsetorch.errors import DistributedError
 
-STEPS = 6
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 4)).double()
-
-
-def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 * step + rank)
-    return torch.randn(8, 10, generator=g, dtype=torch.float64), torch.randn(8, 4, generator=g, dtype=torch.float64)
-
 
 def _run(rank: int, world: int, kind: str, **opts) -> dict:
-    model = _model()
+    model = toy_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     state = None
     applied: dict[str, torch.Tensor] = {}
@@ -67,7 +56,7 @@ def _run(rank: int, world: int, kind: str, **opts) -> dict:
         ddp.register_comm_hook(state, recording)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(STEPS):
-        x, y = _batch(step, rank)
+        x, y = toy_batch(step, rank)
         nn.functional.mse_loss(ddp(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -108,7 +97,7 @@ def ranks() -> list[dict]:
 
 
 def _sizes() -> list[int]:
-    return [p.numel() for p in _model().parameters()]
+    return [p.numel() for p in toy_model().parameters()]
 
 
 def test_counting_hook_is_ddp_default_bit_for_bit_and_counts_ring_bytes(ranks) -> None:
@@ -176,13 +165,13 @@ def test_state_options_are_checked_and_warmup_follows_dgc() -> None:
 
 def test_register_topk_refuses_a_plain_model() -> None:
     with pytest.raises(DistributedError, match="DistributedDataParallel"):
-        register_topk(_model(), 0.1)
+        register_topk(toy_model(), 0.1)
     with pytest.raises(DistributedError, match="density"):
-        register_topk(_model(), 2.0)
+        register_topk(toy_model(), 2.0)
 
 
 def _one_rank(rank: int, world: int) -> str:
-    ddp = nn.parallel.DistributedDataParallel(_model())
+    ddp = nn.parallel.DistributedDataParallel(toy_model())
     try:
         register_topk(ddp, 0.1)
     except DistributedError as exc:

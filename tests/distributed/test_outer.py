@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from toy_mlp import STEPS, toy_batch, toy_model
 
 from sparsetorch.distributed import run_local
 from sparsetorch.distributed.outer import (
@@ -26,18 +27,6 @@ from sparsetorch.distributed.outer import (
 from sparsetorch.errors import DistributedError
 from sparsetorch.masks import MaskSet
 
-STEPS = 6
-
-
-def _model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(10, 24), nn.Tanh(), nn.Linear(24, 4)).double()
-
-
-def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(100 * step + rank)
-    return torch.randn(8, 10, generator=g, dtype=torch.float64), torch.randn(8, 4, generator=g, dtype=torch.float64)
-
 
 def _masks(model: nn.Module) -> MaskSet:
     g = torch.Generator().manual_seed(7)  # the same on every rank
@@ -45,11 +34,11 @@ def _masks(model: nn.Module) -> MaskSet:
 
 
 def _ddp_sgd(rank: int, world: int) -> dict:
-    model = _model()
+    model = toy_model()
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(STEPS):
-        x, y = _batch(step, rank)
+        x, y = toy_batch(step, rank)
         nn.functional.mse_loss(ddp(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -57,7 +46,7 @@ def _ddp_sgd(rank: int, world: int) -> dict:
 
 
 def _outer(rank: int, world: int, method: str, masked: bool = False, **kw) -> dict:
-    model = _model()
+    model = toy_model()
     if rank == 1:  # replicas start different: the loop must broadcast rank 0's parameters
         with torch.no_grad():
             for p in model.parameters():
@@ -71,7 +60,7 @@ def _outer(rank: int, world: int, method: str, masked: bool = False, **kw) -> di
     pseudo = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
     masks_held, digests = True, []
     for step in range(STEPS):
-        x, y = _batch(step, rank)
+        x, y = toy_batch(step, rank)
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -139,7 +128,7 @@ def test_sparseloco_error_feedback_loses_nothing(ranks, key) -> None:
 
 
 def test_bytes_follow_from_the_layout(ranks) -> None:
-    model = _model()
+    model = toy_model()
     sizes = [p.numel() for p in model.parameters()]
     counts = [int(chunk_counts(n, 64, 8).sum()) for n in sizes]
     steps = STEPS // 2
@@ -185,7 +174,7 @@ def test_2bit_quantisation_decodes_to_bin_means() -> None:
 
 
 def test_bad_settings_are_typed_errors() -> None:
-    m = _model()
+    m = toy_model()
     for kw, msg in (({"method": "adam"}, "outer method"), ({"sync_every": 0}, "sync_every"),
                     ({"density": 0.0}, "density"), ({"chunk": 0}, "chunk"), ({"ef_decay": 2.0}, "ef_decay")):
         with pytest.raises(DistributedError, match=msg):
