@@ -94,13 +94,16 @@ def chunk_counts(numel: int, chunk: int, k: int, live: Tensor | None = None) -> 
     return want
 
 
-def chunk_topk(e: Tensor, chunk: int, k: int, live: Tensor | None = None) -> Tensor:
+def chunk_topk(e: Tensor, chunk: int, k: int, live: Tensor | None = None,
+               counts: Tensor | None = None) -> Tensor:
     """Flat indices, chunk by chunk in order, of the largest ``|e|`` in every run of ``chunk``
-    entries (:func:`chunk_counts` of them); with ``live``, only live entries are eligible."""
+    entries (:func:`chunk_counts` of them; pass ``counts`` when already computed); with ``live``,
+    only live entries are eligible."""
     x = e.detach().reshape(-1).abs().float().cpu()
     if live is not None:
         x = x.masked_fill(~live.reshape(-1).cpu(), -1.0)  # below every live |e|
-    counts = chunk_counts(x.numel(), chunk, k, live)
+    if counts is None:
+        counts = chunk_counts(x.numel(), chunk, k, live)
     out = []
     for c, cnt in enumerate(counts.tolist()):
         if cnt:
@@ -257,7 +260,8 @@ class OuterLoop:
         for n, d in deltas.items():
             e = self.errors[n]
             e.mul_(self.ef_decay).add_(d.to(e.dtype))
-            idx = chunk_topk(e, self.chunk, k, self._live(n))
+            counts = chunk_counts(d.numel(), self.chunk, k, self._live(n))
+            idx = chunk_topk(e, self.chunk, k, self._live(n), counts)
             vals = e.reshape(-1)[idx.to(e.device)]
             if self.quantize:
                 codes, table = quantize_2bit(vals)
@@ -268,7 +272,7 @@ class OuterLoop:
                 body = [sent.contiguous().view(torch.uint8)]
             e.view(-1)[idx.to(e.device)] -= sent.to(e.dtype).to(e.device)  # unsent (and rounding) stays
             parts += [(idx % self.chunk).to(torch.int16).view(torch.uint8), *body]
-            layout.append((n, d.numel(), chunk_counts(d.numel(), self.chunk, k, self._live(n))))
+            layout.append((n, d.numel(), counts))
         payload = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
         self.bytes_sent += ring_bytes("all_gather", payload.numel(), self.world)
         gathered = [torch.empty_like(payload) for _ in range(self.world)]

@@ -94,10 +94,10 @@ def parse_comm(spec: str) -> tuple[str, float]:
 
 def check_config(cfg: TrainLMConfig) -> TrainLMConfig:
     """Every setting checked before any process starts (typed errors that say what to do)."""
-    parse_comm(cfg.comm)
+    kind, h = parse_comm(cfg.comm)
     if int(cfg.nproc) < 1:
         raise DistributedError(f"--nproc must be at least 1, got {cfg.nproc}.")
-    if parse_comm(cfg.comm)[0] != "ddp" and int(cfg.nproc) < 2:
+    if kind != "ddp" and int(cfg.nproc) < 2:
         raise DistributedError(f"--comm {cfg.comm} exchanges between ranks: use --nproc 2 or more.")
     for name in ("steps", "seq_len", "batch", "hidden", "layers", "heads", "intermediate", "update_every"):
         if int(getattr(cfg, name)) < 1:
@@ -114,7 +114,6 @@ def check_config(cfg: TrainLMConfig) -> TrainLMConfig:
             raise MethodError(f"unknown training method {cfg.method!r}; available: none, {', '.join(sorted(METHODS))}.")
         if not (0.0 <= cfg.sparsity < 1.0):
             raise DistributedError(f"--sparsity must be in [0, 1), got {cfg.sparsity}.")
-    kind, h = parse_comm(cfg.comm)
     if int(cfg.checkpoint_every) < 0:
         raise DistributedError(f"--checkpoint-every must be >= 0, got {cfg.checkpoint_every}.")
     if (cfg.checkpoint_every or cfg.resume) and not cfg.checkpoint_dir:
