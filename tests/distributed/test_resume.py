@@ -79,9 +79,12 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_if_never_int
     p = launch(tmp_path / "crashed.json", ["--checkpoint-every", "4", "--checkpoint-dir", str(ck), "--resume",
                                            "--pg-init-dir", str(tmp_path / "pg")], {**env, FAULT_ENV: "1:6"})
     assert p.returncode == 0, p.stderr[-3000:]
-    assert "failed (exitcode: 3) local_rank: 1" in p.stderr  # the planted crash happened; the agent restarted
     clean = json.loads((tmp_path / "clean.json").read_text())
     crashed = json.loads((tmp_path / "crashed.json").read_text())
+    # the planted crash happened and the agent restarted the group (which rank the agent saw fail
+    # first is a race: rank 0 may die of the lost peer before rank 1's exit is reported)
+    assert "IndexError" not in p.stderr  # a failed all_gather raises its own error, not garbage indices
+    assert "failed (exitcode:" in p.stderr and (clean["restarts"], crashed["restarts"]) == (0, 1)
     assert crashed["param_digest_per_rank"] == clean["param_digest_per_rank"]
     assert crashed["bytes_sent_per_rank"] == clean["bytes_sent_per_rank"]
     assert crashed["final_eval_loss"] == clean["final_eval_loss"]

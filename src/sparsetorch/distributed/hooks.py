@@ -189,7 +189,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
         state.bytes_sent += state.bytes_last_step
     fut = dist.all_gather(gathered, mine, group=group, async_op=True).get_future()
 
-    def decode(_: Any) -> Tensor:
+    def decode(done: torch.futures.Future) -> Tensor:
+        done.value()  # a failed all_gather (a peer died) raises here, before its empty rows are read
         out = bucket.buffer()
         offset = 0
         for (numel, k, vdtype, adtype), g in zip(layout, grads):

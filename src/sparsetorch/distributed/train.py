@@ -19,6 +19,7 @@ with :func:`~.sparsifier.attach` and its masks are verified across ranks after e
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -417,12 +418,18 @@ def main(argv: list[str] | None = None) -> int:
     dist.all_gather_object(gathered, result)
     if rank == 0:
         summary = summarize(cfg, gathered, time.perf_counter() - t0)
+        summary["restarts"] = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))  # torchrun's restarts
         text = json.dumps(summary, indent=2)
         if json_path:
             from ..atomic import atomic_write_text
 
             atomic_write_text(json_path, text + "\n", overwrite=overwrite)
         print(text)
+    # free the DDP reducer and the hooks' futures (reference cycles) while the interpreter is
+    # alive: gloo work destroyed during interpreter finalization aborts the process (SIGABRT)
+    del result, gathered
+    gc.collect()
+    dist.barrier()  # no rank tears down its connections while another is still in a collective
     dist.destroy_process_group()
     return 0
 
