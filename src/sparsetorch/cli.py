@@ -349,6 +349,7 @@ _register("sparsetorch.oneshot.cli")
 _register("sparsetorch.finetune.cli")
 _register("sparsetorch.stages_cli")
 _register("sparsetorch.distributed.cli")
+_register("sparsetorch.structured.cli")
 
 
 def main(argv: list[str] | None = None) -> None:
