@@ -299,6 +299,65 @@ torch::Tensor csr_matmul(torch::Tensor x, torch::Tensor vals, torch::Tensor cols
   return y;
 }
 
+// Activation-sparse product for inputs with many exact zeros (TEAL-style thresholded
+// activations): wt is the weight transposed, [in, out] row-major, so the weights of input i
+// are one contiguous row. For each row of x, only the rows of wt whose input is non-zero are
+// read: y = b + sum over live i of x_i * wt[i, :]. Threads split the outputs into tiles; each
+// tile walks the live list and does a contiguous AXPY (the compiler vectorises it).
+torch::Tensor colgather_matmul(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias,
+                               bool serial) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
+              "sparsetorch kernel: x must be a contiguous 2-D float32 CPU tensor");
+  TORCH_CHECK(wt.dim() == 2 && wt.scalar_type() == torch::kFloat32 && wt.is_contiguous() && wt.size(0) == x.size(1),
+              "wt must be a contiguous float32 [in, out] tensor");
+  const int64_t B = x.size(0), in = x.size(1), out = wt.size(1);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->is_contiguous() && bias->numel() == out,
+                "bias must be contiguous float32 of length out");
+  }
+  auto y = torch::empty({B, out}, x.options());
+  const float* wp = wt.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  std::vector<int32_t> live;
+  live.reserve(in);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xp = x.data_ptr<float>() + b * in;
+    float* yp = y.data_ptr<float>() + b * out;
+    live.clear();
+    for (int64_t i = 0; i < in; ++i) {
+      if (xp[i] != 0.0f) live.push_back(static_cast<int32_t>(i));
+    }
+    const int64_t n = static_cast<int64_t>(live.size());
+    const int64_t tile = 256;
+    const int64_t tiles = (out + tile - 1) / tile;
+    auto body = [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t o0 = t * tile, o1 = std::min(out, o0 + tile);
+        float* __restrict__ yt = yp + o0;
+        const int64_t w = o1 - o0;
+        if (bp) {
+          for (int64_t j = 0; j < w; ++j) yt[j] = bp[o0 + j];
+        } else {
+          for (int64_t j = 0; j < w; ++j) yt[j] = 0.0f;
+        }
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t i = live[k];
+          const float xi = xp[i];
+          const float* __restrict__ row = wp + i * out + o0;
+          for (int64_t j = 0; j < w; ++j) yt[j] += xi * row[j];
+        }
+      }
+    };
+    const int64_t work = n * out;
+    if (serial || work < 2 * kMinWorkPerTask || at::in_parallel_region()) {
+      body(0, tiles);
+    } else {
+      at::parallel_for(0, tiles, 1, body);
+    }
+  }
+  return y;
+}
+
 bool has_avx512() {
 #if defined(__AVX512F__)
   return true;
@@ -308,4 +367,4 @@ bool has_avx512() {
 }
 """
 
-FUNCTIONS = ["bitmask_matmul", "csr_matmul", "has_avx512"]
+FUNCTIONS = ["bitmask_matmul", "csr_matmul", "colgather_matmul", "has_avx512"]

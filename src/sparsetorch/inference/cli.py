@@ -44,6 +44,35 @@ def _load(model: str, prune: float | None):
     return lm, tok
 
 
+def _check_activation(activation_sparsity: float | None, criterion: str) -> None:
+    from ..activation import CRITERIA
+    from ..activation.thresholds import check_sparsity_level
+    from ..errors import MethodError
+
+    if activation_sparsity is not None:
+        check_sparsity_level(activation_sparsity)
+    if criterion not in CRITERIA:
+        raise MethodError(f"unknown --activation-criterion {criterion!r}; choose from {', '.join(CRITERIA)}.")
+
+
+def _thresholds(lm, tok, activation_sparsity: float | None, criterion: str):  # noqa: ANN001, ANN202
+    """TEAL/WINA thresholds calibrated on 16 windows of the embedded calibration text (or None)."""
+    if not activation_sparsity:
+        return None
+    from ..activation import calibrate_thresholds
+
+    return calibrate_thresholds(lm, activation_sparsity, tokenizer=tok, criterion=criterion, num_samples=16,
+                                seq_len=min(512, _max_len(lm)))
+
+
+def _max_len(lm) -> int:  # noqa: ANN001
+    return int(getattr(getattr(lm, "config", None), "max_position_embeddings", 512) or 512)
+
+
+ACT_HELP = ("Zero this fraction of every decoder Linear's inputs (TEAL thresholds calibrated on the embedded "
+            "calibration text) and let kernels that skip zero inputs compete.")
+
+
 def register(app: typer.Typer) -> None:
     """Add ``plan`` and ``bench inference`` to the ``sparsetorch`` app."""
     from rich.console import Console
@@ -56,6 +85,9 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(1, "--batch", "-b", help="Rows per forward (tokens per step; 1 = token-by-token decode)."),
         prune: float | None = typer.Option(None, help="Magnitude-prune to this sparsity first (a what-if preview)."),
         min_sparsity: float = typer.Option(0.3, help="Layers sparser than this are measured with sparse kernels."),
+        activation_sparsity: float | None = typer.Option(None, "--activation-sparsity", help=ACT_HELP),
+        activation_criterion: str = typer.Option("teal", "--activation-criterion", help="teal (|x|) or wina "
+                                                 "(|x| times the weight column's norm)."),
         json_path: Path | None = typer.Option(None, "--json", help="Also write the plan as JSON."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     ) -> None:
@@ -65,8 +97,10 @@ def register(app: typer.Typer) -> None:
 
         _check(prune, json_path, overwrite, batch=batch)
         check_sparsity(min_sparsity, "--min-sparsity")
-        lm, _ = _load(model, prune)
-        report = make_plan(lm, batch_size=batch, min_sparsity=min_sparsity)
+        _check_activation(activation_sparsity, activation_criterion)
+        lm, tok = _load(model, prune)
+        th = _thresholds(lm, tok, activation_sparsity, activation_criterion)
+        report = make_plan(lm, batch_size=batch, min_sparsity=min_sparsity, activation=th)
         typer.echo(str(report))
         if json_path is not None:
             from ..atomic import atomic_write_text
@@ -81,6 +115,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("smollm2", "--model", "-m", help="'smollm2' or a Hugging Face causal-LM folder."),
         prune: float | None = typer.Option(None, help="Magnitude-prune to this sparsity first."),
         tokens: int = typer.Option(32, help="Tokens to decode per measurement."),
+        activation_sparsity: float | None = typer.Option(None, "--activation-sparsity", help=ACT_HELP),
+        activation_criterion: str = typer.Option("teal", "--activation-criterion", help="teal or wina."),
         json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     ) -> None:
@@ -91,11 +127,14 @@ def register(app: typer.Typer) -> None:
         from .bench import decode_tokens_per_s, machine_info
 
         _check(prune, json_path, overwrite, tokens=tokens)
+        _check_activation(activation_sparsity, activation_criterion)
         lm, tok = _load(model, prune)
         ids = tok("The quick brown fox jumps over the lazy dog. Sparse networks", return_tensors="pt").input_ids
+        th = _thresholds(lm, tok, activation_sparsity, activation_criterion)
         dense_tps = decode_tokens_per_s(lm, ids, tokens)
-        report = sparsify_for_inference(lm, batch_size=1)
+        report = sparsify_for_inference(lm, batch_size=1, activation=th)
         sparse_tps = decode_tokens_per_s(lm, ids, tokens)
+        measured = report.activation.measured_sparsity if report.activation is not None else 0.0
         info = machine_info()
         typer.echo(str(report))
         console.print(f"{'':<10} {'tokens/s':>9}")
@@ -108,7 +147,9 @@ def register(app: typer.Typer) -> None:
         if json_path is not None:
             from ..atomic import atomic_write_text
 
-            res = {"model": model, "prune": prune, "tokens": tokens, "dense_tokens_per_s": dense_tps,
+            res = {"model": model, "prune": prune, "tokens": tokens, "activation_sparsity": activation_sparsity or 0.0,
+                   "activation_criterion": activation_criterion if activation_sparsity else None,
+                   "activation_sparsity_measured": measured, "dense_tokens_per_s": dense_tps,
                    "sparse_tokens_per_s": sparse_tps, "machine": info, "sparsify": report.to_dict(),
                    "torch_version": torch.__version__}
             atomic_write_text(json_path, json.dumps(res, indent=2) + "\n", overwrite=overwrite)

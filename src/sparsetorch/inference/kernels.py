@@ -17,6 +17,8 @@ Kernels (``KERNELS`` maps name to instance):
 ``scipy``           ``scipy.sparse.csr_matrix`` (single-threaded; used when the compiler is missing)
 ``torch_csr``       ``torch.sparse_csr`` matmul (a baseline only; slow on CPU at small batch)
 ``semi_structured`` CUDA 2:4 ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16, GPU only)
+``colgather``       compiled: transposed dense weight, reads only the rows of non-zero inputs
+                    (activation sparsity; offered only for layers with activation thresholds)
 ==================  ===========================================================================
 """
 
@@ -41,6 +43,9 @@ __all__ = [
     "ScipyKernel",
     "TorchCSRKernel",
     "SemiStructuredKernel",
+    "ColGatherKernel",
+    "ColGatherSerialKernel",
+    "ACTIVATION_KERNELS",
     "KERNELS",
     "get_kernel",
     "auto_candidates",
@@ -291,6 +296,38 @@ class SemiStructuredKernel(Kernel):
         return total
 
 
+class ColGatherKernel(Kernel):
+    """For activation-sparse inputs (thresholded, many exact zeros): the weight transposed
+    (``[in, out]``, each input's weights contiguous) and, per input row, only the rows of live
+    (non-zero) inputs are read. Dense weights; the saving is in the activations."""
+
+    name = "colgather"
+    serial: ClassVar[bool] = False
+
+    def available(self) -> bool:
+        return _ext.get_extension() is not None
+
+    def supports(self, weight: Tensor) -> str | None:
+        return _cpu_fp32(weight)
+
+    def pack(self, weight: Tensor) -> Packed:
+        return {"wt": weight.detach().t().contiguous()}
+
+    def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
+        ext = _ext.get_extension()
+        assert ext is not None, "colgather kernel used without the compiled extension"
+        return ext.colgather_matmul(x, packed["wt"], bias, self.serial)
+
+
+class ColGatherSerialKernel(ColGatherKernel):
+    name = "colgather_serial"
+    serial = True
+
+
+#: kernels that pay off only when the *input* has many zeros (activation sparsity)
+ACTIVATION_KERNELS = ("colgather", "colgather_serial")
+
+
 KERNELS: dict[str, Kernel] = {
     k.name: k
     for k in (
@@ -302,6 +339,8 @@ KERNELS: dict[str, Kernel] = {
         ScipyKernel(),
         TorchCSRKernel(),
         SemiStructuredKernel(),
+        ColGatherKernel(),
+        ColGatherSerialKernel(),
     )
 }
 

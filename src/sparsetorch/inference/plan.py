@@ -13,7 +13,13 @@ from torch import nn
 
 from .bench import device_sync
 from .select import Timer
-from .sparsify import LayerChoice, decode_step_input, eligible_linears, measure_layer
+from .sparsify import (
+    LayerChoice,
+    decode_step_input,
+    eligible_linears,
+    layer_candidates,
+    measure_layer,
+)
 
 __all__ = ["PlanReport", "plan", "NO_SPEEDUP_BELOW"]
 
@@ -194,6 +200,7 @@ def plan(
     kernels: Sequence[str] | None = None,
     timer: Timer | None = None,
     example_input: Callable[[], Any] | None = None,
+    activation: Any = None,
 ) -> PlanReport:
     """Measure every ``nn.Linear`` of ``model`` with each kernel and predict the speedup.
 
@@ -201,12 +208,16 @@ def plan(
     (tokens per step: 1 for token-by-token decode). Layers below ``min_sparsity`` are measured
     with ``dense`` only. The end-to-end estimate needs one forward of the model:
     ``example_input()`` is called for it (a Hugging Face causal LM gets a one-token decode
-    step automatically); without one, only the Linear layers are estimated.
+    step automatically); without one, only the Linear layers are estimated. ``activation``
+    (:class:`~sparsetorch.activation.ActivationThresholds`): the thresholded layers are also
+    measured with the kernels that skip zero inputs, on inputs with that sparsity (the model
+    latency is measured without the thresholds).
     """
     report = PlanReport(batch_size=int(batch_size), model_bytes=_model_bytes(model))
     for name, lin, s, reason in eligible_linears(model, min_sparsity):
-        cands = ["dense"] if reason is not None else kernels
-        choice, _ = measure_layer(name, lin, s, batch_size, cands, timer)
+        cands, input_sparsity, reason = layer_candidates(name, lin, reason, kernels, activation)
+        cands = ["dense"] if reason is not None else cands
+        choice, _ = measure_layer(name, lin, s, batch_size, cands, timer, input_sparsity=input_sparsity)
         choice.skipped_reason = reason
         report.layers.append(choice)
     call = example_input or decode_step_input(model, batch_size)

@@ -112,6 +112,7 @@ def select_kernel(
     rounds: int = 3,
     margin: float = DEFAULT_MARGIN,
     seed: int = 0,
+    input_sparsity: float = 0.0,
 ) -> Selection:
     """Measure each candidate kernel at ``batch_size`` and return the fastest.
 
@@ -122,7 +123,9 @@ def select_kernel(
     that is unavailable, cannot hold the weight, raises, or disagrees is skipped (with a
     warning for the last two). Measurements are interleaved over ``rounds`` rounds and the
     median round counts, so a burst of load on a shared machine hurts every kernel alike and
-    a kernel that only sometimes runs fast is not favoured.
+    a kernel that only sometimes runs fast is not favoured. ``input_sparsity``: the fraction of
+    each input row that is exactly zero (activation sparsity), so kernels that skip zero inputs
+    are measured on the inputs they will get.
     """
     from .kernels import auto_candidates
 
@@ -133,7 +136,12 @@ def select_kernel(
     names.insert(0, "dense")
 
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.randn(max(int(batch_size), 1), weight.shape[1], generator=gen).to(weight.device, weight.dtype)
+    x = torch.randn(max(int(batch_size), 1), weight.shape[1], generator=gen)
+    if input_sparsity > 0:  # thresholded activations: this fraction of every row is exactly zero
+        dead = int(round(input_sparsity * weight.shape[1]))
+        order = torch.rand(x.shape, generator=gen).argsort(dim=1)[:, :dead]
+        x.scatter_(1, order, 0.0)
+    x = x.to(weight.device, weight.dtype)
     with torch.no_grad():
         ref = torch.nn.functional.linear(x, weight, bias)
 

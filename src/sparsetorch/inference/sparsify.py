@@ -124,6 +124,8 @@ class SparsifyReport:
     layers: list[LayerChoice] = field(default_factory=list)
     #: the whole-forward check, or None when it did not run (no example input, or disabled)
     model_check: ModelCheck | None = None
+    #: with ``activation=``: the installed threshold hooks (``measured_sparsity``, ``remove()``)
+    activation: Any = field(default=None, repr=False)
 
     @property
     def reverted(self) -> list[LayerChoice]:
@@ -193,13 +195,35 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def layer_candidates(
+    name: str, lin: nn.Linear, reason: str | None, kernels: Sequence[str] | None, activation: Any = None,
+) -> tuple[Sequence[str] | None, float, str | None]:
+    """``(kernels to try, input sparsity to measure at, reason to skip)`` for one layer.
+
+    A layer with activation thresholds (``activation.thresholds`` names it) also tries the
+    kernels that skip zero inputs, measured at the thresholds' sparsity; its weight need not be
+    sparse (a too-dense weight then tries only ``dense`` and those kernels). Other skip reasons
+    (a shared weight, inside ``nn.MultiheadAttention``) stand."""
+    from .kernels import ACTIVATION_KERNELS, auto_candidates
+
+    if activation is None or name not in activation.thresholds:
+        return kernels, 0.0, reason
+    if reason is not None and not reason.startswith("sparsity"):
+        return kernels, 0.0, reason
+    if reason is not None:
+        return ["dense", *ACTIVATION_KERNELS], float(activation.sparsity), None
+    base = list(kernels) if kernels is not None else auto_candidates(lin.weight.device)
+    return base + [k for k in ACTIVATION_KERNELS if k not in base], float(activation.sparsity), None
+
+
 def measure_layer(
-    name: str, linear: nn.Linear, sparsity: float, batch_size: int, kernels: Sequence[str] | None, timer: Timer | None
+    name: str, linear: nn.Linear, sparsity: float, batch_size: int, kernels: Sequence[str] | None, timer: Timer | None,
+    input_sparsity: float = 0.0,
 ) -> tuple[LayerChoice, Selection]:
     """Run :func:`select_kernel` on one layer and describe the result."""
     w = linear.weight.detach()
     b = None if linear.bias is None else linear.bias.detach()
-    sel = select_kernel(w, b, batch_size, kernels, timer)
+    sel = select_kernel(w, b, batch_size, kernels, timer, input_sparsity=input_sparsity)
     choice = LayerChoice(name, (linear.out_features, linear.in_features), sparsity, sel.kernel, sel.times, sel.nbytes)
     return choice, sel
 
@@ -280,6 +304,7 @@ def sparsify_for_inference(
     model_timer: Timer | None = None,
     rounds: int = 7,
     margin: float = DEFAULT_MARGIN,
+    activation: Any = None,
 ) -> SparsifyReport:
     """Replace, in place, each eligible ``nn.Linear`` by a :class:`SparseLinear` where it is faster.
 
@@ -298,6 +323,11 @@ def sparsify_for_inference(
     outside it are put back (``report.reverted``, ``report.model_check``). Without an example
     input (a plain ``nn.Module`` and no ``example_input``) only the per-layer choice applies.
 
+    ``activation`` (an :class:`~sparsetorch.activation.ActivationThresholds`): the thresholded
+    layers also try the kernels that skip zero inputs (``colgather``), measured on inputs with
+    the thresholds' sparsity, even when their weights are dense; afterwards the thresholds' hooks
+    are installed on the layers as they now are (``report.activation``), before the model check.
+
     ``timer(kernel_name, fn) -> seconds`` may be injected (tests use a fake one), and so may
     ``model_timer(subset_name, fn)`` for the whole-forward check; when a layer ``timer`` is
     injected without ``model_timer``, the model check is skipped (fake layer times and real
@@ -308,16 +338,21 @@ def sparsify_for_inference(
     todo = list(eligible_linears(model, min_sparsity))
     for name, lin, s, reason in todo:
         shape = (lin.out_features, lin.in_features)
+        names, input_sparsity, reason = layer_candidates(name, lin, reason, kernels, activation)
         if reason is not None:
             report.layers.append(LayerChoice(name, shape, s, "dense", skipped_reason=reason))
             continue
-        choice, sel = measure_layer(name, lin, s, batch_size, kernels, timer)
+        choice, sel = measure_layer(name, lin, s, batch_size, names, timer, input_sparsity=input_sparsity)
         report.layers.append(choice)
         if sel.kernel != "dense":
             b = None if lin.bias is None else lin.bias.detach()
             sparse = SparseLinear(lin.in_features, lin.out_features, sel.kernel, sel.packed, b, sel)
             swaps[name] = (lin, sparse)
             _set_module(model, name, sparse)
+    if activation is not None:  # hooks on the modules as they are now (swapped ones included)
+        from ..activation import apply_thresholds
+
+        report.activation = apply_thresholds(model, activation)
     if check_model and swaps and (timer is None or model_timer is not None):
         call = example_input or decode_step_input(model, batch_size)
         if call is not None:

@@ -1,0 +1,246 @@
+"""Activation sparsity (TEAL / WINA): zero the small entries of every linear layer's input.
+
+At decode time most entries of a hidden state are close to zero; skipping them means reading
+only the weight columns of the live ones. TEAL (Liu et al., ICLR 2025) keeps ``x_i`` when
+``|x_i| >= t`` with one threshold ``t`` per projection, calibrated so that a fraction ``s`` of
+its inputs falls below it; WINA weighs each entry by its weight column, ``|x_i| * ||W[:, i]||``.
+
+Thresholds are the empirical ``s``-quantile of the criterion over calibration tokens, read from
+a histogram with log-spaced bins (64 per octave between 2^-24 and 2^16, exact zeros in their own
+bin): no symmetry assumption (TEAL's inverse-CDF of a zero-mean distribution is wrong for
+asymmetric inputs such as the MLP's), one pass, fixed memory. Every token is sparsified,
+prompt included (stricter than TEAL's evaluation, which spares half of each prompt).
+
+    th = calibrate_thresholds(model, 0.4, tokenizer=tok)       # every Linear of the decoder blocks
+    handle = apply_thresholds(model, th)                       # forward pre-hooks; handle.remove()
+    th.save("thresholds.safetensors"); ActivationThresholds.load(...)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError, DataError, MethodError, SparsityValueError
+
+CRITERIA = ("teal", "wina")
+_LO, _HI, _PER_OCTAVE = -24, 16, 64
+_BINS = (_HI - _LO) * _PER_OCTAVE
+
+
+def _bin_index(v: Tensor) -> Tensor:
+    """Histogram bin of each non-negative value: 0 for exact zeros, then log-spaced bins."""
+    pos = v > 0
+    idx = torch.zeros_like(v, dtype=torch.long)
+    lg = torch.log2(v[pos].clamp_min(2.0 ** _LO))
+    idx[pos] = 1 + ((lg - _LO) * _PER_OCTAVE).floor().long().clamp(0, _BINS - 1)
+    return idx
+
+
+def _bin_upper(i: int) -> float:
+    """Upper edge of bin ``i`` (bin 0 holds exact zeros: its edge is the smallest positive value)."""
+    return 2.0 ** (_LO + i / _PER_OCTAVE)
+
+
+def quantile_from_histogram(counts: Tensor, q: float) -> float:
+    """The smallest bin edge ``t`` with at least a fraction ``q`` of the values below ``t``."""
+    total = float(counts.sum())
+    if total == 0:
+        raise DataError("no calibration values reached this layer.")
+    cdf = torch.cumsum(counts.double(), 0) / total
+    i = int(torch.searchsorted(cdf, torch.tensor([q], dtype=torch.float64) - 1e-12)[0])
+    return 0.0 if q <= 0 else _bin_upper(min(i, _BINS))
+
+
+@dataclass
+class ActivationThresholds:
+    """One threshold per Linear (by module name) and how it is applied."""
+
+    sparsity: float
+    criterion: str
+    thresholds: dict[str, float] = field(default_factory=dict)
+    calibration_tokens: int = 0
+    #: WINA only: each layer's weight column norms ``||W[:, i]||`` at calibration (the criterion's
+    #: scale; kept so the hooks work after the layer is swapped for a packed sparse kernel)
+    col_norms: dict[str, Tensor] = field(default_factory=dict)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ActivationThresholds):
+            return NotImplemented
+        return (self.sparsity, self.criterion, self.thresholds, self.calibration_tokens) == (
+            other.sparsity, other.criterion, other.thresholds, other.calibration_tokens) and \
+            self.col_norms.keys() == other.col_norms.keys() and \
+            all(torch.equal(v, other.col_norms[k]) for k, v in self.col_norms.items())
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write as safetensors + JSON metadata (no pickle; atomic)."""
+        from ..statefile import save_state
+
+        return save_state({"sparsity": self.sparsity, "criterion": self.criterion,
+                           "thresholds": dict(self.thresholds), "calibration_tokens": self.calibration_tokens,
+                           "col_norms": dict(self.col_norms), "kind": "activation-thresholds"}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> ActivationThresholds:
+        from ..statefile import load_state
+
+        st = load_state(path)
+        if not isinstance(st, dict) or st.get("kind") != "activation-thresholds":
+            raise CheckpointError(f"{path} is not an activation thresholds file (written by "
+                                  "ActivationThresholds.save / `sparsetorch plan --activation-sparsity`).")
+        return cls(float(st["sparsity"]), str(st["criterion"]), {str(k): float(v) for k, v in st["thresholds"].items()},
+                   int(st.get("calibration_tokens", 0)), {str(k): v for k, v in (st.get("col_norms") or {}).items()})
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Every ``nn.Linear`` inside the decoder blocks (the LM head and embeddings are left dense)."""
+    from ..oneshot.blocks import find_decoder_blocks
+
+    name, blocks = find_decoder_blocks(model)
+    return [f"{name}.{n}" for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
+
+
+def _criterion(x: Tensor, lin: nn.Linear, criterion: str, col_norm: Tensor | None) -> Tensor:
+    a = x.detach().abs().float()
+    return a * col_norm if criterion == "wina" else a
+
+
+def _col_norms(model: nn.Module, names: Iterable[str], criterion: str) -> dict[str, Tensor | None]:
+    out: dict[str, Tensor | None] = {}
+    for n in names:
+        lin = model.get_submodule(n)
+        out[n] = lin.weight.detach().float().norm(dim=0) if criterion == "wina" else None
+    return out
+
+
+def check_sparsity_level(sparsity: float) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
+        raise SparsityValueError(f"activation sparsity must be in [0, 1), got {sparsity!r}.")
+    return float(sparsity)
+
+
+@torch.no_grad()
+def calibrate_thresholds(
+    model: nn.Module,
+    sparsity: float,
+    *,
+    calibration: Any = None,
+    tokenizer: Any = None,
+    criterion: str = "teal",
+    targets: list[str] | None = None,
+    num_samples: int = 16,
+    seq_len: int = 512,
+    batch_size: int = 4,
+) -> ActivationThresholds:
+    """Per-Linear thresholds that zero a fraction ``sparsity`` of each layer's inputs on the
+    calibration data (default: the embedded calibration text through ``tokenizer``)."""
+    from ..oneshot.calibration import prepare_calibration
+
+    s = check_sparsity_level(sparsity)
+    if criterion not in CRITERIA:
+        raise MethodError(f"unknown activation criterion {criterion!r}; choose from {', '.join(CRITERIA)}.")
+    names = targets if targets is not None else default_targets(model)
+    if not names:
+        raise DataError("no Linear layers to sparsify the inputs of.")
+    for n in names:
+        if not isinstance(model.get_submodule(n), nn.Linear):
+            raise DataError(f"{n} is not an nn.Linear: activation thresholds apply to Linear inputs.")
+    batches = prepare_calibration(model, calibration, tokenizer, num_samples=num_samples, seq_len=seq_len,
+                                  batch_size=batch_size)
+    norms = _col_norms(model, names, criterion)
+    counts = {n: torch.zeros(_BINS + 1, dtype=torch.long) for n in names}
+    tokens = [0]
+
+    def make(n: str):  # noqa: ANN202
+        def hook(mod: nn.Module, args: tuple) -> None:
+            v = _criterion(args[0], mod, criterion, norms[n]).reshape(-1)
+            counts[n] += torch.bincount(_bin_index(v).cpu(), minlength=_BINS + 1)
+        return hook
+
+    hooks = [model.get_submodule(n).register_forward_pre_hook(make(n)) for n in names]
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        for b in batches:
+            model(**{k: v.to(device) for k, v in b.items()}, use_cache=False)
+            tokens[0] += int(b["input_ids"].numel())
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    th = {n: quantile_from_histogram(counts[n], s) for n in names}
+    kept = {n: v.cpu() for n, v in norms.items() if v is not None}
+    return ActivationThresholds(s, criterion, th, tokens[0], kept)
+
+
+class ThresholdHandle:
+    """The installed pre-hooks; counts the zeros they make (``measured_sparsity``); ``remove()``."""
+
+    def __init__(self) -> None:
+        self.hooks: list[Any] = []
+        self.zeros = 0
+        self.total = 0
+
+    @property
+    def measured_sparsity(self) -> float:
+        """Fraction of the sparsified layers' input entries set to zero since installed or reset."""
+        return self.zeros / self.total if self.total else math.nan
+
+    def reset(self) -> None:
+        self.zeros = self.total = 0
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+def apply_thresholds(model: nn.Module, th: ActivationThresholds, count: bool = True) -> ThresholdHandle:
+    """Install forward pre-hooks that zero each targeted layer's small inputs (an ``nn.Linear`` or
+    a :class:`~sparsetorch.inference.SparseLinear` that replaced one). Raises :class:`DataError`
+    when a threshold names a layer the model does not have."""
+    handle = ThresholdHandle()
+    norms: dict[str, Tensor | None] = {}
+    for n in th.thresholds:
+        try:
+            lin = model.get_submodule(n)
+        except AttributeError:
+            raise DataError(f"the thresholds name {n!r}, which this model does not have: they were calibrated "
+                            "on another architecture.") from None
+        inp = getattr(lin, "in_features", None)
+        if inp is None:
+            raise DataError(f"{n} is not a linear layer (no in_features).")
+        norms[n] = None
+        if th.criterion == "wina":
+            if n not in th.col_norms or th.col_norms[n].numel() != inp:
+                raise DataError(f"the WINA thresholds carry no column norms of length {inp} for {n}: recalibrate.")
+            dev = next((b.device for b in lin.buffers()), None) or next((p.device for p in lin.parameters()), None)
+            norms[n] = th.col_norms[n].to(dev) if dev is not None else th.col_norms[n]
+
+    def make(n: str, t: float):  # noqa: ANN202
+        def hook(mod: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            keep = _criterion(x, mod, th.criterion, norms[n]) >= t
+            if count:
+                handle.zeros += int(keep.numel() - keep.sum())
+                handle.total += keep.numel()
+            return (x * keep.to(x.dtype), *args[1:])
+        return hook
+
+    for n, t in th.thresholds.items():
+        handle.hooks.append(model.get_submodule(n).register_forward_pre_hook(make(n, t)))
+    return handle
+
+
+def sparsify_activations(model: nn.Module, sparsity: float = 0.4, **calibrate_kw: Any) -> tuple[ThresholdHandle, ActivationThresholds]:
+    """Calibrate (:func:`calibrate_thresholds`) and install (:func:`apply_thresholds`) in one call."""
+    th = calibrate_thresholds(model, sparsity, **calibrate_kw)
+    return apply_thresholds(model, th), th

@@ -1,0 +1,106 @@
+"""The column-gather kernel (reads only the weight rows of non-zero inputs) and its use by
+``sparsify_for_inference(activation=...)``: equal to F.linear on the same thresholded input;
+chosen only where the measurement says it is faster (fake timer); hooks on the swapped layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_tiny_llama
+
+from sparsetorch.activation import ActivationThresholds, apply_thresholds, calibrate_thresholds
+from sparsetorch.inference import _ext, get_kernel, select_kernel, sparsify_for_inference
+from sparsetorch.inference.linear import SparseLinear
+
+
+def fake_timer(times: dict[str, float]):
+    def timer(name, fn):
+        fn()  # must run; its duration is ignored
+        return times[name]
+    return timer
+
+
+needs_ext = pytest.mark.skipif(_ext.get_extension() is None, reason="compiled kernels not available")
+
+
+@needs_ext
+@pytest.mark.parametrize("name", ["colgather", "colgather_serial"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_colgather_equals_f_linear_on_inputs_with_zeros(name: str, batch: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(700, 300, generator=g), torch.randn(700, generator=g)
+    x = torch.randn(batch, 300, generator=g)
+    x[torch.rand(batch, 300, generator=g) < 0.6] = 0
+    x[0, :] = 0 if batch == 3 else x[0, :]  # an all-zero row gives the bias
+    k = get_kernel(name)
+    packed = k.pack(w)
+    for bias in (b, None):
+        torch.testing.assert_close(k.matmul(x, packed, bias, 700), torch.nn.functional.linear(x, w, bias),
+                                   atol=1e-4, rtol=1e-5)
+
+
+def test_selection_measures_on_inputs_with_the_activation_sparsity_and_never_picks_slower(monkeypatch) -> None:
+    import sparsetorch.inference.select as sel_mod
+
+    w = torch.randn(64, 100)
+    seen: list[float] = []
+    real = sel_mod.get_kernel
+
+    class Spy:
+        def __init__(self, k):
+            self.k = k
+
+        def __getattr__(self, a):
+            return getattr(self.k, a)
+
+        def matmul(self, x, packed, bias, out):
+            seen.append(float((x == 0).float().mean()))
+            return self.k.matmul(x, packed, bias, out)
+
+    monkeypatch.setattr(sel_mod, "get_kernel", lambda n: Spy(real(n)))
+    cands = ["colgather"] if _ext.get_extension() is not None else []
+    sel = select_kernel(w, None, 1, cands, fake_timer({"dense": 1.0, "colgather": 0.5}), input_sparsity=0.4)
+    assert seen and all(s == pytest.approx(0.4) for s in seen)  # 40 of 100 inputs are exact zeros
+    if cands:
+        assert sel.kernel == "colgather"
+        slow = select_kernel(w, None, 1, cands, fake_timer({"dense": 1.0, "colgather": 1.2}), input_sparsity=0.4)
+        assert slow.kernel == "dense"
+
+
+@needs_ext
+def test_sparsify_with_activation_thresholds_swaps_dense_layers_and_keeps_the_thresholded_outputs() -> None:
+    m = make_tiny_llama(layers=2, vocab=128)
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    th = calibrate_thresholds(m, 0.5, calibration=calib, seq_len=32)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    ref_handle = apply_thresholds(m, th)
+    with torch.no_grad():
+        want = m(ids).logits  # the dense model on thresholded inputs (the definition)
+    ref_handle.remove()
+    times = {"dense": 1.0, "colgather": 0.4, "colgather_serial": 0.5}
+    rep = sparsify_for_inference(m, 1, timer=fake_timer(times), activation=th)
+    swapped = [n for n, mod in m.named_modules() if isinstance(mod, SparseLinear)]
+    assert sorted(swapped) == sorted(th.thresholds)  # dense weights, swapped for their activations
+    assert all(c.kernel == "colgather" for c in rep.replaced)
+    with torch.no_grad():
+        got = m(ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert 0.3 < rep.activation.measured_sparsity < 0.7
+    rep.activation.remove()
+
+
+def test_wina_thresholds_apply_to_a_swapped_layer_through_their_saved_column_norms() -> None:
+    lin = torch.nn.Linear(8, 4)
+    model = torch.nn.Sequential(lin)
+    th = ActivationThresholds(0.5, "wina", {"0": 0.2}, col_norms={"0": lin.weight.detach().norm(dim=0)})
+    x = torch.randn(2, 8)
+    h = apply_thresholds(model, th)
+    with torch.no_grad():
+        got = model(x)
+    keep = x.abs() * lin.weight.norm(dim=0) >= 0.2
+    torch.testing.assert_close(got, torch.nn.functional.linear(x * keep, lin.weight, lin.bias))
+    h.remove()
+    from sparsetorch.errors import DataError
+
+    with pytest.raises(DataError, match="no column norms"):
+        apply_thresholds(model, ActivationThresholds(0.5, "wina", {"0": 0.2}))

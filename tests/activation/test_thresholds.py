@@ -1,0 +1,117 @@
+"""Activation thresholds (TEAL / WINA), checked against their definitions: the histogram quantile
+is the empirical quantile (asymmetric inputs too), the installed hook computes W(x * 1[crit >= t]),
+calibrated thresholds hit the target sparsity on held-out tokens within 2 points."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import make_tiny_llama
+
+from sparsetorch.activation import (
+    ActivationThresholds,
+    apply_thresholds,
+    calibrate_thresholds,
+    default_targets,
+    quantile_from_histogram,
+)
+from sparsetorch.activation.thresholds import _BINS, _bin_index
+from sparsetorch.errors import CheckpointError, DataError, MethodError, SparsityValueError
+
+
+@pytest.mark.parametrize("q", [0.1, 0.25, 0.4, 0.5, 0.9])
+def test_the_histogram_quantile_is_the_empirical_quantile_of_asymmetric_data(q: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(20000, generator=g) * 0.1 + 2.0, torch.rand(10000, generator=g) * -5,
+                   torch.zeros(500)])
+    v = x.abs()
+    t = quantile_from_histogram(torch.bincount(_bin_index(v), minlength=_BINS + 1), q)
+    assert float((v < t).float().mean()) >= q  # at least a fraction q is zeroed
+    # t is the upper edge of the log bin (2^(1/64) wide) that holds the empirical q-quantile
+    true_q = float(torch.sort(v).values[int(q * v.numel())])
+    assert true_q < t <= true_q * 2 ** (1 / 64) * (1 + 1e-6)
+
+
+def test_exact_zeros_count_as_below_any_positive_threshold() -> None:
+    v = torch.cat([torch.zeros(600), torch.ones(400)])
+    t = quantile_from_histogram(torch.bincount(_bin_index(v), minlength=_BINS + 1), 0.5)
+    assert 0 < t <= 1e-6 and int((v < t).sum()) == 600
+
+
+def _calib(seed: int) -> torch.Tensor:
+    return torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+@pytest.mark.parametrize("s", [0.25, 0.5])
+def test_thresholds_hit_the_target_on_held_out_tokens_within_2_points(criterion: str, s: float) -> None:
+    m = make_tiny_llama(layers=2, vocab=128)
+    th = calibrate_thresholds(m, s, calibration=_calib(1), seq_len=64, criterion=criterion)
+    assert set(th.thresholds) == set(default_targets(m)) and len(th.thresholds) == 14  # 7 projections x 2
+    assert th.calibration_tokens == 8 * 64
+    h = apply_thresholds(m, th)
+    with torch.no_grad():
+        m(_calib(2))  # held out
+    assert abs(h.measured_sparsity - s) <= 0.02
+    h.remove()
+    assert not h.hooks
+
+
+def test_the_hook_computes_the_layer_on_the_thresholded_input() -> None:
+    m = make_tiny_llama(layers=1, vocab=128)
+    name = "model.layers.0.mlp.down_proj"
+    lin = m.get_submodule(name)
+    x = torch.randn(3, 5, lin.in_features)
+    for criterion in ("teal", "wina"):
+        norms = {name: lin.weight.detach().norm(dim=0)} if criterion == "wina" else {}
+        th = ActivationThresholds(0.5, criterion, {name: 0.3}, col_norms=norms)
+        h = apply_thresholds(m, th)
+        crit = x.abs() * (lin.weight.norm(dim=0) if criterion == "wina" else 1)
+        with torch.no_grad():
+            got = lin(x)
+            want = torch.nn.functional.linear(x * (crit >= 0.3), lin.weight, lin.bias)
+        torch.testing.assert_close(got, want)
+        assert h.measured_sparsity == pytest.approx(float((crit < 0.3).float().mean()))
+        h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))  # removed
+
+
+def test_sparsity_zero_changes_nothing() -> None:
+    m = make_tiny_llama(layers=2, vocab=128)
+    ids = _calib(3)
+    with torch.no_grad():
+        want = m(ids).logits
+    th = calibrate_thresholds(m, 0.0, calibration=_calib(1), seq_len=64)
+    h = apply_thresholds(m, th)
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, want)
+    assert h.measured_sparsity <= 0.001
+
+
+def test_save_load_round_trip_and_bad_files(tmp_path) -> None:
+    m = make_tiny_llama(layers=1, vocab=128)
+    th = calibrate_thresholds(m, 0.4, calibration=_calib(1), seq_len=64, criterion="wina")
+    th.save(tmp_path / "t.safetensors")
+    back = ActivationThresholds.load(tmp_path / "t.safetensors")
+    assert back == th
+    from sparsetorch.statefile import save_state
+
+    save_state({"something": 1}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="not an activation thresholds file"):
+        ActivationThresholds.load(tmp_path / "other.safetensors")
+    with pytest.raises(DataError, match="does not have"):
+        apply_thresholds(m, ActivationThresholds(0.4, "teal", {"model.layers.7.mlp.up_proj": 0.1}))
+
+
+def test_bad_arguments_raise_typed_errors() -> None:
+    m = make_tiny_llama(layers=1, vocab=128)
+    for bad in (-0.1, 1.0, 2, True):
+        with pytest.raises(SparsityValueError, match=r"\[0, 1\)"):
+            calibrate_thresholds(m, bad, calibration=_calib(1))
+    with pytest.raises(MethodError, match="unknown activation criterion"):
+        calibrate_thresholds(m, 0.4, calibration=_calib(1), criterion="cats")
+    with pytest.raises(DataError, match="not an nn.Linear"):
+        calibrate_thresholds(m, 0.4, calibration=_calib(1), targets=["model.layers.0.mlp"])
+    with pytest.raises(DataError, match="calibration"):
+        calibrate_thresholds(m, 0.4)  # neither data nor a tokenizer
