@@ -77,6 +77,7 @@ def test_sparsify_with_activation_thresholds_swaps_dense_layers_and_keeps_the_th
     with torch.no_grad():
         want = m(ids).logits  # the dense model on thresholded inputs (the definition)
     ref_handle.remove()
+    weights = {n: mod.weight.detach().clone() for n, mod in m.named_modules() if n in th.thresholds}
     times = {"dense": 1.0, "colgather": 0.4, "colgather_serial": 0.5}
     rep = sparsify_for_inference(m, 1, timer=fake_timer(times), activation=th)
     swapped = [n for n, mod in m.named_modules() if isinstance(mod, SparseLinear)]
@@ -85,8 +86,29 @@ def test_sparsify_with_activation_thresholds_swaps_dense_layers_and_keeps_the_th
     with torch.no_grad():
         got = m(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert 0.3 < rep.activation.measured_sparsity < 0.7
-    rep.activation.remove()
+    assert not rep.activation.hooks  # every thresholded layer applies its threshold in the kernel
+    for name, mod in m.named_modules():
+        if isinstance(mod, SparseLinear):
+            assert float(mod._packed()["threshold"]) == pytest.approx(th.thresholds[name], rel=1e-6)
+            assert th.thresholds[name] > 0
+            # the weight alone comes back: the fused threshold does not mask the identity
+            torch.testing.assert_close(mod.to_dense_weight(), weights[name])
+
+
+@needs_ext
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_colgather_applies_a_threshold_and_scale_itself(criterion: str) -> None:
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(50, 40, generator=g), torch.randn(50, generator=g)
+    x = torch.randn(2, 40, generator=g)
+    scale = w.norm(dim=0) if criterion == "wina" else None
+    k = get_kernel("colgather")
+    packed = dict(k.pack(w), threshold=torch.tensor(0.7))
+    if scale is not None:
+        packed["scale"] = scale.contiguous()
+    crit = x.abs() * (scale if scale is not None else 1)
+    want = torch.nn.functional.linear(x.masked_fill(crit < 0.7, 0), w, b)
+    torch.testing.assert_close(k.matmul(x, packed, b, 50), want, atol=1e-4, rtol=1e-5)
 
 
 def test_wina_thresholds_apply_to_a_swapped_layer_through_their_saved_column_norms() -> None:
@@ -104,3 +126,26 @@ def test_wina_thresholds_apply_to_a_swapped_layer_through_their_saved_column_nor
 
     with pytest.raises(DataError, match="no column norms"):
         apply_thresholds(model, ActivationThresholds(0.5, "wina", {"0": 0.2}))
+
+
+def test_cli_activation_flags_are_checked_before_the_model_loads(hf_dir) -> None:
+    from test_cli_errors import run_script
+
+    proc = run_script("bench", "inference", "--model", str(hf_dir), "--activation-sparsity", "1.2")
+    assert proc.returncode == 2 and "SparsityValueError" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_script("plan", str(hf_dir), "--activation-sparsity", "0.4", "--activation-criterion", "cats")
+    assert proc.returncode == 2 and "unknown --activation-criterion 'cats'" in proc.stderr
+
+
+def test_bench_inference_reports_the_activation_sparsity(hf_dir, tmp_path) -> None:
+    import json
+
+    from test_cli_main import run
+
+    out = tmp_path / "b.json"
+    assert run(["bench", "inference", "--model", str(hf_dir), "--activation-sparsity", "0.4", "--tokens", "2",
+                "--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    assert d["activation_sparsity"] == 0.4 and d["activation_criterion"] == "teal"
+    assert abs(d["activation_sparsity_measured"] - 0.4) < 0.1
+    assert d["dense_tokens_per_s"] > 0 and d["sparse_tokens_per_s"] > 0

@@ -203,10 +203,12 @@ class ThresholdHandle:
         self.hooks.clear()
 
 
-def apply_thresholds(model: nn.Module, th: ActivationThresholds, count: bool = True) -> ThresholdHandle:
+def apply_thresholds(model: nn.Module, th: ActivationThresholds, count: bool = True,
+                     skip: Iterable[str] = ()) -> ThresholdHandle:
     """Install forward pre-hooks that zero each targeted layer's small inputs (an ``nn.Linear`` or
-    a :class:`~sparsetorch.inference.SparseLinear` that replaced one). Raises :class:`DataError`
-    when a threshold names a layer the model does not have."""
+    a :class:`~sparsetorch.inference.SparseLinear` that replaced one), except the layers in
+    ``skip`` (their kernel applies the threshold). ``count=False`` skips the zero count (faster).
+    Raises :class:`DataError` when a threshold names a layer the model does not have."""
     handle = ThresholdHandle()
     norms: dict[str, Tensor | None] = {}
     for n in th.thresholds:
@@ -228,15 +230,17 @@ def apply_thresholds(model: nn.Module, th: ActivationThresholds, count: bool = T
     def make(n: str, t: float):  # noqa: ANN202
         def hook(mod: nn.Module, args: tuple) -> tuple:
             x = args[0]
-            keep = _criterion(x, mod, th.criterion, norms[n]) >= t
+            drop = _criterion(x, mod, th.criterion, norms[n]) < t
             if count:
-                handle.zeros += int(keep.numel() - keep.sum())
-                handle.total += keep.numel()
-            return (x * keep.to(x.dtype), *args[1:])
+                handle.zeros += int(drop.sum())
+                handle.total += drop.numel()
+            return (x.masked_fill(drop, 0), *args[1:])
         return hook
 
+    skipped = set(skip)
     for n, t in th.thresholds.items():
-        handle.hooks.append(model.get_submodule(n).register_forward_pre_hook(make(n, t)))
+        if n not in skipped:
+            handle.hooks.append(model.get_submodule(n).register_forward_pre_hook(make(n, t)))
     return handle
 
 

@@ -18,6 +18,7 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -299,13 +300,13 @@ torch::Tensor csr_matmul(torch::Tensor x, torch::Tensor vals, torch::Tensor cols
   return y;
 }
 
-// Activation-sparse product for inputs with many exact zeros (TEAL-style thresholded
-// activations): wt is the weight transposed, [in, out] row-major, so the weights of input i
+// Activation-sparse product (TEAL/WINA thresholded activations, the threshold applied here so
+// no separate masking pass is needed; threshold 0 skips exact zeros only): wt is the weight transposed, [in, out] row-major, so the weights of input i
 // are one contiguous row. For each row of x, only the rows of wt whose input is non-zero are
 // read: y = b + sum over live i of x_i * wt[i, :]. Threads split the outputs into tiles; each
 // tile walks the live list and does a contiguous AXPY (the compiler vectorises it).
 torch::Tensor colgather_matmul(torch::Tensor x, torch::Tensor wt, c10::optional<torch::Tensor> bias,
-                               bool serial) {
+                               double threshold, c10::optional<torch::Tensor> scale, bool serial) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.device().is_cpu(),
               "sparsetorch kernel: x must be a contiguous 2-D float32 CPU tensor");
   TORCH_CHECK(wt.dim() == 2 && wt.scalar_type() == torch::kFloat32 && wt.is_contiguous() && wt.size(0) == x.size(1),
@@ -318,14 +319,22 @@ torch::Tensor colgather_matmul(torch::Tensor x, torch::Tensor wt, c10::optional<
   auto y = torch::empty({B, out}, x.options());
   const float* wp = wt.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  if (scale.has_value()) {
+    TORCH_CHECK(scale->scalar_type() == torch::kFloat32 && scale->is_contiguous() && scale->numel() == in,
+                "scale must be contiguous float32 of length in");
+  }
+  const float* sp = scale.has_value() ? scale->data_ptr<float>() : nullptr;
+  const float t = static_cast<float>(threshold);
   std::vector<int32_t> live;
   live.reserve(in);
   for (int64_t b = 0; b < B; ++b) {
     const float* xp = x.data_ptr<float>() + b * in;
     float* yp = y.data_ptr<float>() + b * out;
     live.clear();
+    // live: non-zero and at or above the threshold (TEAL |x_i| >= t; WINA |x_i| * scale_i >= t)
     for (int64_t i = 0; i < in; ++i) {
-      if (xp[i] != 0.0f) live.push_back(static_cast<int32_t>(i));
+      const float a = sp ? std::fabs(xp[i]) * sp[i] : std::fabs(xp[i]);
+      if (xp[i] != 0.0f && a >= t) live.push_back(static_cast<int32_t>(i));
     }
     const int64_t n = static_cast<int64_t>(live.size());
     const int64_t tile = 256;

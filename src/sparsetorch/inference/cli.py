@@ -131,10 +131,18 @@ def register(app: typer.Typer) -> None:
         lm, tok = _load(model, prune)
         ids = tok("The quick brown fox jumps over the lazy dog. Sparse networks", return_tensors="pt").input_ids
         th = _thresholds(lm, tok, activation_sparsity, activation_criterion)
+        measured = 0.0
+        if th is not None:  # the fraction of inputs the thresholds zero, on the prompt
+            from ..activation import apply_thresholds
+
+            probe = apply_thresholds(lm, th)
+            with torch.no_grad():
+                lm(input_ids=ids, use_cache=False)
+            measured = probe.measured_sparsity
+            probe.remove()
         dense_tps = decode_tokens_per_s(lm, ids, tokens)
         report = sparsify_for_inference(lm, batch_size=1, activation=th)
         sparse_tps = decode_tokens_per_s(lm, ids, tokens)
-        measured = report.activation.measured_sparsity if report.activation is not None else 0.0
         info = machine_info()
         typer.echo(str(report))
         console.print(f"{'':<10} {'tokens/s':>9}")

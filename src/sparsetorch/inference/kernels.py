@@ -297,9 +297,11 @@ class SemiStructuredKernel(Kernel):
 
 
 class ColGatherKernel(Kernel):
-    """For activation-sparse inputs (thresholded, many exact zeros): the weight transposed
-    (``[in, out]``, each input's weights contiguous) and, per input row, only the rows of live
-    (non-zero) inputs are read. Dense weights; the saving is in the activations."""
+    """For activation-sparse inputs: the weight transposed (``[in, out]``, each input's weights
+    contiguous) and, per input row, only the rows of live inputs are read. Live = non-zero, and
+    at or above ``packed["threshold"]`` (times ``packed["scale"]`` for WINA) when those are set:
+    ``sparsify_for_inference(activation=...)`` puts a layer's threshold there, so the layer needs
+    no masking hook. Dense weights; the saving is in the activations."""
 
     name = "colgather"
     serial: ClassVar[bool] = False
@@ -316,7 +318,9 @@ class ColGatherKernel(Kernel):
     def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
         ext = _ext.get_extension()
         assert ext is not None, "colgather kernel used without the compiled extension"
-        return ext.colgather_matmul(x, packed["wt"], bias, self.serial)
+        t = packed.get("threshold")
+        return ext.colgather_matmul(x, packed["wt"], bias, 0.0 if t is None else float(t), packed.get("scale"),
+                                    self.serial)
 
 
 class ColGatherSerialKernel(ColGatherKernel):

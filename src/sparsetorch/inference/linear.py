@@ -113,7 +113,9 @@ class SparseLinear(nn.Module):
         """The dense ``[out, in]`` weight (reconstructed by multiplying the identity)."""
         eye = torch.eye(self.in_features, dtype=self.bias.dtype if self.bias is not None else torch.float32)
         with torch.no_grad():
-            y = get_kernel(self.kernel).matmul(eye.contiguous(), self._packed(), None, self.out_features)
+            # the weight alone: an activation threshold fused into the kernel must not mask the identity
+            weight_only = {k: v for k, v in self._packed().items() if k not in ("threshold", "scale")}
+            y = get_kernel(self.kernel).matmul(eye.contiguous(), weight_only, None, self.out_features)
         return y.t().contiguous()
 
     @property

@@ -325,16 +325,21 @@ def sparsify_for_inference(
 
     ``activation`` (an :class:`~sparsetorch.activation.ActivationThresholds`): the thresholded
     layers also try the kernels that skip zero inputs (``colgather``), measured on inputs with
-    the thresholds' sparsity, even when their weights are dense; afterwards the thresholds' hooks
-    are installed on the layers as they now are (``report.activation``), before the model check.
+    the thresholds' sparsity, even when their weights are dense. A layer that gets such a kernel
+    applies its threshold inside the kernel; every other thresholded layer gets the masking hook
+    (``report.activation``, installed before the model check, without counting: counting costs
+    time at decode).
 
     ``timer(kernel_name, fn) -> seconds`` may be injected (tests use a fake one), and so may
     ``model_timer(subset_name, fn)`` for the whole-forward check; when a layer ``timer`` is
     injected without ``model_timer``, the model check is skipped (fake layer times and real
     model times do not mix). Returns a :class:`SparsifyReport`.
     """
+    from .kernels import ACTIVATION_KERNELS
+
     report = SparsifyReport(batch_size=int(batch_size))
     swaps: dict[str, tuple[nn.Module, nn.Module]] = {}
+    fused: set[str] = set()
     todo = list(eligible_linears(model, min_sparsity))
     for name, lin, s, reason in todo:
         shape = (lin.out_features, lin.in_features)
@@ -346,13 +351,19 @@ def sparsify_for_inference(
         report.layers.append(choice)
         if sel.kernel != "dense":
             b = None if lin.bias is None else lin.bias.detach()
-            sparse = SparseLinear(lin.in_features, lin.out_features, sel.kernel, sel.packed, b, sel)
+            packed = sel.packed
+            if input_sparsity and sel.kernel in ACTIVATION_KERNELS:  # the kernel applies the threshold itself
+                packed = dict(packed, threshold=torch.tensor(float(activation.thresholds[name])))
+                if activation.criterion == "wina":
+                    packed["scale"] = activation.col_norms[name].float().contiguous()
+                fused.add(name)
+            sparse = SparseLinear(lin.in_features, lin.out_features, sel.kernel, packed, b, sel)
             swaps[name] = (lin, sparse)
             _set_module(model, name, sparse)
     if activation is not None:  # hooks on the modules as they are now (swapped ones included)
         from ..activation import apply_thresholds
 
-        report.activation = apply_thresholds(model, activation)
+        report.activation = apply_thresholds(model, activation, skip=fused, count=False)
     if check_model and swaps and (timer is None or model_timer is not None):
         call = example_input or decode_step_input(model, batch_size)
         if call is not None:
