@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = "benchmarks/results"
 #: the documentation files that may hold generated sections
-DOC_FILES = ["README.md", "docs/training.md", "docs/export.md", "docs/format.md", "docs/distributed.md"]
+DOC_FILES = ["README.md", "docs/training.md", "docs/export.md", "docs/format.md", "docs/distributed.md",
+             "docs/structured.md", "docs/activation.md"]
 SECTION = re.compile(
     r"<!-- report:(?P<name>[a-z0-9-]+) -->(?P<body>.*?)<!-- /report:(?P=name) -->", re.S
 )
@@ -996,6 +998,75 @@ def _distributed_one(r: Results, name: str) -> str:
     return "\n".join(out)
 
 
+def _bench_module(name: str) -> Any:
+    """A sibling benchmark script as a module (for the table function it prints with)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parent / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def structured_table(r: Results) -> str:
+    """Structured pruning of SmolLM2 (structured_llm.json; structured_llm_mixed.json when present)."""
+    bench = _bench_module("structured_llm")
+    d = r("structured_llm")
+    text = bench.table(d) + "\n\n" + provenance_note(f"{RESULTS_DIR}/structured_llm.json", d)
+    if (r.root / r.path("structured_llm_mixed")).is_file():
+        m = r("structured_llm_mixed")
+        text += ("\n\nChannels together with whole blocks (`--what channels,blocks`, half the budget to blocks):\n\n"
+                 + bench.table(m) + "\n\n" + provenance_note(f"{RESULTS_DIR}/structured_llm_mixed.json", m))
+    return text
+
+
+def structured_summary(r: Results) -> str:
+    """One sentence: the best score per budget in structured_llm.json, and the 20% target."""
+    d = r("structured_llm")
+    dense, parts, verdict = d["ppl_dense"], [], ""
+    for b in sorted({x["budget"] for x in d["rows"]}):
+        rows = [x for x in d["rows"] if x["budget"] == b]
+        best = min(rows, key=lambda x: x["ppl"])
+        mag = next((x for x in rows if x["score"] == "magnitude"), None)
+        rec = f", {ppl(best['ppl_recovered'])} after {best['recover_steps']} KD steps" if "ppl_recovered" in best else ""
+        same = statistics.median([x["decode_speedup"] for x in rows if x["config"] == best["config"]])
+        parts.append(f"{best['removed_fraction'] * 100:.0f}% removed: {best['score']} E16 {ppl(best['ppl'])} "
+                     f"({ratio(best['ppl_ratio'])} dense{rec}; magnitude {ppl(mag['ppl']) if mag else '?'}), "
+                     f"decode {speed(same)}")
+        if abs(b - 0.2) < 1e-9:
+            ok = best["ppl_ratio"] <= 1.5 and same >= 1.2
+            verdict = (f" Target at 20% (decode ≥ 1.2× with E16 ≤ 1.5× dense): {'met' if ok else '**missed**'}.")
+    return (f"dense E16 {ppl(dense)}; " + "; ".join(parts) + " (decode: batch 1, KV cache, 2 threads, dense "
+            "measured in alternating runs; the median over the rows of the same shapes)." + verdict)
+
+
+def activation_table(r: Results) -> str:
+    """TEAL/WINA activation sparsity on SmolLM2 (activation_llm.json), with its targets."""
+    d = r("activation_llm")
+    return _bench_module("activation_llm").table(d) + "\n\n" + provenance_note(f"{RESULTS_DIR}/activation_llm.json", d)
+
+
+def activation_summary(r: Results) -> str:
+    """One sentence from activation_llm.json: TEAL 40% and weights + activations, with targets."""
+    d = r("activation_llm")
+    by = {x["row"]: x for x in d["rows"]}
+    parts = []
+    for key, label in (("teal@0.25", "25%"), ("teal@0.4", "40%"), ("teal@0.5", "50%")):
+        if key in by:
+            x = by[key]
+            parts.append(f"{label}: E16 {ratio(x['ppl_ratio'], 3)} dense, decode {speed(x['decode_speedup'])}")
+    text = f"TEAL thresholds on SmolLM2 (dense E16 {ppl(d['ppl_dense'])}) — " + "; ".join(parts) + "."
+    if "teal@0.4" in by:
+        x = by["teal@0.4"]
+        ok = x["decode_speedup"] >= 1.25 and x["ppl_ratio"] <= 1.10
+        text += f" Target at 40% (≥ 1.25× decode, E16 ≤ 1.10×): {'met' if ok else '**missed**'}."
+    if "sparsegpt50+teal@0.4" in by:
+        x = by["sparsegpt50+teal@0.4"]
+        text += (f" SparseGPT 50% weights + 40% activations: decode {speed(x['decode_speedup'])} "
+                 f"(target ≥ 2.5×: {'met' if x['decode_speedup'] >= 2.5 else '**missed**'}).")
+    return text
+
+
 GENERATORS: dict[str, Callable[[Results], str]] = {
     "oneshot-setup": oneshot_setup,
     "oneshot-table": oneshot_table,
@@ -1020,6 +1091,10 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "inference-decode": inference_decode,
     "gpu-check": gpu_check,
     "distributed-table": distributed_table,
+    "structured-table": structured_table,
+    "structured-summary": structured_summary,
+    "activation-table": activation_table,
+    "activation-summary": activation_summary,
 }
 
 

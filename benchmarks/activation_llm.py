@@ -1,0 +1,150 @@
+"""Activation sparsity (TEAL / WINA thresholds) on SmolLM2-135M: perplexity and CPU decode speed.
+
+Rows: dense; TEAL at 25/40/50% activation sparsity; WINA at 40%; SparseGPT 50% weights alone
+and with 40% TEAL activations. For each: E16 perplexity with the thresholds' hooks (every token
+sparsified, prompt included), the measured fraction of zeroed inputs on the evaluation text, and
+greedy decode tokens/s at batch 1 (KV cache, 2 threads) after ``sparsify_for_inference`` chose a
+kernel per layer (``colgather`` reads only the weight rows of live inputs; ``bitmask``/``csr``
+the non-zero weights; dense where nothing is faster), against the dense model in alternating
+rounds of the same run. Thresholds: 16 calibration windows x 512 tokens (calibration half).
+
+    .venv/bin/python benchmarks/activation_llm.py
+    .venv/bin/python benchmarks/activation_llm.py --table
+
+Targets (issue 15): 40% activation sparsity >= 1.25x decode with perplexity <= 1.10x dense;
+50% weights + 40% activations >= 2.5x dense decode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import Run, load_average, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "activation_llm.json"
+ROWS = ["teal@0.25", "teal@0.4", "teal@0.5", "wina@0.4", "sparsegpt50", "sparsegpt50+teal@0.4"]
+
+
+def _decode_pair(dense, model, prompt, rounds: int) -> tuple[float, float]:  # noqa: ANN001
+    from sparsetorch.inference.bench import decode_runs
+
+    decode_runs(dense, prompt, new_tokens=32, repeats=1)
+    decode_runs(model, prompt, new_tokens=32, repeats=1)
+    a, b = [], []
+    for r in range(rounds):
+        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
+            (a if which == 0 else b).append(decode_runs(dense if which == 0 else model, prompt, new_tokens=32,
+                                                        repeats=1)[0])
+    return statistics.median(a), statistics.median(b)
+
+
+def _sparsegpt50(tok):  # noqa: ANN001, ANN202
+    """SparseGPT 50% unstructured (64 calibration windows), cached like benchmarks/finetune_llm.py."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from finetune_llm import pruned_start
+
+    model, _, _, _ = pruned_start("sparsegpt@0.5")
+    return model.eval()
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from sparsetorch.activation import apply_thresholds, calibrate_thresholds
+    from sparsetorch.data.llm import load_causal_lm
+    from sparsetorch.data.text import calibration_windows, eval_windows
+    from sparsetorch.evaluate import perplexity
+    from sparsetorch.inference import sparsify_for_inference
+
+    torch.set_num_threads(args.threads)
+    dense, tok = load_causal_lm("smollm2", progress=False)
+    e16 = eval_windows(tok, 16, 512)
+    calib = calibration_windows(tok, 16, 512)
+    prompt = e16[:1, :64]
+    ppl_dense = perplexity(dense, windows=e16, progress=False)
+    out = {"ppl_dense": ppl_dense, "rows": []}
+    print(f"dense E16 {ppl_dense:.3f}", flush=True)
+    for spec in args.rows:
+        weights, _, act = spec.partition("+") if "+" in spec else ((spec, "", "") if spec.startswith("sparsegpt")
+                                                                   else ("", "", spec))
+        model = _sparsegpt50(tok) if weights else copy.deepcopy(dense)
+        th = None
+        if act:
+            crit, s = act.split("@")
+            th = calibrate_thresholds(model, float(s), calibration=calib, seq_len=512, criterion=crit)
+            h = apply_thresholds(model, th)
+            ppl = perplexity(model, windows=e16, progress=False)
+            measured = h.measured_sparsity
+            h.remove()
+        else:
+            ppl, measured = perplexity(model, windows=e16, progress=False), 0.0
+        rep = sparsify_for_inference(model, batch_size=1, activation=th)
+        tps_dense, tps = _decode_pair(dense, model, prompt, args.repeats)
+        row = {"row": spec, "weights": weights or "dense", "activation": act or None,
+               "activation_sparsity_target": th.sparsity if th else 0.0, "activation_sparsity_measured": measured,
+               "ppl": ppl, "ppl_ratio": ppl / ppl_dense, "dense_tokens_per_s": tps_dense, "tokens_per_s": tps,
+               "decode_speedup": tps / tps_dense, "kernel_counts": rep.kernel_counts(),
+               "model_check": None if rep.model_check is None else rep.model_check.to_dict(),
+               "load": load_average()}
+        out["rows"].append(row)
+        print(f"{spec:22s} ppl {ppl:.2f} (x{ppl / ppl_dense:.3f}) zeros {measured:.3f} decode {tps:.1f} vs "
+              f"{tps_dense:.1f} (x{tps / tps_dense:.2f}) kernels {rep.kernel_counts()}", flush=True)
+        del model
+    return out
+
+
+def table(d: dict) -> str:
+    lines = [f"dense E16 perplexity {d['ppl_dense']:.2f}", "",
+             "| weights | activations | zeros measured | E16 | x dense | decode tok/s (dense) | speedup | kernels |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        k = ", ".join(f"{n} {c}" for n, c in sorted(r["kernel_counts"].items()))
+        lines.append(f"| {r['weights']} | {r['activation'] or '-'} | {r['activation_sparsity_measured']:.1%} | "
+                     f"{r['ppl']:.2f} | {r['ppl_ratio']:.3f} | {r['tokens_per_s']:.1f} ({r['dense_tokens_per_s']:.1f}) | "
+                     f"{r['decode_speedup']:.2f} | {k} |")
+    by = {r["row"]: r for r in d["rows"]}
+    lines += ["", "Targets:"]
+    if "teal@0.4" in by:
+        r = by["teal@0.4"]
+        ok = r["decode_speedup"] >= 1.25 and r["ppl_ratio"] <= 1.10
+        lines.append(f"- TEAL 40%: decode x{r['decode_speedup']:.2f} (>= 1.25) with E16 x{r['ppl_ratio']:.3f} "
+                     f"(<= 1.10): {'met' if ok else 'MISSED'}")
+    if "sparsegpt50+teal@0.4" in by:
+        r = by["sparsegpt50+teal@0.4"]
+        lines.append(f"- 50% weights + 40% activations: decode x{r['decode_speedup']:.2f} (>= 2.5): "
+                     f"{'met' if r['decode_speedup'] >= 2.5 else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--repeats", type=int, default=9)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--table", action="store_true")
+    a = ap.parse_args()
+    if a.table:
+        print(table(json.loads(a.results.read_text())))
+        return
+    a.rows = a.rows.split(",")
+    prov = Run()
+    before = load_average()
+    data = run(a)
+    data["_meta"] = prov.meta(model="SmolLM2-135M-Instruct fp32 (de-quantized GGUF)",
+                              eval="E16 = first 16 windows x 512 of the evaluation half, every token sparsified",
+                              decode="batch 1, 64-token prompt, 32 new tokens, median of --repeats alternating runs",
+                              load_before=before)
+    write_json(a.results, data)
+    print(table(data))
+
+
+if __name__ == "__main__":
+    main()
