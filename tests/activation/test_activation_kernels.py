@@ -97,6 +97,28 @@ def test_sparsify_with_activation_thresholds_swaps_dense_layers_and_keeps_the_th
 
 @needs_ext
 @pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_a_fused_layer_put_back_by_the_model_check_keeps_its_threshold(criterion: str) -> None:
+    m = make_tiny_llama(layers=2, vocab=128)
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    th = calibrate_thresholds(m, 0.5, calibration=calib, seq_len=32, criterion=criterion)
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(2))
+    ref = apply_thresholds(m, th)
+    with torch.no_grad():
+        want = m(ids).logits
+    ref.remove()
+    layer_times = fake_timer({"dense": 1.0, "colgather": 0.4, "colgather_serial": 0.5})
+    model_times = fake_timer({f"model:{k}": v for k, v in
+                              {"dense": 1.0, "all": 2.0, ">=1.5x": 2.0, ">=2x": 2.0, ">=3x": 2.0}.items()})
+    rep = sparsify_for_inference(m, 1, timer=layer_times, model_timer=model_times, activation=th)
+    assert rep.model_check.chosen == "dense" and len(rep.reverted) == len(th.thresholds)
+    assert not any(isinstance(mod, SparseLinear) for mod in m.modules())
+    assert len(rep.activation.hooks) == len(th.thresholds)  # every reverted layer has its hook back
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+@needs_ext
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
 def test_colgather_applies_a_threshold_and_scale_itself(criterion: str) -> None:
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(50, 40, generator=g), torch.randn(50, generator=g)

@@ -368,4 +368,13 @@ def sparsify_for_inference(
         call = example_input or decode_step_input(model, batch_size)
         if call is not None:
             _check_whole_forward(model, report, swaps, call, model_timer, int(rounds), float(margin))
+    if report.activation is not None:  # a fused layer put back to dense needs its masking hook again
+        back = {n for n in fused if not isinstance(model.get_submodule(n), SparseLinear)}
+        if back:
+            from ..activation import ActivationThresholds, apply_thresholds
+
+            part = ActivationThresholds(activation.sparsity, activation.criterion,
+                                        {n: activation.thresholds[n] for n in back}, activation.calibration_tokens,
+                                        {n: v for n, v in activation.col_norms.items() if n in back})
+            report.activation.hooks += apply_thresholds(model, part, count=False).hooks
     return report
