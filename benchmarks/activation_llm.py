@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -31,18 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "activation_llm.json"
 ROWS = ["teal@0.25", "teal@0.4", "teal@0.5", "wina@0.4", "sparsegpt50", "sparsegpt50+teal@0.4"]
 
-
-def _decode_pair(dense, model, prompt, rounds: int) -> tuple[float, float]:  # noqa: ANN001
-    from sparsetorch.inference.bench import decode_runs
-
-    decode_runs(dense, prompt, new_tokens=32, repeats=1)
-    decode_runs(model, prompt, new_tokens=32, repeats=1)
-    a, b = [], []
-    for r in range(rounds):
-        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
-            (a if which == 0 else b).append(decode_runs(dense if which == 0 else model, prompt, new_tokens=32,
-                                                        repeats=1)[0])
-    return statistics.median(a), statistics.median(b)
 
 
 def _sparsegpt50(tok):  # noqa: ANN001, ANN202
@@ -62,6 +49,7 @@ def run(args: argparse.Namespace) -> dict:
     from sparsetorch.data.text import calibration_windows, eval_windows
     from sparsetorch.evaluate import perplexity
     from sparsetorch.inference import sparsify_for_inference
+    from sparsetorch.inference.bench import paired_decode_tokens_per_s
 
     torch.set_num_threads(args.threads)
     dense, tok = load_causal_lm("smollm2", progress=False)
@@ -86,7 +74,7 @@ def run(args: argparse.Namespace) -> dict:
         else:
             ppl, measured = perplexity(model, windows=e16, progress=False), 0.0
         rep = sparsify_for_inference(model, batch_size=1, activation=th)
-        tps_dense, tps = _decode_pair(dense, model, prompt, args.repeats)
+        tps_dense, tps = paired_decode_tokens_per_s(dense, model, prompt, args.repeats)
         row = {"row": spec, "weights": weights or "dense", "activation": act or None,
                "activation_sparsity_target": th.sparsity if th else 0.0, "activation_sparsity_measured": measured,
                "ppl": ppl, "ppl_ratio": ppl / ppl_dense, "dense_tokens_per_s": tps_dense, "tokens_per_s": tps,

@@ -42,22 +42,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "structured_llm.json"
 SCORES = ["magnitude", "wanda", "taylor", "flap"]
 
 
-def _decode_pair(dense, model, prompt, rounds: int) -> tuple[float, float]:  # noqa: ANN001
-    """Median decode tokens/s of ``dense`` and ``model``, runs alternating (order flipped each round),
-    so a burst of load from elsewhere hits both; one untimed warm-up run each first."""
-    import statistics
-
-    from sparsetorch.inference.bench import decode_runs
-
-    decode_runs(dense, prompt, new_tokens=32, repeats=1)
-    decode_runs(model, prompt, new_tokens=32, repeats=1)
-    a, b = [], []
-    for r in range(rounds):
-        for which in ((0, 1) if r % 2 == 0 else (1, 0)):
-            (a if which == 0 else b).append(decode_runs(dense if which == 0 else model, prompt, new_tokens=32,
-                                                        repeats=1)[0])
-    return statistics.median(a), statistics.median(b)
-
 
 def _reload_diff(model, window) -> float:  # noqa: ANN001
     """Save, reload with plain transformers, return the max |logit difference| on ``window``."""
@@ -96,6 +80,7 @@ def run(args: argparse.Namespace) -> dict:
     from sparsetorch.data.llm import load_causal_lm
     from sparsetorch.data.text import calibration_windows, eval_windows
     from sparsetorch.evaluate import perplexity
+    from sparsetorch.inference.bench import paired_decode_tokens_per_s
     from sparsetorch.structured import prune_structured
 
     torch.set_num_threads(args.threads)
@@ -113,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
                                    calibration=calib, seq_len=512)
             model.eval()
             ppl = perplexity(model, windows=e16, progress=False)
-            tps_dense, tps = _decode_pair(dense, model, prompt, args.repeats)
+            tps_dense, tps = paired_decode_tokens_per_s(dense, model, prompt, args.repeats)
             diff = _reload_diff(model, e16[:1, :128])
             row = {"budget": budget, "score": score, "what": res.what, "allocation": args.allocation,
                    "removed_fraction": res.removed_fraction, "params_before": res.params_before,

@@ -167,3 +167,19 @@ def test_parallel_kernel_needs_clear_win_over_its_single_thread_twin() -> None:
     assert sel.kernel == "csr_serial"
     sel = select_kernel(_sparse_weight(), None, 1, cands, fake_timer({"dense": 1.0, "csr": 0.2, "csr_serial": 0.5}))
     assert sel.kernel == "csr"
+
+
+def test_paired_decode_alternates_the_two_models_and_takes_each_ones_median(monkeypatch) -> None:
+    import sparsetorch.inference.bench as bench
+
+    calls: list[str] = []
+    speeds = {"a": iter([1.0, 10.0, 11.0, 12.0]), "b": iter([2.0, 20.0, 30.0, 25.0])}
+
+    def fake_runs(model, prompt, new_tokens=32, repeats=3):
+        calls.append(model)
+        return [next(speeds[model])]
+
+    monkeypatch.setattr(bench, "decode_runs", fake_runs)
+    ta, tb = bench.paired_decode_tokens_per_s("a", "b", None, rounds=3)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-ups, then the order flips each round
+    assert (ta, tb) == (11.0, 25.0)  # medians of the timed runs only

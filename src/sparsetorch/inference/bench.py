@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["machine_info", "decode_runs", "decode_tokens_per_s", "interleaved_medians", "device_sync"]
+__all__ = ["machine_info", "decode_runs", "decode_tokens_per_s", "paired_decode_tokens_per_s", "interleaved_medians",
+           "device_sync"]
 
 
 def device_sync() -> None:
@@ -112,3 +113,18 @@ def decode_tokens_per_s(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: 
     The median, not the best run: a benchmark that reports best-of hides the stalls users get.
     """
     return statistics.median(decode_runs(model, prompt_ids, new_tokens, repeats))
+
+
+def paired_decode_tokens_per_s(a: nn.Module, b: nn.Module, prompt_ids: torch.Tensor, rounds: int = 9,
+                               new_tokens: int = 32) -> tuple[float, float]:
+    """Median decode tokens/s of models ``a`` and ``b``, their runs alternating (the order flips
+    every round) after one untimed warm-up run each, so a burst of load from elsewhere hits both
+    and their ratio is taken under the same conditions."""
+    decode_runs(a, prompt_ids, new_tokens, repeats=1)
+    decode_runs(b, prompt_ids, new_tokens, repeats=1)
+    ta: list[float] = []
+    tb: list[float] = []
+    for r in range(max(1, rounds)):
+        for first in ((True, False) if r % 2 == 0 else (False, True)):
+            (ta if first else tb).append(decode_runs(a if first else b, prompt_ids, new_tokens, repeats=1)[0])
+    return statistics.median(ta), statistics.median(tb)
