@@ -82,7 +82,7 @@ def test_sparsify_with_activation_thresholds_swaps_dense_layers_and_keeps_the_th
     rep = sparsify_for_inference(m, 1, timer=fake_timer(times), activation=th)
     swapped = [n for n, mod in m.named_modules() if isinstance(mod, SparseLinear)]
     assert sorted(swapped) == sorted(th.thresholds)  # dense weights, swapped for their activations
-    assert all(c.kernel == "colgather" for c in rep.replaced)
+    assert rep.replaced and all(c.kernel in ("colgather", "colgather_serial") for c in rep.replaced)
     with torch.no_grad():
         got = m(ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -148,6 +148,23 @@ def test_wina_thresholds_apply_to_a_swapped_layer_through_their_saved_column_nor
 
     with pytest.raises(DataError, match="no column norms"):
         apply_thresholds(model, ActivationThresholds(0.5, "wina", {"0": 0.2}))
+
+
+def test_a_busy_machine_offers_only_the_single_thread_activation_kernel(monkeypatch) -> None:
+    from sparsetorch.inference import kernels as kmod
+    from sparsetorch.inference.sparsify import layer_candidates
+
+    th = ActivationThresholds(0.4, "teal", {"x": 0.1})
+    lin = torch.nn.Linear(4, 4)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(kmod, "machine_busy", lambda: True)
+    names, s, reason = layer_candidates("x", lin, "sparsity 0% < min_sparsity 30%", None, th)
+    assert names == ["dense", "colgather_serial"] and s == 0.4 and reason is None
+    monkeypatch.setattr(kmod, "machine_busy", lambda: False)
+    names, _, _ = layer_candidates("x", lin, "sparsity 0% < min_sparsity 30%", None, th)
+    assert names == ["dense", "colgather", "colgather_serial"]
+    assert layer_candidates("y", lin, None, ["dense"], th) == (["dense"], 0.0, None)  # not thresholded
+    assert layer_candidates("x", lin, "weight shared with another module", None, th)[2] is not None
 
 
 def test_cli_activation_flags_are_checked_before_the_model_loads(hf_dir) -> None:

@@ -204,16 +204,18 @@ def layer_candidates(
     kernels that skip zero inputs, measured at the thresholds' sparsity; its weight need not be
     sparse (a too-dense weight then tries only ``dense`` and those kernels). Other skip reasons
     (a shared weight, inside ``nn.MultiheadAttention``) stand."""
-    from .kernels import ACTIVATION_KERNELS, auto_candidates
+    from .kernels import ACTIVATION_KERNELS, auto_candidates, machine_busy
 
     if activation is None or name not in activation.thresholds:
         return kernels, 0.0, reason
     if reason is not None and not reason.startswith("sparsity"):
         return kernels, 0.0, reason
+    # the same rule as auto_candidates: on a busy machine only the single-thread variant
+    act = ["colgather_serial"] if torch.get_num_threads() > 1 and machine_busy() else list(ACTIVATION_KERNELS)
     if reason is not None:
-        return ["dense", *ACTIVATION_KERNELS], float(activation.sparsity), None
+        return ["dense", *act], float(activation.sparsity), None
     base = list(kernels) if kernels is not None else auto_candidates(lin.weight.device)
-    return base + [k for k in ACTIVATION_KERNELS if k not in base], float(activation.sparsity), None
+    return base + [k for k in act if k not in base], float(activation.sparsity), None
 
 
 def measure_layer(
