@@ -107,7 +107,7 @@ def default_targets(model: nn.Module) -> list[str]:
     return [f"{name}.{n}" for n, m in blocks.named_modules() if isinstance(m, nn.Linear)]
 
 
-def _criterion(x: Tensor, lin: nn.Linear, criterion: str, col_norm: Tensor | None) -> Tensor:
+def _criterion(x: Tensor, criterion: str, col_norm: Tensor | None) -> Tensor:
     a = x.detach().abs().float()
     return a * col_norm if criterion == "wina" else a
 
@@ -141,7 +141,7 @@ def calibrate_thresholds(
 ) -> ActivationThresholds:
     """Per-Linear thresholds that zero a fraction ``sparsity`` of each layer's inputs on the
     calibration data (default: the embedded calibration text through ``tokenizer``)."""
-    from ..oneshot.calibration import prepare_calibration
+    from ..oneshot.calibration import forward_batches, prepare_calibration
 
     s = check_sparsity_level(sparsity)
     if criterion not in CRITERIA:
@@ -156,29 +156,17 @@ def calibrate_thresholds(
                                   batch_size=batch_size)
     norms = _col_norms(model, names, criterion)
     counts = {n: torch.zeros(_BINS + 1, dtype=torch.long) for n in names}
-    tokens = [0]
 
     def make(n: str):  # noqa: ANN202
-        def hook(mod: nn.Module, args: tuple) -> None:
-            v = _criterion(args[0], mod, criterion, norms[n]).reshape(-1)
+        def hook(_mod: nn.Module, args: tuple) -> None:
+            v = _criterion(args[0], criterion, norms[n]).reshape(-1)
             counts[n] += torch.bincount(_bin_index(v).cpu(), minlength=_BINS + 1)
         return hook
 
-    hooks = [model.get_submodule(n).register_forward_pre_hook(make(n)) for n in names]
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()
-    try:
-        for b in batches:
-            model(**{k: v.to(device) for k, v in b.items()}, use_cache=False)
-            tokens[0] += int(b["input_ids"].numel())
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
+    forward_batches(model, batches, [model.get_submodule(n).register_forward_pre_hook(make(n)) for n in names])
     th = {n: quantile_from_histogram(counts[n], s) for n in names}
     kept = {n: v.cpu() for n, v in norms.items() if v is not None}
-    return ActivationThresholds(s, criterion, th, tokens[0], kept)
+    return ActivationThresholds(s, criterion, th, sum(int(b["input_ids"].numel()) for b in batches), kept)
 
 
 class ThresholdHandle:
@@ -228,9 +216,9 @@ def apply_thresholds(model: nn.Module, th: ActivationThresholds, count: bool = T
             norms[n] = th.col_norms[n].to(dev) if dev is not None else th.col_norms[n]
 
     def make(n: str, t: float):  # noqa: ANN202
-        def hook(mod: nn.Module, args: tuple) -> tuple:
+        def hook(_mod: nn.Module, args: tuple) -> tuple:
             x = args[0]
-            drop = _criterion(x, mod, th.criterion, norms[n]) < t
+            drop = _criterion(x, th.criterion, norms[n]) < t
             if count:
                 handle.zeros += int(drop.sum())
                 handle.total += drop.numel()

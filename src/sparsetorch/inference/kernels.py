@@ -118,10 +118,9 @@ class DenseKernel(Kernel):
         return F.linear(x, packed["weight"], bias)
 
 
-class BitmaskKernel(Kernel):
-    """Bit mask per 16 inputs (``int16 [out, ceil(in/16)]``) + packed fp32 non-zeros + row offsets."""
+class _CompiledKernel(Kernel):
+    """A kernel of the compiled extension: fp32 weights on the CPU, available once it builds."""
 
-    name = "bitmask"
     #: run on one thread even when torch has more (robust on machines shared with other work)
     serial: ClassVar[bool] = False
 
@@ -130,6 +129,12 @@ class BitmaskKernel(Kernel):
 
     def supports(self, weight: Tensor) -> str | None:
         return _cpu_fp32(weight)
+
+
+class BitmaskKernel(_CompiledKernel):
+    """Bit mask per 16 inputs (``int16 [out, ceil(in/16)]``) + packed fp32 non-zeros + row offsets."""
+
+    name = "bitmask"
 
     def pack(self, weight: Tensor) -> Packed:
         w = weight.detach()
@@ -152,17 +157,13 @@ class BitmaskKernel(Kernel):
         )
 
 
-class CSRKernel(Kernel):
+class CSRKernel(_CompiledKernel):
     """CSR: fp32 values, uint16 column indices (stored as int16), int64 row pointers."""
 
     name = "csr"
-    serial: ClassVar[bool] = False
-
-    def available(self) -> bool:
-        return _ext.get_extension() is not None
 
     def supports(self, weight: Tensor) -> str | None:
-        reason = _cpu_fp32(weight)
+        reason = super().supports(weight)
         if reason is None and weight.shape[1] > 65536:
             reason = "more than 65536 input features (uint16 column index)"
         return reason
@@ -296,7 +297,7 @@ class SemiStructuredKernel(Kernel):
         return total
 
 
-class ColGatherKernel(Kernel):
+class ColGatherKernel(_CompiledKernel):
     """For activation-sparse inputs: the weight transposed (``[in, out]``, each input's weights
     contiguous) and, per input row, only the rows of live inputs are read. Live = non-zero, and
     at or above ``packed["threshold"]`` (times ``packed["scale"]`` for WINA) when those are set:
@@ -304,13 +305,6 @@ class ColGatherKernel(Kernel):
     no masking hook. Dense weights; the saving is in the activations."""
 
     name = "colgather"
-    serial: ClassVar[bool] = False
-
-    def available(self) -> bool:
-        return _ext.get_extension() is not None
-
-    def supports(self, weight: Tensor) -> str | None:
-        return _cpu_fp32(weight)
 
     def pack(self, weight: Tensor) -> Packed:
         return {"wt": weight.detach().t().contiguous()}

@@ -372,11 +372,9 @@ def sparsify_for_inference(
             _check_whole_forward(model, report, swaps, call, model_timer, int(rounds), float(margin))
     if report.activation is not None:  # a fused layer put back to dense needs its masking hook again
         back = {n for n in fused if not isinstance(model.get_submodule(n), SparseLinear)}
-        if back:
-            from ..activation import ActivationThresholds, apply_thresholds
+        if back:  # hook exactly those: every other layer is hooked already or still fused
+            from ..activation import apply_thresholds
 
-            part = ActivationThresholds(activation.sparsity, activation.criterion,
-                                        {n: activation.thresholds[n] for n in back}, activation.calibration_tokens,
-                                        {n: v for n, v in activation.col_norms.items() if n in back})
-            report.activation.hooks += apply_thresholds(model, part, count=False).hooks
+            report.activation.hooks += apply_thresholds(model, activation, count=False,
+                                                        skip=set(activation.thresholds) - back).hooks
     return report

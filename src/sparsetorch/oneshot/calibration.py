@@ -203,3 +203,20 @@ def _prepare(
     if not batches:
         raise DataError("calibration batches are empty.")
     return batches
+
+
+@torch.no_grad()
+def forward_batches(model: nn.Module, batches: list[dict[str, Tensor]], hooks: list[Any]) -> None:
+    """Run ``model`` over ``batches`` (eval mode, no KV cache, no gradients) so that the forward
+    ``hooks`` already registered on it collect statistics; the hooks are removed and the
+    training mode restored afterwards, also on error."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    try:
+        for b in batches:
+            model(**{k: v.to(device) for k, v in b.items()}, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..oneshot.blocks import block_output
+from ..oneshot.calibration import forward_batches
 from .arch import Decoder
 
 
@@ -53,13 +54,6 @@ class FeatureStats:
         return self.squares.sqrt()
 
 
-def _forward(model: nn.Module, batch: dict[str, Tensor], device: torch.device, labels: bool = False):  # noqa: ANN202
-    inputs = {k: v.to(device) for k, v in batch.items()}
-    if labels:
-        inputs["labels"] = inputs["input_ids"]
-    return model(**inputs, use_cache=False)
-
-
 @torch.no_grad()
 def channel_stats(dec: Decoder, batches: list[dict[str, Tensor]]) -> tuple[list[FeatureStats], list[FeatureStats]]:
     """``(attention, mlp)``: the :class:`FeatureStats` of every block's ``o_proj`` input and
@@ -70,16 +64,7 @@ def channel_stats(dec: Decoder, batches: list[dict[str, Tensor]]) -> tuple[list[
     for i in range(len(dec.blocks)):
         hooks.append(dec.attn(i).o_proj.register_forward_pre_hook(lambda _m, a, s=attn[i]: s.add(a[0])))
         hooks.append(dec.mlp(i).down_proj.register_forward_pre_hook(lambda _m, a, s=mlp[i]: s.add(a[0])))
-    device = next(dec.model.parameters()).device
-    was = dec.model.training
-    dec.model.eval()
-    try:
-        for b in batches:
-            _forward(dec.model, b, device)
-    finally:
-        for h in hooks:
-            h.remove()
-        dec.model.train(was)
+    forward_batches(dec.model, batches, hooks)
     return attn, mlp
 
 
@@ -101,16 +86,7 @@ def block_influence(dec: Decoder, batches: list[dict[str, Tensor]]) -> list[floa
 
     for i, block in enumerate(dec.blocks):
         hooks.append(block.register_forward_hook(make(i), with_kwargs=True))
-    device = next(dec.model.parameters()).device
-    was = dec.model.training
-    dec.model.eval()
-    try:
-        for b in batches:
-            _forward(dec.model, b, device)
-    finally:
-        for h in hooks:
-            h.remove()
-        dec.model.train(was)
+    forward_batches(dec.model, batches, hooks)
     return [1.0 - s / max(c, 1) for s, c in zip(sums, counts)]
 
 
@@ -130,7 +106,8 @@ def weight_grads(dec: Decoder, batches: list[dict[str, Tensor]]) -> dict[str, Te
     grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     try:
         for b in batches:
-            loss = _forward(dec.model, b, device, labels=True).loss
+            inputs = {k: v.to(device) for k, v in b.items()}
+            loss = dec.model(**inputs, labels=inputs["input_ids"], use_cache=False).loss
             loss.backward()
             for n, p in params.items():
                 if p.grad is not None:
