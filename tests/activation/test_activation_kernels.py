@@ -188,3 +188,17 @@ def test_bench_inference_reports_the_activation_sparsity(hf_dir, tmp_path) -> No
     assert d["activation_sparsity"] == 0.4 and d["activation_criterion"] == "teal"
     assert abs(d["activation_sparsity_measured"] - 0.4) < 0.1
     assert d["dense_tokens_per_s"] > 0 and d["sparse_tokens_per_s"] > 0
+
+
+@needs_ext
+def test_plan_measures_the_thresholded_layers_with_the_activation_kernels() -> None:
+    from sparsetorch.inference import plan
+
+    m = make_tiny_llama(layers=1, vocab=128)
+    th = ActivationThresholds(0.4, "teal", {"model.layers.0.mlp.down_proj": 0.1})
+    times = {"dense": 1.0, "colgather": 0.4, "colgather_serial": 0.5, "model": 1.0}
+    rep = plan(m, 1, timer=fake_timer(times), activation=th)
+    by = {c.name: c for c in rep.layers}
+    assert by["model.layers.0.mlp.down_proj"].kernel == "colgather"
+    assert "colgather" not in by["model.layers.0.mlp.up_proj"].times  # not thresholded: dense only
+    assert all(n in ("model.layers.0.mlp.down_proj",) or c.kernel == "dense" for n, c in by.items())
