@@ -9,6 +9,9 @@
   :func:`train_children` and :func:`iterative_sms` (prune -> k children -> soup, m phases).
 * :mod:`.lora` -- sparse LoRA: adapters whose delta is masked in the forward, so that
   :func:`merge_masked` keeps the parent's masks exactly (``finetune(..., lora=16)``).
+* :mod:`.sparse_update` -- sparse backpropagation: a :class:`SparseUpdate` spec (``last:4``,
+  ``bias,norm``, ``channels:0.125@mlp.up_proj``) of what trains; the rest is frozen and costs no
+  backward (``finetune(..., update="last:4")``); :func:`measure_step` measures what a step costs.
 
 ``peft`` is imported only when a LoRA function is first used (it takes seconds to import).
 """
@@ -50,6 +53,14 @@ from .soup import (
     soup,
     train_children,
 )
+from .sparse_update import (
+    SavedTensorsMeter,
+    SparseUpdate,
+    StepCost,
+    UpdateError,
+    apply_update,
+    measure_step,
+)
 
 __all__ = [
     "Child",
@@ -64,6 +75,12 @@ __all__ = [
     "LossSpec",
     "PhaseRecord",
     "SMSResult",
+    "SavedTensorsMeter",
+    "SparseUpdate",
+    "StepCost",
+    "UpdateError",
+    "apply_update",
+    "measure_step",
     "SoupError",
     "SoupResult",
     "WindowSampler",

@@ -80,13 +80,17 @@ def register(app: typer.Typer) -> None:
         lora_targets: str | None = typer.Option(
             None, "--lora-targets", help="Comma-separated module names or suffixes to adapt (e.g. q_proj,v_proj); "
             "default: every pruned linear layer."),
+        update: str | None = typer.Option(
+            None, "--update", help="Sparse backpropagation: train only what SPEC names, e.g. last:4, bias,norm, "
+            "q_proj,v_proj or channels:0.125@mlp.up_proj (terms joined by ',' or '+'; see docs/sparse_backprop.md)."),
         json_path: Path | None = typer.Option(None, "--json", help="Also write the run summary as JSON here."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder / --json file."),
     ) -> None:
         """Fine-tune a pruned causal LM without changing its masks; report perplexity before/after.
 
         With --lora R only sparse LoRA adapters train; they are merged with the mask at the end,
-        so the written model is a plain HF folder with exactly the parent's masks."""
+        so the written model is a plain HF folder with exactly the parent's masks. With --update SPEC only
+        that part trains (the rest is frozen and costs no backward pass)."""
         import json
         import time
 
@@ -126,7 +130,7 @@ def register(app: typer.Typer) -> None:
             loss=spec, steps=steps, lr=lr, lora=settings, batch_size=batch, grad_accum=grad_accum,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, seed=seed, bf16=bf16_mode,
             eval_every=eval_every, checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
-            temperature=temperature)
+            temperature=temperature, update=update)
         lr = config.lr
         if seq_len < 2 or eval_windows < 0:
             raise DataError("--seq-len must be >= 2 and --eval-windows >= 0.")
@@ -174,7 +178,7 @@ def register(app: typer.Typer) -> None:
                        batch_size=batch, grad_accum=grad_accum, temperature=temperature, eval_windows=ew,
                        eval_every=eval_every, checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every,
                        resume=resume, weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, bf16=bf16_mode,
-                       gradient_checkpointing=gradient_checkpointing, seed=seed, lora=settings)
+                       gradient_checkpointing=gradient_checkpointing, seed=seed, lora=settings, update=update)
         seconds = time.perf_counter() - t0
         zeros = sum(int((p == 0).sum()) for n, p in student.named_parameters() if n in masks.masks)
         numel = sum(masks.masks[n].numel() for n in masks.masks)
@@ -190,6 +194,7 @@ def register(app: typer.Typer) -> None:
             "loss_first": res.losses[0] if res.losses else None, "loss": res.final_loss,
             "evals": res.evals, "resumed_from": res.resumed_from, "bf16": res.bf16,
             "trainable_params": res.trainable_params,
+            "update": None if update is None else str(config.adapter["update"]),
             # LoRA: the settings, and that the written model is the masked merge (no adapter files)
             "lora": None if settings is None else {**settings.to_dict(), "merged": True,
                                                    "written": "merged model (W + M * s*BA), no adapters"},

@@ -186,23 +186,31 @@ def check_options(
     checkpoint_every: int | None = None,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     temperature: float = 1.0,
+    update: Any = None,
 ) -> tuple[LossSpec, Any, FinetuneConfig]:
     """Check every option of :func:`finetune` that needs no model or data, before anything loads.
 
     One function for the API, ``sparsetorch finetune`` and the ``finetune:`` stage of a run
     recipe, so the three refuse the same things with the same errors. Returns the parsed loss,
     the :class:`~sparsetorch.finetune.lora.LoraSettings` (or None) and the
-    :class:`FinetuneConfig` (``lr`` resolved by :func:`default_lr`).
+    :class:`FinetuneConfig` (``lr`` resolved by :func:`default_lr`). ``update`` (a sparse-update
+    spec) is parsed here too (:class:`~sparsetorch.finetune.sparse_update.UpdateError`); it
+    becomes part of the config's trajectory, so a checkpoint resumes only with the same spec.
     """
     from .lora import LoraSettings
+    from .sparse_update import SparseUpdate, UpdateError
 
     spec = parse_loss(loss)
     settings = LoraSettings.parse(lora)
+    upd = SparseUpdate.parse(update) if update is not None else None
+    if upd is not None and settings is not None:
+        raise UpdateError("lora= and update= are two ways to choose what trains; pass one of them")
     config = FinetuneConfig(steps=steps, lr=default_lr(settings) if lr is None else lr, batch_size=batch_size,
                             grad_accum=grad_accum, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
                             weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, bf16=bf16,
                             eval_every=eval_every, checkpoint_every=checkpoint_every,
-                            adapter=settings.to_dict() if settings is not None else None)
+                            adapter=settings.to_dict() if settings is not None
+                            else upd.to_dict() if upd is not None else None)
     if checkpoint_every is not None and checkpoint_dir is None:
         raise FinetuneError("checkpoint_every needs checkpoint_dir= (where to write the checkpoints)")
     if isinstance(temperature, bool) or not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -238,6 +246,7 @@ def finetune(
     progress: bool = True,
     on_step: Any = None,
     lora: Any = None,
+    update: Any = None,
 ) -> FinetuneResult:
     """Fine-tune a pruned causal LM in place without changing its masks; returns the run record.
 
@@ -260,12 +269,22 @@ def finetune(
     in place (:func:`~sparsetorch.finetune.lora.merge_masked`): ``model`` is again a plain model
     with the same masks. Evaluations during the run see the adapted model; checkpoints hold the
     adapters too and resume bit-identically. If the run fails, the adapters are removed unmerged.
+
+    ``update`` (a spec string such as ``"last:4"``, ``"bias,norm"`` or
+    ``"channels:0.125@mlp.up_proj"``, or a :class:`~sparsetorch.finetune.sparse_update.SparseUpdate`)
+    trains only that part of the model (sparse backpropagation, see
+    :mod:`~sparsetorch.finetune.sparse_update`): everything else gets ``requires_grad=False``,
+    channel subsets train as small slices that are written back at the end, so ``model`` is again
+    a plain model with the same masks and every frozen parameter bit-identical. The spec is
+    checked against the model before anything changes. ``masks=None`` is allowed with ``update``
+    (nothing pruned). Not combinable with ``lora`` or ``gradient_checkpointing``.
     """
     spec, settings, config = check_options(
         loss=loss, steps=steps, lr=lr, lora=lora, batch_size=batch_size, grad_accum=grad_accum,
         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, seed=seed, bf16=bf16, eval_every=eval_every,
-        checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, temperature=temperature)
+        checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, temperature=temperature,
+        update=update)
     data = _check_windows(data, "data")
     if eval_windows is not None:
         eval_windows = _check_windows(eval_windows, "eval_windows")
@@ -305,7 +324,17 @@ def finetune(
         def eval_fn(m: nn.Module) -> float:
             return perplexity(m, windows=eval_windows, max_windows=None, progress=False)
 
-    train_model, train_masks, peft_model = model, masks, None
+    train_model, train_masks, peft_model, handle = model, masks, None, None
+    if update is not None:
+        from .sparse_update import SparseUpdate, UpdateError, apply_update, resolve
+
+        if gradient_checkpointing:
+            raise UpdateError("update= with gradient_checkpointing is not supported: checkpointed frozen blocks would "
+                              "need inputs that require grad, which builds the backward the update avoids")
+        plan = resolve(model, SparseUpdate.parse(update))  # every check before the model changes
+        handle = apply_update(model, plan, masks, seed=seed,
+                              grad_fn=lambda m: loss_fn(m, batch_fn(0))[0])
+        train_masks = None if (masks is None and resume is not None) else handle.masks(masks)
     if settings is not None:
         from .lora import add_sparse_lora, lora_masks_from_checkpoint, peft_masks
 
@@ -349,6 +378,10 @@ def finetune(
             from .lora import unload_unmerged
 
             unload_unmerged(peft_model)  # give the caller back the plain model, adapters dropped
+        if handle is not None:
+            handle.merge(restore=not ok)  # plain nn.Linear again; a failed run gets its columns back
+    if handle is not None and masks is not None:
+        masks.verify(model)
     if peft_model is not None:
         from .lora import merge_masked
 
