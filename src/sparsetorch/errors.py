@@ -78,6 +78,11 @@ class DistributedError(SparseTorchError, RuntimeError):
     """Ranks disagree (masks, settings) or a distributed setting is unusable."""
 
 
+class PrivacyError(SparseTorchError, ValueError):
+    """A DP-SGD setting that is invalid or would not be private (a mask computed from the private
+    training data, epsilon <= 0, delta >= 1, clip <= 0, an unsupported trainable layer ...)."""
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """Return a ' Did you mean: a, b?' suffix for an error message, or ''."""
     cands = list(candidates)

@@ -20,8 +20,8 @@ def train_command(
     allocation: str | None = typer.Option(None, help="erk, er, uniform or global (default: the method's own)."),
     dense: str | None = typer.Option(None, help="Comma-separated weights kept dense, e.g. 'first' or 'first,last' or 'conv1.weight'."),
     epochs: int = typer.Option(1, help="Training epochs."),
-    batch_size: int = typer.Option(128, help="Batch size."),
-    lr: float = typer.Option(0.05, help="SGD learning rate (momentum 0.9, cosine decay)."),
+    batch_size: int | None = typer.Option(None, help="Batch size (default 128; with DP-SGD the expected Poisson batch size, default 512)."),
+    lr: float | None = typer.Option(None, help="SGD learning rate, momentum 0.9, cosine decay (default 0.05; with DP-SGD 2.0)."),
     seed: int = typer.Option(0, help="Seed for init, data order and the method's RNG."),
     compare_dense: bool = typer.Option(False, "--compare-dense", help="Also train the dense model with the same settings."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON here."),
@@ -31,6 +31,12 @@ def train_command(
     train_subset: int | None = typer.Option(None, help="Use only the first N training examples."),
     threads: int | None = typer.Option(None, help="torch.set_num_threads (default: torch's)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    dp_epsilon: float | None = typer.Option(None, "--dp-epsilon", help="Train with DP-SGD to this epsilon (the noise multiplier is calibrated to it)."),
+    dp_delta: float = typer.Option(1e-5, "--dp-delta", help="DP-SGD delta."),
+    dp_clip: float = typer.Option(1.0, "--dp-clip", help="DP-SGD per-sample clipping norm (on the live coordinates)."),
+    dp_noise_multiplier: float | None = typer.Option(None, "--dp-noise-multiplier", help="DP-SGD with this noise multiplier instead of --dp-epsilon (epsilon is then reported)."),
+    dp_accountant: str = typer.Option("prv", "--dp-accountant", help="Privacy accountant: prv (Opacus's default, tighter) or rdp."),
+    dp_mask_is_public: bool = typer.Option(False, "--dp-mask-is-public", help="State that a data-dependent mask (snip, grasp) may be computed on the training data because it is public; otherwise DP-SGD refuses such masks."),
 ) -> None:
     """Train a small model sparse from scratch and report accuracy, sparsity and time."""
     import math
@@ -44,6 +50,9 @@ def train_command(
     from ..models import get_model
     from .loop import NM_METHODS, build_sparsifier, fit
 
+    private = dp_epsilon is not None or dp_noise_multiplier is not None
+    batch_size = batch_size if batch_size is not None else (512 if private else 128)
+    lr = lr if lr is not None else (2.0 if private else 0.05)
     # every argument and output path is checked before the data is read
     if dataset.lower().replace("_", "-") != "fashion-mnist":
         raise DataError(f"unknown dataset {dataset!r}; available: fashion-mnist.")
@@ -62,13 +71,32 @@ def train_command(
     if method.lower() in NM_METHODS:
         kw = {"pattern": pattern, "seed": seed}
     train_size = min(train_subset, FASHION_MNIST_TRAIN) if train_subset else FASHION_MNIST_TRAIN
-    build_sparsifier(method, sparsity, math.ceil(train_size / batch_size) * epochs, **kw)  # validates
+    checked = build_sparsifier(method, sparsity, math.ceil(train_size / batch_size) * epochs, **kw)  # validates
+    if private:
+        from ..privacy import check_mask_privacy, check_privacy_args
+        from ..privacy.dpsgd import check_dp_options
+
+        check_privacy_args(epsilon=dp_epsilon, delta=dp_delta, clip=dp_clip,
+                           noise_multiplier=dp_noise_multiplier, accountant=dp_accountant)
+        check_dp_options(dp_epsilon, dp_noise_multiplier, batch_size, train_size, epochs)
+        check_mask_privacy(checked, mask_is_public=dp_mask_is_public)
+    elif dp_mask_is_public:
+        raise DataError("--dp-mask-is-public only applies to DP-SGD: add --dp-epsilon or --dp-noise-multiplier.")
     if threads:
         torch.set_num_threads(threads)
     train = load_fashion_mnist("train", data_dir, subset=train_subset)
     test = load_fashion_mnist("test", data_dir)
     total = math.ceil(len(train[0]) / batch_size) * epochs
     sp = build_sparsifier(method, sparsity, total, **kw)
+    if private:
+        _train_private(dict(
+            model=model, method=method, sp=sp, train=train, test=test, seed=seed, epochs=epochs,
+            batch_size=batch_size, lr=lr, progress=progress, compare_dense=compare_dense, plot=plot,
+            json_path=json_path, overwrite=overwrite, dp_epsilon=dp_epsilon, dp_delta=dp_delta,
+            dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_accountant=dp_accountant,
+            dp_mask_is_public=dp_mask_is_public,
+        ))
+        return
     torch.manual_seed(seed)
     net = get_model(model)
     res = fit(net, sp, train, test, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress, desc=method)
@@ -102,6 +130,54 @@ def train_command(
         from ..atomic import atomic_write_text
 
         atomic_write_text(json_path, json.dumps(out, indent=2) + "\n", overwrite=overwrite)
+
+
+def _train_private(a: dict) -> None:
+    """The DP-SGD branch of ``train``: ``a`` holds its checked arguments, the loaded data
+    (``train``, ``test``) and the unattached sparsifier ``sp``."""
+    import torch
+
+    from ..atomic import atomic_write_text
+    from ..cli import console
+    from ..models import get_model
+    from ..privacy import dp_fit
+
+    def run(sp, desc: str):  # noqa: ANN001, ANN202
+        torch.manual_seed(a["seed"])
+        return dp_fit(get_model(a["model"]), sp, a["train"], a["test"], epsilon=a["dp_epsilon"],
+                      noise_multiplier=a["dp_noise_multiplier"], delta=a["dp_delta"], clip=a["dp_clip"],
+                      epochs=a["epochs"], batch_size=a["batch_size"], lr=a["lr"],
+                      accountant=a["dp_accountant"], mask_is_public=a["dp_mask_is_public"],
+                      seed=a["seed"], progress=a["progress"], desc=desc)
+
+    sp = a["sp"]
+    res = run(sp, f"dp-sgd {a['method']}")
+    out = {
+        "dataset": "fashion-mnist", "model": a["model"], "method": a["method"], "private": True,
+        "sparsity_target": (sp.sparsity if sp is not None else 0.0),
+        "sparsity_actual": res.sparsity_actual, "accuracy": res.accuracy,
+        "accuracy_per_epoch": res.accuracy_per_epoch, "epsilon": res.epsilon, "delta": res.delta,
+        "noise_multiplier": res.noise_multiplier, "sample_rate": res.sample_rate, "steps": res.steps,
+        "clip": res.clip, "accountant": res.accountant, "expected_batch_size": a["batch_size"],
+        "mean_batch": res.mean_batch, "clipped_fraction": res.clipped_fraction,
+        "seconds": res.seconds, "seconds_per_step": res.seconds_per_step, "epochs": a["epochs"],
+        "lr": a["lr"], "train_examples": len(a["train"][0]), "layer_sparsity": res.layer_sparsity,
+    }
+    if a["compare_dense"]:
+        dense = run(None, "dp-sgd dense")
+        out.update(accuracy_dense=dense.accuracy, seconds_dense=dense.seconds)
+    console.print(
+        f"DP-SGD {a['method']}: accuracy {res.accuracy:.2f}%  epsilon {res.epsilon:.3f} at delta "
+        f"{res.delta:g} (noise multiplier {res.noise_multiplier:.3f}, sample rate "
+        f"{res.sample_rate:.4g}, {res.steps} steps)  sparsity {res.sparsity_actual:.4f}  {res.seconds:.1f}s"
+        + (f"  | dense DP-SGD {out['accuracy_dense']:.2f}%" if a["compare_dense"] else "")
+    )
+    if a["plot"] is not None and sp is not None:
+        from .plots import plot_layer_sparsity
+
+        plot_layer_sparsity(sp.history, a["plot"], title=f"{a['method']} {out['sparsity_target']:.2f} (DP-SGD)")
+    if a["json_path"] is not None:
+        atomic_write_text(a["json_path"], json.dumps(out, indent=2) + "\n", overwrite=a["overwrite"])
 
 
 def register(app: typer.Typer) -> None:
