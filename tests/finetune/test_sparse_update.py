@@ -60,6 +60,7 @@ def test_parse_canonical_forms():
     assert (c.fraction, c.layers, c.criterion, c.axis) == (0.125, ("mlp.up_proj", "o_proj"), "random", "in")
     assert SparseUpdate.parse(str(s)) == s  # the string form round-trips
     assert SparseUpdate.parse("rows:0.5@up_proj").channels[0].axis == "out"
+    assert SparseUpdate.parse("channels:1/8@up_proj").channels[0].fraction == 0.125
 
 
 @pytest.mark.parametrize("spec, text", [
@@ -71,6 +72,7 @@ def test_parse_canonical_forms():
     ("channels:0@up_proj", "in (0, 1]"),
     ("channels:1.5@up_proj", "in (0, 1]"),
     ("channels:abc@up_proj", "not a number"),
+    ("channels:1/0@up_proj", "not a number"),
     ("channels:0.1:magn@up_proj", "Did you mean: magnitude"),
     ("channels:0.1", "after '@'"),
     ("channels:0.1@up_proj,channels:0.2@up_proj", "two channel terms"),

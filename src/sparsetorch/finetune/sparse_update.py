@@ -12,7 +12,7 @@ A :class:`SparseUpdate` says what trains. Its string form (``--update SPEC`` on 
               | NAME                 the parameters of the modules whose dotted name is NAME or ends
                                      with ".NAME" (q_proj, mlp.up_proj, model.layers.3.mlp ...)
               | AXIS ":" F [":" CRIT] "@" NAME ("|" NAME)*
-                                     a fraction F in (0, 1] of the input channels (AXIS=channels,
+                                     a fraction F in (0, 1] (0.125 or 1/8) of the input channels (AXIS=channels,
                                      the 256KB work's choice) or output rows (AXIS=rows) of each
                                      named nn.Linear, picked by CRIT = magnitude (default; largest
                                      L2 norm, tiny-training's "magnitude+"), gradient (largest
@@ -173,9 +173,10 @@ def _parse_channels(t: str) -> ChannelTerm:
     if len(parts) not in (2, 3):
         raise UpdateError(f"{t!r}: expected {parts[0]}:FRACTION[:CRITERION]@LAYERS, e.g. channels:0.125@up_proj")
     try:
-        frac = float(parts[1])
-    except ValueError:
-        raise UpdateError(f"{t!r}: fraction {parts[1]!r} is not a number; use e.g. 0.125") from None
+        num, _, den = parts[1].partition("/")
+        frac = float(num) / float(den) if den else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise UpdateError(f"{t!r}: fraction {parts[1]!r} is not a number; use e.g. 0.125 or 1/8") from None
     if not 0.0 < frac <= 1.0:
         raise UpdateError(f"{t!r}: the fraction must be in (0, 1], got {frac:g}")
     crit = parts[2].lower() if len(parts) == 3 else "magnitude"
@@ -508,7 +509,16 @@ def apply_update(model: nn.Module, update: str | SparseUpdate | UpdatePlan, mask
 
 # ------------------------------------------------------------------------------------ measurement
 def peak_rss_mb() -> float:
-    """The peak resident set size of this process so far, MiB (Linux ``ru_maxrss``)."""
+    """The peak resident set size of this process so far, MiB: ``VmHWM`` from ``/proc/self/status``
+    (Linux; the high-water mark of this process's own memory), else ``ru_maxrss``. ``ru_maxrss``
+    survives ``fork`` + ``exec``: a child started by a large parent reports the parent's peak."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
