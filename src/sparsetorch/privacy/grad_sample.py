@@ -108,22 +108,36 @@ def _chunk(b: int, per_sample: int, chunk_bytes: int) -> int:
     return max(1, min(b, chunk_bytes // max(per_sample * 4, 1)))
 
 
+@dataclass
+class _Prepared:
+    """One layer's recorded tensors as matrices, and its per-sample weight gradients when they
+    were materialised in one piece (then the clipped sum reuses them)."""
+
+    layer: _Layer
+    a: Tensor
+    g: Tensor
+    flat: bool
+    per_sample: Tensor | None = None  # (B, out, in), masked
+
+
 def layer_norms_sq(layer: _Layer, a: Tensor, g: Tensor, masks: Mapping[str, Tensor],
-                   chunk_bytes: int = CHUNK_BYTES) -> Tensor:
-    """Squared norms (B,) of each example's masked gradient over this layer's trainable params."""
+                   chunk_bytes: int = CHUNK_BYTES) -> tuple[Tensor, _Prepared]:
+    """Squared norms (B,) of each example's masked gradient over this layer's trainable params,
+    and the prepared tensors for :func:`layer_clipped_sum`."""
     a, g, flat = _as_matrices(layer, a.float(), g.float())
+    prep = _Prepared(layer, a, g, flat)
     out = torch.zeros(a.shape[0], dtype=torch.float32, device=a.device)
     if layer.bias is not None:
         gb = g if flat else g.sum(-1)
         mb = masks.get(layer.bias)
         out += (gb.square() * mb.to(gb.dtype).flatten() if mb is not None else gb.square()).sum(1)
     if layer.weight is None:
-        return out
+        return out, prep
     m = masks.get(layer.weight)
     if flat:
         if m is None:
-            return out + g.square().sum(1) * a.square().sum(1)
-        return out + ((g.square() @ m.to(g.dtype).reshape(g.shape[1], -1)) * a.square()).sum(1)
+            return out + g.square().sum(1) * a.square().sum(1), prep
+        return out + ((g.square() @ m.to(g.dtype).reshape(g.shape[1], -1)) * a.square()).sum(1), prep
     m2 = None if m is None else m.reshape(g.shape[1], -1)
     step = _chunk(a.shape[0], g.shape[1] * a.shape[1], chunk_bytes)
     for i in range(0, a.shape[0], step):
@@ -131,23 +145,28 @@ def layer_norms_sq(layer: _Layer, a: Tensor, g: Tensor, masks: Mapping[str, Tens
         if m2 is not None:
             gs = gs * m2
         out[i:i + step] += gs.square().sum((1, 2))
-    return out
+        if step >= a.shape[0]:  # all of the batch in one chunk: keep it for the sum
+            prep.per_sample = gs
+    return out, prep
 
 
-def layer_clipped_sum(layer: _Layer, a: Tensor, g: Tensor, scale: Tensor,
-                      masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def layer_clipped_sum(prep: _Prepared, scale: Tensor, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """``sum_i scale_i * (per-sample gradient_i ⊙ M)`` for this layer's trainable params."""
-    a, g, flat = _as_matrices(layer, a.float(), g.float())
-    gc = g * scale.reshape(-1, *([1] * (g.dim() - 1)))
+    layer, a, g, flat = prep.layer, prep.a, prep.g, prep.flat
     out: dict[str, Tensor] = {}
     if layer.weight is not None:
         w = layer.module.weight
-        s = gc.T @ a if flat else torch.einsum("bol,bkl->ok", gc, a)
-        s = s.reshape(w.shape)
         m = masks.get(layer.weight)
-        out[layer.weight] = s * m if m is not None else s
+        if prep.per_sample is not None:  # already masked
+            s = (scale @ prep.per_sample.reshape(scale.shape[0], -1)).reshape(w.shape)
+        else:
+            gc = g * scale.reshape(-1, *([1] * (g.dim() - 1)))
+            s = (gc.T @ a if flat else torch.einsum("bol,bkl->ok", gc, a)).reshape(w.shape)
+            s = s * m if m is not None else s
+        out[layer.weight] = s
     if layer.bias is not None:
-        s = gc.sum(0) if flat else gc.sum((0, 2))
+        gb = g if flat else g.sum(-1)
+        s = scale @ gb
         m = masks.get(layer.bias)
         out[layer.bias] = s * m if m is not None else s
     return out
@@ -200,16 +219,17 @@ class PerSampleClipper:
         outs = [o for _, o in recs]
         gouts = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
         sq = torch.zeros(losses.shape[0])
-        ag = []
+        preps = []
         for layer, (a, o), g in zip(self.layers, recs, gouts):
             g = torch.zeros_like(o) if g is None else g.detach()
-            ag.append((a, g))
-            sq += layer_norms_sq(layer, a, g, self.masks, self.chunk_bytes)
+            layer_sq, prep = layer_norms_sq(layer, a, g, self.masks, self.chunk_bytes)
+            sq += layer_sq
+            preps.append(prep)
         norms = sq.sqrt()
         scale = (self.clip / (norms + 1e-6)).clamp(max=1.0)
         grads: dict[str, Tensor] = {}
-        for layer, (a, g) in zip(self.layers, ag):
-            grads.update(layer_clipped_sum(layer, a, g, scale, self.masks))
+        for prep in preps:
+            grads.update(layer_clipped_sum(prep, scale, self.masks))
         self._records = {}
         return grads, norms
 

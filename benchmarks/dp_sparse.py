@@ -1,0 +1,179 @@
+"""DP-SGD on sparse models: does a fixed sparse mask buy accuracy at equal privacy?
+
+Fashion-MNIST, the library's CNN (``get_model("cnn")``: 2 conv + 2 linear), the full training
+set. For each epsilon (delta 1e-5, PRV accountant) and each sparsity (0 = dense DP-SGD; static
+random ERK masks, chosen at initialisation without data, so they cost no privacy), DP-SGD with
+the noise multiplier calibrated to epsilon over the same epochs, expected batch size and
+learning rate; several seeds; mean ± std. The non-private dense model trained with
+``training.loop.fit`` (SGD 0.05, batch 128, the same epochs) is the ceiling.
+
+    .venv/bin/python benchmarks/dp_sparse.py                  # the issue's grid (about an hour on 2 cores)
+    .venv/bin/python benchmarks/dp_sparse.py --eps 3 --sparsities 0,0.9 --seeds 0
+    .venv/bin/python benchmarks/dp_sparse.py --table          # print the table from the JSON
+
+Entries merge into ``benchmarks/results/dp_sparse.json`` keyed ``EPS|SPARSITY|SEED`` (``ceiling|SEED``
+for the non-private runs), each with its own provenance; a run that stops part-way keeps what
+it finished and a rerun skips it (``--redo`` reruns). Target (issue 14): at epsilon 3 the best
+sparse model beats dense DP-SGD by >= 1 point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import Run, load_average, write_json  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "dp_sparse.json"
+TARGET_EPS, TARGET_POINTS = 3.0, 1.0
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def key(eps: float | str, sparsity: float, seed: int) -> str:
+    return f"{eps:g}|{sparsity:g}|{seed}" if not isinstance(eps, str) else f"{eps}|{seed}"
+
+
+def summarise(results: dict) -> dict:
+    """{eps: {sparsity: {mean, std, n}}} and {"ceiling": {mean, std, n}} from the entries."""
+    cells: dict[str, dict[str, list[float]]] = {}
+    ceiling: list[float] = []
+    for k, e in results.items():
+        if k.startswith("_"):
+            continue
+        if k.startswith("ceiling|"):
+            ceiling.append(e["accuracy"])
+            continue
+        cells.setdefault(f"{e['epsilon_target']:g}", {}).setdefault(f"{e['sparsity']:g}", []).append(e["accuracy"])
+
+    def stat(v: list[float]) -> dict:
+        return {"mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0, "n": len(v)}
+
+    out = {eps: {sp: stat(v) for sp, v in sorted(d.items(), key=lambda kv: float(kv[0]))}
+           for eps, d in sorted(cells.items(), key=lambda kv: float(kv[0]))}
+    return {"by_epsilon": out, "ceiling": stat(ceiling) if ceiling else None}
+
+
+def verdict(summary: dict) -> dict | None:
+    """The issue's target at epsilon 3: best sparse mean minus dense DP-SGD mean, in points."""
+    cell = summary["by_epsilon"].get(f"{TARGET_EPS:g}")
+    if not cell or "0" not in cell or len(cell) < 2:
+        return None
+    best_sp, best = max(((sp, c) for sp, c in cell.items() if sp != "0"), key=lambda kv: kv[1]["mean"])
+    gain = best["mean"] - cell["0"]["mean"]
+    return {"epsilon": TARGET_EPS, "best_sparsity": float(best_sp), "best_mean": best["mean"],
+            "dense_mean": cell["0"]["mean"], "gain_points": gain, "target_points": TARGET_POINTS,
+            "met": gain >= TARGET_POINTS}
+
+
+def table(results: dict) -> str:
+    s = summarise(results)
+    sps = sorted({float(sp) for d in s["by_epsilon"].values() for sp in d})
+    head = "| epsilon | " + " | ".join("dense DP-SGD" if sp == 0 else f"{sp:.0%} sparse" for sp in sps) + " |"
+    lines = [head, "|" + "---|" * (len(sps) + 1)]
+    for eps, d in s["by_epsilon"].items():
+        row = [f"{d[f'{sp:g}']['mean']:.2f} ± {d[f'{sp:g}']['std']:.2f}" if f"{sp:g}" in d else "–" for sp in sps]
+        lines.append(f"| {eps} | " + " | ".join(row) + " |")
+    if s["ceiling"]:
+        c = s["ceiling"]
+        lines.append(f"\nnon-private dense: {c['mean']:.2f} ± {c['std']:.2f} (n={c['n']})")
+    v = verdict(s)
+    if v:
+        lines.append(f"target at epsilon {v['epsilon']:g}: best sparse ({v['best_sparsity']:.0%}) "
+                     f"{v['gain_points']:+.2f} points over dense DP-SGD (target +{v['target_points']:g}): "
+                     + ("MET" if v["met"] else "MISSED"))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--eps", type=_floats, default=[1.0, 3.0, 8.0])
+    ap.add_argument("--sparsities", type=_floats, default=[0.0, 0.5, 0.8, 0.9, 0.95])
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=512, help="expected Poisson batch size")
+    ap.add_argument("--lr", type=float, default=2.0)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--accountant", default="prv")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-ceiling", action="store_true", help="skip the non-private dense runs")
+    ap.add_argument("--redo", action="store_true", help="rerun entries already in the results")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--table", action="store_true", help="only print the table of --results")
+    a = ap.parse_args(argv)
+    results = json.loads(a.results.read_text()) if a.results.is_file() else {}
+    if a.table:
+        print(table(results))
+        return 0
+
+    run = Run.for_main(__file__, argv)
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    from sparsetorch.data.fashion_mnist import load_fashion_mnist
+    from sparsetorch.models import get_model
+    from sparsetorch.privacy import dp_fit
+    from sparsetorch.training.loop import build_sparsifier, fit
+
+    torch.set_num_threads(a.threads)
+    train, test = load_fashion_mnist("train"), load_fashion_mnist("test")
+    meta = {"model": "cnn", "dataset": "fashion-mnist", "train_examples": len(train[0]),
+            "epochs": a.epochs, "expected_batch": a.batch, "lr": a.lr, "clip": a.clip,
+            "delta": a.delta, "accountant": a.accountant, "mask": "static random, ERK allocation",
+            "optimizer": "SGD momentum 0.9, cosine", "ceiling": "non-private dense, fit(): SGD 0.05, batch 128"}
+
+    def save() -> None:
+        results["_meta"] = run.meta(**meta)
+        results["summary"] = summarise(results)
+        results["verdict"] = verdict(results["summary"])
+        write_json(a.results, results)
+
+    # the target's epsilon first (all seeds), then the others; the non-private ceiling last
+    order = sorted(a.eps, key=lambda e: (e != TARGET_EPS, e))
+    jobs = [(seed, eps, sp) for eps in order for seed in a.seeds for sp in a.sparsities]
+    jobs += [(seed, None, 0.0) for seed in a.seeds if not a.no_ceiling]
+    for seed, eps, sp in jobs:
+        k = key("ceiling", 0, seed) if eps is None else key(eps, sp, seed)
+        if k in results and not a.redo:
+            continue
+        load_before = load_average()
+        torch.manual_seed(seed)
+        model = get_model("cnn")
+        t = time.perf_counter()
+        if eps is None:
+            r = fit(model, None, train, test, epochs=a.epochs, batch_size=128, lr=0.05, seed=seed, progress=False)
+            entry = {"accuracy": r.accuracy, "accuracy_per_epoch": r.accuracy_per_epoch,
+                     "seconds_per_step": r.seconds_per_step, "seed": seed}
+        else:
+            sparsifier = build_sparsifier("static", sp, 1, allocation="erk", seed=seed) if sp > 0 else None
+            r = dp_fit(model, sparsifier, train, test, epsilon=eps, delta=a.delta, clip=a.clip,
+                       epochs=a.epochs, batch_size=a.batch, lr=a.lr, accountant=a.accountant,
+                       seed=seed, progress=False)
+            entry = {"epsilon_target": eps, "sparsity": sp, "seed": seed, "accuracy": r.accuracy,
+                     "accuracy_per_epoch": r.accuracy_per_epoch, "epsilon": r.epsilon,
+                     "noise_multiplier": r.noise_multiplier, "sample_rate": r.sample_rate,
+                     "steps": r.steps, "sparsity_actual": r.sparsity_actual,
+                     "clipped_fraction": r.clipped_fraction, "mean_batch": r.mean_batch,
+                     "seconds_per_step": r.seconds_per_step}
+        entry["wall_seconds"] = time.perf_counter() - t
+        entry["provenance"] = run.entry(load_before)
+        results[k] = entry
+        print(f"{k}: accuracy {entry['accuracy']:.2f}  ({entry['wall_seconds']:.0f} s)", flush=True)
+        save()
+    if "_meta" not in results:
+        save()
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
