@@ -338,3 +338,22 @@ def test_cli_bad_update_exits_2_without_traceback(pruned_dir, tmp_path):
         assert "error: UpdateError: " in p.stderr and text in p.stderr and hint in p.stderr, p.stderr[-2000:]
         assert "Traceback" not in p.stderr
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+
+
+def test_resume_with_channel_slices_is_bit_identical(tmp_path):
+    a, b = _llama(), _llama()
+    masks_a = sparsetorch.prune(a, "magnitude", 0.5).masks
+    masks_b = sparsetorch.prune(b, "magnitude", 0.5).masks
+    spec = "last:2,channels:0.25@up_proj,norm"
+    _train(a, spec, masks=masks_a, steps=4)
+    ck = tmp_path / "ck"
+    with pytest.raises(RuntimeError, match="stop"):
+        _train(b, spec, masks=masks_b, steps=4, checkpoint_dir=ck, checkpoint_every=2,
+               on_step=lambda done, r, m: (_ for _ in ()).throw(RuntimeError("stop")) if done == 3 else None)
+    c = _llama()
+    sparsetorch.prune(c, "magnitude", 0.5)
+    _train(c, spec, masks=copy.deepcopy(masks_b), steps=4, resume=ck)
+    pa, pc = dict(a.named_parameters()), dict(c.named_parameters())
+    assert all(torch.equal(pa[n], pc[n]) for n in pa)
+    with pytest.raises(Exception, match="update"):
+        _train(_llama(), "last:1", masks=None, steps=4, resume=ck)  # another spec: refused
