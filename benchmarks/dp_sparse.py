@@ -74,17 +74,22 @@ def verdict(summary: dict) -> dict | None:
             "met": gain >= TARGET_POINTS}
 
 
+def _cell(c: dict) -> str:
+    """mean ± std over seeds; a cell with one seed says so (no spread to show)."""
+    return f"{c['mean']:.2f} ± {c['std']:.2f}" if c["n"] > 1 else f"{c['mean']:.2f} (1 seed)"
+
+
 def table(results: dict) -> str:
     s = summarise(results)
     sps = sorted({float(sp) for d in s["by_epsilon"].values() for sp in d})
     head = "| epsilon | " + " | ".join("dense DP-SGD" if sp == 0 else f"{sp:.0%} sparse" for sp in sps) + " |"
     lines = [head, "|" + "---|" * (len(sps) + 1)]
     for eps, d in s["by_epsilon"].items():
-        row = [f"{d[f'{sp:g}']['mean']:.2f} ± {d[f'{sp:g}']['std']:.2f}" if f"{sp:g}" in d else "–" for sp in sps]
+        row = [_cell(d[f"{sp:g}"]) if f"{sp:g}" in d else "–" for sp in sps]
         lines.append(f"| {eps} | " + " | ".join(row) + " |")
     if s["ceiling"]:
         c = s["ceiling"]
-        lines.append(f"\nnon-private dense: {c['mean']:.2f} ± {c['std']:.2f} (n={c['n']})")
+        lines.append(f"\nnon-private dense (ceiling): {_cell(c)}")
     v = verdict(s)
     if v:
         lines.append(f"target at epsilon {v['epsilon']:g}: best sparse ({v['best_sparsity']:.0%}) "
@@ -137,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         results["verdict"] = verdict(results["summary"])
         write_json(a.results, results)
 
-    # the target's epsilon first (all seeds), then the others; the non-private ceiling last
-    order = sorted(a.eps, key=lambda e: (e != TARGET_EPS, e))
-    jobs = [(seed, eps, sp) for eps in order for seed in a.seeds for sp in a.sparsities]
+    # a run cut short keeps the most useful part: the target's epsilon with every seed, then the
+    # first seed of the ceiling and of every other epsilon, then the remaining seeds
+    jobs = [(seed, eps, sp) for eps in a.eps for seed in a.seeds for sp in a.sparsities]
     jobs += [(seed, None, 0.0) for seed in a.seeds if not a.no_ceiling]
+    first = a.seeds[0]
+    jobs.sort(key=lambda j: (j[1] != TARGET_EPS, j[0] != first, j[1] is not None, j[1] or 0.0, j[0]))
     for seed, eps, sp in jobs:
         k = key("ceiling", 0, seed) if eps is None else key(eps, sp, seed)
         if k in results and not a.redo:
