@@ -42,13 +42,16 @@ def key(eps: float | str, sparsity: float, seed: int) -> str:
     return f"{eps:g}|{sparsity:g}|{seed}" if not isinstance(eps, str) else f"{eps}|{seed}"
 
 
+def entries(results: dict) -> dict[str, dict]:
+    """The measured runs of a results file (without ``_meta``, ``summary`` and ``verdict``)."""
+    return {k: e for k, e in results.items() if not k.startswith("_") and k not in ("summary", "verdict")}
+
+
 def summarise(results: dict) -> dict:
     """{eps: {sparsity: {mean, std, n}}} and {"ceiling": {mean, std, n}} from the entries."""
     cells: dict[str, dict[str, list[float]]] = {}
     ceiling: list[float] = []
-    for k, e in results.items():
-        if k.startswith("_"):
-            continue
+    for k, e in entries(results).items():
         if k.startswith("ceiling|"):
             ceiling.append(e["accuracy"])
             continue
