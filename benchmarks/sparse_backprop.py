@@ -16,6 +16,11 @@ Each arm runs in its own process (so peak RSS is that arm's), and records: secon
 (median of the run's steps after the first), one measured step (:func:`measure_step`: forward /
 backward seconds, bytes saved for backward, gradient + AdamW-state bytes), peak RSS (VmHWM, taken before the evaluation), the gain,
 and the machine load before and after. Arms run in the listed order, LLM and CNN arms alternating.
+Because another job's load can change from one arm to the next (a 2-core machine shared with
+other work), the LLM step times are also taken round-robin in one process (``--paired-rounds``:
+one forward + backward + AdamW step of each arm per round, the first arm rotating, medians),
+so that every arm sees the same load; the target uses these ratios when present
+(``--paired-only`` adds them to an existing results file).
 
     .venv/bin/python benchmarks/sparse_backprop.py                    # default: ~15 min on 2 idle cores
     .venv/bin/python benchmarks/sparse_backprop.py --steps 20 --cnn-steps 200
@@ -118,6 +123,47 @@ def worker_llm(arm: str, a: argparse.Namespace) -> dict:
             "train_seconds": res.seconds, "losses": res.losses, "trainable_params": res.trainable_params,
             "ppl_e16_after": ppl, "step": cost.to_dict(), "peak_rss_mb": rss_train,
             "peak_rss_mb_with_eval": peak_rss_mb()}
+
+
+def worker_paired(arms: list[str], a: argparse.Namespace) -> dict:
+    """Step time of every LLM arm in one process, round-robin (one step of each arm per round, the
+    starting arm rotating), so that every arm sees the same machine load; medians over rounds."""
+    import copy
+
+    import torch
+    from finetune_llm import pruned_start
+    from safetensors.torch import load_file
+
+    from sparsetorch.finetune import add_sparse_lora, apply_update, causal_ce
+
+    torch.set_num_threads(a.threads)
+    base, masks, _tok, _ = pruned_start(a.start)
+    train = load_file(a.data_file)["train"]
+    prepared = {}
+    for arm in arms:
+        spec = LLM_ARMS[arm]
+        m = copy.deepcopy(base)
+        if spec == "lora":
+            m = add_sparse_lora(m, masks, r=16)
+        elif spec is not None:
+            apply_update(m, spec, masks)
+        params = [p for p in m.parameters() if p.requires_grad]
+        prepared[arm] = (m.train(), torch.optim.AdamW(params, lr=1e-12))
+    del base
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    for r in range(a.paired_rounds + 1):  # round 0 warms up (first-step allocations), not counted
+        order = arms[r % len(arms):] + arms[:r % len(arms)]
+        for arm in order:
+            m, opt = prepared[arm]
+            ids = train[(r * a.batch) % train.shape[0]:][: a.batch]
+            t = time.perf_counter()
+            causal_ce(m(input_ids=ids, use_cache=False).logits, ids).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if r:
+                times[arm].append(time.perf_counter() - t)
+    return {"rounds": a.paired_rounds, "s_per_step": {k: statistics.median(v) for k, v in times.items()},
+            "samples": times}
 
 
 def worker_cnn(arm: str, a: argparse.Namespace) -> dict:
@@ -258,6 +304,21 @@ def run_worker(kind: str, arm: str, a: argparse.Namespace, folder: Path) -> dict
     return r
 
 
+def paired(a: argparse.Namespace, folder: Path, arms: list[str], data: dict) -> None:
+    print(f"round-robin step timing of {len(arms)} LLM arms, {a.paired_rounds} rounds ...", flush=True)
+    out = folder / "paired.json"
+    cmd = [sys.executable, __file__, "--worker", "paired", "--arm", ";".join(arms), "--data-file",
+           str(folder / "llm.safetensors"), "--worker-out", str(out), "--batch", str(a.batch),
+           "--threads", str(a.threads), "--start", a.start, "--paired-rounds", str(a.paired_rounds)]
+    before = load_average()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        print(f"round-robin timing failed:\n{p.stderr[-3000:]}", file=sys.stderr, flush=True)
+        return
+    r = json.loads(out.read_text())
+    data["llm"]["paired_timing"] = {**r, "load_before": before, "load_after": load_average()}
+
+
 def summarise(data: dict) -> None:
     """Ratios to full fine-tuning and the target verdict, in place."""
     for kind, gain_key in (("llm", "ppl"), ("cnn", "acc")):
@@ -272,7 +333,13 @@ def summarise(data: dict) -> None:
             else:
                 r["gain"] = 100 * (r["acc_after"] - sec["acc_before"])
             r["gain_ratio"] = r["gain"] / full["gain"] if full["gain"] > 0 else None
-            r["time_ratio"] = r["s_per_step"] / full["s_per_step"]
+            r["time_ratio_run"] = r["s_per_step"] / full["s_per_step"]
+            pt = (sec.get("paired_timing") or {}).get("s_per_step", {})
+            if r["arm"] in pt and full["arm"] in pt:  # same load for every arm: the ratio the target uses
+                r["s_per_step_paired"] = pt[r["arm"]]
+                r["time_ratio"] = pt[r["arm"]] / pt[full["arm"]]
+            else:
+                r["time_ratio"] = r["time_ratio_run"]
             r["memory_ratio"] = r["step"]["grad_optimizer_bytes"] / full["step"]["grad_optimizer_bytes"]
             sparse = r["spec"] not in (None, "lora")
             r["meets_target"] = bool(sparse and r["gain_ratio"] is not None and r["gain_ratio"] >= TARGET["gain"]
@@ -292,14 +359,15 @@ def table(data: dict) -> str:
         before = (f"E16 before {sec['ppl_e16_before']:.2f}" if kind == "llm"
                   else f"accuracy before {100 * sec['acc_before']:.2f}% (dense {100 * sec['acc_dense']:.2f}%)")
         out.append(f"**{title}** ({before}; target {'met' if sec['target_met'] else 'MISSED'})\n")
-        out.append(f"| arm | trainable | s/step | x full | backward s | saved act. MB | grad+opt MB | x full | "
+        out.append(f"| arm | trainable | s/step (run) | s/step (round-robin) | x full | backward s | saved act. MB | grad+opt MB | x full | "
                    f"peak RSS MB | {metric} | x full | target |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in sec["arms"]:
             st = r["step"]
             gr = "" if r["gain_ratio"] is None else f"{r['gain_ratio']:.2f}"
             tgt = "" if r["spec"] in (None, "lora") else ("met" if r["meets_target"] else "missed")
-            out.append(f"| {r['arm']} | {r['trainable_params']:,} | {r['s_per_step']:.3f} | {r['time_ratio']:.2f} | "
+            rr = f"{r['s_per_step_paired']:.3f}" if "s_per_step_paired" in r else ""
+            out.append(f"| {r['arm']} | {r['trainable_params']:,} | {r['s_per_step']:.3f} | {rr} | {r['time_ratio']:.2f} | "
                        f"{st['backward_s']:.3f} | {st['saved_activation_bytes'] / 2**20:.1f} | "
                        f"{st['grad_optimizer_bytes'] / 2**20:.1f} | {r['memory_ratio']:.3f} | {r['peak_rss_mb']:.0f} | "
                        f"{r['gain']:.2f} | {gr} | {tgt} |")
@@ -329,11 +397,18 @@ def main() -> None:
     ap.add_argument("--skip-cnn", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true")
-    ap.add_argument("--worker", choices=["llm", "cnn"], help=argparse.SUPPRESS)
+    ap.add_argument("--paired-rounds", type=int, default=3, help="rounds of the round-robin LLM step timing "
+                    "(0: none)")
+    ap.add_argument("--paired-only", action="store_true", help="only add the round-robin step timing to the "
+                    "LLM section of an existing --results file")
+    ap.add_argument("--worker", choices=["llm", "cnn", "paired"], help=argparse.SUPPRESS)
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--data-file", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker == "paired":
+        Path(a.worker_out).write_text(json.dumps(worker_paired(a.arm.split(";"), a)))
+        return
     if a.worker:
         r = (worker_llm if a.worker == "llm" else worker_cnn)(a.arm, a)
         Path(a.worker_out).write_text(json.dumps(r))
@@ -342,6 +417,18 @@ def main() -> None:
         print(table(json.loads(a.results.read_text())))
         return
     run = Run()
+    if a.paired_only:
+        data = json.loads(a.results.read_text())
+        arms = [x["arm"] for x in data["llm"]["arms"]]
+        a.start, a.batch, a.seq_len = data["llm"]["start"], data["llm"]["batch"], data["llm"]["seq_len"]
+        with tempfile.TemporaryDirectory(prefix="sparse-backprop-") as tmp:
+            prepare_llm(a, Path(tmp))
+            paired(a, Path(tmp), arms, data)
+        summarise(data)
+        data["_meta"]["paired_timing"] = run.entry()
+        write_json(a.results, data)
+        print(table(data))
+        return
     llm_arms = [] if a.skip_llm else [x for x in LLM_ARMS if x in a.llm_arms.split(";")]
     cnn_arms = [] if a.skip_cnn else [x for x in CNN_ARMS if x in a.cnn_arms.split(";")]
     data: dict = {}
@@ -371,6 +458,8 @@ def main() -> None:
             print(f"  {r['s_per_step']:.3f} s/step, grad+opt {r['step']['grad_optimizer_bytes'] / 2**20:.1f} MB, "
                   + (f"E16 {r['ppl_e16_after']:.2f}" if kind == "llm" else f"acc {100 * r['acc_after']:.2f}%"),
                   flush=True)
+        if llm_arms and a.paired_rounds:
+            paired(a, folder, llm_arms, data)
     summarise(data)
     data["_meta"] = run.meta(
         model=f"SmolLM2-135M-Instruct fp32 (de-quantized GGUF), {a.start} start; Fashion-MNIST SmallCNN",
