@@ -17,7 +17,7 @@ Each arm runs in its own process (so peak RSS is that arm's), and records: secon
 backward seconds, bytes saved for backward, gradient + AdamW-state bytes), peak RSS (VmHWM, taken before the evaluation), the gain,
 and the machine load before and after. Arms run in the listed order, LLM and CNN arms alternating.
 Because another job's load can change from one arm to the next (a 2-core machine shared with
-other work), the LLM step times are also taken round-robin in one process (``--paired-rounds``:
+other work), the step times are also taken round-robin in one process (``--paired-rounds``:
 one forward + backward + AdamW step of each arm per round, the first arm rotating, medians),
 so that every arm sees the same load; the target uses these ratios when present
 (``--paired-only`` adds them to an existing results file).
@@ -166,6 +166,47 @@ def worker_paired(arms: list[str], a: argparse.Namespace) -> dict:
             "samples": times}
 
 
+def worker_paired_cnn(arms: list[str], a: argparse.Namespace) -> dict:
+    """The CNN arms' step times round-robin in one process (as :func:`worker_paired`)."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+
+    from sparsetorch import MaskSet
+    from sparsetorch.data.fashion_mnist import load_fashion_mnist
+    from sparsetorch.finetune import apply_update
+    from sparsetorch.models import get_model
+
+    torch.set_num_threads(a.threads)
+    state = load_file(a.data_file)
+    base = get_model("cnn")
+    base.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+    masks = MaskSet({k[5:]: v for k, v in state.items() if k.startswith("mask.")})
+    x, y = load_fashion_mnist("train", subset=a.cnn_train)
+    prepared = {}
+    for arm in arms:
+        m = copy.deepcopy(base)
+        if CNN_ARMS[arm]:
+            apply_update(m, CNN_ARMS[arm], masks)
+        prepared[arm] = (m.train(), torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-12))
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    for r in range(a.paired_rounds + 1):
+        order = arms[r % len(arms):] + arms[:r % len(arms)]
+        i = (r * a.cnn_batch) % (x.shape[0] - a.cnn_batch)
+        for arm in order:
+            m, opt = prepared[arm]
+            t = time.perf_counter()
+            F.cross_entropy(m(x[i:i + a.cnn_batch]), y[i:i + a.cnn_batch]).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if r:
+                times[arm].append(time.perf_counter() - t)
+    return {"rounds": a.paired_rounds, "s_per_step": {k: statistics.median(v) for k, v in times.items()},
+            "samples": times}
+
+
 def worker_cnn(arm: str, a: argparse.Namespace) -> dict:
     import torch
     import torch.nn.functional as F
@@ -304,19 +345,21 @@ def run_worker(kind: str, arm: str, a: argparse.Namespace, folder: Path) -> dict
     return r
 
 
-def paired(a: argparse.Namespace, folder: Path, arms: list[str], data: dict) -> None:
-    print(f"round-robin step timing of {len(arms)} LLM arms, {a.paired_rounds} rounds ...", flush=True)
+def paired(a: argparse.Namespace, folder: Path, arms: list[str], data: dict, kind: str = "llm") -> None:
+    rounds = a.paired_rounds if kind == "llm" else a.cnn_paired_rounds
+    print(f"round-robin step timing of {len(arms)} {kind} arms, {rounds} rounds ...", flush=True)
     out = folder / "paired.json"
-    cmd = [sys.executable, __file__, "--worker", "paired", "--arm", ";".join(arms), "--data-file",
-           str(folder / "llm.safetensors"), "--worker-out", str(out), "--batch", str(a.batch),
-           "--threads", str(a.threads), "--start", a.start, "--paired-rounds", str(a.paired_rounds)]
+    cmd = [sys.executable, __file__, "--worker", "paired" if kind == "llm" else "paired-cnn", "--arm", ";".join(arms),
+           "--data-file", str(folder / f"{kind}.safetensors"), "--worker-out", str(out), "--batch", str(a.batch),
+           "--cnn-batch", str(a.cnn_batch), "--cnn-train", str(a.cnn_train),
+           "--threads", str(a.threads), "--start", a.start, "--paired-rounds", str(rounds)]
     before = load_average()
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
         print(f"round-robin timing failed:\n{p.stderr[-3000:]}", file=sys.stderr, flush=True)
         return
     r = json.loads(out.read_text())
-    data["llm"]["paired_timing"] = {**r, "load_before": before, "load_after": load_average()}
+    data[kind]["paired_timing"] = {**r, "load_before": before, "load_after": load_average()}
 
 
 def summarise(data: dict) -> None:
@@ -401,13 +444,15 @@ def main() -> None:
                     "(0: none)")
     ap.add_argument("--paired-only", action="store_true", help="only add the round-robin step timing to the "
                     "LLM section of an existing --results file")
-    ap.add_argument("--worker", choices=["llm", "cnn", "paired"], help=argparse.SUPPRESS)
+    ap.add_argument("--cnn-paired-rounds", type=int, default=40, help="rounds of the round-robin CNN step timing")
+    ap.add_argument("--worker", choices=["llm", "cnn", "paired", "paired-cnn"], help=argparse.SUPPRESS)
     ap.add_argument("--arm", help=argparse.SUPPRESS)
     ap.add_argument("--data-file", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.worker == "paired":
-        Path(a.worker_out).write_text(json.dumps(worker_paired(a.arm.split(";"), a)))
+    if a.worker in ("paired", "paired-cnn"):
+        fn = worker_paired if a.worker == "paired" else worker_paired_cnn
+        Path(a.worker_out).write_text(json.dumps(fn(a.arm.split(";"), a)))
         return
     if a.worker:
         r = (worker_llm if a.worker == "llm" else worker_cnn)(a.arm, a)
@@ -419,11 +464,14 @@ def main() -> None:
     run = Run()
     if a.paired_only:
         data = json.loads(a.results.read_text())
-        arms = [x["arm"] for x in data["llm"]["arms"]]
-        a.start, a.batch, a.seq_len = data["llm"]["start"], data["llm"]["batch"], data["llm"]["seq_len"]
         with tempfile.TemporaryDirectory(prefix="sparse-backprop-") as tmp:
-            prepare_llm(a, Path(tmp))
-            paired(a, Path(tmp), arms, data)
+            if not a.skip_llm and "llm" in data:
+                a.start, a.batch, a.seq_len = data["llm"]["start"], data["llm"]["batch"], data["llm"]["seq_len"]
+                prepare_llm(a, Path(tmp))
+                paired(a, Path(tmp), [x["arm"] for x in data["llm"]["arms"]], data)
+            if not a.skip_cnn and "cnn" in data:
+                prepare_cnn(a, Path(tmp))  # the same seed and settings: the same pruned CNN
+                paired(a, Path(tmp), [x["arm"] for x in data["cnn"]["arms"]], data, "cnn")
         summarise(data)
         data["_meta"]["paired_timing"] = run.entry()
         write_json(a.results, data)
@@ -460,6 +508,8 @@ def main() -> None:
                   flush=True)
         if llm_arms and a.paired_rounds:
             paired(a, folder, llm_arms, data)
+        if cnn_arms and a.cnn_paired_rounds:
+            paired(a, folder, cnn_arms, data, "cnn")
     summarise(data)
     data["_meta"] = run.meta(
         model=f"SmolLM2-135M-Instruct fp32 (de-quantized GGUF), {a.start} start; Fashion-MNIST SmallCNN",
