@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = "benchmarks/results"
 #: the documentation files that may hold generated sections
 DOC_FILES = ["README.md", "docs/training.md", "docs/export.md", "docs/format.md", "docs/distributed.md",
-             "docs/structured.md", "docs/activation.md"]
+             "docs/structured.md", "docs/activation.md", "docs/privacy.md", "docs/sparse_backprop.md"]
 SECTION = re.compile(
     r"<!-- report:(?P<name>[a-z0-9-]+) -->(?P<body>.*?)<!-- /report:(?P=name) -->", re.S
 )
@@ -1067,6 +1067,96 @@ def activation_summary(r: Results) -> str:
     return text
 
 
+def dp_table(r: Results) -> str:
+    """DP-SGD dense vs static sparse on Fashion-MNIST (dp_sparse.json): mean ± std per epsilon and
+    sparsity, the non-private ceiling, the target at epsilon 3, and the settings."""
+    d = r("dp_sparse")
+    m = d.get("_meta", {})
+    setup = (f"Settings: {m.get('epochs')} epoch(s), expected Poisson batch {m.get('expected_batch')}, "
+             f"lr {m.get('lr')}, clip {m.get('clip')}, delta {m.get('delta')}, {m.get('accountant')} "
+             f"accountant, {m.get('mask')} masks; accuracy in percent on the test set.")
+    bench = _bench_module("dp_sparse")
+    return (bench.table(d) + "\n\n" + setup + "\n\n"
+            + entries_note(f"{RESULTS_DIR}/dp_sparse.json", bench.entries(d)))
+
+
+def dp_summary(r: Results) -> str:
+    """One sentence from dp_sparse.json: the epsilon-3 comparison and its target."""
+    d = r("dp_sparse")
+    v = d.get("verdict")
+    if not v:
+        raise ReportError("dp_sparse.json has no epsilon-3 comparison (run benchmarks/dp_sparse.py).")
+    return (f"At epsilon {v['epsilon']:g} (delta 1e-5), the best static sparse CNN "
+            f"({v['best_sparsity']:.0%}) reaches {v['best_mean']:.2f}% against "
+            f"{v['dense_mean']:.2f}% for dense DP-SGD ({v['gain_points']:+.2f} points; target "
+            f"+{v['target_points']:g}: {'met' if v['met'] else '**missed**'}).")
+
+
+def sparse_backprop_table(r: Results) -> str:
+    """Sparse backpropagation vs full fine-tuning and LoRA (sparse_backprop.json): one table per model."""
+    d = r("sparse_backprop")
+    out: list[str] = []
+    for kind in ("llm", "cnn"):
+        sec = d.get(kind)
+        if not sec or not sec.get("arms"):
+            continue
+        t = sec["target"]
+        if kind == "llm":
+            head = (f"SmolLM2-135M, {sec['start']} start (E16 before {ppl(sec['ppl_e16_before'])}), {sec['steps']} "
+                    f"steps of CE on python3.11-doc ({sec['batch']} x {sec['seq_len']} tokens), lr {sec['lr']:g} "
+                    f"(LoRA {sec['lora_lr']:g}, sparse updates {sec['update_lr']:g})")
+            gain = "E16 gain"
+        else:
+            head = (f"Fashion-MNIST CNN, {sec['pruning']} (test accuracy {100 * sec['acc_before']:.2f}%, dense "
+                    f"{100 * sec['acc_dense']:.2f}%), {sec['steps']} steps of batch {sec['batch']}, lr {sec['lr']:g}")
+            gain = "accuracy gain (points)"
+        out += [f"**{head}.** Target: a sparse-update scheme with ≥ {t['gain']:.0%} of full fine-tuning's gain at "
+                f"≤ {ratio(t['time'], 1)} its step time and ≤ {ratio(t['memory'])} its gradient + optimizer memory: "
+                + ("met." if sec["target_met"] else "**missed**."), "",
+                f"| arm | trained params | s/step (run) | s/step (round-robin) | vs full | backward s | saved activations MiB | grad + optimizer MiB "
+                f"| vs full | peak RSS MiB | {gain} | vs full | target |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for x in sec["arms"]:
+            s = x["step"]
+            verdict = "" if x["spec"] in (None, "lora") else ("met" if x["meets_target"] else "missed")
+            g = "" if x["gain_ratio"] is None else ratio(x["gain_ratio"])
+            rr = f"{x['s_per_step_paired']:.3f}" if "s_per_step_paired" in x else ""
+            out.append(f"| {x['arm']} | {x['trainable_params']:,} | {x['s_per_step']:.3f} | {rr} | {ratio(x['time_ratio'])} | "
+                       f"{s['backward_s']:.3f} | {s['saved_activation_bytes'] / 2**20:.1f} | "
+                       f"{s['grad_optimizer_bytes'] / 2**20:.1f} | {ratio(x['memory_ratio'], 3)} | "
+                       f"{x['peak_rss_mb']:.0f} | {x['gain']:.2f} | {g} | {verdict} |")
+        out.append("")
+    out.append("s/step (run): median over the run's steps after the first, each arm in its own process under whatever "
+               "load it met; s/step (round-robin): one step of every arm per round in one process, medians, so every "
+               "arm sees the same load -- the ratio and the target use it when present; backward s, saved activations (bytes autograd "
+               "saved for backward, parameters excluded) and grad + optimizer (gradients + AdamW state) from one "
+               "measured step; peak RSS: the arm's own process (VmHWM) before evaluation.")
+    out.append(provenance_note(f"{RESULTS_DIR}/sparse_backprop.json", d))
+    return "\n".join(out)
+
+
+def sparse_backprop_summary(r: Results) -> str:
+    """One sentence per model from sparse_backprop.json: the issue-14 target and the arms behind it."""
+    d = r("sparse_backprop")
+    parts = []
+    for kind, label in (("llm", "SmolLM2"), ("cnn", "Fashion-MNIST CNN")):
+        sec = d.get(kind)
+        if not sec or not sec.get("arms"):
+            continue
+        arms = [x for x in sec["arms"] if x["spec"] not in (None, "lora") and x["gain_ratio"] is not None]
+        met = [x for x in arms if x["meets_target"]]
+        best = max(met or arms, key=lambda x: x["gain_ratio"])
+        parts.append(
+            f"{label}: target {'met' if sec['target_met'] else '**missed**'}; "
+            + ("" if met else "closest ")
+            + f"`{best['spec']}` reaches {ratio(best['gain_ratio'])} of full fine-tuning's gain at "
+            f"{ratio(best['time_ratio'])} its step time and {ratio(best['memory_ratio'], 3)} its "
+            "gradient + optimizer memory"
+        )
+    return ("Target: a sparse-update scheme with at least 80% of full fine-tuning's gain at no more than "
+            "0.4× its step time and 0.25× its gradient + optimizer memory. " + "; ".join(parts) + ".")
+
+
 GENERATORS: dict[str, Callable[[Results], str]] = {
     "oneshot-setup": oneshot_setup,
     "oneshot-table": oneshot_table,
@@ -1095,6 +1185,10 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "structured-summary": structured_summary,
     "activation-table": activation_table,
     "activation-summary": activation_summary,
+    "dp-table": dp_table,
+    "dp-summary": dp_summary,
+    "sparse-backprop": sparse_backprop_table,
+    "sparse-backprop-summary": sparse_backprop_summary,
 }
 
 
