@@ -154,11 +154,12 @@ class DPSGD:
             loss = float(losses.detach().mean())
         else:
             grads = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in self.params.items()}
-            self.last_norms = torch.zeros(0)
+            self.last_norms = torch.zeros(0, device=x.device)
         std = self.noise_multiplier * self.clip
         for name, p in self.params.items():
-            noise = torch.randn(p.shape, generator=self.generator) * std
-            g = grads[name] + noise
+            # drawn on the CPU generator (reproducible on any device), then moved
+            noise = (torch.randn(p.shape, generator=self.generator) * std).to(p.device)
+            g = grads[name].to(p.device) + noise
             if self.masks is not None and name in self.masks:
                 g = g * self.masks[name].to(g.device)  # noise on live coordinates only
             p.grad = (g / self.expected_batch_size).to(p.dtype)

@@ -218,7 +218,7 @@ class PerSampleClipper:
             recs.append(r[0])
         outs = [o for _, o in recs]
         gouts = torch.autograd.grad(losses.sum(), outs, allow_unused=True)
-        sq = torch.zeros(losses.shape[0])
+        sq = torch.zeros(losses.shape[0], device=losses.device)
         preps = []
         for layer, (a, o), g in zip(self.layers, recs, gouts):
             g = torch.zeros_like(o) if g is None else g.detach()
