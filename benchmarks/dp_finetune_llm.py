@@ -53,8 +53,10 @@ def run_arm(model, masks, train, args, private: bool) -> dict:  # noqa: ANN001
     n = len(train)
     q = args.batch / n
     budget = PrivacyBudget.for_target(args.eps, args.delta, q, args.steps) if private else None
+    # SparseGPT's masks came from the public calibration half, not from the fine-tuning text
     dp = DPSGD(model, opt, noise_multiplier=budget.noise_multiplier, clip=args.clip,
-               expected_batch_size=args.batch, masks=live, loss_fn=per_sequence_ce) if private else None
+               expected_batch_size=args.batch, masks=live, loss_fn=per_sequence_ce,
+               mask_is_public=True) if private else None
     times, losses = [], []
     model.train()
     for idx in poisson_batches(n, q, args.steps, torch.Generator().manual_seed(stream_seed(0, "poisson"))):

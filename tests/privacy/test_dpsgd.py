@@ -36,7 +36,8 @@ def test_noise_is_exactly_zero_on_pruned_coordinates_and_has_std_sigma_c_elsewhe
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     sigma, clip, b = 2.0, 0.5, 4.0
-    dp = DPSGD(model, opt, noise_multiplier=sigma, clip=clip, expected_batch_size=b, masks=masks)
+    dp = DPSGD(model, opt, noise_multiplier=sigma, clip=clip, expected_batch_size=b, masks=masks,
+               mask_is_public=True)
     dp.step(torch.zeros(0, 100), torch.zeros(0, dtype=torch.long))  # empty batch: pure noise
     for n, p in model.named_parameters():
         update = (before[n] - p.detach()) * b  # lr 1: the step is -(noise / b)
@@ -67,7 +68,8 @@ def test_a_step_without_noise_is_the_clipped_masked_sum_over_the_expected_batch_
         for (n, _), g in zip(ref.named_parameters(), gs):
             total[n] += c * g
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
-    dp = DPSGD(model, opt, noise_multiplier=1e-12, clip=clip, expected_batch_size=b, masks=masks)
+    dp = DPSGD(model, opt, noise_multiplier=1e-12, clip=clip, expected_batch_size=b, masks=masks,
+               mask_is_public=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     dp.step(x, y)
     for n, p in model.named_parameters():
@@ -113,6 +115,10 @@ def test_masks_that_depend_on_the_private_data_are_refused():
     with pytest.raises(PrivacyError, match="mask_is_public=True"):
         check_mask_privacy(masks=half_masks(mlp()))
     check_mask_privacy(masks=half_masks(mlp()), mask_is_public=True)
+    model = mlp()
+    with pytest.raises(PrivacyError, match="mask_is_public=True"):  # the step class checks too
+        DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, clip=1.0,
+              expected_batch_size=4, masks=half_masks(model))
 
 
 def _blobs(n, seed):

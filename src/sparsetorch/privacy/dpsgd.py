@@ -105,23 +105,26 @@ def check_mask_privacy(sparsifier: Any = None, *, masks: MaskSet | None = None,
 class DPSGD:
     """DP-SGD steps for a model (with optional fixed masks) and any ``torch.optim`` optimizer.
 
-    The optimizer must hold exactly the model's trainable parameters; pruned weights are re-zeroed
-    after every step (by ``masks.enforce`` when attached through a Sparsifier, else here).
+    The optimizer must hold the model's trainable parameters; pruned weights are re-zeroed after
+    every step.
 
     Args:
         noise_multiplier: σ; the noise standard deviation is ``σ·clip``.
         clip: the per-sample clipping norm C (on the live coordinates).
         expected_batch_size: q·N, the divisor of the noisy sum.
         masks: fixed masks by parameter name (True = live), or None for a dense model.
+        mask_is_public: required with ``masks``: the caller states that they do not depend on
+            the private data (see :func:`check_mask_privacy`; :func:`dp_fit` checks the method).
         seed: seed of the noise generator (through :func:`stream_seed`; reproducible, not
             cryptographically secure).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  clip: float, expected_batch_size: float, masks: MaskSet | None = None,
-                 loss_fn: LossFn = cross_entropy_per_sample, seed: int = 0,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
+                 mask_is_public: bool = False, loss_fn: LossFn = cross_entropy_per_sample,
+                 seed: int = 0, chunk_bytes: int = CHUNK_BYTES) -> None:
         check_privacy_args(noise_multiplier=noise_multiplier, clip=clip)
+        check_mask_privacy(masks=masks, mask_is_public=mask_is_public)
         if not (expected_batch_size > 0):
             raise PrivacyError(f"expected_batch_size must be positive, got {expected_batch_size!r}.")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
@@ -262,8 +265,9 @@ def dp_fit(
         else:  # data-free methods read only the input shape (SynFlow), which is public
             data = [(torch.zeros_like(xtr[:1]), torch.zeros_like(ytr[:1]))]
         masks = sparsifier.attach(model, opt, data=data)
+    # the method behind the masks was checked above (check_mask_privacy(sparsifier, ...))
     dp = DPSGD(model, opt, noise_multiplier=budget.noise_multiplier, clip=clip,
-               expected_batch_size=batch_size, masks=masks, seed=seed)
+               expected_batch_size=batch_size, masks=masks, mask_is_public=True, seed=seed)
     sampler = torch.Generator().manual_seed(stream_seed(seed, "poisson"))
     per_epoch = math.ceil(n / batch_size)
     accs: list[float] = []
