@@ -83,6 +83,11 @@ class PrivacyError(SparseTorchError, ValueError):
     training data, epsilon <= 0, delta >= 1, clip <= 0, an unsupported trainable layer ...)."""
 
 
+class DictionaryError(SparseTorchError, ValueError):
+    """A sparse-dictionary setting or file that cannot be used (a site the model does not have,
+    k >= width, a truncated activation shard, a harvest folder made with other settings ...)."""
+
+
 def close_matches(name: str, candidates: Iterable[str], n: int = 3) -> str:
     """Return a ' Did you mean: a, b?' suffix for an error message, or ''."""
     cands = list(candidates)

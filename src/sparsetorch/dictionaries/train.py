@@ -1,0 +1,279 @@
+"""Train a sparse autoencoder on harvested activations.
+
+One loop for the three kinds. Defaults, and where the references disagree
+(``../shared/ALGORITHMS-DICTIONARIES-ACTIVATION.md`` 1.1-1.4):
+
+* **loss**: the batch's fraction of variance unexplained ``sum||x - x_hat||^2 / sum||x - mean_batch||^2``
+  (scale-free, as in eai-sparsify) plus ``auxk_alpha`` times AuxK (TopK/BatchTopK) or the L0
+  penalty (JumpReLU).
+* **AuxK**: the ``k_aux`` (default d/2) largest pre-activations among dead latents reconstruct the
+  detached residual, decoded without ``b_dec``; normalised by the residual's own variance (OpenAI /
+  dictionary_learning); ``auxk_alpha`` 1/32. A latent is dead after ``dead_tokens`` tokens without
+  firing: 1M by default, not the references' 10M, because runs here are 1-2M tokens and 10M would
+  never switch AuxK on.
+* **JumpReLU**: each latent's threshold starts at the ``1 - k/width`` quantile of its pre-activations
+  on the first batch (``theta_from_data``; so L0 starts near ``k``: the references' fixed 0.001 start
+  needs tens of thousands of steps to climb to the right scale) and is learned as ``log theta`` with
+  its own Adam rate ``theta_lr`` 1e-2; rectangle-kernel width 0.05 in scaled units (SAELens); penalty
+  ``l0_coeff * (L0 / k - 1)^2`` towards the target L0 ``k`` (dictionary_learning's form; the paper's
+  plain ``lambda * L0`` needs lambda tuned per run), coefficient warmed up linearly over the
+  first 10% of steps.
+* **BatchTopK threshold**: an exponential average (``threshold_beta`` 0.99, bias-corrected) of each
+  batch's smallest selected activation, in float64 (the paper averages the per-batch minima;
+  dictionary_learning uses beta 0.999 from step 1000, too slow for runs of a few hundred steps).
+* **optimizer**: Adam, lr ``2e-4 / sqrt(width / 2^14)`` (the LR-width scaling of Gao et al. used by
+  dictionary_learning and eai-sparsify's Adam path), linear warm-up over 5% of steps, linear decay
+  to zero over the last 20%, gradient norm clipped at 1.
+* **initialisation**: tied (``W_enc = W_dec``, unit rows), ``b_dec`` the geometric median of the
+  first batch (OpenAI, dictionary_learning; ``bdec_init="mean"`` as eai-sparsify).
+* **activation scale**: inputs divided by ``sqrt(E||x||^2 / d)`` from the harvest's statistic.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import DictionaryError
+from .harvest import ActivationStore
+from .sae import SAEConfig, SparseAutoencoder
+
+
+@dataclass
+class TrainOptions:
+    """Training settings (see the module docstring for the defaults' sources)."""
+
+    tokens: int | None = None
+    batch_size: int = 4096
+    lr: float | None = None
+    warmup_fraction: float = 0.05
+    decay_fraction: float = 0.2
+    grad_clip: float = 1.0
+    auxk_alpha: float = 1 / 32
+    k_aux: int | None = None
+    dead_tokens: int = 1_000_000
+    l0_coeff: float = 1.0
+    theta_lr: float = 1e-2
+    theta_from_data: bool = True
+    threshold_beta: float = 0.99
+    bdec_init: str = "geometric_median"
+    seed: int = 0
+    log_every: int = 50
+
+    def check(self) -> None:
+        if self.tokens is not None and self.tokens < 1:
+            raise DictionaryError(f"tokens must be at least 1, got {self.tokens}.")
+        if self.batch_size < 2:
+            raise DictionaryError(f"batch_size must be at least 2, got {self.batch_size}.")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise DictionaryError(f"lr must be a positive number, got {self.lr}.")
+        for name in ("warmup_fraction", "decay_fraction"):
+            v = getattr(self, name)
+            if not 0 <= v <= 1:
+                raise DictionaryError(f"{name} must be in [0, 1], got {v}.")
+        if not self.theta_lr > 0:
+            raise DictionaryError(f"theta_lr must be positive, got {self.theta_lr}.")
+        if self.auxk_alpha < 0 or self.l0_coeff < 0:
+            raise DictionaryError("auxk_alpha and l0_coeff must be >= 0.")
+        if self.k_aux is not None and self.k_aux < 1:
+            raise DictionaryError(f"k_aux must be at least 1, got {self.k_aux}.")
+        if self.dead_tokens < 1:
+            raise DictionaryError(f"dead_tokens must be at least 1, got {self.dead_tokens}.")
+        if not 0 <= self.threshold_beta < 1:
+            raise DictionaryError(f"threshold_beta must be in [0, 1), got {self.threshold_beta}.")
+        if self.bdec_init not in ("geometric_median", "mean", "zeros"):
+            raise DictionaryError(f"bdec_init {self.bdec_init!r}: use geometric_median, mean or zeros.")
+
+
+def auto_lr(width: int) -> float:
+    """``2e-4 / sqrt(width / 2^14)`` (Gao et al.'s LR-width scaling)."""
+    return 2e-4 / math.sqrt(width / 2**14)
+
+
+def geometric_median(x: Tensor, iters: int = 100, tol: float = 1e-6) -> Tensor:
+    """The point minimising the sum of Euclidean distances to the rows of ``x`` (Weiszfeld)."""
+    y = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-8)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        if (new - y).norm() <= tol * max(float(y.norm()), 1.0):
+            return new
+        y = new
+    return y
+
+
+def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
+    """``||pred - target||^2 / ||target - mean(target)||^2`` over the batch."""
+    return (pred - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def _lr_factor(step: int, steps: int, warm: int, decay_from: int) -> float:
+    if step < warm:
+        return (step + 1) / warm
+    if step >= decay_from:
+        return max(steps - step, 0) / max(steps - decay_from, 1)
+    return 1.0
+
+
+@dataclass
+class TrainResult:
+    """What one training run did; ``history`` holds (step, fvu, l0, dead fraction) rows."""
+
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    final_fvu: float
+    final_l0: float
+    dead_fraction: float
+    lr: float
+    threshold: float | None
+    history: list[tuple[int, float, float, float]]
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("history")
+        return d
+
+
+def train_sae(
+    sae: SparseAutoencoder,
+    batches: Iterable[Tensor],
+    steps: int,
+    opts: TrainOptions | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train ``sae`` in place on ``steps`` batches of raw activations ``[B, d]`` from ``batches``."""
+    opts = opts or TrainOptions()
+    opts.check()
+    cfg = sae.cfg
+    if steps < 1:
+        raise DictionaryError("no training steps: give at least one full batch of activations.")
+    torch.manual_seed(opts.seed)
+    lr = opts.lr or auto_lr(cfg.width)
+    main = [p for n, p in sae.named_parameters() if n != "log_theta"]
+    groups: list[dict[str, Any]] = [{"params": main, "lr": lr, "base": lr}]
+    if cfg.kind == "jumprelu":
+        groups.append({"params": [sae.log_theta], "lr": opts.theta_lr, "base": opts.theta_lr})
+    opt = torch.optim.Adam(groups, betas=(0.9, 0.999))
+    warm = max(1, int(opts.warmup_fraction * steps))
+    decay_from = int((1 - opts.decay_fraction) * steps)
+    k_aux = opts.k_aux or cfg.d // 2
+    since = torch.zeros(cfg.width, dtype=torch.long)
+    th_avg, th_w = 0.0, 0.0
+    hist: list[tuple[int, float, float, float]] = []
+    run_fvu: list[float] = []
+    run_l0: list[float] = []
+    sae.train()
+    t0 = time.perf_counter()
+    n_tok = 0
+    step = 0
+    for x in batches:
+        if step >= steps:
+            break
+        x = x.float()
+        if step == 0 and opts.bdec_init != "zeros":
+            with torch.no_grad():
+                xs = x[:32768] / cfg.scale
+                sae.b_dec.copy_(geometric_median(xs) if opts.bdec_init == "geometric_median" else xs.mean(0))
+        if step == 0 and cfg.kind == "jumprelu" and opts.theta_from_data:
+            with torch.no_grad():
+                q = sae.pre_acts(x[:32768]).quantile(1 - cfg.k / cfg.width, dim=0)
+                sae.log_theta.copy_(q.clamp_min(1e-3).log())
+        for g in opt.param_groups:
+            g["lr"] = g["base"] * _lr_factor(step, steps, warm, decay_from)
+        code, pre = sae.encode_with_pre(x)
+        x_s = x / cfg.scale
+        x_hat = sae.decode_scaled(code)
+        e = x_s - x_hat
+        fvu = e.pow(2).sum() / (x_s - x_s.mean(0)).pow(2).sum().clamp_min(1e-12)
+        loss = fvu
+        if cfg.kind == "jumprelu":
+            assert code.l0_train is not None
+            ramp = min(1.0, (step + 1) / max(1, int(0.1 * steps)))
+            loss = loss + opts.l0_coeff * ramp * (code.l0_train / cfg.k - 1).pow(2)
+        dead = since >= opts.dead_tokens
+        n_dead = int(dead.sum())
+        if cfg.kind != "jumprelu" and opts.auxk_alpha > 0 and n_dead > 0:
+            with torch.no_grad():
+                masked = pre.masked_fill(~dead, float("-inf"))
+                vals, idx = masked.topk(min(k_aux, n_dead), dim=-1, sorted=False)
+                keep = vals > 0
+                token = torch.arange(x.shape[0])[:, None].expand_as(idx)[keep]
+                latent = idx[keep]
+            if token.numel():
+                aux_hat = sae.decode_scaled(sae.code_at(x, pre, token, latent), bias=False)
+                loss = loss + opts.auxk_alpha * normalized_mse(aux_hat, e.detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sae.remove_parallel_grad()
+        if opts.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), opts.grad_clip)
+        opt.step()
+        sae.normalize_decoder()
+        with torch.no_grad():
+            live = code.value != 0
+            since += x.shape[0]
+            since[code.latent[live].unique()] = 0
+            l0 = float(live.sum()) / x.shape[0]
+            if cfg.kind == "batchtopk" and live.any():
+                b = opts.threshold_beta
+                th_avg = b * th_avg + (1 - b) * float(code.value[live].min())
+                th_w = b * th_w + (1 - b)
+                sae.threshold.fill_(th_avg / th_w)
+        n_tok += x.shape[0]
+        run_fvu.append(float(fvu.detach()))
+        run_l0.append(l0)
+        if step % opts.log_every == 0 or step == steps - 1:
+            dead_frac = float((since >= opts.dead_tokens).float().mean())
+            hist.append((step, float(fvu.detach()), l0, dead_frac))
+            if log:
+                log(f"step {step + 1}/{steps}: fvu {float(fvu.detach()):.4f}, L0 {l0:.1f}, dead {dead_frac:.3f}, "
+                    f"{n_tok / (time.perf_counter() - t0):.0f} tok/s")
+        step += 1
+    if step < steps:
+        raise DictionaryError(f"the activations ran out after {step} of {steps} steps; harvest more tokens "
+                              "or train for fewer.")
+    secs = time.perf_counter() - t0
+    sae.eval()
+    tail = max(1, min(20, len(run_fvu) // 10))
+    return TrainResult(
+        steps=step, tokens=n_tok, seconds=secs, tokens_per_s=n_tok / secs,
+        final_fvu=sum(run_fvu[-tail:]) / tail, final_l0=sum(run_l0[-tail:]) / tail,
+        dead_fraction=float((since >= opts.dead_tokens).float().mean()), lr=lr,
+        threshold=float(sae.threshold) if cfg.kind == "batchtopk" else None, history=hist,
+    )
+
+
+def train_on_store(
+    store: ActivationStore,
+    cfg: SAEConfig,
+    opts: TrainOptions | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> tuple[SparseAutoencoder, TrainResult]:
+    """Build an SAE for ``store``'s activations (scale from its statistic) and train it on
+    ``opts.tokens`` tokens (default: every harvested row once)."""
+    opts = opts or TrainOptions()
+    opts.check()
+    if store.manifest.paired:
+        raise DictionaryError("this harvest is paired (two models); train a crosscoder on it, not an SAE.")
+    if cfg.d != store.d:
+        raise DictionaryError(f"the SAE's width d={cfg.d} differs from the activations' {store.d}.")
+    cfg.scale = store.manifest.scale()[0]
+    cfg.site = cfg.site or store.manifest.site
+    tokens = opts.tokens or store.rows
+    steps = tokens // opts.batch_size
+    if steps < 1:
+        raise DictionaryError(f"{tokens} tokens do not fill one batch of {opts.batch_size}; lower the batch size.")
+    epochs = tokens / store.rows
+    sae = SparseAutoencoder(cfg, seed=opts.seed)
+    res = train_sae(sae, store.batches(opts.batch_size, seed=opts.seed, epochs=epochs), steps, opts, log=log)
+    return sae, res
