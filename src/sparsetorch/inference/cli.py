@@ -1,4 +1,5 @@
-"""CLI: ``sparsetorch plan MODEL_OR_DIR`` and ``sparsetorch bench inference --model DIR``."""
+"""CLI: ``sparsetorch plan MODEL_OR_DIR``, ``sparsetorch bench inference --model DIR`` and
+``sparsetorch generate DIR --prompt TEXT``."""
 
 from __future__ import annotations
 
@@ -74,10 +75,11 @@ ACT_HELP = ("Zero this fraction of every decoder Linear's inputs (TEAL threshold
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``plan`` and ``bench inference`` to the ``sparsetorch`` app."""
+    """Add ``plan``, ``bench inference`` and ``generate`` to the ``sparsetorch`` app."""
     from rich.console import Console
 
     console = Console()
+    _register_generate(app)
 
     @app.command("plan")
     def plan_cmd(
@@ -162,3 +164,57 @@ def register(app: typer.Typer) -> None:
                    "torch_version": torch.__version__}
             atomic_write_text(json_path, json.dumps(res, indent=2) + "\n", overwrite=overwrite)
             console.print(f"wrote {json_path}", markup=False, highlight=False)
+
+
+def _register_generate(app: typer.Typer) -> None:
+    @app.command("generate")
+    def generate_cmd(
+        model: str = typer.Argument(..., help="'smollm2' or a Hugging Face causal-LM folder (pruned or not)."),
+        prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
+        max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate at most."),
+        dtype: str = typer.Option("fp32", "--dtype", help="Weight values: fp32, fp16, bf16 or int8 "
+                                  "(per-row symmetric; pruned zeros stay exact). Compute is fp32."),
+        head_dtype: str | None = typer.Option(None, "--head-dtype", help="LM head / embedding values (default: --dtype)."),
+        sample: bool = typer.Option(False, "--sample", help="Sample instead of greedy decoding."),
+        temperature: float = typer.Option(1.0, help="Sampling temperature (with --sample)."),
+        top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
+        top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+        seed: int = typer.Option(0, help="Random seed for --sample."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
+    ) -> None:
+        """Continue PROMPT with the compiled low-overhead decoder (sparse, fp16/bf16/int8 weights); a model it cannot run exactly falls back to transformers' generate (fp32 only) with a one-line notice."""
+        import sys
+        import time
+
+        import torch
+
+        from ..errors import DataError
+        from .decode import _check_sampling, generate
+        from .lowbit import check_value_dtype
+
+        check_value_dtype(dtype)
+        if head_dtype is not None:
+            check_value_dtype(head_dtype)
+        if max_new_tokens < 1:
+            raise DataError(f"--max-new-tokens must be >= 1, got {max_new_tokens}.")
+        if threads is not None and threads < 1:
+            raise DataError(f"--threads must be >= 1, got {threads}.")
+        if sample:
+            _check_sampling(temperature, top_k, top_p)
+        if not prompt:
+            raise DataError("--prompt is empty; give some text to continue.")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        lm, tok = _load(model, None)
+        ids = tok(prompt, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            raise DataError("the prompt encodes to no tokens; give some text to continue.")
+        t0 = time.perf_counter()
+        out = generate(lm, ids, max_new_tokens, dtype=dtype, head_dtype=head_dtype, do_sample=sample,
+                       temperature=temperature, top_k=top_k, top_p=top_p,
+                       generator=torch.Generator().manual_seed(seed) if sample else None)
+        secs = time.perf_counter() - t0
+        new = out[0, ids.shape[1]:]
+        typer.echo(prompt + tok.decode(new, skip_special_tokens=True))
+        print(f"{new.numel()} tokens in {secs:.2f} s ({new.numel() / secs:.1f} tokens/s incl. prompt), "
+              f"dtype {dtype}, {torch.get_num_threads()} threads", file=sys.stderr)

@@ -1,0 +1,72 @@
+"""`sparsetorch generate DIR --prompt ...` end to end on the tiny saved Llama, and its error cases."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from test_cli_main import run  # noqa: E402
+
+from sparsetorch.inference._decode_ext import get_decode_extension  # noqa: E402
+
+pytestmark = pytest.mark.skipif(get_decode_extension() is None, reason="compiled decode extension unavailable")
+
+
+def script(*args: str) -> subprocess.CompletedProcess:
+    exe = shutil.which("sparsetorch", path=str(Path(sys.executable).parent))
+    assert exe, "the sparsetorch console script is not installed"
+    env = {**os.environ, "COLUMNS": "80", "NO_COLOR": "1"}
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8"])
+def test_generate_continues_the_prompt(hf_dir: Path, dtype: str, capsys) -> None:
+    import torch
+
+    assert run(["generate", str(hf_dir), "--prompt", "hello", "-n", "6", "--dtype", dtype]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("hello") and "tokens/s" in err and f"dtype {dtype}" in err
+    if dtype == "fp32":  # the same text as transformers' greedy generate
+        model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+        tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+        ids = tok("hello", return_tensors="pt").input_ids
+        with torch.no_grad():
+            ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        assert out.rstrip("\n") == "hello" + tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_generate_samples_reproducibly(hf_dir: Path, capsys) -> None:
+    args = ["generate", str(hf_dir), "--prompt", "ab", "-n", "8", "--sample", "--temperature", "2", "--seed", "3"]
+    assert run(args) == 0
+    first = capsys.readouterr().out
+    assert run(args) == 0
+    assert capsys.readouterr().out == first
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dtype", "fp8"], "unknown weight dtype 'fp8'; choose one of fp32, fp16, bf16, int8"),
+        (["--head-dtype", "int4"], "unknown weight dtype 'int4'"),
+        (["-n", "0"], "--max-new-tokens must be >= 1"),
+        (["--sample", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--threads", "0"], "--threads must be >= 1"),
+    ],
+)
+def test_bad_arguments_exit_2_without_traceback(args: list[str], message: str) -> None:
+    proc = script("generate", "no-such-model-dir", "--prompt", "x", *args)
+    text = " ".join((proc.stdout + proc.stderr).split())
+    assert proc.returncode == 2, text
+    assert message in text and "Traceback" not in text
+
+
+def test_missing_model_is_a_typed_error(tmp_path: Path) -> None:
+    proc = script("generate", str(tmp_path / "nope"), "--prompt", "x")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown model" in proc.stderr
