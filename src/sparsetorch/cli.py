@@ -350,6 +350,7 @@ _register("sparsetorch.finetune.cli")
 _register("sparsetorch.stages_cli")
 _register("sparsetorch.distributed.cli")
 _register("sparsetorch.structured.cli")
+_register("sparsetorch.dictionaries.cli")
 
 
 def main(argv: list[str] | None = None) -> None:

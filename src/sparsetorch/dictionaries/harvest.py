@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import MARKER, _write_marker, atomic_path, atomic_write_text, check_output_dir
-from ..errors import DictionaryError
+from ..errors import DataError, DictionaryError
 from .sites import Site, parse_site, read_site
 
 MANIFEST = "manifest.json"
@@ -49,21 +49,38 @@ def shard_name(i: int) -> str:
 
 
 def corpus_windows(tokenizer: Any, seq_len: int = 512, sources: Sequence[str] = ("embedded", "docs"),
-                   seed: int = 0) -> Tensor:
+                   seed: int = 0, max_windows: int | None = None) -> Tensor:
     """Training text for dictionaries, never the evaluation half: the calibration half of the
     embedded corpus (``embedded``) and the python3.11-doc fine-tuning sections (``docs``, the
-    recovery issue's text), cut into ``seq_len`` windows and shuffled with ``seed``."""
-    from ..data.text import pydoc_topics_split, token_windows
-    from ..finetune.lm import python_docs_text
+    recovery issue's text), cut into ``seq_len`` windows and shuffled with ``seed``.
 
-    parts = []
+    With ``max_windows`` the sources are read in order only until that many windows exist (the
+    docs file by file), so a small harvest does not tokenize the whole documentation."""
+    from ..data.text import pydoc_topics_split, token_windows
+    from ..finetune.lm import docs_files, python_docs_text
+
+    parts: list[Tensor] = []
+    have = 0
     for s in sources:
+        if max_windows is not None and have >= max_windows:
+            break
         if s == "embedded":
             parts.append(token_windows(tokenizer, pydoc_topics_split()[0], seq_len=seq_len))
-        elif s == "docs":
+        elif s == "docs" and max_windows is None:
             parts.append(token_windows(tokenizer, python_docs_text(), seq_len=seq_len))
+        elif s == "docs":
+            files = docs_files()
+            for i in range(0, len(files), 50):  # 50 files at a time until enough windows
+                text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files[i:i + 50])
+                try:
+                    parts.append(token_windows(tokenizer, text, seq_len=seq_len))
+                except DataError:  # too short for one window
+                    continue
+                if sum(len(p) for p in parts) >= max_windows:
+                    break
         else:
             raise DictionaryError(f"unknown text source {s!r}; use 'embedded' and/or 'docs'.")
+        have = sum(len(p) for p in parts)
     w = torch.cat(parts)
     g = torch.Generator().manual_seed(seed)
     return w[torch.randperm(len(w), generator=g)]

@@ -151,3 +151,24 @@ def sae_splice(sae: SparseAutoencoder) -> Callable[[Tensor], Tensor]:
     def fn(h: Tensor) -> Tensor:
         return sae(h.float()).to(h.dtype)
     return fn
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SparseAutoencoder, model: nn.Module, site: Site, windows: Tensor, *,
+                 lm_windows: Tensor | None = None, skip_first: int = 1, batch_size: int = 4) -> dict[str, float]:
+    """Every metric of the module docstring for ``sae`` at ``site``: reconstruction statistics over
+    the activations of ``windows`` (positions from ``skip_first`` on) and the spliced losses on
+    ``lm_windows`` (default: the same windows). Keys: ``fvu, l0, dead_fraction, shrinkage, tokens,
+    clean_loss, sae_loss, zero_loss, delta_lm_loss, ce_recovered``."""
+    from .sites import read_site
+
+    def acts():
+        for b in range(0, len(windows), batch_size):
+            h = read_site(model, site, windows[b:b + batch_size])[:, skip_first:]
+            yield h.reshape(-1, h.shape[-1]).float().cpu()
+
+    st = recon_stats(sae, acts())
+    sp = splice_losses(model, site, windows if lm_windows is None else lm_windows, sae_splice(sae),
+                       skip_first=skip_first, batch_size=batch_size)
+    return {"fvu": st.fvu(), "l0": st.l0(), "dead_fraction": st.dead_fraction(), "shrinkage": st.shrinkage(),
+            "tokens": st.n, **sp.as_dict()}

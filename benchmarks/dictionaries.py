@@ -1,0 +1,237 @@
+"""SAEs on SmolLM2's residual stream: ours (TopK, BatchTopK, JumpReLU) against EleutherAI's
+eai-sparsify trained on the same activation shards with the same token budget.
+
+Phases (each resumable; results merge into one JSON):
+
+1. ``harvest`` -- the residual stream after block ``--layer`` (default 15 of 30) on ``--tokens``
+   tokens of training text (the embedded corpus's calibration half + the python3.11-doc fine-tuning
+   sections; never the evaluation half), and on the first 64 windows of the *evaluation* half for
+   the metrics. Shards in ``benchmarks/.cache/dictionaries/`` (not committed).
+2. ``ours`` -- each kind at L0 target ``--k`` and each width in ``--widths``.
+3. ``sparsify`` -- eai-sparsify 1.3.3's ``SparseCoder`` and its optimizer in its own venv
+   (``.venv-sparsify``: torch 2.13.0 CPU + eai-sparsify), driven over the same shards by
+   ``benchmarks/_sparsify_arm.py`` with its defaults (signum + schedule-free, auto LR, b_dec = first
+   batch mean, FVU loss, AuxK off). Two batch sizes: its CLI default (32 sequences of 2048 tokens =
+   65,536 tokens/step) and ours (4,096 tokens/step).
+4. ``eval`` -- every SAE through the same metric code (``sparsetorch.dictionaries.metrics``): FVU over
+   the evaluation tokens (dataset mean), L0, dead fraction over those tokens, delta LM loss and CE
+   recovered spliced into the model on E16-style windows.
+
+Targets (issue 16): our TopK FVU <= 0.95x sparsify's at equal L0, width and tokens; our training
+throughput >= 1x theirs. Throughput counts the whole training loop (shard reading included) on
+the same thread count; record the machine's load (the machine may be shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _provenance import ROOT, Run, load_average, write_json
+
+RESULTS = ROOT / "benchmarks" / "results" / "dictionaries.json"
+CACHE = ROOT / "benchmarks" / ".cache" / "dictionaries"
+SPARSIFY_PY = ROOT / ".venv-sparsify" / "bin" / "python"
+KINDS = ("topk", "batchtopk", "jumprelu")
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def harvest_phase(a: argparse.Namespace, log) -> dict:
+    import torch
+
+    from sparsetorch.data.llm import load_causal_lm
+    from sparsetorch.data.text import eval_windows
+    from sparsetorch.dictionaries import corpus_windows, harvest
+
+    model, tok = load_causal_lm("smollm2", progress=False)
+    site = f"resid:{a.layer}"
+    out = {}
+    t = time.perf_counter()
+    train_w = corpus_windows(tok, seq_len=512, seed=0)
+    man = harvest(model, train_w, site, CACHE / "train", tokens=a.tokens, resume=True, batch_size=4,
+                  windows_per_shard=32, model_names=["smollm2"], progress=True)
+    out["train"] = {"rows": man.rows, "windows": man.n_windows, "available_windows": len(train_w),
+                    "seconds": time.perf_counter() - t, "scale": man.scale()[0]}
+    t = time.perf_counter()
+    ev = eval_windows(tok, num_windows=a.eval_windows)
+    man = harvest(model, ev, site, CACHE / "eval", resume=True, batch_size=4, windows_per_shard=16,
+                  model_names=["smollm2"])
+    out["eval"] = {"rows": man.rows, "windows": man.n_windows, "seconds": time.perf_counter() - t}
+    del torch
+    return out
+
+
+def key(lib: str, kind: str, width: int, batch: int | None = None) -> str:
+    return f"{lib}|{kind}|{width}" + (f"|b{batch}" if batch else "")
+
+
+def ours_phase(a: argparse.Namespace, kind: str, width: int) -> dict:
+    from sparsetorch.dictionaries import ActivationStore, SAEConfig, TrainOptions, train_on_store
+
+    store = ActivationStore(CACHE / "train")
+    cfg = SAEConfig(d=store.d, width=width, kind=kind, k=a.k, site=f"resid:{a.layer}", model="smollm2")
+    sae, res = train_on_store(store, cfg, TrainOptions(tokens=a.tokens, batch_size=4096),
+                              log=lambda m: print(f"  {kind} {width}: {m}", flush=True))
+    path = CACHE / "saes" / key("ours", kind, width).replace("|", "_")
+    sae.save(path, extra={"train": res.summary()}, overwrite=True)
+    return {"train": res.summary(), "path": str(path.relative_to(ROOT))}
+
+
+def sparsify_phase(a: argparse.Namespace, width: int, batch: int) -> dict:
+    if not SPARSIFY_PY.is_file():
+        raise SystemExit(f"{SPARSIFY_PY} is missing: python3 -m venv .venv-sparsify && .venv-sparsify/bin/pip "
+                         "install torch==2.13.0 eai-sparsify==1.3.3 transformers==5.25.0")
+    path = CACHE / "saes" / key("sparsify", "topk", width, batch).replace("|", "_")
+    cmd = [str(SPARSIFY_PY), str(ROOT / "benchmarks" / "_sparsify_arm.py"), str(CACHE / "train"), str(path),
+           "--width", str(width), "--k", str(a.k), "--tokens", str(a.tokens), "--batch", str(batch),
+           "--threads", str(a.threads)]
+    subprocess.run(cmd, check=True)
+    return {"train": json.loads((path / "summary.json").read_text()), "path": str(path.relative_to(ROOT))}
+
+
+def load_any(entry: dict):
+    """Our saved SAE, or eai-sparsify's weights as our TopK class (identical parameterisation:
+    z = TopK(ReLU(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T z + b_dec, scale 1)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sparsetorch.dictionaries import SAEConfig, SparseAutoencoder
+
+    path = ROOT / entry["path"]
+    if (path / "weights.safetensors").is_file():
+        w = load_file(str(path / "weights.safetensors"))
+        t = entry["train"]
+        sae = SparseAutoencoder(SAEConfig(d=w["W_dec"].shape[1], width=t["width"], kind="topk", k=t["k"]))
+        with torch.no_grad():
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                getattr(sae, name).copy_(w[name])
+        return sae.eval()
+    return SparseAutoencoder.load(path)
+
+
+def eval_phase(entry: dict, model, eval_store, lm_windows, layer: int) -> dict:
+    from sparsetorch.dictionaries import parse_site, recon_stats, sae_splice, splice_losses
+
+    sae = load_any(entry)
+    st = recon_stats(sae, (eval_store.shard(i)["acts"] for i in range(len(eval_store))))
+    sp = splice_losses(model, parse_site(f"resid:{layer}", model), lm_windows, sae_splice(sae))
+    return {"fvu": st.fvu(), "l0": st.l0(), "dead_fraction": st.dead_fraction(), "shrinkage": st.shrinkage(),
+            "eval_tokens": st.n, **sp.as_dict()}
+
+
+def table(results: dict) -> str:
+    rows = ["| library | kind | width | batch | FVU | L0 | dead | delta LM loss | CE recovered | train tok/s |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for k, e in sorted((k, e) for k, e in results.items() if "|" in k):
+        ev, tr = e.get("eval", {}), e["train"]
+        lib, kind, width = k.split("|")[:3]
+        batch = tr.get("batch", 4096)
+        f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
+        rows.append(f"| {lib} | {kind} | {width} | {batch} | {f(ev.get('fvu'))} | {f(ev.get('l0'), 1)} | "
+                    f"{f(ev.get('dead_fraction'))} | {f(ev.get('delta_lm_loss'))} | {f(ev.get('ce_recovered'))} | "
+                    f"{tr['tokens_per_s']:.0f} |")
+    return "\n".join(rows)
+
+
+def verdict(results: dict, widths: list[int]) -> dict:
+    out = {}
+    for w in widths:
+        ours = results.get(key("ours", "topk", w), {})
+        theirs = [results[k] for k in results if k.startswith(f"sparsify|topk|{w}|") and "eval" in results[k]]
+        if "eval" not in ours or not theirs:
+            continue
+        best = min(theirs, key=lambda e: e["eval"]["fvu"])
+        fastest = max(e["train"]["tokens_per_s"] for e in theirs)
+        same_batch = [e for e in theirs if e["train"]["batch"] == 4096]
+        out[str(w)] = {
+            "fvu_ratio_vs_best_sparsify": ours["eval"]["fvu"] / best["eval"]["fvu"],
+            "fvu_target_met": ours["eval"]["fvu"] <= 0.95 * best["eval"]["fvu"],
+            "throughput_ratio_vs_same_batch": (ours["train"]["tokens_per_s"] / same_batch[0]["train"]["tokens_per_s"]
+                                               if same_batch else None),
+            "throughput_ratio_vs_fastest": ours["train"]["tokens_per_s"] / fastest,
+            "throughput_target_met": ours["train"]["tokens_per_s"] >= fastest,
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--phase", default="all", choices=["harvest", "ours", "sparsify", "eval", "all", "table"])
+    ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--tokens", type=int, default=500_000)
+    ap.add_argument("--eval-windows", type=int, default=64, help="evaluation-half windows for FVU/L0/dead")
+    ap.add_argument("--lm-windows", type=int, default=16, help="evaluation-half windows for the spliced losses")
+    ap.add_argument("--k", type=int, default=32)
+    ap.add_argument("--widths", type=_ints, default=[4608, 18432])
+    ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--redo", action="store_true")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    a = ap.parse_args(argv)
+    results = json.loads(a.results.read_text()) if a.results.is_file() else {}
+    if a.phase == "table":
+        print(table(results))
+        return 0
+    run = Run.for_main(__file__, argv)
+    sys.path.insert(0, str(ROOT / "src"))
+    import torch
+
+    torch.set_num_threads(a.threads)
+
+    def save() -> None:
+        results["_meta"] = run.meta(peers={"eai-sparsify": "1.3.3"}, layer=a.layer, tokens=a.tokens, k=a.k)
+        write_json(a.results, results)
+
+    if a.phase in ("harvest", "all") and ("harvest" not in results or a.redo):
+        lb = load_average()
+        results["harvest"] = {**harvest_phase(a, print), "provenance": run.entry(lb)}
+        save()
+    kinds = [k for k in a.kinds.split(",") if k]
+    if a.phase in ("ours", "all"):
+        for w in a.widths:
+            for kind in kinds:
+                k = key("ours", kind, w)
+                if k in results and not a.redo:
+                    continue
+                lb = load_average()
+                results[k] = {**ours_phase(a, kind, w), "provenance": run.entry(lb)}
+                save()
+    if a.phase in ("sparsify", "all"):
+        for w in a.widths:
+            for batch in (4096, 65536):
+                k = key("sparsify", "topk", w, batch)
+                if k in results and not a.redo:
+                    continue
+                lb = load_average()
+                results[k] = {**sparsify_phase(a, w, batch), "provenance": run.entry(lb)}
+                save()
+    if a.phase in ("eval", "all"):
+        from sparsetorch.data.llm import load_causal_lm
+        from sparsetorch.data.text import eval_windows
+        from sparsetorch.dictionaries import ActivationStore
+
+        model, tok = load_causal_lm("smollm2", progress=False)
+        lm_windows = eval_windows(tok, num_windows=a.lm_windows)
+        store = ActivationStore(CACHE / "eval")
+        for k in sorted(k for k in results if "|" in k):
+            if "eval" in results[k] and not a.redo:
+                continue
+            results[k]["eval"] = eval_phase(results[k], model, store, lm_windows, a.layer)
+            print(k, {m: round(v, 4) for m, v in results[k]["eval"].items()}, flush=True)
+            save()
+    results["verdict"] = verdict(results, a.widths)
+    save()
+    print(table(results))
+    print(json.dumps(results["verdict"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""``sparsetorch sae harvest | train | eval`` end to end on a tiny model, and their bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli_errors import flat, run_script
+from test_cli_main import run
+
+from sparsetorch.dictionaries import ActivationStore, SparseAutoencoder
+
+
+def test_train_then_eval(hf_dir, tmp_path):
+    out = tmp_path / "sae"
+    assert run(["sae", "train", "--model", str(hf_dir), "--site", "resid:1", "--tokens", "3000", "--seq-len",
+                "64", "--kind", "topk", "--k", "4", "--width", "96", "--batch-size", "256", "--out", str(out)]) == 0
+    sae = SparseAutoencoder.load(out)
+    assert sae.cfg.site == "resid:1" and sae.cfg.model == str(hf_dir) and sae.cfg.width == 96
+    acts = ActivationStore(str(out) + ".activations")
+    assert acts.rows >= 3000 and acts.d == 64
+    js = tmp_path / "m.json"
+    assert run(["sae", "eval", str(out), "--seq-len", "64", "--eval-windows", "4", "--lm-windows", "2",
+                "--json", str(js)]) == 0
+    m = json.loads(js.read_text())
+    for key in ("l0", "fvu", "dead_fraction", "delta_lm_loss", "ce_recovered", "tokens"):
+        assert key in m
+    assert m["l0"] == pytest.approx(4.0) and m["tokens"] == 4 * 63
+    # a second train on the same activations reuses them (no harvest), into a new folder
+    assert run(["sae", "train", "--activations", str(acts.folder), "--kind", "batchtopk", "--k", "4",
+                "--width", "96", "--batch-size", "256", "--out", str(tmp_path / "bt")]) == 0
+    assert SparseAutoencoder.load(tmp_path / "bt").threshold.isfinite()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["sae", "train", "--site", "resid:1", "--tokens", "100", "--k", "64", "--width", "64", "--out", "X"],
+     "k must be in 1..width-1"),
+    (["sae", "train", "--site", "resid:1", "--tokens", "100", "--kind", "relu", "--out", "X"], "unknown"),
+    (["sae", "train", "--out", "X"], "pass --site"),
+    (["sae", "harvest", "--site", "resid:99", "--tokens", "100", "--out", "X"], "valid sites"),
+    (["sae", "harvest", "--site", "resid", "--tokens", "100", "--out", "X"], "KIND:LAYER"),
+    (["sae", "eval", "NOPE"], "not a saved SAE"),
+])
+def test_bad_input_exits_2_without_traceback(hf_dir, tmp_path, args, message):
+    args = [a.replace("X", str(tmp_path / "o")) for a in args]
+    if args[1] == "harvest":
+        args += ["--model", str(hf_dir), "--seq-len", "32"]
+    p = run_script(*args)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    assert message in flat(p.stderr + p.stdout)
+
+
+def test_truncated_shard_via_cli(hf_dir, tmp_path):
+    acts = tmp_path / "acts"
+    assert run(["sae", "harvest", "--model", str(hf_dir), "--site", "mlp:0", "--tokens", "2000", "--seq-len", "64",
+                "--out", str(acts)]) == 0
+    shard = acts / "shard_00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:200])
+    p = run_script("sae", "train", "--activations", str(acts), "--k", "4", "--width", "32", "--batch-size", "64",
+                   "--out", str(tmp_path / "s"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "truncated" in flat(p.stderr + p.stdout)
+    assert run(["sae", "harvest", "--model", str(hf_dir), "--site", "mlp:0", "--tokens", "2000", "--seq-len", "64",
+                "--out", str(acts), "--resume"]) == 0
+    assert run(["sae", "train", "--activations", str(acts), "--k", "4", "--width", "32", "--batch-size", "64",
+                "--out", str(tmp_path / "s")]) == 0
