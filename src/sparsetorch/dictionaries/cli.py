@@ -42,6 +42,7 @@ def _harvest(model: str, site: str, tokens: int, out: Path, seq_len: int, skip_f
 
 def register(app: typer.Typer) -> None:
     app.add_typer(sae_app, name="sae")
+    register_diff(app)
 
     @sae_app.command("harvest")
     def harvest_cmd(
@@ -161,3 +162,62 @@ def register(app: typer.Typer) -> None:
         write_json_summary(json_path, {"folder": str(folder), "model": name, "site": str(st),
                                        "kind": sae.cfg.kind, "width": sae.cfg.width, "k": sae.cfg.k, **m},
                            overwrite)
+
+
+def register_diff(app: typer.Typer) -> None:
+    @app.command("diff")
+    def diff_cmd(
+        a: str = typer.Option("smollm2", "--a", help="Model A (e.g. the dense model): " + _MODEL),
+        b: str = typer.Option(..., "--b", help="Model B (A pruned or fine-tuned): a Hugging Face folder."),
+        site: str = typer.Option("resid:15", "--site", help=_SITE),
+        out: Path = typer.Option(..., "--out", "-o", help="Folder for the crosscoder and the report."),
+        tokens: int = typer.Option(500_000, "--tokens", help="Paired activations to train the crosscoder on."),
+        width: int = typer.Option(4608, "--width", help="Crosscoder latents."),
+        k: int = typer.Option(32, "--k", help="Mean active latents per token (BatchTopK)."),
+        kind: str = typer.Option("batchtopk", "--kind", help="batchtopk (Minder et al.) or l1 (Anthropic)."),
+        activations: Path | None = typer.Option(None, "--activations", help="Paired harvest folder (default "
+                                                "OUT.activations; resumable, kept for reuse)."),
+        eval_windows: int = typer.Option(16, "--eval-windows", help="Evaluation-half windows for Latent Scaling."),
+        nu_cutoff: float = typer.Option(0.2, "--nu-cutoff", help="A latent is lost/gained when its nu (error "
+                                        "target) is below this."),
+        batch_size: int = typer.Option(4096, "--batch-size", help="Tokens per crosscoder step."),
+        seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window."),
+        skip_first: int = typer.Option(1, "--skip-first", help="Positions dropped per window (attention sink)."),
+        json_path: Path | None = typer.Option(None, "--json", help="Also write the report JSON here."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder / --json file."),
+    ) -> None:
+        """Crosscoder between two models (a model and its pruned or fine-tuned version): latents
+        lost / gained / shared, a delta-norm histogram (PNG) and top contexts (HTML)."""
+        import math
+
+        from ..atomic import check_output_dir, check_output_file
+        from ..cli import _say, write_json_summary
+        from ..data.llm import load_causal_lm
+        from ..data.text import eval_windows as make_windows
+        from ..errors import DictionaryError
+        from .crosscoder import CrosscoderConfig
+        from .diff import diff_models
+        from .harvest import corpus_windows
+        from .sites import parse_site
+
+        _check_common(seq_len, skip_first)
+        CrosscoderConfig(d=1, width=width, kind=kind, k=k).check()
+        if tokens < batch_size or eval_windows < 1 or not nu_cutoff > 0:
+            raise DictionaryError("--tokens must be at least --batch-size, --eval-windows >= 1, --nu-cutoff > 0.")
+        check_output_dir(out, overwrite=overwrite)
+        if json_path is not None:
+            check_output_file(json_path, overwrite=overwrite)
+        ma, tok = load_causal_lm(a, progress=True)
+        mb, _ = load_causal_lm(b, progress=True)
+        st = parse_site(site, ma)
+        parse_site(st, mb)
+        train_w = corpus_windows(tok, seq_len=seq_len, max_windows=math.ceil(tokens / (seq_len - skip_first)))
+        rep = diff_models(ma, mb, tok, st, out, train_windows=train_w, eval_windows=make_windows(tok, eval_windows,
+                          seq_len), tokens=tokens, width=width, k=k, kind=kind, names=(a, b),
+                          activations=activations, skip_first=skip_first, batch_size=batch_size, nu_cutoff=nu_cutoff,
+                          overwrite=overwrite, log=_say)
+        c = rep["counts"]
+        _say(f"{width} latents: only in A {c['only_a']}, only in B {c['only_b']}, shared {c['shared']}, other "
+             f"{c['other']}; Latent Scaling confirms lost {c['lost']}, gained {c['gained']} (nu < {nu_cutoff}). "
+             f"Crosscoder FVU A {rep['eval']['fvu_a']:.3f}, B {rep['eval']['fvu_b']:.3f}. Report in {out}")
+        write_json_summary(json_path, rep, overwrite)
