@@ -116,14 +116,59 @@ def load_any(entry: dict):
     return SparseAutoencoder.load(path)
 
 
-def eval_phase(entry: dict, model, eval_store, lm_windows, layer: int) -> dict:
+def eval_phase(entry: dict, model, eval_store, lm_windows, layer: int, baseline: dict) -> dict:
+    """Every metric through sparsetorch.dictionaries.metrics; ``baseline`` caches the clean and
+    zero-ablated losses (the same for every SAE)."""
     from sparsetorch.dictionaries import parse_site, recon_stats, sae_splice, splice_losses
 
     sae = load_any(entry)
     st = recon_stats(sae, (eval_store.shard(i)["acts"] for i in range(len(eval_store))))
-    sp = splice_losses(model, parse_site(f"resid:{layer}", model), lm_windows, sae_splice(sae))
+    sp = splice_losses(model, parse_site(f"resid:{layer}", model), lm_windows, sae_splice(sae),
+                       baseline=baseline.get("losses"))
+    baseline["losses"] = (sp.clean_loss, sp.zero_loss)
     return {"fvu": st.fvu(), "l0": st.l0(), "dead_fraction": st.dead_fraction(), "shrinkage": st.shrinkage(),
             "eval_tokens": st.n, **sp.as_dict()}
+
+
+def crosscoder_phase(a: argparse.Namespace) -> dict:
+    """Dense SmolLM2 vs its SparseGPT-50% version (the recovery benchmark's cached start): a
+    BatchTopK crosscoder, Latent Scaling, and the lost latents patched back into the pruned model."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from finetune_llm import pruned_start
+
+    from sparsetorch.data.llm import load_causal_lm
+    from sparsetorch.data.text import eval_windows
+    from sparsetorch.dictionaries import corpus_windows, parse_site
+    from sparsetorch.dictionaries.crosscoder import Crosscoder
+    from sparsetorch.dictionaries.diff import diff_models, patch_losses
+
+    dense, tok = load_causal_lm("smollm2", progress=False)
+    pruned = pruned_start("sparsegpt@0.5")[0]
+    site = parse_site(f"resid:{a.layer}", dense)
+    out = CACHE / "diff"
+    rep = diff_models(dense, pruned, tok, site, out, train_windows=corpus_windows(tok, seq_len=512, seed=1),
+                      eval_windows=eval_windows(tok, num_windows=16), tokens=a.cc_tokens, width=a.cc_width, k=a.k,
+                      names=("smollm2", "smollm2-sparsegpt50"), activations=CACHE / "pairs", batch_size=2048,
+                      overwrite=True, log=lambda m: print("  diff:", m, flush=True))
+    cc = Crosscoder.load(out / "crosscoder")
+    lm_w = eval_windows(tok, num_windows=a.lm_windows)
+    lost = torch.tensor(rep["lost"], dtype=torch.long)
+    patched = {}
+    if len(lost):
+        patched["lost"] = patch_losses(dense, pruned, cc, site, lm_w, lost)
+        # control: as many latents drawn from the shared class
+        delta = cc.delta_norm()
+        shared = ((delta - 0.5).abs() < 0.1).nonzero().squeeze(1)
+        g = torch.Generator().manual_seed(0)
+        ctrl = shared[torch.randperm(len(shared), generator=g)[:len(lost)]]
+        patched["shared_control"] = patch_losses(dense, pruned, cc, site, lm_w, ctrl)
+    only_a = torch.tensor([j for j in range(cc.cfg.width) if float(cc.delta_norm()[j]) > 0.9], dtype=torch.long)
+    if len(only_a):
+        patched["only_a_all"] = patch_losses(dense, pruned, cc, site, lm_w, only_a)
+    rep = {k: v for k, v in rep.items() if k not in ("lost", "gained")} | {"n_lost": len(lost)}
+    return {"report": rep, "patch": patched, "folder": str(out.relative_to(ROOT))}
 
 
 def table(results: dict) -> str:
@@ -163,7 +208,7 @@ def verdict(results: dict, widths: list[int]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--phase", default="all", choices=["harvest", "ours", "sparsify", "eval", "all", "table"])
+    ap.add_argument("--phase", default="all", choices=["harvest", "ours", "sparsify", "eval", "crosscoder", "all", "table"])
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--tokens", type=int, default=500_000)
     ap.add_argument("--eval-windows", type=int, default=64, help="evaluation-half windows for FVU/L0/dead")
@@ -172,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--widths", type=_ints, default=[4608, 18432])
     ap.add_argument("--kinds", default=",".join(KINDS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cc-tokens", type=int, default=150_000, help="paired tokens for the crosscoder")
+    ap.add_argument("--cc-width", type=int, default=4608)
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)
     a = ap.parse_args(argv)
@@ -220,12 +267,18 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = load_causal_lm("smollm2", progress=False)
         lm_windows = eval_windows(tok, num_windows=a.lm_windows)
         store = ActivationStore(CACHE / "eval")
+        baseline: dict = {}
         for k in sorted(k for k in results if "|" in k):
             if "eval" in results[k] and not a.redo:
                 continue
-            results[k]["eval"] = eval_phase(results[k], model, store, lm_windows, a.layer)
+            results[k]["eval"] = eval_phase(results[k], model, store, lm_windows, a.layer, baseline)
             print(k, {m: round(v, 4) for m, v in results[k]["eval"].items()}, flush=True)
             save()
+    if a.phase in ("crosscoder", "all") and ("crosscoder" not in results or a.redo):
+        lb = load_average()
+        results["crosscoder"] = {**crosscoder_phase(a), "provenance": run.entry(lb)}
+        save()
+        print(json.dumps(results["crosscoder"]["patch"], indent=1))
     results["verdict"] = verdict(results, a.widths)
     save()
     print(table(results))

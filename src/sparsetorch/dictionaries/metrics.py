@@ -133,14 +133,19 @@ def _from(skip_first: int, fn: Callable[[Tensor], Tensor]) -> Callable[[Tensor],
 @torch.no_grad()
 def splice_losses(model: nn.Module, site: Site, windows: Tensor,
                   reconstruct: Callable[[Tensor], Tensor], *, skip_first: int = 1,
-                  batch_size: int = 4) -> SpliceResult:
+                  batch_size: int = 4, baseline: tuple[float, float] | None = None) -> SpliceResult:
     """Clean, spliced and zero-ablated LM losses; ``reconstruct`` maps the site's activations
-    ``[B, T, d]`` to their replacement (an SAE's forward, or a crosscoder's side)."""
-    clean = _position_loss(model, windows, skip_first, batch_size)
+    ``[B, T, d]`` to their replacement (an SAE's forward, or a crosscoder's side). ``baseline``:
+    the ``(clean, zero)`` losses of an earlier call on the same model, site and windows (they do
+    not depend on the SAE), to skip recomputing them."""
+    if baseline is None:
+        clean = _position_loss(model, windows, skip_first, batch_size)
+        with splice_site(model, site, _from(skip_first, torch.zeros_like)):
+            zero = _position_loss(model, windows, skip_first, batch_size)
+    else:
+        clean, zero = baseline
     with splice_site(model, site, _from(skip_first, reconstruct)):
         spliced = _position_loss(model, windows, skip_first, batch_size)
-    with splice_site(model, site, _from(skip_first, torch.zeros_like)):
-        zero = _position_loss(model, windows, skip_first, batch_size)
     return SpliceResult(clean, spliced, zero)
 
 

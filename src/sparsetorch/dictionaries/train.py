@@ -4,7 +4,8 @@ One loop for the three kinds. Defaults, and where the references disagree
 (``../shared/ALGORITHMS-DICTIONARIES-ACTIVATION.md`` 1.1-1.4):
 
 * **loss**: the batch's fraction of variance unexplained ``sum||x - x_hat||^2 / sum||x - mean_batch||^2``
-  (scale-free, as in eai-sparsify) plus ``auxk_alpha`` times AuxK (TopK/BatchTopK) or the L0
+  (scale-free, as in eai-sparsify; ``loss="mse"``: the mean over tokens of ``||x - x_hat||^2`` in scaled
+  units, as dictionary_learning) plus ``auxk_alpha`` times AuxK (TopK/BatchTopK) or the L0
   penalty (JumpReLU).
 * **AuxK**: the ``k_aux`` (default d/2) largest pre-activations among dead latents reconstruct the
   detached residual, decoded without ``b_dec``; normalised by the residual's own variance (OpenAI /
@@ -63,6 +64,7 @@ class TrainOptions:
     theta_from_data: bool = True
     threshold_beta: float = 0.99
     bdec_init: str = "geometric_median"
+    loss: str = "fvu"
     seed: int = 0
     log_every: int = 50
 
@@ -87,6 +89,8 @@ class TrainOptions:
             raise DictionaryError(f"dead_tokens must be at least 1, got {self.dead_tokens}.")
         if not 0 <= self.threshold_beta < 1:
             raise DictionaryError(f"threshold_beta must be in [0, 1), got {self.threshold_beta}.")
+        if self.loss not in ("fvu", "mse"):
+            raise DictionaryError(f"loss {self.loss!r}: use fvu (batch fraction of variance unexplained) or mse.")
         if self.bdec_init not in ("geometric_median", "mean", "zeros"):
             raise DictionaryError(f"bdec_init {self.bdec_init!r}: use geometric_median, mean or zeros.")
 
@@ -194,7 +198,7 @@ def train_sae(
         x_hat = sae.decode_scaled(code)
         e = x_s - x_hat
         fvu = e.pow(2).sum() / (x_s - x_s.mean(0)).pow(2).sum().clamp_min(1e-12)
-        loss = fvu
+        loss = fvu if opts.loss == "fvu" else e.pow(2).sum(1).mean()
         if cfg.kind == "jumprelu":
             assert code.l0_train is not None
             ramp = min(1.0, (step + 1) / max(1, int(0.1 * steps)))
