@@ -113,3 +113,26 @@ def test_bad_layout_dtype_and_shapes_are_typed_errors() -> None:
     p.row_ptr[1] += 1  # inconsistent with the bit masks: refused, not read out of bounds
     with pytest.raises(RuntimeError, match="popcount"):
         lowbit_matmul(torch.randn(1, 16), p)
+
+
+@pytest.mark.parametrize("name", ["bitmask_fp16", "bitmask_bf16", "bitmask_int8", "csr_int8", "dense_fp16"])
+def test_sparse_linear_runs_low_bit_kernels_by_name_only(name: str) -> None:
+    from torch import nn
+
+    from sparsetorch.inference import SparseLinear, auto_candidates
+    from sparsetorch.inference.kernels import LOWBIT_KERNELS
+
+    assert not set(LOWBIT_KERNELS) & set(auto_candidates("cpu"))  # lossy: never picked by "auto"
+    lin = nn.Linear(80, 24)
+    with torch.no_grad():
+        lin.weight[torch.rand(24, 80, generator=torch.Generator().manual_seed(0)) < 0.5] = 0.0
+    sl = SparseLinear.from_linear(lin, kernel=name)
+    x = torch.randn(3, 5, 80)
+    stored = sl.to_dense_weight()
+    assert (stored[lin.weight == 0] == 0).all()
+    ref = x.double() @ stored.double().T + lin.bias.double()
+    with torch.no_grad():
+        y = sl(x)
+    assert y.shape == (3, 5, 24) and torch.allclose(y.double(), ref, atol=1e-5)
+    layout, dtype = name.split("_")
+    assert sl.nbytes <= pack_lowbit(lin.weight, "dense", "fp32").nbytes

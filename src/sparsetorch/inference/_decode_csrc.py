@@ -25,6 +25,7 @@ SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -376,24 +377,25 @@ void matmul_t(const Lin& L, const float* x, int64_t B, float* y, bool serial) {
     else rows_bt<F, D>(L, x, B, y, r0, r1);
   };
   if (one) { body(0, L.out); return; }
+  // dynamic chunks: several per thread, taken from a shared counter, so a thread slowed down by
+  // other work on its core leaves its share to the others (a static split waits for it)
   const int64_t nt = at::get_num_threads();
-  at::parallel_for(0, nt, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      int64_t a, b;
-      if (L.fmt == DENSE) { a = L.out * t / nt; b = L.out * (t + 1) / nt; }
-      else {  // balance by non-zeros
-        const int64_t tot = L.rp[L.out];
-        a = (t == 0) ? 0 : std::lower_bound(L.rp, L.rp + L.out + 1, tot * t / nt) - L.rp;
-        b = (t == nt - 1) ? L.out : std::lower_bound(L.rp, L.rp + L.out + 1, tot * (t + 1) / nt) - L.rp;
-        a = std::min(a, L.out); b = std::min(b, L.out);
-      }
-      if (b > a) body(a, b);
-    }
+  const int64_t nchunks = std::min<int64_t>(L.out, nt * 8);
+  std::vector<int64_t> bounds(nchunks + 1);
+  const int64_t tot = L.fmt == DENSE ? 0 : L.rp[L.out];
+  for (int64_t c = 0; c <= nchunks; ++c) {
+    if (c == 0) bounds[c] = 0;
+    else if (c == nchunks) bounds[c] = L.out;
+    else if (L.fmt == DENSE) bounds[c] = L.out * c / nchunks;
+    else bounds[c] = std::min<int64_t>(L.out, std::lower_bound(L.rp, L.rp + L.out + 1, tot * c / nchunks) - L.rp);
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
+    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1))
+      if (bounds[c + 1] > bounds[c]) body(bounds[c], bounds[c + 1]);
   });
 }
 
-// several input rows (prefill, scoring): the weight as a dense fp32 matrix (int8 scales folded in;
-// fp32 dense used in place), then one BLAS product; y = x @ W.T + b
 template <int F, int D>
 void matmul_batched(const Lin& L, const float* x, int64_t B, float* y) {
   torch::Tensor W;

@@ -19,6 +19,10 @@ Kernels (``KERNELS`` maps name to instance):
 ``semi_structured`` CUDA 2:4 ``torch.sparse.to_sparse_semi_structured`` (fp16/bf16, GPU only)
 ``colgather``       compiled: transposed dense weight, reads only the rows of non-zero inputs
                     (activation sparsity; offered only for layers with activation thresholds)
+``<layout>_<dtype>`` compiled (:mod:`.lowbit`): ``dense``/``bitmask``/``csr`` with ``fp16``, ``bf16``
+                    or ``int8`` values (per-row scales), fp32 accumulation. **Lossy** (the values
+                    are rounded), so never chosen by ``kernel="auto"``; ask for one by name
+                    (``SparseLinear.from_linear(lin, kernel="bitmask_fp16")``)
 ==================  ===========================================================================
 """
 
@@ -46,6 +50,8 @@ __all__ = [
     "ColGatherKernel",
     "ColGatherSerialKernel",
     "ACTIVATION_KERNELS",
+    "LowbitKernel",
+    "LOWBIT_KERNELS",
     "KERNELS",
     "get_kernel",
     "auto_candidates",
@@ -322,6 +328,49 @@ class ColGatherSerialKernel(ColGatherKernel):
     serial = True
 
 
+class LowbitKernel(Kernel):
+    """A weight in ``layout`` (dense / bitmask / csr) with ``dtype`` (fp16 / bf16 / int8) values,
+    run by the decode extension's kernels (fp32 accumulation; see :mod:`.lowbit`). Lossy: the
+    values are rounded when packed (pruned zeros stay exact)."""
+
+    lossy: ClassVar[bool] = True
+
+    def __init__(self, layout: str, dtype: str) -> None:
+        self.layout, self.dtype = layout, dtype
+        self.name = f"{layout}_{dtype}"  # type: ignore[misc]
+
+    def available(self) -> bool:
+        from ._decode_ext import get_decode_extension
+
+        return get_decode_extension() is not None
+
+    def supports(self, weight: Tensor) -> str | None:
+        reason = _cpu_fp32(weight)
+        if reason is None and self.layout == "csr" and weight.shape[1] > 65536:
+            reason = "more than 65536 input features (uint16 column index)"
+        return reason
+
+    def pack(self, weight: Tensor) -> Packed:
+        from .lowbit import pack_lowbit
+
+        p = pack_lowbit(weight, self.layout, self.dtype)
+        return {"values": p.values, "masks": p.masks, "cols": p.cols, "row_ptr": p.row_ptr, "scales": p.scales}
+
+    def matmul(self, x: Tensor, packed: Packed, bias: Tensor | None, out_features: int) -> Tensor:
+        from ._decode_ext import get_decode_extension
+        from .lowbit import LAYOUTS, VALUE_DTYPES
+
+        ext = get_decode_extension()
+        assert ext is not None, f"{self.name} kernel used without the compiled decode extension"
+        e = torch.empty(0)
+        return ext.lowbit_matmul(x, LAYOUTS[self.layout], VALUE_DTYPES[self.dtype][0], out_features, packed["values"],
+                                 packed.get("masks", e), packed.get("cols", e), packed.get("row_ptr", e),
+                                 packed.get("scales", e), bias, False, False)
+
+
+#: the lossy low-bit kernels, by name (explicit use only)
+LOWBIT_KERNELS = tuple(f"{lay}_{dt}" for lay in ("dense", "bitmask", "csr") for dt in ("fp16", "bf16", "int8"))
+
 #: kernels that pay off only when the *input* has many zeros (activation sparsity)
 ACTIVATION_KERNELS = ("colgather", "colgather_serial")
 
@@ -339,6 +388,7 @@ KERNELS: dict[str, Kernel] = {
         SemiStructuredKernel(),
         ColGatherKernel(),
         ColGatherSerialKernel(),
+        *(LowbitKernel(n.split("_")[0], n.split("_")[1]) for n in LOWBIT_KERNELS),
     )
 }
 
