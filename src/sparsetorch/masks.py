@@ -148,6 +148,10 @@ class MaskSet:
         out = {}
         for name, m in self.masks.items():
             p = params.get(name)
+            if p is None and not isinstance(model, Mapping):
+                # a weight under torch.nn.utils.parametrize (e.g. learned gates) is still that weight
+                mod, _, attr = name.rpartition(".")
+                p = params.get(f"{mod}.parametrizations.{attr}.original" if mod else f"parametrizations.{attr}.original")
             if p is None:
                 raise MaskError(
                     f"mask {name!r} names no parameter of {'the tensors' if isinstance(model, Mapping) else type(model).__name__}."

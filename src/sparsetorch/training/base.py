@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import allocation as alloc
-from ..errors import MethodError, SparsityValueError, check_sparsity, close_matches
+from ..errors import MethodError, SparsityValueError, TargetError, check_sparsity, close_matches
 from ..masks import MaskSet, _is_sharded, _place_like
 from ..patterns import n_pruned, topk_mask
 from ..targets import select
@@ -102,7 +102,9 @@ class Sparsifier:
     Args:
         sparsity: target fraction of zeros over the targeted weights, in [0, 1).
         allocation: how ``sparsity`` splits across layers: ``"erk"``, ``"er"``, ``"uniform"`` or
-            ``"global"`` (see :mod:`sparsetorch.allocation`).
+            ``"global"`` (see :mod:`sparsetorch.allocation`), or an explicit ``{name: sparsity}``
+            for every targeted weight (e.g. from :mod:`sparsetorch.regularize.search`); a schedule
+            that asks for a lower global sparsity scales it proportionally.
         targets, ignore: parameter selectors (see :func:`sparsetorch.targets.select`).
         dense: parameter names kept dense by the allocation; the tokens ``"first"`` and ``"last"``
             name the first / last targeted weight in model order (the RigL reference keeps the
@@ -120,7 +122,7 @@ class Sparsifier:
         self,
         sparsity: float = 0.9,
         *,
-        allocation: str = "erk",
+        allocation: str | Mapping[str, float] = "erk",
         targets: str | Sequence[str] | None = None,
         ignore: str | Sequence[str] | None = None,
         dense: str | Sequence[str] = (),
@@ -128,10 +130,15 @@ class Sparsifier:
         total_steps: int | None = None,
     ) -> None:
         self.sparsity = check_sparsity(sparsity)
-        if allocation.lower() not in alloc.ALLOCATIONS:
+        #: an explicit per-layer allocation ({name: sparsity}), checked against the targets at attach
+        self.layer_allocation: dict[str, float] | None = None
+        if isinstance(allocation, Mapping):
+            self.layer_allocation = {str(k): check_sparsity(v, f"allocation[{k!r}]") for k, v in allocation.items()}
+            allocation = "explicit"
+        elif not isinstance(allocation, str) or allocation.lower() not in alloc.ALLOCATIONS:
             raise MethodError(
-                f"unknown allocation {allocation!r}; available: {', '.join(alloc.ALLOCATIONS)}."
-                + close_matches(allocation, alloc.ALLOCATIONS)
+                f"unknown allocation {allocation!r}; available: {', '.join(alloc.ALLOCATIONS)}, or a "
+                "{name: sparsity} mapping." + close_matches(str(allocation), alloc.ALLOCATIONS)
             )
         self.allocation = allocation.lower()
         self.targets = targets
@@ -296,11 +303,29 @@ class Sparsifier:
 
     def _layer_sparsities(self, sparsity: float, scores: Mapping[str, Tensor] | None = None) -> dict[str, float]:
         """Per-layer sparsities for a global ``sparsity`` under this method's allocation."""
+        if self.layer_allocation is not None:
+            return self._explicit_sparsities(sparsity)
         shapes = {n: p.detach() for n, p in self.params.items()}
         dense = self.dense_names()
         if self.allocation == "global":
             return alloc.global_magnitude(shapes, sparsity, scores=scores, dense=dense)
         return alloc.allocate(self.allocation, shapes, sparsity, dense=dense)
+
+    def _explicit_sparsities(self, sparsity: float) -> dict[str, float]:
+        """The explicit allocation, scaled by ``sparsity / self.sparsity`` (a schedule's lower target)."""
+        assert self.layer_allocation is not None
+        given, names = set(self.layer_allocation), set(self.params)
+        if given != names:
+            missing, extra = sorted(names - given), sorted(given - names)
+            raise TargetError(
+                f"{self.name}: the explicit allocation must name every targeted weight exactly; "
+                + (f"missing {missing[:3]}" if missing else "")
+                + ("; " if missing and extra else "")
+                + (f"unknown {extra[:3]}" + close_matches(extra[0], names) if extra else "")
+                + ". Build it for the same model and targets."
+            )
+        f = sparsity / self.sparsity if self.sparsity > 0 else 0.0
+        return {n: min(self.layer_allocation[n] * f, 1.0 - 1e-12) for n in self.params}
 
     def dense_names(self) -> tuple[str, ...]:
         """``dense`` with the ``"first"``/``"last"`` tokens resolved to targeted weight names."""

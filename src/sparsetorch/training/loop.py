@@ -46,6 +46,25 @@ def build_sparsifier(
     return get_method(m, **kw)
 
 
+class TensorBatches:
+    """The training set as a re-iterable of ``(x, y)`` batches in stored order (no shuffling, no copy).
+
+    :func:`fit` hands this to ``Sparsifier.attach(data=...)``: methods that score on one batch
+    (SNIP, GraSP) take the first one (the same ``x[:batch_size]`` as before), methods that search
+    or check on training data (allocation search, HyperSparse's ART) iterate further.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int) -> None:
+        self.x, self.y, self.batch_size = x, y, int(batch_size)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.x) / self.batch_size)
+
+    def __iter__(self):  # noqa: ANN204 - a generator of (x, y)
+        for i in range(0, len(self.x), self.batch_size):
+            yield self.x[i: i + self.batch_size], self.y[i: i + self.batch_size]
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> float:
     """Top-1 accuracy in percent."""
@@ -99,7 +118,7 @@ def fit(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
     g = torch.Generator().manual_seed(seed)
     if sparsifier is not None:
-        sparsifier.attach(model, opt, data=[(xtr[:batch_size], ytr[:batch_size])])
+        sparsifier.attach(model, opt, data=TensorBatches(xtr, ytr, batch_size))
     model.train()
     accs: list[float] = []
     train_seconds = 0.0
