@@ -18,6 +18,10 @@ KW = {
     "acdc": {"warmup": 1, "phase": 2, "final": 2},
     "ste": {}, "srste": {}, "nm_progressive": {"dense_steps": 1, "finetune_steps": 2},
     "nm_decay": {"dense_steps": 1, "finetune_steps": 3},
+    # learned sparsity (tests/training/test_learned_methods.py has their own scenarios)
+    "hypersparse": {"probe_batches": 2, "art_every": 2, "lam": 1e-3}, "group_lasso": {"lam": 1e-2},
+    "kgroup": {}, "l0": {}, "ste_gates": {}, "dass": {"search_steps": 2},
+    "random_search": {"trials": 2, "proxy_steps": 2, "val_batches": 2},
 }
 NM = {"ste", "srste", "nm_progressive", "nm_decay"}
 

@@ -14,6 +14,8 @@ from .base import METHODS, Sparsifier, get_method, register_method, reset_optimi
 _MODULES = (
     "static", "snip", "grasp", "synflow", "gmp", "imp", "set", "rigl", "snfs", "acdc",
     "ste", "srste", "nm_progressive", "nm_decay",
+    # learned sparsity (sparsetorch.regularize)
+    "hypersparse", "group_lasso", "kgroup", "l0", "ste_gates", "dass", "random_search",
 )
 
 

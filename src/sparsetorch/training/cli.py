@@ -14,11 +14,12 @@ FASHION_MNIST_TRAIN = 60_000
 def train_command(
     dataset: str = typer.Option("fashion-mnist", help="Dataset; only 'fashion-mnist' for now."),
     model: str = typer.Option("cnn", help="'cnn' (2 conv + 2 linear) or 'mlp' (300-100)."),
-    method: str = typer.Option("rigl", help="dense, random/static, snip, grasp, synflow, gmp, set, rigl, snfs, acdc, ste, srste, nm_progressive, nm_decay."),
+    method: str = typer.Option("rigl", help="dense, random/static, snip, grasp, synflow, gmp, set, rigl, snfs, acdc, ste, srste, nm_progressive, nm_decay; learned: hypersparse, group_lasso, kgroup, l0, ste_gates, dass, random_search."),
     sparsity: float = typer.Option(0.9, help="Target fraction of zeros in [0, 1) (ignored by N:M methods)."),
     pattern: str = typer.Option("2:4", help="N:M pattern for ste/srste/nm_progressive/nm_decay."),
     allocation: str | None = typer.Option(None, help="erk, er, uniform or global (default: the method's own)."),
     dense: str | None = typer.Option(None, help="Comma-separated weights kept dense, e.g. 'first' or 'first,last' or 'conv1.weight'."),
+    method_arg: list[str] = typer.Option([], "--method-arg", help="A method option as KEY=VALUE (YAML value), repeatable, e.g. --method-arg lam=1e-4 --method-arg groups=row."),
     epochs: int = typer.Option(1, help="Training epochs."),
     batch_size: int | None = typer.Option(None, help="Batch size (default 128; with DP-SGD the expected Poisson batch size, default 512)."),
     lr: float | None = typer.Option(None, help="SGD learning rate, momentum 0.9, cosine decay (default 0.05; with DP-SGD 2.0)."),
@@ -70,6 +71,8 @@ def train_command(
         kw["dense"] = [d.strip() for d in dense.split(",") if d.strip()]
     if method.lower() in NM_METHODS:
         kw = {"pattern": pattern, "seed": seed}
+    if method_arg:
+        kw.update(parse_method_args(method, method_arg))
     train_size = min(train_subset, FASHION_MNIST_TRAIN) if train_subset else FASHION_MNIST_TRAIN
     checked = build_sparsifier(method, sparsity, math.ceil(train_size / batch_size) * epochs, **kw)  # validates
     if private:
@@ -130,6 +133,36 @@ def train_command(
         from ..atomic import atomic_write_text
 
         atomic_write_text(json_path, json.dumps(out, indent=2) + "\n", overwrite=overwrite)
+
+
+def parse_method_args(method: str, items: list[str]) -> dict:
+    """``["lam=1e-4", "groups=row"]`` -> ``{"lam": 1e-4, "groups": "row"}``, keys checked against the method.
+
+    Values are read as YAML (numbers, booleans, lists, mappings); an unknown key or a malformed item
+    is a :class:`~sparsetorch.errors.MethodError` naming the accepted keys.
+    """
+    import yaml
+
+    from ..errors import MethodError, close_matches
+    from ..recipes import _accepted, recipe_loader
+    from . import METHODS
+
+    key = method.lower().replace("-", "_")
+    ok = _accepted(METHODS[key]) if key in METHODS else set()
+    out: dict = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise MethodError(f"--method-arg needs KEY=VALUE, got {item!r} (e.g. --method-arg lam=1e-4).")
+        if ok and name not in ok:
+            raise MethodError(f"unknown option {name!r} for method {key!r}; accepted: {', '.join(sorted(ok))}."
+                              + close_matches(name, ok))
+        try:
+            out[name] = yaml.load(raw, Loader=recipe_loader())  # noqa: S506 - a SafeLoader subclass
+        except yaml.YAMLError as exc:
+            raise MethodError(f"--method-arg {item!r}: the value is not valid YAML: {exc}") from None
+    return out
 
 
 def _train_private(a: dict) -> None:

@@ -1,0 +1,123 @@
+"""Shared machinery of the gate methods (``ste_gates``, ``l0``): parametrizations on the targeted
+weights while the gates learn, their own optimizer (Adam, stepped in a post-step hook of the
+model's optimizer, so the model's optimizer may be any ``torch.optim`` one), and removal of the
+parametrizations when the exact mask is chosen.
+
+While the gates are attached, ``model.named_parameters()`` lists a targeted weight as
+``<module>.parametrizations.weight.original`` (the same Parameter object the model's optimizer
+holds) and the gate's own tensors beside it; after ``harden`` the model has its plain names again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from ..errors import MethodError
+from ..masks import MaskSet
+from ..regularize.penalty import add_post_step
+from ._learned import LearnedSparsifier
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    mod_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(mod_name) if mod_name else model), attr
+
+
+class GatedSparsifier(LearnedSparsifier):
+    """Gates as parametrizations until ``harden_at``; subclasses build one gate per weight."""
+
+    def __init__(self, sparsity: float = 0.9, *, gate_lr: float = 0.01, **kw: Any) -> None:
+        super().__init__(sparsity, **kw)
+        if not gate_lr > 0:
+            raise MethodError(f"gate_lr must be > 0, got {gate_lr}.")
+        self.gate_lr = float(gate_lr)
+        self.gates: dict[str, nn.Module] = {}
+        self.gate_optimizer: torch.optim.Optimizer | None = None
+
+    def make_gate(self, name: str, weight: Tensor) -> nn.Module:
+        raise NotImplementedError
+
+    def gate_parameters(self) -> list[nn.Parameter]:
+        return [p for g in self.gates.values() for p in g.parameters()]
+
+    def before_gate_step(self) -> None:
+        """Add penalty gradients to the gates' ``.grad`` (called before the gates' optimizer step)."""
+
+    def after_gate_step(self) -> None:
+        """Refresh masks, move schedules (called after the gates' optimizer step)."""
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, *,
+               data: Any = None) -> MaskSet:
+        """Attach as every method (all-open masks enforced by name), then put the gates on the weights."""
+        masks = super().attach(model, optimizer, data=data)
+        for n, p in self.params.items():
+            mod, attr = _owner(model, n)
+            gate = self.make_gate(n, p)
+            parametrize.register_parametrization(mod, attr, gate)
+            self.gates[n] = gate
+        self.gate_optimizer = torch.optim.Adam(self.gate_parameters(), lr=self.gate_lr)
+        return masks
+
+    def _install_hooks(self) -> None:
+        if self.optimizer is None:
+            raise MethodError(f"{self.name} steps its gates after optimizer.step(): pass the optimizer to attach().")
+
+        def post() -> None:
+            if self.hardened or self.gate_optimizer is None:
+                return
+            self.before_gate_step()
+            self.gate_optimizer.step()
+            self.gate_optimizer.zero_grad(set_to_none=True)
+            self.after_gate_step()
+
+        self._handles.append(add_post_step(self.optimizer, post))
+
+    def _enforce(self) -> None:
+        # by Parameter objects, not names: while the gates are on, the names are the parametrized ones
+        assert self.masks is not None
+        self.masks.enforce(self.params, self.optimizer)  # type: ignore[arg-type]  # a {name: Parameter} mapping works
+
+    def remove_gates(self) -> None:
+        """Remove every parametrization; the weights keep their (ungated) values."""
+        assert self.model is not None
+        for n in list(self.gates):
+            mod, attr = _owner(self.model, n)
+            if parametrize.is_parametrized(mod, attr):
+                parametrize.remove_parametrizations(mod, attr, leave_parametrized=False)
+        self.gates = {}
+        self.gate_optimizer = None
+
+    def before_harden(self) -> None:
+        self._frozen_scores = {n: s.detach().clone() for n, s in self.gate_scores().items()}
+        self.remove_gates()
+
+    def gate_scores(self) -> dict[str, Tensor]:
+        """Per-weight scores of the gates (higher = keep)."""
+        raise NotImplementedError
+
+    def final_scores(self) -> dict[str, Tensor]:
+        scores = getattr(self, "_frozen_scores", None)
+        return dict(scores) if scores is not None else self.gate_scores()
+
+    def _on_detach(self) -> None:
+        if self.gates:
+            self.remove_gates()
+
+    def _extra_state(self) -> dict[str, Any]:
+        st = super()._extra_state()
+        st["gates"] = {n: {k: v.detach().cpu().clone() for k, v in g.state_dict().items()} for n, g in self.gates.items()}
+        return st
+
+    def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
+        was_hardened = self.hardened
+        super()._load_extra_state(extra)
+        if self.hardened and not was_hardened and self.gates:
+            self.remove_gates()
+        for n, sd in dict(extra.get("gates", {})).items():
+            if n in self.gates:
+                self.gates[n].load_state_dict(sd, strict=False)
