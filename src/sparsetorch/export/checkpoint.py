@@ -42,6 +42,8 @@ from . import reader as _reader
 from .formats import (
     DTYPES,
     FORMATS,
+    INT8_ROWS,
+    QUANT_DTYPES,
     Format,
     FormatError,
     NMPacked,
@@ -49,6 +51,7 @@ from .formats import (
     index_dtype,
     nm_groups,
     nonzero,
+    quantize_int8_rows,
     to_numpy,
 )
 
@@ -276,6 +279,7 @@ def save(
     hf_config: Mapping[str, Any] | None = None,
     checksum: bool = True,
     overwrite: bool = True,
+    quantize: str | None = None,
 ) -> Path:
     """Write ``model`` (an ``nn.Module`` or a state dict) as one compressed safetensors file.
 
@@ -297,10 +301,18 @@ def save(
             pass (~0.9 GB/s): 0.19 s for SmolLM2-135M fp16 2:4 (173 MB; save ~8 s, load ~2.6 s).
         overwrite: replace an existing file at ``path`` (default, like ``open(path, "w")``);
             ``False`` refuses it with :class:`~sparsetorch.errors.OutputExistsError`.
+        quantize: ``"int8"`` stores every sparse (targeted) 2-D float tensor with int8 values and
+            one float32 scale per row (symmetric, ``scale = max|row| / 127``), in the same layout
+            the decode kernels read (:mod:`sparsetorch.inference.lowbit`); the stored positions
+            (the mask) are those of the float tensor, so pruned weights stay exactly zero. Such a
+            file is format version 3; loading it decodes ``q * scale`` in the logical dtype.
+            Lossy: about 0.4% of each row's largest weight per weight at most.
 
     Returns the path written. Pruned positions load back as exact ``+0.0``. The write is atomic:
     a crash leaves the old file (or none), never a partial one.
     """
+    if quantize not in (None, "int8"):
+        raise CheckpointError(f"unknown quantize={quantize!r}; use None or 'int8'.")
     fmt_req = str(format.value if isinstance(format, Format) else format).lower()
     if fmt_req != "auto":
         try:
@@ -395,14 +407,27 @@ def save(
                 params = _explicit_nm_params(a, sup, pattern, name, exact=mask_np is not None)
         if targeted and fmt is Format.DENSE and mask_np is None:
             mask_np = nonzero(a, dname)  # a masked dense tensor always carries its mask
+        quantized = quantize is not None and targeted and a.ndim == 2 and dname in QUANT_DTYPES
         try:
-            parts, extra = FORMATS[fmt].compress(a, mask_np, dtype=dname, **params)
+            if quantized:  # int8 values at the float tensor's stored positions, plus per-row scales
+                sup = mask_np if mask_np is not None else nonzero(a, dname)
+                q, scales = quantize_int8_rows(a, dname)
+                parts, extra = FORMATS[fmt].compress(q, sup, dtype="int8", **params)
+                parts["scales"] = scales
+            else:
+                parts, extra = FORMATS[fmt].compress(a, mask_np, dtype=dname, **params)
         except FormatError as exc:
             raise CheckpointError(f"{name}: cannot store as {fmt.value}: {exc}.") from None
         keys = {p: (name if fmt is Format.DENSE and p == "values" else f"{name}{PART_SEP}{p}") for p in parts}
         for p, arr in parts.items():
-            stored[keys[p]] = (_little(arr), DTYPES[dname][1] if p == "values" else _INDEX_CODES[arr.dtype])
+            if p == "values":
+                code = "I8" if quantized else DTYPES[dname][1]
+            else:
+                code = "F32" if p == "scales" else _INDEX_CODES[arr.dtype]
+            stored[keys[p]] = (_little(arr), code)
         entry: dict[str, Any] = {"format": fmt.value, "shape": list(a.shape), "dtype": dname, "parts": keys}
+        if quantized:
+            entry["quantization"] = {"scheme": INT8_ROWS}
         if extra:
             entry["params"] = extra
         if targeted:
@@ -416,7 +441,8 @@ def save(
     cfg = dict(hf_config) if hf_config is not None else _hf_config(model)
     header: dict[str, Any] = {
         "format": _reader.FORMAT_NAME,
-        "format_version": _reader.FORMAT_VERSION,
+        # version 3 only where it is needed (quantized values): version-2 readers keep reading the rest
+        "format_version": 3 if any("quantization" in e for e in header_tensors.values()) else 2,
         "library": "sparsetorch",
         "library_version": _library_version(),
         "tensors": header_tensors,

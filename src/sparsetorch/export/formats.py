@@ -62,6 +62,12 @@ __all__ = [
     "CSR",
     "NMPacked",
     "nm_combinations",
+    "QUANT_SCHEMES",
+    "QUANT_DTYPES",
+    "INT8_ROWS",
+    "quantize_int8_rows",
+    "dequantize_int8_rows",
+    "float32_to_bf16_bits",
 ]
 
 
@@ -513,3 +519,62 @@ def get_format(name: str | Format) -> StorageFormat:
         raise FormatError(
             f"unknown format {name!r}; known: {', '.join(f.value for f in Format)}"
         ) from None
+
+
+# --------------------------------------------------------------------------- quantized values (version 3)
+#: symmetric int8 values with one float32 scale per row (row = index along the first axis)
+INT8_ROWS = "int8_symmetric_per_row"
+#: quantization schemes a tensor entry may declare (format version >= 3)
+QUANT_SCHEMES = (INT8_ROWS,)
+#: logical dtypes a quantized tensor may have (what it decodes to)
+QUANT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def float32_to_bf16_bits(a: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 raw bits, rounding to nearest even (NaN kept as a quiet NaN)."""
+    bits = np.ascontiguousarray(a, dtype="<f4").view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    nan = np.isnan(a)
+    if nan.any():
+        rounded[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x40)).astype(np.uint16)
+    return rounded
+
+
+def _as_float32(a: np.ndarray, dtype_name: str) -> np.ndarray:
+    if dtype_name == "bfloat16":
+        return (a.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    return a.astype(np.float32)
+
+
+def quantize_int8_rows(a: np.ndarray, dtype_name: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(q int8, scales float32 [rows])`` for a 2-D float array: ``scale = max|row| / 127`` (1 for an
+    all-zero row), ``q = clip(round_half_even(a / scale), -127, 127)``, computed in float64.
+    Zeros stay exactly zero; NaN/Inf cannot be quantized (:class:`FormatError`)."""
+    if a.ndim != 2 or dtype_name not in QUANT_DTYPES:
+        raise FormatError(f"int8 quantization needs a 2-D float tensor, got {a.shape} {dtype_name}")
+    f = _as_float32(a, dtype_name).astype(np.float64)
+    if not np.isfinite(f).all():
+        raise FormatError("cannot quantize a tensor holding NaN or Inf")
+    amax = np.abs(f).max(axis=1) if f.shape[1] else np.zeros(f.shape[0])
+    scales = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(f / scales.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
+    return q, scales
+
+
+def dequantize_int8_rows(q: np.ndarray, scales: np.ndarray, dtype_name: str) -> np.ndarray:
+    """``float32(q) * scales[row]`` in float32, then rounded (to nearest even) to ``dtype_name``
+    (bfloat16 as raw bits). A pruned position (q = 0, scale > 0) decodes to +0.0."""
+    if q.ndim != 2 or q.dtype != np.int8:
+        raise FormatError(f"quantized values must decode to a 2-D int8 array, got {q.shape} {q.dtype}")
+    if scales.dtype != np.dtype("<f4") or scales.shape != (q.shape[0],):
+        raise FormatError(f"part 'scales' must be float32 with one entry per row ({q.shape[0]}), got {scales.shape} {scales.dtype}")
+    if not (np.isfinite(scales).all() and (scales > 0).all()):
+        raise FormatError("part 'scales' must hold finite positive numbers")
+    f = q.astype(np.float32) * scales[:, None]
+    if dtype_name == "float32":
+        return f
+    if dtype_name == "float16":
+        return f.astype(np.float16)
+    if dtype_name == "bfloat16":
+        return float32_to_bf16_bits(f)
+    raise FormatError(f"a quantized tensor decodes to float32, float16 or bfloat16, not {dtype_name}")

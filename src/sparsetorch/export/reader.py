@@ -36,9 +36,29 @@ import numpy as np
 
 try:  # inside the sparsetorch package
     from ..errors import LimitError as _LimitBase
-    from .formats import DTYPES, FORMATS, Format, FormatError, get_format, nonzero
+    from .formats import (
+        DTYPES,
+        FORMATS,
+        QUANT_DTYPES,
+        QUANT_SCHEMES,
+        Format,
+        FormatError,
+        dequantize_int8_rows,
+        get_format,
+        nonzero,
+    )
 except ImportError:  # loaded as a plain file next to formats.py
-    from formats import DTYPES, FORMATS, Format, FormatError, get_format, nonzero  # type: ignore[no-redef]
+    from formats import (  # type: ignore[no-redef]
+        DTYPES,
+        FORMATS,
+        QUANT_DTYPES,
+        QUANT_SCHEMES,
+        Format,
+        FormatError,
+        dequantize_int8_rows,
+        get_format,
+        nonzero,
+    )
 
     class _LimitBase(ValueError):  # type: ignore[no-redef]
         """Stand-in for sparsetorch.errors.LimitError when this file is used on its own."""
@@ -65,8 +85,9 @@ HEADER_KEY = "sparsetorch"
 CHECKSUM_KEY = "sparsetorch.sha256"
 #: value of the header's ``"format"`` field
 FORMAT_NAME = "sparsetorch-compressed"
-#: the newest format version this reader understands (and the one the writer writes)
-FORMAT_VERSION = 2
+#: the newest format version this reader understands (the writer writes it only for files
+#: that need it: quantized tensors; other files are written as version 2)
+FORMAT_VERSION = 3
 #: the oldest format version there is
 MIN_FORMAT_VERSION = 1
 #: safetensors JSON headers larger than this are refused (same limit as safetensors itself)
@@ -84,6 +105,7 @@ _PART_CODES: dict[str, frozenset[str]] = {
     "indices": frozenset({"U8"}),
     "row_ptr": _INDEX_CODES,
     "col_idx": _INDEX_CODES,
+    "scales": frozenset({"F32"}),
 }
 
 _ST_DTYPES: dict[str, np.dtype] = {
@@ -135,6 +157,8 @@ class TensorInfo:
     pattern: str | None
     masked: bool
     tied_to: str | None = None
+    #: quantization scheme of the stored values (format version >= 3), None for plain values
+    quantization: str | None = None
 
     @property
     def numel(self) -> int:
@@ -258,6 +282,21 @@ def _parse_info(name: str, d: Any, entries: Mapping[str, Any], version: int) -> 
         raise ReadError(f"invalid parts {parts!r}", name)
     spec = FORMATS[fmt]
     names = set(parts)
+    quant = d.get("quantization")
+    scheme = None
+    if quant is not None:
+        if version < 3:
+            raise ReadError(f"quantization needs format_version >= 3, the file says {version}", name)
+        if not isinstance(quant, dict) or set(quant) != {"scheme"} or quant["scheme"] not in QUANT_SCHEMES:
+            raise ReadError(f"invalid quantization {quant!r}; known: {{'scheme': one of {', '.join(QUANT_SCHEMES)}}}", name)
+        scheme = quant["scheme"]
+        if dtype not in QUANT_DTYPES or len(shape) != 2:
+            raise ReadError(f"a quantized tensor must be 2-D float32/float16/bfloat16, is {shape} {dtype}", name)
+        if "scales" not in names:
+            raise ReadError("a quantized tensor needs a 'scales' part", name)
+        names = names - {"scales"}
+    elif "scales" in names:
+        raise ReadError("a 'scales' part belongs to quantized tensors only", name)
     if not spec.required_parts <= names <= spec.required_parts | spec.optional_parts:
         raise ReadError(f"{fmt.value} needs parts {sorted(spec.required_parts)}"
                         + (f" (optional: {sorted(spec.optional_parts)})" if spec.optional_parts else "")
@@ -270,7 +309,8 @@ def _parse_info(name: str, d: Any, entries: Mapping[str, Any], version: int) -> 
         if key not in entries:
             raise ReadError(f"part '{part}' refers to stored tensor {key!r}, which is missing from the file", name)
         code = entries[key][4]
-        want = frozenset({DTYPES[dtype][1]}) if part == "values" else _PART_CODES.get(part, frozenset())
+        values_code = "I8" if scheme is not None else DTYPES[dtype][1]
+        want = frozenset({values_code}) if part == "values" else _PART_CODES.get(part, frozenset())
         if code not in want:
             raise ReadError(f"part '{part}' is stored as {code}, expected {' or '.join(sorted(want))}", name)
     if not isinstance(params, dict) or not all(isinstance(k, str) and _is_int(v) for k, v in params.items()):
@@ -280,7 +320,8 @@ def _parse_info(name: str, d: Any, entries: Mapping[str, Any], version: int) -> 
     pattern = d.get("pattern")
     if pattern is not None and not isinstance(pattern, str):
         raise ReadError(f"invalid pattern {pattern!r}", name)
-    return TensorInfo(name, fmt, tuple(shape), dtype, dict(parts), dict(params), pattern, masked)
+    return TensorInfo(name, fmt, tuple(shape), dtype, dict(parts), dict(params), pattern, masked,
+                      quantization=scheme)
 
 
 class Checkpoint:
@@ -419,7 +460,12 @@ class Checkpoint:
         try:
             parts = {p: self.raw(k) for p, k in info.parts.items()}
             fmt = get_format(info.format)
-            arr, sup = fmt.decompress(parts, info.shape, info.dtype, **info.params)
+            if info.quantization is not None:  # int8 values in the format's layout, then per-row scales
+                scales = parts.pop("scales")
+                q, sup = fmt.decompress(parts, info.shape, "int8", **info.params)
+                arr = dequantize_int8_rows(np.asarray(q), scales, info.dtype)
+            else:
+                arr, sup = fmt.decompress(parts, info.shape, info.dtype, **info.params)
             arr = np.array(arr, copy=True)  # own the memory, writable
         except FormatError as exc:
             raise ReadError(f"{info.format.value} data is corrupt: {exc}", name) from None
