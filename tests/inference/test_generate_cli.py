@@ -70,3 +70,24 @@ def test_bad_arguments_exit_2_without_traceback(args: list[str], message: str) -
 def test_missing_model_is_a_typed_error(tmp_path: Path) -> None:
     proc = script("generate", str(tmp_path / "nope"), "--prompt", "x")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "unknown model" in proc.stderr
+
+
+def test_generate_from_an_int8_export_equals_int8_decoding_of_the_pruned_model(pruned_dir: Path, tmp_path: Path,
+                                                                                 capsys) -> None:
+    """`sparsetorch export --quantize int8` then `generate --dtype int8` on the exported folder gives the
+    text of int8 decoding of the pruned model itself: the stored int8 values are packed as they are."""
+    out = tmp_path / "exp"
+    assert run(["export", str(pruned_dir), "--out", str(out), "--format", "bitmask", "--quantize", "int8"]) == 0
+    capsys.readouterr()
+    from sparsetorch.export import reader
+
+    assert reader.Checkpoint(out / "model.sparsetorch.safetensors").version == 3
+    assert run(["generate", str(out), "--prompt", "hi there", "-n", "8", "--dtype", "int8"]) == 0
+    from_export = capsys.readouterr().out
+    assert run(["generate", str(pruned_dir), "--prompt", "hi there", "-n", "8", "--dtype", "int8"]) == 0
+    assert capsys.readouterr().out == from_export
+
+
+def test_export_refuses_an_unknown_quantization(pruned_dir: Path, tmp_path: Path) -> None:
+    proc = script("export", str(pruned_dir), "--out", str(tmp_path / "e"), "--quantize", "int4")
+    assert proc.returncode == 2 and "--quantize must be int8" in " ".join(proc.stderr.split())

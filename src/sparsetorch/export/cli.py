@@ -77,6 +77,8 @@ def register(app: typer.Typer) -> None:
         masks_path: Path | None = typer.Option(None, "--masks", help=f"Masks file (default: SOURCE/{MASKS_FILE} if present)."),
         hf_folder: Path | None = typer.Option(None, "--hf-folder", help="Also write a plain HF folder (dense weights with zeros)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out / --hf-folder (never the input)."),
+        quantize: str | None = typer.Option(None, "--quantize", help="int8: store the sparse layers' values as int8 "
+                                            "with per-row scales (format version 3; lossy, pruned zeros exact)."),
     ) -> None:
         """Write a compressed sparse checkpoint and print per-layer formats and sizes.
 
@@ -98,6 +100,8 @@ def register(app: typer.Typer) -> None:
             raise CheckpointError(f"--format must be auto or one of {', '.join(f.value for f in Format)}, got {fmt!r}.")
         if dtype not in _DTYPES:
             raise CheckpointError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}.")
+        if quantize not in (None, "int8"):
+            raise CheckpointError(f"--quantize must be int8 (or left out), got {quantize!r}.")
         src = Path(source)
         inputs = [src] if src.exists() else []
         if masks_path is not None:
@@ -122,11 +126,11 @@ def register(app: typer.Typer) -> None:
             raise CheckpointError(f"masks file {masks_path} does not exist.")
         if single_file:
             with atomic_path(out, overwrite=overwrite) as tmp:
-                save(model, tmp, format=fmt, masks=masks)
+                save(model, tmp, format=fmt, masks=masks, quantize=quantize)
             target = out
         else:
             with atomic_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
-                save(model, tmp / DEFAULT_FILENAME, format=fmt, masks=masks)
+                save(model, tmp / DEFAULT_FILENAME, format=fmt, masks=masks, quantize=quantize)
                 model.config.save_pretrained(str(tmp))
                 if tokenizer is not None:
                     tokenizer.save_pretrained(str(tmp))

@@ -166,10 +166,33 @@ def register(app: typer.Typer) -> None:
             console.print(f"wrote {json_path}", markup=False, highlight=False)
 
 
+def _load_any(model: str):  # noqa: ANN202
+    """``(model, tokenizer)`` from 'smollm2', a Hugging Face folder, or a folder written by
+    ``sparsetorch export`` (compressed checkpoint + config + tokenizer)."""
+    from ..export.checkpoint import DEFAULT_FILENAME
+
+    path = Path(model)
+    if path.is_dir() and (path / DEFAULT_FILENAME).is_file():
+        from transformers import AutoTokenizer
+
+        from ..errors import ModelError
+        from ..export import load_hf
+
+        lm, _ = load_hf(path)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{path} has a compressed checkpoint but no readable tokenizer ({exc}); "
+                             "export it with `sparsetorch export` so the tokenizer is saved beside it.") from exc
+        return lm.float().eval(), tok
+    return _load(model, None)
+
+
 def _register_generate(app: typer.Typer) -> None:
     @app.command("generate")
     def generate_cmd(
-        model: str = typer.Argument(..., help="'smollm2' or a Hugging Face causal-LM folder (pruned or not)."),
+        model: str = typer.Argument(..., help="'smollm2', a Hugging Face causal-LM folder (pruned or not) or a "
+                                    "folder from `sparsetorch export` (int8 checkpoints included)."),
         prompt: str = typer.Option(..., "--prompt", "-p", help="Text to continue."),
         max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", help="Tokens to generate at most."),
         dtype: str = typer.Option("fp32", "--dtype", help="Weight values: fp32, fp16, bf16 or int8 "
@@ -205,7 +228,7 @@ def _register_generate(app: typer.Typer) -> None:
             raise DataError("--prompt is empty; give some text to continue.")
         if threads is not None:
             torch.set_num_threads(threads)
-        lm, tok = _load(model, None)
+        lm, tok = _load_any(model)
         ids = tok(prompt, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
             raise DataError("the prompt encodes to no tokens; give some text to continue.")
