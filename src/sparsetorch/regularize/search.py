@@ -41,6 +41,29 @@ __all__ = ["project_budget", "dass_search", "random_search", "allocation_error",
 Loss = Callable[[Tensor, Tensor], Tensor]
 
 
+def logits_of(out: Any) -> Tensor:
+    """The logits of a model output: the tensor itself, ``out["logits"]`` or ``out.logits`` (Hugging Face)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return out["logits"]
+    if hasattr(out, "logits"):
+        return out.logits
+    raise DataError(f"cannot find logits in a model output of type {type(out).__name__}; return a tensor or .logits.")
+
+
+def pair(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch: a pair, or a dict with ``x``/``input`` and ``y``/``labels``."""
+    if isinstance(batch, Mapping):
+        x = batch.get("input", batch.get("x"))
+        y = batch.get("labels", batch.get("y"))
+        if x is not None and y is not None:
+            return x, y
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise DataError("search batches must be (inputs, targets) pairs or dicts with 'x'/'input' and 'y'/'labels'.")
+
+
 def project_budget(logits: Tensor, numels: Tensor, density: float, iters: int = 200) -> Tensor:
     """Densities ``clamp(sigmoid(logits + c), d_min, 1)`` with ``c`` chosen so that
     ``sum numels * d = density * sum numels`` (bisection on ``c``; exact to float64 round-off).
@@ -143,9 +166,10 @@ def _accuracy(model: nn.Module, batches: list[Any], weights: Mapping[str, Tensor
     was = model.training
     model.eval()
     correct = total = 0
-    for x, y in batches:
+    for b in batches:
+        x, y = pair(b)
         out = model(x) if weights is None else torch.func.functional_call(model, dict(weights), (x,))
-        correct += int((out.argmax(1) == y).sum())
+        correct += int((logits_of(out).argmax(-1) == y).sum())
         total += len(y)
     model.train(was)
     return 100.0 * correct / max(total, 1)
@@ -210,9 +234,9 @@ def dass_search(
         dens_now = project_budget(logits, numels, 1 - s)
         c = torch.logit(dens_now.clamp(1e-9, 1 - 1e-9)).float() - logits.detach()  # the budget offset, held fixed
         d = torch.sigmoid(logits + c)
-        x, y = next(batches)
+        x, y = pair(next(batches))
         subs = {n: live[n] * _soft_mask(live[n], d[i], temp) for i, n in enumerate(names)}
-        loss = loss_fn(torch.func.functional_call(net, subs, (x,)), y)
+        loss = loss_fn(logits_of(torch.func.functional_call(net, subs, (x,))), y)
         opt_w.zero_grad(set_to_none=True)
         opt_a.zero_grad(set_to_none=True)
         loss.backward()
@@ -293,8 +317,8 @@ def _proxy_score(model: nn.Module, params: Mapping[str, Tensor], train: Iterable
     batches = _cycle(train)
     torch.manual_seed(seed)
     for _ in range(proxy_steps):
-        x, y = next(batches)
-        loss = loss_fn(net(x), y)
+        x, y = pair(next(batches))
+        loss = loss_fn(logits_of(net(x)), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for n, m in masks.items():

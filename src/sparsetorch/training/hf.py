@@ -77,11 +77,13 @@ def _base_class() -> type:
     return TrainerCallback
 
 
-def SparsifierCallback(sparsifier: Sparsifier | Any, resume_from: str | None = None) -> Any:  # noqa: N802
+def SparsifierCallback(sparsifier: Sparsifier | Any, resume_from: str | None = None, data: Any = None) -> Any:  # noqa: N802
     """Build a ``transformers.TrainerCallback`` driving ``sparsifier`` (a factory, so the import is lazy).
 
     ``sparsifier`` may also be a callable ``(total_steps) -> Sparsifier`` for methods whose
-    schedule needs the run length at construction (RigL, GMP, ...).
+    schedule needs the run length at construction (RigL, GMP, ...). ``data`` (an iterable of
+    ``(inputs, labels)`` batches or ``{"x"/"input": ..., "labels"/"y": ...}`` dicts) is handed to
+    ``attach`` for methods that read training data there (SNIP, GraSP, HyperSparse, allocation search).
     """
     base = _base_class()
 
@@ -124,7 +126,7 @@ def SparsifierCallback(sparsifier: Sparsifier | Any, resume_from: str | None = N
                 # Trainer has already loaded the checkpoint's weights: keep them exactly
                 kept = ({n: p.detach().clone() for n, p in model.named_parameters()}
                         if resume is not None else None)
-                sp.attach(model, optimizer)
+                sp.attach(model, optimizer, data=data)
                 if resume is not None:
                     sp.load_state_dict(resume)
                     with torch.no_grad():

@@ -33,6 +33,7 @@ from ..errors import DataError, MethodError
 from ..regularize.hypersparse import ART, hs_grad
 from ..regularize.penalty import add_pre_step
 from ..regularize.prox import check_lambda
+from ..regularize.search import logits_of
 from ._learned import LearnedSparsifier
 from .base import Batches, _unpack, register_method, reset_optimizer_state
 
@@ -127,7 +128,7 @@ class HyperSparse(LearnedSparsifier):
         correct = total = 0
         for x, y in self.probe:
             out = self.model(x) if weights is None else torch.func.functional_call(self.model, dict(weights), (x,))
-            correct += int((out.argmax(1) == y).sum())
+            correct += int((logits_of(out).argmax(-1) == y).sum())
             total += len(y)
         self.model.train(was)
         return 100.0 * correct / max(total, 1)
