@@ -41,7 +41,10 @@ DEFAULT_METHODS = "dense,static,snip,gmp,set,rigl,snfs,srste"
 
 
 def run_one(method: str, sparsity: float | None, train, test, args, *,  # noqa: ANN001
-            epochs: int | None = None, allocation: str | None = None) -> dict:
+            epochs: int | None = None, allocation: str | None = None, extra: dict | None = None,
+            model_out: list | None = None) -> dict:
+    """One training run; ``extra`` adds method options, ``model_out`` (a list) receives the model
+    and the sparsifier (for callers that inspect them, e.g. ``learned_sparsity.py``)."""
     epochs = epochs or args.epochs
     steps_per_epoch = math.ceil(len(train[0]) / args.batch_size)
     total = steps_per_epoch * epochs
@@ -58,11 +61,14 @@ def run_one(method: str, sparsity: float | None, train, test, args, *,  # noqa: 
         kw["update_every"] = args.update_every
     if method == "gmp":
         kw["frequency"] = args.update_every
+    kw.update(extra or {})
     sp = build_sparsifier(method, sparsity, total, **kw)
     torch.manual_seed(args.seed)
     model = get_model(args.model)
     res = fit(model, sp, train, test, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
               seed=args.seed, progress=not args.no_progress, desc=f"{method} {sparsity}")
+    if model_out is not None:
+        model_out.extend([model, sp])
     return {
         "method": method,
         "sparsity_target": 0.0 if sp is None else sp.sparsity,
