@@ -26,6 +26,9 @@ SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -364,6 +367,122 @@ void rows_bt(const Lin& L, const float* x, int64_t B, float* y, int64_t r0, int6
   }
 }
 
+// ---------------------------------------------------------------- spin pool
+// Persistent helper threads that take chunks of a job from a shared counter. Unlike a fork-join
+// region (OpenMP), the calling thread starts at once, takes every chunk no helper has claimed,
+// and waits only for chunks a helper is running: on a machine where other processes hold the
+// cores, a descheduled helper costs nothing unless it was preempted inside a chunk. Measured
+// here under load, OpenMP regions per matrix made 2-thread decode 3-5x slower than 1 thread.
+// Each job lives in one of kSlots slots; the claim word packs (job generation << 32 | next
+// chunk), so a late helper holding a stale snapshot can never claim a chunk of a newer job.
+// After fork() the child has no helpers, and the caller simply does every chunk itself.
+class Pool {
+ public:
+  static constexpr int kSlots = 4;
+  struct Slot {
+    std::atomic<uint64_t> claim{0};
+    std::atomic<int64_t> done{0};
+    std::atomic<int64_t> nchunks{0};
+    void (*call)(void*, int64_t) = nullptr;
+    void* ctx = nullptr;
+  };
+
+  explicit Pool(int helpers) {
+    for (int i = 0; i < helpers; ++i) threads_.emplace_back([this] { loop(); });
+  }
+  ~Pool() {
+    stop_.store(true);
+    { std::lock_guard<std::mutex> g(mu_); }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  int helpers() const { return static_cast<int>(threads_.size()); }
+
+  template <typename F>
+  void run(int64_t nchunks, F& f) {
+    const uint64_t seq = seq_.load(std::memory_order_relaxed) + 1;
+    Slot& sl = slots_[seq % kSlots];
+    const uint64_t gen = seq & 0xffffffffu;
+    sl.nchunks.store(nchunks, std::memory_order_relaxed);
+    sl.call = [](void* ctx, int64_t c) { (*static_cast<F*>(ctx))(c); };
+    sl.ctx = &f;
+    sl.done.store(0, std::memory_order_relaxed);
+    sl.claim.store(gen << 32, std::memory_order_release);
+    seq_.store(seq, std::memory_order_release);
+    if (sleeping_.load(std::memory_order_acquire) > 0) {
+      std::lock_guard<std::mutex> g(mu_);
+      cv_.notify_all();
+    }
+    work(sl, gen);
+    while (sl.done.load(std::memory_order_acquire) < nchunks) pause();
+  }
+
+ private:
+  static inline void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+  }
+
+  // claim and run chunks of the job in `sl` while it is still generation `gen`
+  static void work(Slot& sl, uint64_t gen) {
+    while (true) {
+      uint64_t c = sl.claim.load(std::memory_order_acquire);
+      if ((c >> 32) != gen) return;
+      const int64_t idx = static_cast<int64_t>(c & 0xffffffffu);
+      if (idx >= sl.nchunks.load(std::memory_order_relaxed)) return;
+      if (sl.claim.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel)) {
+        sl.call(sl.ctx, idx);
+        sl.done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  }
+
+  void loop() {
+    uint64_t seen = seq_.load(std::memory_order_acquire);
+    int64_t idle = 0;
+    while (!stop_.load(std::memory_order_relaxed)) {
+      const uint64_t s = seq_.load(std::memory_order_acquire);
+      if (s != seen) {
+        seen = s;
+        idle = 0;
+        work(slots_[s % kSlots], s & 0xffffffffu);
+        continue;
+      }
+      if (++idle < 200000) { pause(); continue; }          // spin ~ a few ms between jobs
+      std::unique_lock<std::mutex> lk(mu_);
+      sleeping_.fetch_add(1, std::memory_order_acq_rel);
+      cv_.wait_for(lk, std::chrono::milliseconds(50), [&] {
+        return stop_.load() || seq_.load(std::memory_order_acquire) != seen;
+      });
+      sleeping_.fetch_sub(1, std::memory_order_acq_rel);
+      idle = 0;
+    }
+  }
+
+  Slot slots_[kSlots];
+  std::atomic<uint64_t> seq_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<int> sleeping_{0};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::thread> threads_;
+};
+
+std::mutex g_pool_mu;
+Pool* g_pool = nullptr;  // leaked at exit on purpose: joining threads during interpreter shutdown can hang
+
+// one job at a time (a second Python thread calling in waits): Pool::run is not reentrant
+template <typename F>
+void pool_run(int64_t nt, int64_t nchunks, F& f) {
+  std::lock_guard<std::mutex> g(g_pool_mu);
+  if (g_pool == nullptr || g_pool->helpers() != nt - 1) {
+    delete g_pool;
+    g_pool = new Pool(static_cast<int>(nt - 1));
+  }
+  g_pool->run(nchunks, f);
+}
+
 template <int F, int D>
 void matmul_batched(const Lin& L, const float* x, int64_t B, float* y);
 
@@ -377,11 +496,15 @@ void matmul_t(const Lin& L, const float* x, int64_t B, float* y, bool serial) {
     else rows_bt<F, D>(L, x, B, y, r0, r1);
   };
   if (one) { body(0, L.out); return; }
-  // dynamic chunks: several per thread, taken from a shared counter, so a thread slowed down by
-  // other work on its core leaves its share to the others (a static split waits for it)
+  // dynamic chunks: several per thread, claimed from a shared counter by the calling thread and
+  // the helpers of the spin pool (see Pool): a helper that is not running leaves its share to
+  // the others, and the caller never waits for a thread that has not started a chunk
   const int64_t nt = at::get_num_threads();
   const int64_t nchunks = std::min<int64_t>(L.out, nt * 8);
-  std::vector<int64_t> bounds(nchunks + 1);
+  int64_t bounds_buf[257];
+  std::vector<int64_t> bounds_vec;
+  int64_t* bounds = bounds_buf;
+  if (nchunks + 1 > 257) { bounds_vec.resize(nchunks + 1); bounds = bounds_vec.data(); }
   const int64_t tot = L.fmt == DENSE ? 0 : L.rp[L.out];
   for (int64_t c = 0; c <= nchunks; ++c) {
     if (c == 0) bounds[c] = 0;
@@ -389,11 +512,8 @@ void matmul_t(const Lin& L, const float* x, int64_t B, float* y, bool serial) {
     else if (L.fmt == DENSE) bounds[c] = L.out * c / nchunks;
     else bounds[c] = std::min<int64_t>(L.out, std::lower_bound(L.rp, L.rp + L.out + 1, tot * c / nchunks) - L.rp);
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
-    for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1))
-      if (bounds[c + 1] > bounds[c]) body(bounds[c], bounds[c + 1]);
-  });
+  auto chunk = [&](int64_t c) { if (bounds[c + 1] > bounds[c]) body(bounds[c], bounds[c + 1]); };
+  pool_run(nt, nchunks, chunk);
 }
 
 template <int F, int D>
