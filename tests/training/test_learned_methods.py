@@ -202,3 +202,21 @@ def test_recipes_build_every_learned_method() -> None:
     assert sp.grouping.m == 4
     with pytest.raises(MethodError, match="unknown key"):
         sparsifier_from_recipe({"method": "l0", "sparsity": 0.8, "lamda": 1.0, "total_steps": 10})
+
+
+@pytest.mark.parametrize("method", ["group_lasso", "kgroup"])
+def test_removed_channels_keep_no_bias(method: str) -> None:
+    """Row groups include the bias: a removed output channel is exactly zero (weights and bias), so
+    the layer can be shrunk without changing the function."""
+    sp = get_method(method, sparsity=0.5, groups="out_channel", total_steps=STEPS, lam=1e-2,
+                    targets=["conv1", "conv2", "fc1"])
+    model, _ = run(sp)
+    for name in ("conv1", "conv2", "fc1"):
+        m = sp.masks[f"{name}.weight"]
+        dead = ~m.reshape(m.shape[0], -1).any(1)
+        assert int(dead.sum()) == m.shape[0] // 2
+        assert torch.all(getattr(model, name).bias[dead] == 0)
+    x = cnn_data(1)[0][0]
+    h = F.relu(model.conv1(x))
+    m1 = sp.masks["conv1.weight"].reshape(8, -1).any(1)
+    assert torch.all(h[:, ~m1] == 0)

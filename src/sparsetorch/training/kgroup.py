@@ -54,10 +54,8 @@ class KGroup(GroupSparsifier):
         frac = min(max((step - self.start) / max(self.harden_at - self.start, 1), 0.0), 1.0)
         return t0 ** (1.0 - frac)
 
-    def prox(self, name: str, w: Tensor, lr: float, step: int) -> Tensor:
-        g = self.grouping.to_groups(w)
-        out = kgroup_prox(g, self.k[name], self.step_size(lr, step))
-        return self.grouping.from_groups(out, w.shape)
+    def prox_groups(self, name: str, groups: Tensor, lr: float, step: int) -> Tensor:
+        return kgroup_prox(groups, self.k[name], self.step_size(lr, step))
 
     def final_sparsities(self, scores):  # noqa: ANN001, ANN202
         out = {}
