@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--methods", default=DEFAULT_METHODS)
     ap.add_argument("--structured", default="0.5", help="channel sparsities of the structured variant ('' = none)")
-    ap.add_argument("--structured-lam", type=float, default=5e-3, help="group lasso lambda of the structured variant")
+    ap.add_argument("--structured-lam", type=float, default=2e-3, help="group lasso lambda of the structured variant")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--redo", action="store_true")
