@@ -220,3 +220,39 @@ def test_removed_channels_keep_no_bias(method: str) -> None:
     h = F.relu(model.conv1(x))
     m1 = sp.masks["conv1.weight"].reshape(8, -1).any(1)
     assert torch.all(h[:, ~m1] == 0)
+
+
+@pytest.mark.parametrize("method", ["l0", "ste_gates", "group_lasso", "hypersparse"])
+def test_resume_mid_training_gives_identical_masks(method: str) -> None:
+    """State saved while the gates / penalty act, restored into a fresh attach: same final masks."""
+    kw = {"hypersparse": {"probe_batches": 2, "art_every": 3}}.get(method, {})
+    data = cnn_data()
+
+    def fresh():  # noqa: ANN202
+        torch.manual_seed(0)
+        m = TinyCNN()
+        o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+        s = get_method(method, sparsity=0.75, total_steps=STEPS, seed=0, **kw)
+        s.attach(m, o, data=data)
+        return m, o, s
+
+    def train(m, o, s, part):  # noqa: ANN001, ANN202
+        for x, y in part:
+            o.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            o.step()
+            s.step()
+
+    m1, o1, s1 = fresh()
+    train(m1, o1, s1, data[:7])
+    ck = {"model": {k: v.clone() for k, v in m1.state_dict().items()}, "sp": s1.state_dict()}
+    ck["opt"] = torch.utils._pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, o1.state_dict())
+    train(m1, o1, s1, data[7:])
+
+    m2, o2, s2 = fresh()
+    m2.load_state_dict(ck["model"])
+    o2.load_state_dict(ck["opt"])
+    s2.load_state_dict(ck["sp"])
+    train(m2, o2, s2, data[7:])
+    for n, m in s1.masks.items():
+        assert torch.equal(m, s2.masks[n]), n

@@ -10,6 +10,7 @@ holds) and the gate's own tensors beside it; after ``harden`` the model has its 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -111,6 +112,8 @@ class GatedSparsifier(LearnedSparsifier):
     def _extra_state(self) -> dict[str, Any]:
         st = super()._extra_state()
         st["gates"] = {n: {k: v.detach().cpu().clone() for k, v in g.state_dict().items()} for n, g in self.gates.items()}
+        if self.gate_optimizer is not None:
+            st["gate_optimizer"] = copy.deepcopy(self.gate_optimizer.state_dict())  # a snapshot, not live tensors
         return st
 
     def _load_extra_state(self, extra: Mapping[str, Any]) -> None:
@@ -121,3 +124,8 @@ class GatedSparsifier(LearnedSparsifier):
         for n, sd in dict(extra.get("gates", {})).items():
             if n in self.gates:
                 self.gates[n].load_state_dict(sd, strict=False)
+        if self.gate_optimizer is not None and extra.get("gate_optimizer") is not None:
+            self.gate_optimizer.load_state_dict(extra["gate_optimizer"])
+        for g in self.gates.values():
+            if hasattr(g, "refresh"):
+                g.refresh()  # type: ignore[operator]

@@ -106,5 +106,8 @@ class L0Gates(GatedSparsifier):
     def _load_extra_state(self, extra) -> None:  # noqa: ANN001
         super()._load_extra_state(extra)
         self.lam = float(extra.get("lam", self.lam))
+        b = self.beta_at(self.step_count)
+        for g in self.gates.values():
+            g.beta = b  # type: ignore[assignment]
 
 

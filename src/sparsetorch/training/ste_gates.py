@@ -66,5 +66,11 @@ class STEGates(GatedSparsifier):
         for n, g in self.gates.items():
             g.refresh(sp[n])  # type: ignore[operator]
 
+    def _load_extra_state(self, extra) -> None:  # noqa: ANN001
+        super()._load_extra_state(extra)
+        sp = self._layer_targets(self.step_count)
+        for n, g in self.gates.items():
+            g.refresh(sp[n])  # type: ignore[operator]
+
     def gate_scores(self) -> dict[str, Tensor]:
         return {n: g.scores.detach().float() for n, g in self.gates.items()}  # type: ignore[union-attr]
