@@ -136,3 +136,21 @@ def test_sparse_linear_runs_low_bit_kernels_by_name_only(name: str) -> None:
     assert y.shape == (3, 5, 24) and torch.allclose(y.double(), ref, atol=1e-5)
     layout, dtype = name.split("_")
     assert sl.nbytes <= pack_lowbit(lin.weight, "dense", "fp32").nbytes
+
+
+def test_results_do_not_depend_on_the_thread_count() -> None:
+    """Rows are split into chunks taken by the caller and the spin pool's helpers; each row is
+    computed by one thread start to end, so 1, 2 and 3 threads give bit-identical outputs."""
+    w = _weight(300, 576, 0.5, seed=9)
+    x = torch.randn(1, 576)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for threads in (1, 2, 3, 2):
+            torch.set_num_threads(threads)
+            outs.append([lowbit_matmul(x, pack_lowbit(w, lay, dt)) for lay in ("dense", "bitmask", "csr")
+                         for dt in ("fp32", "int8")])
+    finally:
+        torch.set_num_threads(before)
+    for other in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], other, strict=True))
