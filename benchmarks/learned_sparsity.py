@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         r["seed"] = seed
         r["options"] = extra
         r["wall_seconds"] = time.perf_counter() - t
+        r["layer_sparsity"] = sparsifier.layer_sparsity()
         if m in SEARCHED:
             r["searched_allocation"] = sparsifier.searched
             info = sparsifier.search_info
