@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=65536)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lr-mult", type=float, default=1.0, help="times its automatic learning rate")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT / "src"))
     import torch
@@ -47,7 +48,7 @@ def main() -> int:
     torch.manual_seed(a.seed)
     store = ActivationStore(a.shards)
     sae = SparseCoder(store.d, SparseCoderConfig(num_latents=a.width, k=a.k), device="cpu", dtype=torch.float32)
-    lr = 5e-3 / (sae.num_latents / 2**14) ** 0.5
+    lr = a.lr_mult * 5e-3 / (sae.num_latents / 2**14) ** 0.5
     opt = ScheduleFreeWrapper(SignSGD([{"params": sae.parameters(), "lr": lr}]), momentum=0.95)
     opt.train()
     steps = a.tokens // a.batch
@@ -65,7 +66,7 @@ def main() -> int:
         sae.remove_gradient_parallel_to_decoder_directions()
         opt.step()
         opt.zero_grad()
-        fvus.append(float(out.fvu))
+        fvus.append(float(out.fvu.detach()))
         n += x.shape[0]
     secs = time.perf_counter() - t0
     opt.eval()  # schedule-free: swap in the averaged weights, as its Trainer does before saving
@@ -75,7 +76,7 @@ def main() -> int:
               str(a.out / "weights.safetensors"))
     tail = max(1, min(20, len(fvus) // 10))
     info = {"steps": steps, "tokens": n, "seconds": secs, "tokens_per_s": n / secs, "lr": lr,
-            "batch": a.batch, "final_train_fvu": sum(fvus[-tail:]) / tail, "width": a.width, "k": a.k,
+            "batch": a.batch, "lr_mult": a.lr_mult, "final_train_fvu": sum(fvus[-tail:]) / tail, "width": a.width, "k": a.k,
             "torch_threads": torch.get_num_threads()}
     (a.out / "summary.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))

@@ -68,8 +68,8 @@ def harvest_phase(a: argparse.Namespace, log) -> dict:
     return out
 
 
-def key(lib: str, kind: str, width: int, batch: int | None = None) -> str:
-    return f"{lib}|{kind}|{width}" + (f"|b{batch}" if batch else "")
+def key(lib: str, kind: str, width: int, batch: int | None = None, lr_mult: float = 1.0) -> str:
+    return f"{lib}|{kind}|{width}" + (f"|b{batch}" if batch else "") + (f"|lr{lr_mult:g}x" if lr_mult != 1 else "")
 
 
 def ours_phase(a: argparse.Namespace, kind: str, width: int) -> dict:
@@ -84,14 +84,14 @@ def ours_phase(a: argparse.Namespace, kind: str, width: int) -> dict:
     return {"train": res.summary(), "path": str(path.relative_to(ROOT))}
 
 
-def sparsify_phase(a: argparse.Namespace, width: int, batch: int) -> dict:
+def sparsify_phase(a: argparse.Namespace, width: int, batch: int, lr_mult: float = 1.0) -> dict:
     if not SPARSIFY_PY.is_file():
         raise SystemExit(f"{SPARSIFY_PY} is missing: python3 -m venv .venv-sparsify && .venv-sparsify/bin/pip "
                          "install torch==2.13.0 eai-sparsify==1.3.3 transformers==5.25.0")
-    path = CACHE / "saes" / key("sparsify", "topk", width, batch).replace("|", "_")
+    path = CACHE / "saes" / key("sparsify", "topk", width, batch, lr_mult).replace("|", "_")
     cmd = [str(SPARSIFY_PY), str(ROOT / "benchmarks" / "_sparsify_arm.py"), str(CACHE / "train"), str(path),
            "--width", str(width), "--k", str(a.k), "--tokens", str(a.tokens), "--batch", str(batch),
-           "--threads", str(a.threads)]
+           "--threads", str(a.threads), "--lr-mult", str(lr_mult)]
     subprocess.run(cmd, check=True)
     return {"train": json.loads((path / "summary.json").read_text()), "path": str(path.relative_to(ROOT))}
 
@@ -177,7 +177,7 @@ def table(results: dict) -> str:
     for k, e in sorted((k, e) for k, e in results.items() if "|" in k):
         ev, tr = e.get("eval", {}), e["train"]
         lib, kind, width = k.split("|")[:3]
-        batch = tr.get("batch", 4096)
+        batch = f"{tr.get('batch', 4096)}" + (f" lr x{tr['lr_mult']:g}" if tr.get("lr_mult", 1) != 1 else "")
         f = lambda v, p=3: "-" if v is None else f"{v:.{p}f}"  # noqa: E731
         rows.append(f"| {lib} | {kind} | {width} | {batch} | {f(ev.get('fvu'))} | {f(ev.get('l0'), 1)} | "
                     f"{f(ev.get('dead_fraction'))} | {f(ev.get('delta_lm_loss'))} | {f(ev.get('ce_recovered'))} | "
@@ -194,7 +194,7 @@ def verdict(results: dict, widths: list[int]) -> dict:
             continue
         best = min(theirs, key=lambda e: e["eval"]["fvu"])
         fastest = max(e["train"]["tokens_per_s"] for e in theirs)
-        same_batch = [e for e in theirs if e["train"]["batch"] == 4096]
+        same_batch = [e for e in theirs if e["train"]["batch"] == 4096 and e["train"].get("lr_mult", 1) == 1]
         out[str(w)] = {
             "fvu_ratio_vs_best_sparsify": ours["eval"]["fvu"] / best["eval"]["fvu"],
             "fvu_target_met": ours["eval"]["fvu"] <= 0.95 * best["eval"]["fvu"],
@@ -216,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--widths", type=_ints, default=[4608, 18432])
     ap.add_argument("--kinds", default=",".join(KINDS))
+    ap.add_argument("--sparsify-batches", type=_ints, default=[4096, 65536],
+                    help="eai-sparsify tokens per step: ours (4096) and its CLI default (32 x 2048)")
+    ap.add_argument("--sparsify-lr-mults", type=lambda t: [float(x) for x in t.split(",")], default=[0.5, 2.0],
+                    help="extra eai-sparsify runs at batch 4096 with its learning rate times these")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cc-tokens", type=int, default=150_000, help="paired tokens for the crosscoder")
     ap.add_argument("--cc-width", type=int, default=4608)
@@ -241,24 +245,27 @@ def main(argv: list[str] | None = None) -> int:
         results["harvest"] = {**harvest_phase(a, print), "provenance": run.entry(lb)}
         save()
     kinds = [k for k in a.kinds.split(",") if k]
-    if a.phase in ("ours", "all"):
-        for w in a.widths:
-            for kind in kinds:
-                k = key("ours", kind, w)
-                if k in results and not a.redo:
-                    continue
-                lb = load_average()
-                results[k] = {**ours_phase(a, kind, w), "provenance": run.entry(lb)}
-                save()
-    if a.phase in ("sparsify", "all"):
-        for w in a.widths:
-            for batch in (4096, 65536):
-                k = key("sparsify", "topk", w, batch)
-                if k in results and not a.redo:
-                    continue
-                lb = load_average()
-                results[k] = {**sparsify_phase(a, w, batch), "provenance": run.entry(lb)}
-                save()
+    # per width: our TopK and eai-sparsify's runs back to back (their throughputs are compared, and
+    # the machine's load drifts), then our other kinds
+    jobs: list[tuple[str, str, int, int | None, float]] = []
+    for w in a.widths:
+        if a.phase in ("ours", "all") and "topk" in kinds:
+            jobs.append(("ours", "topk", w, None, 1.0))
+        if a.phase in ("sparsify", "all"):
+            jobs += [("sparsify", "topk", w, b, 1.0) for b in a.sparsify_batches]
+            # its learning rate at half and twice its default (ours was chosen on the training stream)
+            jobs += [("sparsify", "topk", w, 4096, m) for m in a.sparsify_lr_mults if m != 1]
+        if a.phase in ("ours", "all"):
+            jobs += [("ours", kd, w, None, 1.0) for kd in kinds if kd != "topk"]
+    for lib, kind, w, batch, mult in jobs:
+        k = key(lib, kind, w, batch, mult)
+        if k in results and not a.redo:
+            continue
+        lb = load_average()
+        entry = ours_phase(a, kind, w) if lib == "ours" else sparsify_phase(a, w, batch, mult)
+        results[k] = {**entry, "provenance": run.entry(lb)}
+        print(k, f"{entry['train']['tokens_per_s']:.0f} tok/s", flush=True)
+        save()
     if a.phase in ("eval", "all"):
         from sparsetorch.data.llm import load_causal_lm
         from sparsetorch.data.text import eval_windows
@@ -279,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         results["crosscoder"] = {**crosscoder_phase(a), "provenance": run.entry(lb)}
         save()
         print(json.dumps(results["crosscoder"]["patch"], indent=1))
-    results["verdict"] = verdict(results, a.widths)
+    results["verdict"] = verdict(results, sorted({int(k.split("|")[2]) for k in results if "|" in k}))
     save()
     print(table(results))
     print(json.dumps(results["verdict"], indent=1))

@@ -160,7 +160,7 @@ def test_geometric_median_and_normalized_mse_against_definitions():
     assert gm.norm() < 5  # robust to the outliers, unlike the mean
     p, t = torch.randn(7, 3), torch.randn(7, 3)
     assert torch.isclose(normalized_mse(p, t), ((p - t) ** 2).sum() / ((t - t.mean(0)) ** 2).sum())
-    assert auto_lr(2**14) == pytest.approx(2e-4) and auto_lr(4 * 2**14) == pytest.approx(1e-4)
+    assert auto_lr(2**14) == pytest.approx(2e-3) and auto_lr(4 * 2**14) == pytest.approx(1e-3)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -184,7 +184,7 @@ def test_save_load_round_trip(tmp_path):
 ])
 def test_bad_config(bad, msg):
     with pytest.raises(DictionaryError, match=msg):
-        SparseAutoencoder(SAEConfig(**{"d": 4, "width": 10, **bad}))
+        SparseAutoencoder(SAEConfig(**{"d": 4, "width": 10, "k": 2, **bad}))
 
 
 def test_bad_training_options():
