@@ -30,12 +30,16 @@ def test_verdict_from_made_up_entries() -> None:
             res[b.key(m, 0.95, seed)] = {"label": m, "sparsity_target": 0.95, "accuracy": a}
     res[b.key("snip", 0.98, 0)] = {"label": "snip", "sparsity_target": 0.98, "accuracy": 85.0}
     res[b.key("l0", 0.98, 0)] = {"label": "l0", "sparsity_target": 0.98, "accuracy": 85.3}
+    res[b.key("rigl", 0.98, 1)] = {"label": "rigl", "sparsity_target": 0.98, "accuracy": 80.0, "seed": 1}
+    for k, e in res.items():
+        e.setdefault("seed", int(k.rsplit("|", 1)[1]))
     s = b.summarise(res)
     assert s["0.95"]["snip"]["n"] == 2 and abs(s["0.95"]["snip"]["mean"] - 89.1) < 1e-9
-    v = b.verdict(s)
+    v = b.verdict(res)
     assert v["learned_vs_score_0.95"]["best_learned"] == "hypersparse"
     assert abs(v["learned_vs_score_0.95"]["gain_points"] - 0.7) < 1e-9 and v["learned_vs_score_0.95"]["met"]
     assert v["learned_vs_score_0.98"]["met"] is False  # +0.3 < 0.5
+    assert v["learned_vs_score_0.98"]["seeds"] == [0]  # snip and l0 share seed 0 only
     assert abs(v["dass_vs_erk_rigl_0.95"]["gain_points"] - 0.6) < 1e-9
     text = b.table(res)
     assert "89.10 ± 0.14" in text and "(1 seed)" in text and "MISSED" in text
