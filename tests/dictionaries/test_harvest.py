@@ -182,3 +182,25 @@ def test_fvu_against_hand_computation_and_splice(model, windows):
     r2 = splice_losses(model, site, windows[:4], sae_splice(sae))
     assert r2.clean_loss == pytest.approx(r.clean_loss) and r2.zero_loss == pytest.approx(r.zero_loss)
     assert r2.delta_lm_loss == pytest.approx(r2.sae_loss - r2.clean_loss)
+
+
+def test_sink_tokens_are_left_out_of_training_batches_metrics_and_splicing(model, windows, tmp_path):
+    harvest(model, windows, "resid:1", tmp_path / "h", dtype="float32")
+    store = ActivationStore(tmp_path / "h")
+    allrows = torch.cat([store.shard(i)["acts"] for i in range(len(store))])
+    med = float(allrows.norm(dim=1).median())
+    got = torch.cat(list(store.batches(8, max_norm=med)))
+    assert (got.norm(dim=1) <= med + 1e-4).all() and len(got) >= 72
+    assert store.sink_norm(10.0)[0] == pytest.approx(10 * store.manifest.mean_sq_norm()[0] ** 0.5)
+    with pytest.raises(DictionaryError, match="> 1"):
+        store.sink_norm(0.5)
+    # metrics: a row 1000x the others is skipped, and the statistics equal those without it
+    sae = SparseAutoencoder(SAEConfig(d=32, width=64, k=4, max_norm=50.0)).eval()
+    x = torch.randn(30, 32)
+    x_out = torch.cat([x, 1000 * torch.ones(1, 32)])
+    a, b = recon_stats(sae, [x_out]), recon_stats(sae, [x])
+    assert a.skipped == 1 and a.fvu() == pytest.approx(b.fvu()) and a.n == 30
+    # splicing leaves the sink row as it was and reconstructs the others
+    h = x_out[None]
+    out = sae_splice(sae)(h)
+    assert torch.equal(out[0, -1], h[0, -1]) and not torch.equal(out[0, 0], h[0, 0])

@@ -55,7 +55,8 @@ VERSION = 1
 
 @dataclass
 class CrosscoderConfig:
-    """What defines a crosscoder (saved beside its weights); ``scales`` per model."""
+    """What defines a crosscoder (saved beside its weights); ``scales`` per model; ``max_norm`` per
+    model bounds the regular tokens (sink tokens above it are skipped, as for SAEs)."""
 
     d: int
     width: int
@@ -65,6 +66,7 @@ class CrosscoderConfig:
     scales: tuple[float, float] = (1.0, 1.0)
     models: tuple[str, str] = ("a", "b")
     site: str = ""
+    max_norm: tuple[float, float] | None = None
 
     def check(self) -> None:
         if self.kind not in KINDS:
@@ -165,6 +167,8 @@ class Crosscoder(nn.Module):
                 raise ValueError(f"format {info.get('format')!r}")
             raw = info["config"]
             raw["scales"], raw["models"] = tuple(raw["scales"]), tuple(raw["models"])
+            if raw.get("max_norm") is not None:
+                raw["max_norm"] = tuple(raw["max_norm"])
             cc = cls(CrosscoderConfig(**raw), seed=None)
             cc.load_state_dict(load_file(str(path / WEIGHTS)))
         except Exception as exc:

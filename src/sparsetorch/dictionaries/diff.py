@@ -27,7 +27,7 @@ from .crosscoder import (
     latent_scaling,
     train_crosscoder,
 )
-from .harvest import ActivationStore, harvest
+from .harvest import ActivationStore, harvest, within
 from .sites import Site, read_site, splice_site
 
 REPORT = "diff_report.json"
@@ -36,13 +36,15 @@ PAGE = "latents.html"
 
 
 def pair_batches(model_a: nn.Module, model_b: nn.Module, site: Site, windows: Tensor, skip_first: int = 1,
-                 batch_size: int = 4) -> Iterator[Tensor]:
-    """Raw activation pairs ``[tokens, 2, d]`` of both models on the same windows, batch by batch."""
+                 batch_size: int = 4, max_norm: tuple[float, float] | None = None) -> Iterator[Tensor]:
+    """Raw activation pairs ``[tokens, 2, d]`` of both models on the same windows, batch by batch
+    (without sink tokens above ``max_norm`` in either model)."""
     for b in range(0, len(windows), batch_size):
         ids = windows[b:b + batch_size]
         xa = read_site(model_a, site, ids)[:, skip_first:]
         xb = read_site(model_b, site, ids)[:, skip_first:]
-        yield torch.stack([xa, xb], 2).reshape(-1, 2, xa.shape[-1]).float().cpu()
+        x = torch.stack([xa, xb], 2).reshape(-1, 2, xa.shape[-1]).float().cpu()
+        yield x if max_norm is None else x[within(x, max_norm)]
 
 
 @torch.no_grad()
@@ -53,6 +55,9 @@ def top_contexts(cc: Crosscoder, store: ActivationStore, latents: Tensor, top: i
     best: dict[int, list] = {int(j): [] for j in latents}
     for i in range(min(len(store), shards or len(store))):
         sh = store.shard(i)
+        if cc.cfg.max_norm is not None:
+            keep = within(sh["acts"], cc.cfg.max_norm)
+            sh = {k: v[keep] for k, v in sh.items()}
         f = cc.encode(sh["acts"])[:, latents]
         k = min(top, f.shape[0])
         vals, rows = f.topk(k, dim=0)
@@ -122,6 +127,7 @@ def diff_models(
     train_windows: Tensor, eval_windows: Tensor, tokens: int, width: int = 4608, k: int = 32,
     kind: str = "batchtopk", names: tuple[str, str] = ("a", "b"), activations: str | os.PathLike[str] | None = None,
     skip_first: int = 1, batch_size: int = 4096, nu_cutoff: float = 0.2, top_latents: int = 20,
+    sink_factor: float | None = 10.0,
     context_shards: int = 8, overwrite: bool = False, log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Crosscoder diff of two models at ``site``; writes ``out`` (crosscoder, report JSON,
@@ -138,14 +144,16 @@ def diff_models(
     man = harvest([model_a, model_b], train_windows, site, acts, tokens=tokens, skip_first=skip_first,
                   model_names=list(names), resume=acts.exists(), windows_per_shard=32)
     store = ActivationStore(acts)
+    bound = store.sink_norm(sink_factor)
     cfg = CrosscoderConfig(d=man.d, width=width, kind=kind, k=k, scales=tuple(man.scale()), models=names,
-                           site=str(site))
+                           site=str(site), max_norm=tuple(bound) if bound else None)
     cc = Crosscoder(cfg)
     steps = min(tokens, store.rows) // batch_size
     if steps < 1:
         raise DictionaryError(f"{store.rows} harvested tokens do not fill one batch of {batch_size}.")
     say(f"training a {kind} crosscoder ({width} latents) for {steps} steps")
-    train = train_crosscoder(cc, store.batches(batch_size, epochs=steps * batch_size / store.rows), steps,
+    train = train_crosscoder(cc, store.batches(batch_size, epochs=steps * batch_size / store.rows,
+                                               max_norm=cfg.max_norm), steps,
                              CrosscoderOptions(batch_size=batch_size), log=say)
     delta = cc.delta_norm()
     cls = classify(delta)
@@ -155,7 +163,8 @@ def diff_models(
     home = torch.cat([torch.zeros(len(cls["only_a"])), torch.ones(len(cls["only_b"])),
                       torch.zeros(len(shared_sample))]).long()
     say(f"latent scaling on {len(cand)} latents over {len(eval_windows)} evaluation windows")
-    ls = latent_scaling(cc, cand, home, pair_batches(model_a, model_b, site, eval_windows, skip_first))
+    ls = latent_scaling(cc, cand, home, pair_batches(model_a, model_b, site, eval_windows, skip_first,
+                                                     max_norm=cfg.max_norm))
     nu_e, nu_r = ls.nu("error"), ls.nu("recon")
     na, nb = len(cls["only_a"]), len(cls["only_b"])
     lost = cls["only_a"][nu_e[:na] < nu_cutoff]
@@ -168,7 +177,7 @@ def diff_models(
     l0 = 0.0
     fired = torch.zeros(width, dtype=torch.bool)
     with torch.no_grad():
-        for x in pair_batches(model_a, model_b, site, eval_windows, skip_first):
+        for x in pair_batches(model_a, model_b, site, eval_windows, skip_first, max_norm=cfg.max_norm):
             f = cc.encode(x)
             xh = cc(x)
             sse += (x - xh).double().pow(2).sum(dim=(0, 2))
@@ -234,6 +243,8 @@ def patch_losses(model_a: nn.Module, model_b: nn.Module, cc: Crosscoder, site: S
             pair = torch.stack([xa[:, skip_first:], h[:, skip_first:]], 2)
             flat = pair.reshape(-1, 2, pair.shape[-1]).float()
             f = cc.encode(flat)[:, latents]
+            if cc.cfg.max_norm is not None:  # sink tokens are not patched
+                f = f * within(flat, cc.cfg.max_norm)[:, None]
             out = h.clone()
             out[:, skip_first:] += (f @ delta_dir).view(h.shape[0], -1, h.shape[-1]).to(h.dtype)
             return out

@@ -335,6 +335,14 @@ def _open_folder(folder: Path, settings: dict[str, Any], windows: Tensor, *, res
     return man
 
 
+def within(x: Tensor, max_norm: float | Sequence[float]) -> Tensor:
+    """Rows of ``x`` ([N, d], or [N, 2, d] with one bound per model) whose norms are within the bound."""
+    lim = torch.as_tensor(max_norm, dtype=torch.float32).reshape(-1)
+    norms = x.float().norm(dim=-1)
+    ok = norms <= (lim if norms.dim() > 1 else lim[0])
+    return ok.reshape(len(x), -1).all(1)
+
+
 class ActivationStore:
     """Read a harvest folder: shards by index, shuffled float32 batches, the scaling statistic."""
 
@@ -374,10 +382,22 @@ class ActivationStore:
 
         return load_file(str(self.folder / WINDOWS))["windows"].long()
 
+    def sink_norm(self, factor: float | None) -> list[float] | None:
+        """``factor`` times the RMS norm ``sqrt(E||x||^2)`` per model: rows above it are sink tokens
+        (None when ``factor`` is None)."""
+        if factor is None:
+            return None
+        if not factor > 1:
+            raise DictionaryError(f"the sink-token factor must be > 1 (or None to keep every token), got {factor}.")
+        return [factor * math.sqrt(v) for v in self.manifest.mean_sq_norm()]
+
     def batches(self, batch_size: int, *, seed: int = 0, epochs: float = 1.0,
-                shards: Sequence[int] | None = None) -> Iterator[Tensor]:
+                shards: Sequence[int] | None = None, max_norm: float | Sequence[float] | None = None
+                ) -> Iterator[Tensor]:
         """Shuffled float32 batches ``[batch_size, d]`` (``[batch, 2, d]`` paired): shards in a seeded
-        order, rows shuffled within a buffer of two shards; a last partial batch is dropped."""
+        order, rows shuffled within a buffer of two shards; a last partial batch is dropped. Rows
+        whose norm exceeds ``max_norm`` (per model when paired) are left out; the stream wraps
+        around into the next epoch to fill the batches."""
         idx = list(range(len(self)) if shards is None else shards)
         g = torch.Generator().manual_seed(seed)
         total = int(epochs * sum(self.manifest.shards[i]["rows"] for i in idx))
@@ -389,6 +409,8 @@ class ActivationStore:
             for k in range(0, len(order), 2):
                 parts = [self.shard(i)["acts"] for i in order[k:k + 2]]
                 new = torch.cat(parts)
+                if max_norm is not None:
+                    new = new[within(new, max_norm)]
                 buf = new if buf is None else torch.cat([buf, new])
                 buf = buf[torch.randperm(len(buf), generator=g)]
                 while len(buf) >= batch_size and sent + batch_size <= total:

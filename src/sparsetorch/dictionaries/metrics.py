@@ -5,6 +5,8 @@
   (not a per-batch or per-token ratio; see the reference's pitfalls). Summed in float64.
 * **L0** = mean number of non-zero latents per token (BatchTopK measured under its threshold).
 * **dead fraction** = share of latents never non-zero over the evaluation tokens (state N).
+* Sink tokens (norm above the SAE's ``max_norm``, see train.py) are left out of these statistics
+  (counted as ``skipped``) and keep their own activations when splicing.
 * **shrinkage** = ``E||x_hat||^2 / E<x, x_hat>`` (1 = no shrinkage; < 1 = reconstructions too short).
 * **delta LM loss** = ``L_sae - L_clean`` in nats: the model's next-token cross-entropy with the
   site's output replaced by the SAE's reconstruction, minus the clean loss.
@@ -37,6 +39,7 @@ class ReconStats:
     dot: float = 0.0
     hat_sq: float = 0.0
     active: int = 0
+    skipped: int = 0
 
     def __post_init__(self) -> None:
         self._sum: Tensor | None = None
@@ -72,13 +75,17 @@ class ReconStats:
 
 @torch.no_grad()
 def recon_stats(sae: SparseAutoencoder, batches: Iterable[Tensor]) -> ReconStats:
-    """FVU, L0, dead fraction and shrinkage of ``sae`` (eval mode) over raw activation batches."""
+    """FVU, L0, dead fraction and shrinkage of ``sae`` (eval mode) over raw activation batches;
+    sink tokens (norm above the SAE's ``max_norm``) are counted in ``skipped`` and left out."""
     was = sae.training
     sae.eval()
     st = ReconStats(sae.cfg.width)
     try:
         for x in batches:
             x = x.reshape(-1, x.shape[-1]).float()
+            keep = sae.regular(x)
+            st.skipped += int((~keep).sum())
+            x = x[keep]
             code = sae.encode(x)
             live = code.value != 0
             st.add(x, sae.decode(code), code.latent[live], int(live.sum()))
@@ -150,11 +157,12 @@ def splice_losses(model: nn.Module, site: Site, windows: Tensor,
 
 
 def sae_splice(sae: SparseAutoencoder) -> Callable[[Tensor], Tensor]:
-    """The SAE (eval mode) as a replacement function for :func:`splice_losses`."""
+    """The SAE (eval mode) as a replacement function for :func:`splice_losses`; sink tokens (above
+    the SAE's ``max_norm``) keep their own activations."""
     sae.eval()
 
     def fn(h: Tensor) -> Tensor:
-        return sae(h.float()).to(h.dtype)
+        return torch.where(sae.regular(h)[..., None], sae(h.float()).to(h.dtype), h)
     return fn
 
 
@@ -176,4 +184,4 @@ def evaluate_sae(sae: SparseAutoencoder, model: nn.Module, site: Site, windows: 
     sp = splice_losses(model, site, windows if lm_windows is None else lm_windows, sae_splice(sae),
                        skip_first=skip_first, batch_size=batch_size)
     return {"fvu": st.fvu(), "l0": st.l0(), "dead_fraction": st.dead_fraction(), "shrinkage": st.shrinkage(),
-            "tokens": st.n, **sp.as_dict()}
+            "tokens": st.n, "sink_tokens_skipped": st.skipped, **sp.as_dict()}

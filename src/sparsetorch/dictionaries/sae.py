@@ -51,7 +51,10 @@ class SAEConfig:
     ``scale`` divides inputs before encoding (and multiplies reconstructions); ``site`` and
     ``model`` record where the activations came from (informational, used by ``sae eval``).
     ``jump_bandwidth`` is the JumpReLU rectangle-kernel width epsilon (SAELens's 0.05), ``theta_init``
-    its initial threshold before training sets it from data (both in scaled units).
+    its initial threshold before training sets it from data (both in scaled units). ``max_norm``
+    (raw units): tokens whose activation norm exceeds it are *sink tokens* (massive activations,
+    hundreds of times the median norm) that the SAE was not trained on; metrics skip them and
+    splicing leaves them unchanged (None: no such rule).
     """
 
     d: int
@@ -63,6 +66,7 @@ class SAEConfig:
     model: str = ""
     jump_bandwidth: float = 0.05
     theta_init: float = 0.001
+    max_norm: float | None = None
 
     def check(self) -> None:
         if self.kind not in KINDS:
@@ -74,6 +78,8 @@ class SAEConfig:
                                   "nothing is sparse. Lower k or widen the dictionary.")
         if not (self.scale > 0 and math.isfinite(self.scale)):
             raise DictionaryError(f"scale must be a positive finite number, got {self.scale}.")
+        if self.max_norm is not None and not self.max_norm > 0:
+            raise DictionaryError(f"max_norm must be positive or None, got {self.max_norm}.")
         if self.jump_bandwidth <= 0 or self.theta_init <= 0:
             raise DictionaryError("jump_bandwidth and theta_init must be positive.")
 
@@ -310,6 +316,12 @@ class SparseAutoencoder(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         return self.decode(self.encode(flat)).reshape(shape).to(x.dtype)
+
+    def regular(self, x: Tensor) -> Tensor:
+        """Boolean mask over the rows of ``x [..., d]``: True where the norm is within ``max_norm``."""
+        if self.cfg.max_norm is None:
+            return torch.ones(x.shape[:-1], dtype=torch.bool, device=x.device)
+        return x.float().norm(dim=-1) <= self.cfg.max_norm
 
     def dense_code(self, x: Tensor) -> Tensor:
         """The code as a dense ``[B, width]`` tensor (for analysis; small batches)."""
