@@ -91,3 +91,19 @@ def test_generate_from_an_int8_export_equals_int8_decoding_of_the_pruned_model(p
 def test_export_refuses_an_unknown_quantization(pruned_dir: Path, tmp_path: Path) -> None:
     proc = script("export", str(pruned_dir), "--out", str(tmp_path / "e"), "--quantize", "int4")
     assert proc.returncode == 2 and "--quantize must be int8" in " ".join(proc.stderr.split())
+
+
+def test_generate_uses_one_thread_on_a_busy_machine(hf_dir: Path, capsys, monkeypatch) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("SPARSETORCH_PARALLEL", "0")  # machine_busy() -> True
+    try:
+        torch.set_num_threads(2)
+        assert run(["generate", str(hf_dir), "--prompt", "hi", "-n", "3"]) == 0
+        assert "1 threads (machine busy)" in capsys.readouterr().err
+        torch.set_num_threads(2)
+        assert run(["generate", str(hf_dir), "--prompt", "hi", "-n", "3", "--threads", "2"]) == 0
+        assert "2 threads" in capsys.readouterr().err  # an explicit --threads wins
+    finally:
+        torch.set_num_threads(before)

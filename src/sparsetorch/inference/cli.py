@@ -203,7 +203,9 @@ def _register_generate(app: typer.Typer) -> None:
         top_k: int = typer.Option(0, "--top-k", help="Sample among the k most likely tokens (0 = all)."),
         top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
         seed: int = typer.Option(0, help="Random seed for --sample."),
-        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: torch's)."),
+        threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: torch's, or 1 when other "
+                                           "work keeps the cores busy: measured here, a second thread that shares "
+                                           "its core with another process makes decoding slower, not faster)."),
     ) -> None:
         """Continue PROMPT with the compiled low-overhead decoder (sparse, fp16/bf16/int8 weights); a model it cannot run exactly falls back to transformers' generate (fp32 only) with a one-line notice."""
         import sys
@@ -226,8 +228,11 @@ def _register_generate(app: typer.Typer) -> None:
             _check_sampling(temperature, top_k, top_p)
         if not prompt:
             raise DataError("--prompt is empty; give some text to continue.")
-        if threads is not None:
-            torch.set_num_threads(threads)
+        from .kernels import machine_busy
+
+        busy = threads is None and torch.get_num_threads() > 1 and machine_busy()
+        if threads is not None or busy:
+            torch.set_num_threads(1 if busy else threads)
         lm, tok = _load_any(model)
         ids = tok(prompt, return_tensors="pt").input_ids
         if ids.shape[1] == 0:
@@ -240,4 +245,4 @@ def _register_generate(app: typer.Typer) -> None:
         new = out[0, ids.shape[1]:]
         typer.echo(prompt + tok.decode(new, skip_special_tokens=True))
         print(f"{new.numel()} tokens in {secs:.2f} s ({new.numel() / secs:.1f} tokens/s incl. prompt), "
-              f"dtype {dtype}, {torch.get_num_threads()} threads", file=sys.stderr)
+              f"dtype {dtype}, {torch.get_num_threads()} threads" + (" (machine busy)" if busy else ""), file=sys.stderr)
