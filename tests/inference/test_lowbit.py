@@ -154,3 +154,24 @@ def test_results_do_not_depend_on_the_thread_count() -> None:
         torch.set_num_threads(before)
     for other in outs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outs[0], other, strict=True))
+
+
+def test_a_forked_child_computes_with_its_own_pool() -> None:
+    """After fork() the parent's helper threads are gone; the child builds a fresh pool."""
+    import os
+
+    w = _weight(256, 576, 0.5, seed=11)
+    x = torch.randn(1, 576)
+    p = pack_lowbit(w, "bitmask", "fp16")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref = lowbit_matmul(x, p)  # the parent's pool exists now
+        pid = os.fork()
+        if pid == 0:  # child: exit status says whether the product matched
+            ok = torch.equal(lowbit_matmul(x, p), ref)
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(before)

@@ -29,6 +29,8 @@ SOURCE = r"""
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+#include <new>
+#include <pthread.h>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -472,9 +474,13 @@ class Pool {
 std::mutex g_pool_mu;
 Pool* g_pool = nullptr;  // leaked at exit on purpose: joining threads during interpreter shutdown can hang
 
-// one job at a time (a second Python thread calling in waits): Pool::run is not reentrant
+// one job at a time (a second Python thread calling in waits): Pool::run is not reentrant.
+// A forked child gets a fresh pool: the parent's helper threads do not exist there, and one of
+// them may have held the pool's mutex at the moment of the fork.
 template <typename F>
 void pool_run(int64_t nt, int64_t nchunks, F& f) {
+  static const int atfork = pthread_atfork(nullptr, nullptr, [] { new (&g_pool_mu) std::mutex(); g_pool = nullptr; });
+  (void)atfork;
   std::lock_guard<std::mutex> g(g_pool_mu);
   if (g_pool == nullptr || g_pool->helpers() != nt - 1) {
     delete g_pool;
