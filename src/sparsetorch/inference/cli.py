@@ -231,18 +231,23 @@ def _register_generate(app: typer.Typer) -> None:
         from .kernels import machine_busy
 
         busy = threads is None and torch.get_num_threads() > 1 and machine_busy()
+        before = torch.get_num_threads()
         if threads is not None or busy:
             torch.set_num_threads(1 if busy else threads)
-        lm, tok = _load_any(model)
-        ids = tok(prompt, return_tensors="pt").input_ids
-        if ids.shape[1] == 0:
-            raise DataError("the prompt encodes to no tokens; give some text to continue.")
-        t0 = time.perf_counter()
-        out = generate(lm, ids, max_new_tokens, dtype=dtype, head_dtype=head_dtype, do_sample=sample,
-                       temperature=temperature, top_k=top_k, top_p=top_p,
-                       generator=torch.Generator().manual_seed(seed) if sample else None)
-        secs = time.perf_counter() - t0
+        try:  # the thread count is process-wide: put it back (in-process callers, tests)
+            lm, tok = _load_any(model)
+            ids = tok(prompt, return_tensors="pt").input_ids
+            if ids.shape[1] == 0:
+                raise DataError("the prompt encodes to no tokens; give some text to continue.")
+            t0 = time.perf_counter()
+            out = generate(lm, ids, max_new_tokens, dtype=dtype, head_dtype=head_dtype, do_sample=sample,
+                           temperature=temperature, top_k=top_k, top_p=top_p,
+                           generator=torch.Generator().manual_seed(seed) if sample else None)
+            secs = time.perf_counter() - t0
+            used = torch.get_num_threads()
+        finally:
+            torch.set_num_threads(before)
         new = out[0, ids.shape[1]:]
         typer.echo(prompt + tok.decode(new, skip_special_tokens=True))
         print(f"{new.numel()} tokens in {secs:.2f} s ({new.numel() / secs:.1f} tokens/s incl. prompt), "
-              f"dtype {dtype}, {torch.get_num_threads()} threads" + (" (machine busy)" if busy else ""), file=sys.stderr)
+              f"dtype {dtype}, {used} threads" + (" (machine busy)" if busy else ""), file=sys.stderr)
