@@ -101,7 +101,7 @@ def test_generate_uses_one_thread_on_a_busy_machine(hf_dir: Path, capsys, monkey
     try:
         torch.set_num_threads(2)
         assert run(["generate", str(hf_dir), "--prompt", "hi", "-n", "3"]) == 0
-        assert "1 threads (machine busy)" in capsys.readouterr().err
+        assert "1 threads, machine busy)" in capsys.readouterr().err
         assert torch.get_num_threads() == 2  # restored afterwards
         assert run(["generate", str(hf_dir), "--prompt", "hi", "-n", "3", "--threads", "2"]) == 0
         assert "2 threads" in capsys.readouterr().err  # an explicit --threads wins

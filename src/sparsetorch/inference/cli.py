@@ -213,8 +213,8 @@ def _register_generate(app: typer.Typer) -> None:
 
         import torch
 
-        from ..errors import DataError
-        from .decode import _check_sampling, generate
+        from ..errors import DataError, DependencyError, ModelError
+        from .decode import DecodeEngine, _check_sampling, generate
         from .lowbit import check_value_dtype
 
         check_value_dtype(dtype)
@@ -240,8 +240,14 @@ def _register_generate(app: typer.Typer) -> None:
             if ids.shape[1] == 0:
                 raise DataError("the prompt encodes to no tokens; give some text to continue.")
             t0 = time.perf_counter()
+            try:  # packing the weights is reported apart from generation
+                engine = DecodeEngine.from_model(lm, dtype, head_dtype=head_dtype)
+            except (ModelError, DependencyError):
+                engine = None  # generate() falls back and says why
+            pack_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             out = generate(lm, ids, max_new_tokens, dtype=dtype, head_dtype=head_dtype, do_sample=sample,
-                           temperature=temperature, top_k=top_k, top_p=top_p,
+                           temperature=temperature, top_k=top_k, top_p=top_p, engine=engine,
                            generator=torch.Generator().manual_seed(seed) if sample else None)
             secs = time.perf_counter() - t0
             used = torch.get_num_threads()
@@ -249,5 +255,6 @@ def _register_generate(app: typer.Typer) -> None:
             torch.set_num_threads(before)
         new = out[0, ids.shape[1]:]
         typer.echo(prompt + tok.decode(new, skip_special_tokens=True))
-        print(f"{new.numel()} tokens in {secs:.2f} s ({new.numel() / secs:.1f} tokens/s incl. prompt), "
-              f"dtype {dtype}, {used} threads" + (" (machine busy)" if busy else ""), file=sys.stderr)
+        packed = f"weights packed in {pack_s:.1f} s, " if engine is not None else ""
+        print(f"{new.numel()} tokens in {secs:.2f} s ({new.numel() / secs:.1f} tokens/s incl. prompt; {packed}"
+              f"dtype {dtype}, {used} threads" + (", machine busy)" if busy else ")"), file=sys.stderr)
