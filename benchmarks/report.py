@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = "benchmarks/results"
 #: the documentation files that may hold generated sections
 DOC_FILES = ["README.md", "docs/training.md", "docs/export.md", "docs/format.md", "docs/distributed.md",
-             "docs/structured.md", "docs/activation.md", "docs/privacy.md", "docs/sparse_backprop.md"]
+             "docs/structured.md", "docs/activation.md", "docs/privacy.md", "docs/sparse_backprop.md", "docs/dictionaries.md"]
 SECTION = re.compile(
     r"<!-- report:(?P<name>[a-z0-9-]+) -->(?P<body>.*?)<!-- /report:(?P=name) -->", re.S
 )
@@ -1197,6 +1197,89 @@ def dp_finetune(r: Results) -> str:
     return "\n".join(out)
 
 
+def _dict_rows(d: dict) -> list[tuple[str, str, int, dict]]:
+    rows = []
+    for k, e in d.items():
+        if "|" not in k or "eval" not in e or k.startswith("throughput"):
+            continue
+        lib, kind, width = k.split("|")[:3]
+        rows.append((lib, kind, int(width), e))
+    return sorted(rows, key=lambda r: (r[2], r[0] != "ours", r[1], r[3]["train"].get("batch", 4096)))
+
+
+def _lr_note(tr: dict) -> str:
+    m = tr.get("lr_mult", 1)
+    return f" (lr ×{m:g})" if m != 1 else ""
+
+
+def dictionaries_table(r: Results) -> str:
+    """SAEs on SmolLM2's residual stream, ours vs eai-sparsify (dictionaries.json)."""
+    d = r("dictionaries")
+    h = d.get("harvest", {})
+    meta = d.get("_meta", {})
+    lines = [f"SmolLM2-135M, residual stream after block {meta.get('layer')}, "
+             f"{h.get('train', {}).get('rows', 0):,} harvested training tokens (python3.11-doc sections + the "
+             f"embedded corpus's calibration half), evaluated on {h.get('eval', {}).get('rows', 0):,} tokens of the "
+             "evaluation half (FVU, L0, dead) and E16 windows (spliced losses); eai-sparsify 1.3.3 trained on the "
+             "same shards and tokens with its own optimizer (signum + schedule-free) at two batch sizes, and at a quarter, half and "
+             "twice its learning rate (ours was chosen on the training stream, see docs/dictionaries.md).", "",
+             "| library | kind | width | tokens/step | FVU | L0 | dead | delta LM loss (nats) | CE recovered | "
+             "train tokens/s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for lib, kind, width, e in _dict_rows(d):
+        ev, tr = e["eval"], e["train"]
+        lines.append(f"| {'sparsetorch' if lib == 'ours' else 'eai-sparsify'} | {kind} | {width:,} | "
+                     f"{tr.get('batch', 4096):,}{_lr_note(tr)} | {ev['fvu']:.3f} | {ev['l0']:.1f} | {ev['dead_fraction']:.3f} | "
+                     f"{ev['delta_lm_loss']:.3f} | {ev['ce_recovered']:.3f} | {tr['tokens_per_s']:,.0f} |")
+    return "\n".join(lines) + "\n\n" + entries_note(r.path("dictionaries"), {k: e for k, e in d.items()
+                                                                             if "|" in k})
+
+
+def dictionaries_summary(r: Results) -> str:
+    """The issue-16 targets per width (dictionaries.json verdict)."""
+    d = r("dictionaries")
+    parts = []
+    for w, v in sorted(d.get("verdict", {}).items(), key=lambda kv: int(kv[0])):
+        alt = d.get(f"throughput|{w}")
+        if alt:
+            tp = (f"{ratio(alt['ratio'])} its tokens/s at batch 4,096 (medians of {len(alt['ours'])} alternating "
+                  f"rounds of {alt['steps']} steps: {alt['ours_median']:,.0f} vs {alt['sparsify_median']:,.0f})")
+        else:
+            tp = f"{ratio(v['throughput_ratio_vs_fastest'])} its fastest run"
+        parts.append(f"width {int(w):,}: TopK FVU {ratio(v['fvu_ratio_vs_best_sparsify'])} eai-sparsify's best "
+                     f"(target ≤ 0.95×: {'met' if v['fvu_target_met'] else '**missed**'}), training throughput "
+                     f"{tp} (target ≥ 1×: {'met' if v['throughput_target_met'] else '**missed**'})")
+    if not parts:
+        raise ReportError("dictionaries.json has no verdict (run benchmarks/dictionaries.py --phase eval).")
+    return "Against eai-sparsify on the same activations and tokens: " + "; ".join(parts) + "."
+
+
+def dictionaries_diff(r: Results) -> str:
+    """The crosscoder of dense SmolLM2 vs its SparseGPT-50% version (dictionaries.json)."""
+    c = r("dictionaries").get("crosscoder")
+    if not c:
+        raise ReportError("dictionaries.json has no crosscoder run (run benchmarks/dictionaries.py --phase crosscoder).")
+    rep, n = c["report"], c["report"]["counts"]
+    ev = rep["eval"]
+    text = (f"A {rep['kind']} crosscoder ({rep['width']:,} latents, k {rep['k']}) on {rep['train']['tokens']:,} paired "
+            f"tokens of dense SmolLM2 and its SparseGPT-50% version at `{rep['site']}` reconstructs them with FVU "
+            f"{ev['fvu_a']:.3f} (dense) and {ev['fvu_b']:.3f} (pruned) at L0 {ev['l0']:.1f}. Delta-norm: "
+            f"{n['only_a']} latents only in the dense model, {n['only_b']} only in the pruned one, {n['shared']} "
+            f"shared, {n['other']} in between; Latent Scaling confirms {n['lost']} as lost (nu < "
+            f"{rep['nu_cutoff']:g}) and {n['gained']} as gained.")
+    nu = rep["nu_error"]
+    if nu.get("only_a") and nu.get("shared_sample"):
+        text += (f" Median nu (error target): only-dense latents {nu['only_a']['median']:.2f}, shared sample "
+                 f"{nu['shared_sample']['median']:.2f}.")
+    for name, label in (("lost", "the lost latents"), ("only_a_all", "all only-dense latents"),
+                        ("shared_control", "as many shared latents (control)")):
+        p = c["patch"].get(name)
+        if p:
+            text += (f" Patching {label} ({p['latents']}) back into the pruned model's residual stream: perplexity "
+                     f"{ppl(p['ppl_b'])} → {ppl(p['ppl_b_patched'])} (dense {ppl(p['ppl_a'])}), "
+                     f"{p['explained']:.1%} of the gap.")
+    return text
+
+
 GENERATORS: dict[str, Callable[[Results], str]] = {
     "oneshot-setup": oneshot_setup,
     "oneshot-table": oneshot_table,
@@ -1230,6 +1313,9 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "dp-finetune": dp_finetune,
     "sparse-backprop": sparse_backprop_table,
     "sparse-backprop-summary": sparse_backprop_summary,
+    "dictionaries-table": dictionaries_table,
+    "dictionaries-summary": dictionaries_summary,
+    "dictionaries-diff": dictionaries_diff,
 }
 
 
