@@ -44,8 +44,6 @@ def _ints(s: str) -> list[int]:
 
 
 def harvest_phase(a: argparse.Namespace, log) -> dict:
-    import torch
-
     from sparsetorch.data.llm import load_causal_lm
     from sparsetorch.data.text import eval_windows
     from sparsetorch.dictionaries import corpus_windows, harvest
@@ -64,7 +62,6 @@ def harvest_phase(a: argparse.Namespace, log) -> dict:
     man = harvest(model, ev, site, CACHE / "eval", resume=True, batch_size=4, windows_per_shard=16,
                   model_names=["smollm2"])
     out["eval"] = {"rows": man.rows, "windows": man.n_windows, "seconds": time.perf_counter() - t}
-    del torch
     return out
 
 

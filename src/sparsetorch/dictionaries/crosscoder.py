@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DictionaryError
+from .train import _lr_factor
 
 KINDS = ("batchtopk", "l1")
 WEIGHTS = "crosscoder.safetensors"
@@ -223,10 +224,8 @@ def train_crosscoder(cc: Crosscoder, batches: Iterable[Tensor], steps: int, opts
         if step == 0:
             with torch.no_grad():
                 cc.b_dec.copy_(cc.scaled(x[:32768]).mean(0))
-        fac = (step + 1) / warm if step < warm else (max(steps - step, 0) / max(steps - decay_from, 1)
-                                                    if step >= decay_from else 1.0)
         for g in opt.param_groups:
-            g["lr"] = lr * fac
+            g["lr"] = lr * _lr_factor(step, steps, warm, decay_from)
         a = cc.scaled(x)
         pre = torch.einsum("bmd,nmd->bn", a, cc.W_enc) + cc.b_enc
         f = cc.encode(x, use_threshold=False)
