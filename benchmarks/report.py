@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = "benchmarks/results"
 #: the documentation files that may hold generated sections
 DOC_FILES = ["README.md", "docs/training.md", "docs/export.md", "docs/format.md", "docs/distributed.md",
-             "docs/structured.md", "docs/activation.md", "docs/privacy.md", "docs/sparse_backprop.md", "docs/dictionaries.md"]
+             "docs/structured.md", "docs/activation.md", "docs/privacy.md", "docs/sparse_backprop.md", "docs/dictionaries.md",
+             "docs/decode.md", "docs/learned_sparsity.md"]
 SECTION = re.compile(
     r"<!-- report:(?P<name>[a-z0-9-]+) -->(?P<body>.*?)<!-- /report:(?P=name) -->", re.S
 )
@@ -1280,6 +1281,195 @@ def dictionaries_diff(r: Results) -> str:
     return text
 
 
+# ---------------------------------------------------------------------- decode vs llama.cpp
+#: our weight dtype -> the llama.cpp GGUF at the same precision (no bf16 GGUF: bf16 is compared with F16)
+DECODE_PEER = {"fp32": "F32", "fp16": "F16", "bf16": "F16", "int8": "Q8_0"}
+DECODE_DTYPES = ["fp32", "fp16", "bf16", "int8"]
+#: configs whose E16 is a model's (magnitude70 is a destroyed model, timed for its layout only)
+DECODE_QUALITY_CONFIGS = ["dense", "sparsegpt50", "sparsegpt24"]
+
+
+def _decode_rows(r: Results, name: str) -> tuple[dict, dict[str, dict]]:
+    """The JSON of ``benchmarks/decode_vs_llamacpp.py`` and its timed rows, ours (config, dtype order) first."""
+    d = r(name)
+    rows = [(k, x) for k, x in d["rows"].items() if "decode_tokens_per_s" in x]
+    configs = list(dict.fromkeys(x.get("config") for _, x in rows))
+    rows.sort(key=lambda kx: (kx[1]["runtime"] != "sparsetorch", configs.index(kx[1].get("config")),
+                              DECODE_DTYPES.index(kx[1]["dtype"]) if kx[1].get("dtype") in DECODE_DTYPES else 0))
+    return d, dict(rows)
+
+
+def _f1(x: float) -> str:
+    return f"{x:.1f}"
+
+
+def _tps(x: dict) -> float:
+    return x["decode_tokens_per_s"]["median"]
+
+
+def _vs_peer(rows: dict[str, dict], x: dict) -> tuple[float, str] | None:
+    """Our row's median tokens/s over llama.cpp's at the same precision (None for llama.cpp rows)."""
+    peer = DECODE_PEER.get(x.get("dtype", ""))
+    p = rows.get(f"llama.cpp {peer}")
+    return (_tps(x) / _tps(p), peer) if x.get("runtime") == "sparsetorch" and p else None
+
+
+def decode_table(r: Results, name: str) -> str:
+    """One run of benchmarks/decode_vs_llamacpp.py: header sentence and table (the script's print_table)."""
+    d, rows = _decode_rows(r, name)
+    meta = d.get("_meta", {})
+    loads = [ld[0] for x in rows.values() for ld in (x.get("timed") or {}).get("loads_per_round") or [] if ld]
+    runs = {(x.get("timed") or {}).get("date_utc") for x in rows.values()}
+    has_e16 = any("e16_ppl" in x for x in rows.values())
+    same = [k for k, x in rows.items() if x.get("same_tokens_as_first_row")]
+    head = (f"{meta.get('threads')} thread(s), {meta.get('tokens')} new tokens after a {d.get('prompt_tokens')}-token "
+            f"prompt, median of {meta.get('repeats')} (range); 1-minute load average {span(loads, lambda v: f'{v:.2f}')} "
+            f"at the start of the rounds, the run's own threads included (`machine_loaded` "
+            f"{'set' if meta.get('machine_loaded') else 'not set'}: 1-minute load average "
+            f"{'above' if meta.get('machine_loaded') else 'at most'} 0.5 when it started); "
+            f"streaming-read ceiling {_f1(d['bandwidth_ceiling_gb_per_s']['median'])} GB/s measured in the same run"
+            f"{'' if has_e16 else '; no E16 in this run'}. Same greedy tokens (`same_tokens_as_first_row`): {', '.join(same)}."
+            + (f" Rows timed in {len(runs)} separate runs (each row's `timed` block says which)." if len(runs) > 1 else "")
+            + " " + provenance_note(r.path(name), d))
+    lines = [head, "", "| row | decode tok/s (range) | vs llama.cpp same precision | MB read / token | "
+             "fraction of ceiling |" + (" E16 |" if has_e16 else ""), "|---|---|---|---|---|" + ("---|" if has_e16 else "")]
+    for k, x in rows.items():
+        t, v = x["decode_tokens_per_s"], _vs_peer(rows, x)
+        e16 = f" {ppl(x['e16_ppl'])} |" if "e16_ppl" in x else " |"
+        lines.append(f"| {k} | {_f1(t['median'])} ({span([t['min'], t['max']], _f1)}) | "
+                     f"{f'{ratio(v[0])} {v[1]}' if v else ''} | {x['bytes_per_token'] / 1e6:.0f} | "
+                     f"{x['fraction_of_bandwidth_ceiling']:.0%} |" + (e16 if has_e16 else ""))
+    return "\n".join(lines)
+
+
+def _decode_e16(r: Results, name: str) -> tuple[dict[str, dict], str]:
+    """Rows with E16: the run's own, else the 2-thread loaded run's (perplexity depends on neither)."""
+    rows = _decode_rows(r, name)[1]
+    if any("e16_ppl" in x for x in rows.values()):
+        return rows, ""
+    return _decode_rows(r, "decode_vs_llamacpp")[1], f" (E16 from `{r.path('decode_vs_llamacpp')}`)"
+
+
+def decode_targets(r: Results, name: str) -> str:
+    """The issue's 2-thread targets for SparseGPT-50%: speed vs llama.cpp and E16 of fp16/int8 vs fp32."""
+    rows = _decode_rows(r, name)[1]
+    parts = []
+    for dt in ("fp32", "fp16", "int8"):
+        x = rows.get(f"ours sparsegpt50 {dt}")
+        v = _vs_peer(rows, x) if x else None
+        if v is None:
+            parts.append(f"{dt} not measured")
+            continue
+        parts.append(f"{dt} {ratio(v[0])} llama.cpp {v[1]} ({'met' if v[0] >= 1.0 else '**missed**'}; goal 1.3× "
+                     f"{'reached' if v[0] >= 1.3 else 'not reached'})")
+    e16, src = _decode_e16(r, name)
+    base = e16.get("ours sparsegpt50 fp32", {}).get("e16_ppl")
+    for dt in ("fp16", "int8"):
+        e = e16.get(f"ours sparsegpt50 {dt}", {}).get("e16_ppl")
+        rel = e / base - 1 if e and base else None
+        parts.append(f"{dt} E16 not measured" if rel is None else
+                     f"{dt} E16 {rel:+.2%} vs fp32 ({'met' if abs(rel) <= 0.01 else '**missed**'})")
+    return (f"Targets at {r(name)['_meta'].get('threads')} threads (`{r.path(name)}`; SparseGPT-50% ≥ 1.0× llama.cpp "
+            f"at the same precision, goal 1.3×; fp16/int8 E16 within 1% of the fp32 sparse model{src}): "
+            + "; ".join(parts) + ".")
+
+
+def decode_ratios(r: Results, name: str) -> str:
+    """Ours vs llama.cpp at the same precision, per config (fp32 / fp16 / int8), one line."""
+    rows = _decode_rows(r, name)[1]
+    by: dict[str, list[str]] = {}
+    for x in rows.values():
+        v = _vs_peer(rows, x)
+        if v and x["dtype"] != "bf16":
+            by.setdefault(x["config"], []).append(f"{ratio(v[0])} {v[1]}")
+    return "; ".join(f"{c} {', '.join(v)}" for c, v in by.items())
+
+
+def decode_quality(r: Results) -> str:
+    """E16 per config and dtype, and the change against the config's fp32 model (decode_vs_llamacpp.json)."""
+    rows = _decode_rows(r, "decode_vs_llamacpp")[1]
+    parts, worst = [], (0.0, "")
+    for c in DECODE_QUALITY_CONFIGS:
+        base = rows.get(f"ours {c} fp32", {}).get("e16_ppl")
+        if base is None:
+            continue
+        cells = [f"{ppl(base)} (fp32)"]
+        for dt in DECODE_DTYPES[1:]:
+            e = rows.get(f"ours {c} {dt}", {}).get("e16_ppl")
+            if e is not None:
+                cells.append(f"{ppl(e)} ({dt}, {e / base - 1:+.2%})")
+                worst = max(worst, (abs(e / base - 1), f"{c} {dt}"))
+        parts.append(f"{c} " + ", ".join(cells))
+    return (f"E16 (`{r.path('decode_vs_llamacpp')}`): " + "; ".join(parts)
+            + f"; the largest change against the same model in fp32 is {worst[0]:.2%} ({worst[1]}).")
+
+
+# ---------------------------------------------------------------------- learned sparsity
+#: benchmarks/learned_sparsity.py's default grid (--sparsities)
+LEARNED_GRID = ["0.9", "0.95", "0.98"]
+
+
+def learned_table(r: Results) -> str:
+    """Accuracy per method and sparsity over seeds (learned_sparsity.json ``summary``), "not run" where missing."""
+    bench, d = _bench_module("learned_sparsity"), r("learned_sparsity")
+    s, meta = d["summary"], d.get("_meta", {})
+    cols = [sp for sp in LEARNED_GRID if s.get(sp)] + sorted(set(s) - set(LEARNED_GRID), key=float)
+    methods = [m for m in (*bench.SCORE_BASED, *bench.LEARNED, *bench.SEARCHED)
+               if m in bench.DEFAULT_METHODS.split(",") or any(m in s[sp] for sp in cols)]
+    lines = [f"{meta.get('model')} on {meta.get('dataset')}, {meta.get('train_examples', 0):,} training examples, "
+             f"{meta.get('epochs')} epochs, batch {meta.get('batch_size')}, {meta.get('optimizer')}, lr {meta.get('lr')}, "
+             f"{meta.get('threads')} thread; test accuracy (%), mean ± std over seeds (n seeds)."
+             + "".join(f" {spec_label(sp)}: not run." for sp in LEARNED_GRID if not s.get(sp)), "",
+             "| method | " + " | ".join(spec_label(sp) for sp in cols) + " |", "|---|" + "---|" * len(cols)]
+    for m in methods:
+        cells = [s[sp].get(m) for sp in cols]
+        lines.append(f"| {m} | " + " | ".join(
+            "not run" if c is None else f"{c['mean']:.2f} ± {c['std']:.2f} (n={c['n']})" if c["n"] > 1
+            else f"{c['mean']:.2f} (n=1)" for c in cells) + " |")
+    return "\n".join(lines) + "\n\n" + entries_note(r.path("learned_sparsity"), bench.entries(d))
+
+
+def learned_verdict(r: Results) -> str:
+    """The issue's targets (learned_sparsity.json ``verdict``): learned vs score-based, searched vs ERK allocation."""
+    d = r("learned_sparsity")
+    v, s = d["verdict"], d["summary"]
+    parts = []
+    for sp in ("0.95", "0.98"):
+        x = v.get(f"learned_vs_score_{sp}")
+        parts.append(f"At {spec_label(sp)}: not run." if x is None else
+                     f"At {spec_label(sp)} the best learned method, {x['best_learned']}, reaches "
+                     f"{x['best_learned_mean']:.2f} against {x['best_score_mean']:.2f} for the best score-based one, "
+                     f"{x['best_score_based']} (seeds {', '.join(map(str, x['seeds']))}): {x['gain_points']:+.2f} "
+                     f"points, target +{x['target_points']:g}: {'met' if x['met'] else '**missed**'}.")
+    for m, label in (("dass", "DASS"), ("random_search", "Random search")):
+        x, c, e = v.get(f"{m}_vs_erk_rigl_0.95"), s.get("0.95", {}).get(m), s.get("0.95", {}).get("rigl")
+        parts.append(f"{label} allocation for RigL at 95%: not run." if x is None else
+                     f"{label} allocation for RigL at 95%: {x['mean']:.2f} (std {c['std']:.2f}) against ERK "
+                     f"{x['rigl_erk_mean']:.2f} (std {e['std']:.2f}), {x['gain_points']:+.2f} points "
+                     f"(seeds {', '.join(map(str, x['seeds']))}; target > 0: {'met' if x['met'] else '**missed**'}"
+                     f"{', within the seed-to-seed std' if x and abs(x['gain_points']) < max(c['std'], e['std']) else ''}).")
+    return " ".join(parts)
+
+
+def learned_structured(r: Results) -> str:
+    """The channel group lasso variant, shrunk (learned_sparsity.json ``_structured``)."""
+    d = r("learned_sparsity")
+    st = d.get("_structured") or {}
+    if not st:
+        raise ReportError("learned_sparsity.json has no structured run (benchmarks/learned_sparsity.py --structured 0.5).")
+    parts = []
+    for _, e in sorted(st.items()):
+        o = e.get("options", {})
+        kept = ", ".join(f"{n} {e['channels_kept'][n]} of {e['channels_total'][n]}" for n in e["channels_kept"])
+        parts.append(f"{e['method']} over the {o.get('groups')}s (output channels) of {', '.join(o.get('targets', []))} (λ {o.get('lam'):g}) at {e['sparsity_target']:.0%} "
+                     f"channel sparsity, seed {e['seed']}: test accuracy {e['accuracy']:.2f}, "
+                     f"{e['accuracy_small']:.2f} after removing the channels ({kept}; largest output difference "
+                     f"{e['max_abs_diff_small_vs_masked']:.1e}), {e['params_small']:,} of {e['params_full']:,} "
+                     f"parameters, CPU inference at batch {e['inference_batch']} {e['ms_small']:.1f} ms against "
+                     f"{e['ms_full']:.1f} ms for the masked full-size network ({speed(e['ms_full'] / e['ms_small'])}).")
+    return " ".join(parts) + " " + entries_note(r.path("learned_sparsity"), st)
+
+
 GENERATORS: dict[str, Callable[[Results], str]] = {
     "oneshot-setup": oneshot_setup,
     "oneshot-table": oneshot_table,
@@ -1316,6 +1506,15 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "dictionaries-table": dictionaries_table,
     "dictionaries-summary": dictionaries_summary,
     "dictionaries-diff": dictionaries_diff,
+    "decode-loaded": lambda r: decode_table(r, "decode_vs_llamacpp"),
+    "decode-quiet": lambda r: decode_table(r, "decode_vs_llamacpp_quiet"),
+    "decode-quiet-targets": lambda r: decode_targets(r, "decode_vs_llamacpp_quiet"),
+    "decode-1thread": lambda r: decode_table(r, "decode_vs_llamacpp_1thread"),
+    "decode-1thread-ratios": lambda r: decode_ratios(r, "decode_vs_llamacpp_1thread"),
+    "decode-quality": decode_quality,
+    "learned-table": learned_table,
+    "learned-verdict": learned_verdict,
+    "learned-structured": learned_structured,
 }
 
 
