@@ -36,6 +36,17 @@ from _provenance import ROOT, Run, load_average, write_json
 RESULTS = ROOT / "benchmarks" / "results" / "dictionaries.json"
 CACHE = ROOT / "benchmarks" / ".cache" / "dictionaries"
 SPARSIFY_PY = ROOT / ".venv-sparsify" / "bin" / "python"
+DEFAULT_TOKENS = 500_000
+
+
+def train_dir(tokens: int) -> Path:
+    """The training harvest of a token budget (a larger budget extends a copy of a smaller one with
+    ``harvest(..., resume=True)``; each budget keeps its own folder so results stay reproducible)."""
+    return CACHE / ("train" if tokens == DEFAULT_TOKENS else f"train-{tokens}")
+
+
+def sae_dir(tokens: int, name: str) -> Path:
+    return CACHE / ("saes" if tokens == DEFAULT_TOKENS else f"saes-{tokens}") / name
 KINDS = ("topk", "batchtopk", "jumprelu")
 
 
@@ -53,7 +64,7 @@ def harvest_phase(a: argparse.Namespace, log) -> dict:
     out = {}
     t = time.perf_counter()
     train_w = corpus_windows(tok, seq_len=512, seed=0)
-    man = harvest(model, train_w, site, CACHE / "train", tokens=a.tokens, resume=True, batch_size=4,
+    man = harvest(model, train_w, site, train_dir(a.tokens), tokens=a.tokens, resume=True, batch_size=4,
                   windows_per_shard=32, model_names=["smollm2"], progress=True)
     out["train"] = {"rows": man.rows, "windows": man.n_windows, "available_windows": len(train_w),
                     "seconds": time.perf_counter() - t, "scale": man.scale()[0]}
@@ -72,11 +83,11 @@ def key(lib: str, kind: str, width: int, batch: int | None = None, lr_mult: floa
 def ours_phase(a: argparse.Namespace, kind: str, width: int) -> dict:
     from sparsetorch.dictionaries import ActivationStore, SAEConfig, TrainOptions, train_on_store
 
-    store = ActivationStore(CACHE / "train")
+    store = ActivationStore(train_dir(a.tokens))
     cfg = SAEConfig(d=store.d, width=width, kind=kind, k=a.k, site=f"resid:{a.layer}", model="smollm2")
     sae, res = train_on_store(store, cfg, TrainOptions(tokens=a.tokens, batch_size=4096),
                               log=lambda m: print(f"  {kind} {width}: {m}", flush=True))
-    path = CACHE / "saes" / key("ours", kind, width).replace("|", "_")
+    path = sae_dir(a.tokens, key("ours", kind, width).replace("|", "_"))
     sae.save(path, extra={"train": res.summary()}, overwrite=True)
     return {"train": res.summary(), "path": str(path.relative_to(ROOT))}
 
@@ -85,15 +96,15 @@ def sparsify_phase(a: argparse.Namespace, width: int, batch: int, lr_mult: float
     if not SPARSIFY_PY.is_file():
         raise SystemExit(f"{SPARSIFY_PY} is missing: python3 -m venv .venv-sparsify && .venv-sparsify/bin/pip "
                          "install torch==2.13.0 eai-sparsify==1.3.3 transformers==5.25.0")
-    path = CACHE / "saes" / key("sparsify", "topk", width, batch, lr_mult).replace("|", "_")
-    cmd = [str(SPARSIFY_PY), str(ROOT / "benchmarks" / "_sparsify_arm.py"), str(CACHE / "train"), str(path),
+    path = sae_dir(a.tokens, key("sparsify", "topk", width, batch, lr_mult).replace("|", "_"))
+    cmd = [str(SPARSIFY_PY), str(ROOT / "benchmarks" / "_sparsify_arm.py"), str(train_dir(a.tokens)), str(path),
            "--width", str(width), "--k", str(a.k), "--tokens", str(a.tokens), "--batch", str(batch),
            "--threads", str(a.threads), "--lr-mult", str(lr_mult)]
     subprocess.run(cmd, check=True)
     return {"train": json.loads((path / "summary.json").read_text()), "path": str(path.relative_to(ROOT))}
 
 
-def load_any(entry: dict):
+def load_any(entry: dict, train: Path):
     """Our saved SAE, or eai-sparsify's weights as our TopK class (identical parameterisation:
     z = TopK(ReLU(W_enc (x - b_dec) + b_enc)), x_hat = W_dec^T z + b_dec, scale 1)."""
     import torch
@@ -110,17 +121,17 @@ def load_any(entry: dict):
             for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
                 getattr(sae, name).copy_(w[name])
         # evaluated under our sink-token rule like ours (10x the RMS norm of the training harvest)
-        sae.cfg.max_norm = ActivationStore(CACHE / "train").sink_norm(10.0)[0]
+        sae.cfg.max_norm = ActivationStore(train).sink_norm(10.0)[0]
         return sae.eval()
     return SparseAutoencoder.load(path)
 
 
-def eval_phase(entry: dict, model, eval_store, lm_windows, layer: int, baseline: dict) -> dict:
+def eval_phase(entry: dict, model, eval_store, lm_windows, layer: int, baseline: dict, train: Path) -> dict:
     """Every metric through sparsetorch.dictionaries.metrics; ``baseline`` caches the clean and
     zero-ablated losses (the same for every SAE)."""
     from sparsetorch.dictionaries import parse_site, recon_stats, sae_splice, splice_losses
 
-    sae = load_any(entry)
+    sae = load_any(entry, train)
     st = recon_stats(sae, (eval_store.shard(i)["acts"] for i in range(len(eval_store))))
     sp = splice_losses(model, parse_site(f"resid:{layer}", model), lm_windows, sae_splice(sae),
                        baseline=baseline.get("losses"))
@@ -143,7 +154,7 @@ def throughput_phase(a: argparse.Namespace, width: int, rounds: int = 3, steps: 
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         ours.append(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
         path = CACHE / "saes" / f"throughput_{width}"
-        cmd = [str(SPARSIFY_PY), str(ROOT / "benchmarks" / "_sparsify_arm.py"), str(CACHE / "train"), str(path),
+        cmd = [str(SPARSIFY_PY), str(ROOT / "benchmarks" / "_sparsify_arm.py"), str(train_dir(a.tokens)), str(path),
                "--width", str(width), "--k", str(a.k), "--tokens", str(steps * 4096), "--batch", "4096",
                "--threads", str(a.threads), "--seed", str(r)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
@@ -158,7 +169,7 @@ def throughput_phase(a: argparse.Namespace, width: int, rounds: int = 3, steps: 
 def _time_ours(a: argparse.Namespace) -> None:
     from sparsetorch.dictionaries import ActivationStore, SAEConfig, TrainOptions, train_on_store
 
-    store = ActivationStore(CACHE / "train")
+    store = ActivationStore(train_dir(a.tokens))
     cfg = SAEConfig(d=store.d, width=a.widths[0], kind="topk", k=a.k)
     _, res = train_on_store(store, cfg, TrainOptions(tokens=a.time_steps * 4096, batch_size=4096, log_every=10**9))
     print(json.dumps({"tokens_per_s": res.tokens_per_s}))
@@ -247,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--phase", default="all", choices=["harvest", "ours", "sparsify", "throughput", "eval", "crosscoder", "all", "table", "_time_ours"])
     ap.add_argument("--layer", type=int, default=15)
-    ap.add_argument("--tokens", type=int, default=500_000)
+    ap.add_argument("--tokens", type=int, default=DEFAULT_TOKENS)
     ap.add_argument("--eval-windows", type=int, default=64, help="evaluation-half windows for FVU/L0/dead")
     ap.add_argument("--lm-windows", type=int, default=16, help="evaluation-half windows for the spliced losses")
     ap.add_argument("--k", type=int, default=32)
@@ -262,8 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cc-width", type=int, default=4608)
     ap.add_argument("--redo", action="store_true")
     ap.add_argument("--time-steps", type=int, default=16, help="steps per throughput round")
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--results", type=Path, default=None,
+                    help="results JSON (default: dictionaries.json for the 500k budget, else dictionaries_<N>k.json)")
     a = ap.parse_args(argv)
+    if a.results is None:
+        a.results = RESULTS if a.tokens == DEFAULT_TOKENS else RESULTS.with_name(f"dictionaries_{a.tokens // 1000}k.json")
     results = json.loads(a.results.read_text()) if a.results.is_file() else {}
     if a.phase == "table":
         print(table(results))
@@ -326,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         for k in sorted(k for k in results if "|" in k and not k.startswith("throughput")):
             if "eval" in results[k] and not a.redo:
                 continue
-            results[k]["eval"] = eval_phase(results[k], model, store, lm_windows, a.layer, baseline)
+            results[k]["eval"] = eval_phase(results[k], model, store, lm_windows, a.layer, baseline,
+                                             train_dir(a.tokens))
             print(k, {m: round(v, 4) for m, v in results[k]["eval"].items()}, flush=True)
             save()
     if a.phase in ("crosscoder", "all") and ("crosscoder" not in results or a.redo):

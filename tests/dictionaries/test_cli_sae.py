@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_cli_errors import flat, run_script
 from test_cli_main import run
 
@@ -65,3 +66,20 @@ def test_truncated_shard_via_cli(hf_dir, tmp_path):
                 "--out", str(acts), "--resume"]) == 0
     assert run(["sae", "train", "--activations", str(acts), "--k", "4", "--width", "32", "--batch-size", "64",
                 "--out", str(tmp_path / "s")]) == 0
+
+
+def test_resume_with_a_larger_budget_extends_the_harvest(hf_dir, tmp_path):
+    acts = tmp_path / "acts"
+    base = ["sae", "harvest", "--model", str(hf_dir), "--site", "mlp:0", "--seq-len", "64", "--out", str(acts)]
+    assert run([*base, "--tokens", "2000"]) == 0
+    small = ActivationStore(acts)
+    old_windows, old_first = small.windows(), small.shard(0)["acts"]
+    assert run([*base, "--tokens", "5000", "--resume"]) == 0
+    big = ActivationStore(acts)
+    assert big.manifest.rows >= 5000 and big.manifest.n_windows > small.manifest.n_windows
+    w = big.windows()
+    assert torch.equal(w[:len(old_windows)], old_windows)  # the harvested windows stay first
+    assert len({tuple(x.tolist()) for x in w}) == len(w)  # and no window is harvested twice
+    # the old budget's only shard was cut short: harvested again, the same rows first
+    assert len(small.manifest.shards) == 1 and big.shard(0)["acts"].shape[0] > old_first.shape[0]
+    assert torch.allclose(big.shard(0)["acts"][:len(old_first)], old_first, atol=1e-3)

@@ -127,6 +127,38 @@ def test_interrupted_harvest_resumes(model, windows, tmp_path, monkeypatch):
     assert man.done and man.rows == 160
 
 
+def test_larger_budget_extends_a_finished_harvest(model, windows, tmp_path, monkeypatch):
+    import importlib
+
+    hv = importlib.import_module("sparsetorch.dictionaries.harvest")
+    out = tmp_path / "h"
+    small = harvest(model, windows, "resid:1", out, tokens=5 * 16, windows_per_shard=2, dtype="float32")
+    assert small.n_windows == 5 and [s["windows"] for s in small.shards][-1] == [4, 5]  # cut short
+    kept = [ActivationStore(out).shard(i)["acts"] for i in range(2)]
+    written = []
+    real = hv._save
+    monkeypatch.setattr(hv, "_save", lambda path, t: (written.append(path.name), real(path, t)))
+    big = harvest(model, windows, "resid:1", out, tokens=9 * 16, windows_per_shard=2, dtype="float32",
+                  resume=True)
+    # the two full shards are kept as they were, the short one and the rest are harvested
+    assert [n for n in written if n.startswith("shard")] == [shard_name(i) for i in (2, 3, 4)]
+    assert big.done and big.n_windows == 9 and big.rows == 9 * 16
+    fresh = harvest(model, windows, "resid:1", tmp_path / "f", tokens=9 * 16, windows_per_shard=2,
+                    dtype="float32")
+    store, ref = ActivationStore(out), ActivationStore(tmp_path / "f")
+    assert torch.equal(store.shard(0)["acts"], kept[0]) and torch.equal(store.shard(1)["acts"], kept[1])
+    for i in range(5):
+        assert torch.allclose(store.shard(i)["acts"], ref.shard(i)["acts"], atol=1e-6)
+    assert store.manifest.mean_sq_norm() == pytest.approx(fresh.mean_sq_norm(), rel=1e-9)
+    assert torch.equal(store.windows(), windows[:9])
+    # a smaller budget, or other windows, are refused
+    with pytest.raises(DictionaryError, match="other settings"):
+        harvest(model, windows, "resid:1", out, tokens=3 * 16, windows_per_shard=2, dtype="float32", resume=True)
+    other = windows.flip(0)
+    with pytest.raises(DictionaryError, match="token windows are not the ones"):
+        harvest(model, other, "resid:1", out, tokens=9 * 16, windows_per_shard=2, dtype="float32", resume=True)
+
+
 def test_token_budget_and_bad_arguments(model, windows, tmp_path):
     man = harvest(model, windows, "resid:0", tmp_path / "a", tokens=40)  # 3 windows of 16 rows
     assert man.n_windows == 3 and man.rows == 48

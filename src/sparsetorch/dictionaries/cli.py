@@ -35,9 +35,27 @@ def _harvest(model: str, site: str, tokens: int, out: Path, seq_len: int, skip_f
     import math
 
     windows = corpus_windows(tok, seq_len=seq_len, max_windows=math.ceil(tokens / (seq_len - skip_first)))
+    if resume:
+        windows = _keep_harvested_first(out, windows)
     _say(f"harvesting {tokens:,} tokens at {st} of {model} into {out}")
     return harvest(lm, windows, st, out, tokens=tokens, skip_first=skip_first, dtype=dtype, resume=resume,
                    overwrite=overwrite, model_names=[model], progress=True)
+
+
+def _keep_harvested_first(out: Path, windows):
+    """For ``--resume`` with a larger ``--tokens``: the windows already harvested in ``out`` first,
+    in their order, then the new budget's other windows (the corpus read for a larger budget is
+    shuffled differently, so its first windows are not the old ones)."""
+    import torch
+
+    from .harvest import _stored_windows
+
+    old = _stored_windows(Path(out)) if Path(out).is_dir() else None
+    if old is None or len(old) >= len(windows):
+        return windows
+    seen = {tuple(w.tolist()) for w in old}
+    rest = [w for w in windows.to(torch.int32) if tuple(w.tolist()) not in seen]
+    return torch.cat([old, torch.stack(rest)]) if rest else old
 
 
 def register(app: typer.Typer) -> None:
@@ -54,7 +72,7 @@ def register(app: typer.Typer) -> None:
         skip_first: int = typer.Option(1, "--skip-first", help="Positions dropped at the start of every window "
                                        "(the attention sink)."),
         dtype: str = typer.Option("float16", "--dtype", help="Storage dtype: float16, bfloat16 or float32."),
-        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted harvest in --out."),
+        resume: bool = typer.Option(False, "--resume", help="Continue an interrupted harvest in --out, or extend a finished one to a larger --tokens."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     ) -> None:
         """Run the model over the training text up to SITE and stream its activations to disk

@@ -10,7 +10,9 @@ Layout of a harvest folder (written only by :func:`harvest`; it carries the libr
 Each shard is written atomically and only then listed in the manifest (written atomically too),
 so a killed run leaves at most one unlisted temporary; ``resume=True`` continues after the last
 listed shard. A listed shard that is truncated or corrupt is refused with a message naming it;
-``resume=True`` drops it and everything after it and harvests from there.
+``resume=True`` drops it and everything after it and harvests from there. ``resume=True`` with a
+larger token budget (same settings otherwise, the old windows a prefix of the new ones) extends a
+finished harvest: the old shards are kept, except a last shard the old budget cut short.
 
 The first ``skip_first`` positions of every window are dropped (position 0 is the attention sink
 of every causal LM: its norm is tens of times the others' and an SAE wastes latents on it).
@@ -213,7 +215,8 @@ def harvest(
 
     ``tokens`` caps the harvested rows (whole windows are taken: ``ceil(tokens / (seq_len -
     skip_first))`` of them; DictionaryError when ``windows`` holds fewer). ``resume=True`` continues
-    an interrupted harvest with the same settings; without it an existing non-empty ``out`` is
+    an interrupted harvest with the same settings, or extends a finished one when ``tokens`` grew;
+    without it an existing non-empty ``out`` is
     refused unless ``overwrite``. Returns the final manifest.
     """
     models = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -287,6 +290,16 @@ def harvest(
     return man
 
 
+def _stored_windows(folder: Path) -> Tensor | None:
+    """The int32 windows a harvest folder was made from (None when the file is unreadable)."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(folder / WINDOWS))["windows"]
+    except Exception:  # missing or broken file: the caller refuses to resume
+        return None
+
+
 def _site_width(model: nn.Module, site: Site, ids: Tensor) -> int:
     return int(read_site(model, site, ids[:, :2]).shape[-1])
 
@@ -303,10 +316,21 @@ def _open_folder(folder: Path, settings: dict[str, Any], windows: Tensor, *, res
     """Create the harvest folder, or reopen it for ``resume`` after checking its shards."""
     if resume and (folder / MANIFEST).is_file():
         man = read_manifest(folder)
-        if man.settings() != settings:
-            diff = {k: (v, settings[k]) for k, v in man.settings().items() if v != settings[k]}
+        diff = {k: (v, settings[k]) for k, v in man.settings().items() if v != settings[k]}
+        grow = set(diff) == {"n_windows"} and settings["n_windows"] > man.n_windows
+        if diff and not grow:
             raise DictionaryError(f"cannot resume {folder}: it was harvested with other settings "
-                                  f"(folder vs now: {diff}). Use the same settings or a new folder.")
+                                  f"(folder vs now: {diff}). Use the same settings (a larger token "
+                                  "budget is allowed: it extends the harvest) or a new folder.")
+        stored = _stored_windows(folder)
+        if stored is None or not torch.equal(stored, windows[:len(stored)].to(torch.int32)):
+            raise DictionaryError(f"cannot resume {folder}: its token windows are not the ones given now "
+                                  "(other text, tokenizer or seed). Harvest into a new folder.")
+        if grow:  # a larger budget: the old windows are a prefix of the new ones
+            if man.shards and man.shards[-1]["windows"][1] - man.shards[-1]["windows"][0] < man.windows_per_shard:
+                man.shards = man.shards[:-1]  # the old last shard was cut short by the old budget
+            man.n_windows = settings["n_windows"]
+            _save(folder / WINDOWS, {"windows": windows.to(torch.int32).contiguous()})
         good = 0
         for i, entry in enumerate(man.shards):
             try:
