@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DictionaryError
-from .train import _lr_factor
+from .train import FiringClock, ThresholdEMA, _lr_factor, auto_lr
 
 KINDS = ("batchtopk", "l1")
 WEIGHTS = "crosscoder.safetensors"
@@ -208,11 +208,11 @@ def train_crosscoder(cc: Crosscoder, batches: Iterable[Tensor], steps: int, opts
     opts = opts or CrosscoderOptions()
     cfg = cc.cfg
     torch.manual_seed(opts.seed)
-    lr = opts.lr or (1e-3 if cfg.kind == "l1" else 2e-3 * math.sqrt(2**14 / cfg.width))
+    lr = opts.lr or (1e-3 if cfg.kind == "l1" else auto_lr(cfg.width))
     opt = torch.optim.Adam(cc.parameters(), lr=lr)
     warm, decay_from = max(1, int(0.05 * steps)), int(0.8 * steps)
-    since = torch.zeros(cfg.width, dtype=torch.long)
-    th_avg = th_w = 0.0
+    clock = FiringClock(cfg.width, opts.dead_tokens)
+    threshold = ThresholdEMA(opts.threshold_beta)
     t0 = time.perf_counter()
     fvus: list[float] = []
     l0s: list[float] = []
@@ -236,7 +236,7 @@ def train_crosscoder(cc: Crosscoder, batches: Iterable[Tensor], steps: int, opts
             loss = e.pow(2).sum(dim=(1, 2)).mean() + cfg.l1_coeff * (f * cc.W_dec.norm(dim=2).sum(1)).sum(1).mean()
         else:
             loss = fvu
-            dead = since >= opts.dead_tokens
+            dead = clock.dead()
             if opts.auxk_alpha > 0 and dead.any():
                 loss = loss + opts.auxk_alpha * _auxk(cc, a, F.relu(pre), dead, e, cfg.d // 2)
         opt.zero_grad(set_to_none=True)
@@ -245,13 +245,10 @@ def train_crosscoder(cc: Crosscoder, batches: Iterable[Tensor], steps: int, opts
         opt.step()
         with torch.no_grad():
             live = f != 0
-            since += x.shape[0]
-            since[live.any(0)] = 0
+            clock.tick(x.shape[0], live.any(0))
             if cfg.kind == "batchtopk" and live.any():
                 v = (f * cc.W_dec.norm(dim=2).sum(1))[live]
-                th_avg = opts.threshold_beta * th_avg + (1 - opts.threshold_beta) * float(v.min())
-                th_w = opts.threshold_beta * th_w + (1 - opts.threshold_beta)
-                cc.threshold.fill_(th_avg / th_w)
+                cc.threshold.fill_(threshold.update(float(v.min())))
         fvus.append(float(fvu.detach()))
         l0s.append(float(live.sum()) / x.shape[0])
         if log and (step % 50 == 0 or step == steps - 1):
@@ -265,7 +262,7 @@ def train_crosscoder(cc: Crosscoder, batches: Iterable[Tensor], steps: int, opts
     return {"steps": steps, "tokens": steps * opts.batch_size, "seconds": secs,
             "tokens_per_s": steps * opts.batch_size / secs, "final_fvu": sum(fvus[-tail:]) / tail,
             "final_l0": sum(l0s[-tail:]) / tail, "lr": lr,
-            "dead_fraction": float((since >= opts.dead_tokens).float().mean())}
+            "dead_fraction": clock.fraction()}
 
 
 # --- classification and Latent Scaling -------------------------------------------------------

@@ -129,6 +129,39 @@ def normalized_mse(pred: Tensor, target: Tensor) -> Tensor:
     return (pred - target).pow(2).sum() / (target - target.mean(0)).pow(2).sum().clamp_min(1e-12)
 
 
+class FiringClock:
+    """Tokens since each latent last fired; a latent is *dead* once that reaches ``limit`` (the
+    AuxK trigger and the dead fraction, for SAEs and crosscoders alike)."""
+
+    def __init__(self, width: int, limit: int) -> None:
+        self.since = torch.zeros(width, dtype=torch.long)
+        self.limit = limit
+
+    def tick(self, tokens: int, fired: Tensor) -> None:
+        """``tokens`` more tokens seen; ``fired`` (indices or a bool mask) fired among them."""
+        self.since += tokens
+        self.since[fired] = 0
+
+    def dead(self) -> Tensor:
+        return self.since >= self.limit
+
+    def fraction(self) -> float:
+        return float(self.dead().float().mean())
+
+
+class ThresholdEMA:
+    """BatchTopK's inference threshold: a bias-corrected exponential average (``beta``) of each
+    batch's smallest selected activation, in float64."""
+
+    def __init__(self, beta: float) -> None:
+        self.beta, self.avg, self.weight = beta, 0.0, 0.0
+
+    def update(self, batch_min: float) -> float:
+        self.avg = self.beta * self.avg + (1 - self.beta) * batch_min
+        self.weight = self.beta * self.weight + (1 - self.beta)
+        return self.avg / self.weight
+
+
 def _lr_factor(step: int, steps: int, warm: int, decay_from: int) -> float:
     if step < warm:
         return (step + 1) / warm
@@ -182,8 +215,8 @@ def train_sae(
     warm = max(1, int(opts.warmup_fraction * steps))
     decay_from = int((1 - opts.decay_fraction) * steps)
     k_aux = opts.k_aux or cfg.d // 2
-    since = torch.zeros(cfg.width, dtype=torch.long)
-    th_avg, th_w = 0.0, 0.0
+    clock = FiringClock(cfg.width, opts.dead_tokens)
+    threshold = ThresholdEMA(opts.threshold_beta)
     hist: list[tuple[int, float, float, float]] = []
     run_fvu: list[float] = []
     run_l0: list[float] = []
@@ -215,7 +248,7 @@ def train_sae(
             assert code.l0_train is not None
             ramp = min(1.0, (step + 1) / max(1, int(0.1 * steps)))
             loss = loss + opts.l0_coeff * ramp * (code.l0_train / cfg.k - 1).pow(2)
-        dead = since >= opts.dead_tokens
+        dead = clock.dead()
         n_dead = int(dead.sum())
         if cfg.kind != "jumprelu" and opts.auxk_alpha > 0 and n_dead > 0:
             with torch.no_grad():
@@ -236,19 +269,15 @@ def train_sae(
         sae.normalize_decoder()
         with torch.no_grad():
             live = code.value != 0
-            since += x.shape[0]
-            since[code.latent[live].unique()] = 0
+            clock.tick(x.shape[0], code.latent[live].unique())
             l0 = float(live.sum()) / x.shape[0]
             if cfg.kind == "batchtopk" and live.any():
-                b = opts.threshold_beta
-                th_avg = b * th_avg + (1 - b) * float(code.value[live].min())
-                th_w = b * th_w + (1 - b)
-                sae.threshold.fill_(th_avg / th_w)
+                sae.threshold.fill_(threshold.update(float(code.value[live].min())))
         n_tok += x.shape[0]
         run_fvu.append(float(fvu.detach()))
         run_l0.append(l0)
         if step % opts.log_every == 0 or step == steps - 1:
-            dead_frac = float((since >= opts.dead_tokens).float().mean())
+            dead_frac = clock.fraction()
             hist.append((step, float(fvu.detach()), l0, dead_frac))
             if log:
                 log(f"step {step + 1}/{steps}: fvu {float(fvu.detach()):.4f}, L0 {l0:.1f}, dead {dead_frac:.3f}, "
@@ -263,7 +292,7 @@ def train_sae(
     return TrainResult(
         steps=step, tokens=n_tok, seconds=secs, tokens_per_s=n_tok / secs,
         final_fvu=sum(run_fvu[-tail:]) / tail, final_l0=sum(run_l0[-tail:]) / tail,
-        dead_fraction=float((since >= opts.dead_tokens).float().mean()), lr=lr,
+        dead_fraction=clock.fraction(), lr=lr,
         threshold=float(sae.threshold) if cfg.kind == "batchtopk" else None, history=hist,
     )
 
