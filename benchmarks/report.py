@@ -471,7 +471,7 @@ def _step_ratio_runs(r: Results) -> list[tuple[str, str, float]]:
     """(source, label, RigL step time / dense step time) for every single RigL run with a dense
     run in the same JSON."""
     out = []
-    for name in ("sparse_training", "sparse_training_full_rigl90", "sparse_training_full10"):
+    for name in ("sparse_training", "sparse_training_full10"):
         d = r(name)
         for x in d.get("sweep", []):
             if x["method"] == "rigl" and x.get("step_ratio"):
@@ -611,8 +611,9 @@ def inference_shared(r: Results) -> str:
     out = [
         f"Measured on {mb['cpu_count']} shared cores, 1 torch thread, fp32; speedup = dense "
         "`F.linear` time / kernel time, measured interleaved in the same run (`python "
-        "benchmarks/sparse_inference.py --threads 1,2`; other engineers were loading the machine, "
-        f"load average {load_str(mb['loadavg_1_5_15'])} before and {load_str(ma['loadavg_1_5_15'])} "
+        "benchmarks/sparse_inference.py --threads 1,2`; "
+        + ("other processes were loading the machine, " if d.get("machine_shared") else "the machine looked idle, ")
+        + f"load average {load_str(mb['loadavg_1_5_15'])} before and {load_str(ma['loadavg_1_5_15'])} "
         "after, so single numbers are noisy; the full table, with batch 8/128, 2 threads and every "
         "kernel, is in `benchmarks/results/sparse_inference.json`):",
         "",
