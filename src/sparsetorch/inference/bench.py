@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 __all__ = ["machine_info", "decode_runs", "decode_tokens_per_s", "paired_decode_tokens_per_s", "interleaved_medians",
-           "device_sync"]
+           "device_sync", "streaming_bandwidth_gbs"]
 
 
 def device_sync() -> None:
@@ -25,6 +25,20 @@ def device_sync() -> None:
     """
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def streaming_bandwidth_gbs(mb: int = 512, repeats: int = 7) -> float:
+    """Streaming-read bandwidth in GB/s at torch's current thread count: the median over
+    ``repeats`` timed ``torch.sum`` calls over an ``mb`` MB float32 tensor (one untimed call
+    first). Far larger than the caches, so it measures memory, the limit of batch-1 decoding."""
+    x = torch.ones(max(1, mb) * 2**20 // 4)
+    x.sum()
+    ts = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        x.sum()
+        ts.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(ts) / 1e9
 
 
 def machine_info() -> dict[str, Any]:

@@ -43,6 +43,7 @@ __all__ = [
     "unpack_lowbit",
     "packed_nbytes",
     "choose_layout",
+    "layout_for_counts",
     "lowbit_matmul",
 ]
 
@@ -117,10 +118,14 @@ class LowbitWeight:
         return LAYOUTS[self.layout], VALUE_DTYPES[self.dtype][0]
 
 
-def pack_lowbit(weight: Tensor, layout: str = "bitmask", dtype: str = "fp32") -> LowbitWeight:
+def pack_lowbit(weight: Tensor, layout: str = "bitmask", dtype: str = "fp32", *,
+                mask: Tensor | None = None) -> LowbitWeight:
     """Pack a 2-D ``[out, in]`` weight (any float dtype; read as fp32) into ``layout`` with ``dtype`` values.
 
-    The non-zero pattern is taken from the weight before rounding (pruned zeros are never stored).
+    The stored positions are the weight's non-zeros before rounding (pruned zeros are never
+    stored), or ``mask`` (bool ``[out, in]``, True = stored) when given -- e.g. the stored
+    positions of a checkpoint, which keep a weight whose int8 value rounded to zero. The weight
+    must be zero wherever ``mask`` is False.
     """
     _check_layout(layout)
     check_value_dtype(dtype)
@@ -138,7 +143,14 @@ def pack_lowbit(weight: Tensor, layout: str = "bitmask", dtype: str = "fp32") ->
         vals_full = w.to(_TORCH_DTYPE[dtype])
     if layout == "dense":
         return LowbitWeight(layout, dtype, out, inn, vals_full.contiguous(), scales=scales)
-    nz = w != 0
+    if mask is None:
+        nz = w != 0
+    else:
+        nz = mask.to("cpu", torch.bool)
+        if tuple(nz.shape) != (out, inn):
+            raise ModelError(f"pack_lowbit: mask shape {tuple(nz.shape)} differs from the weight's {(out, inn)}.")
+        if bool((w[~nz] != 0).any()):
+            raise ModelError("pack_lowbit: the weight is non-zero where the mask says pruned; apply the mask first.")
     if layout == "bitmask":
         chunks = (inn + 15) // 16
         nzp = torch.zeros(out, chunks * 16, dtype=torch.bool)
@@ -186,15 +198,21 @@ def packed_nbytes(out: int, inn: int, nnz: int, layout: str, dtype: str) -> int:
     return nnz * (b + 2) + 8 * (out + 1) + scales
 
 
-def choose_layout(weight: Tensor, dtype: str, min_saving: float = 0.1) -> str:
-    """The layout that reads the fewest bytes per product, ``dense`` unless a sparse one saves
-    at least ``min_saving`` of dense's bytes (decode at batch 1 is bound by memory traffic, and
-    expanding packed values costs a little compute, so a near-tie stays dense)."""
-    out, inn = weight.shape
-    nnz = int((weight != 0).sum())
+def layout_for_counts(out: int, inn: int, nnz: int, dtype: str, min_saving: float = 0.1) -> str:
+    """:func:`choose_layout` from the counts alone: an ``[out, inn]`` weight with ``nnz`` stored values."""
     dense = packed_nbytes(out, inn, nnz, "dense", dtype)
     best = min(("bitmask", "csr"), key=lambda lay: packed_nbytes(out, inn, nnz, lay, dtype))
     return best if packed_nbytes(out, inn, nnz, best, dtype) <= dense * (1.0 - min_saving) else "dense"
+
+
+def choose_layout(weight: Tensor, dtype: str, min_saving: float = 0.1, *, mask: Tensor | None = None) -> str:
+    """The layout that reads the fewest bytes per product, ``dense`` unless a sparse one saves
+    at least ``min_saving`` of dense's bytes (decode at batch 1 is bound by memory traffic, and
+    expanding packed values costs a little compute, so a near-tie stays dense). ``mask`` (True =
+    stored) counts the stored positions instead of the non-zeros (see :func:`pack_lowbit`)."""
+    out, inn = weight.shape
+    nnz = int(mask.sum()) if mask is not None else int((weight != 0).sum())
+    return layout_for_counts(out, inn, nnz, dtype, min_saving)
 
 
 def lowbit_matmul(x: Tensor, p: LowbitWeight, bias: Tensor | None = None, *, serial: bool = False,

@@ -21,7 +21,21 @@ from .sparsify import (
     measure_layer,
 )
 
-__all__ = ["PlanReport", "plan", "NO_SPEEDUP_BELOW"]
+__all__ = [
+    "PlanReport",
+    "plan",
+    "NO_SPEEDUP_BELOW",
+    "DecodeEstimate",
+    "decode_bytes_per_token",
+    "predict_decode_tokens_per_s",
+    "measure_decode_overhead",
+    "engine_decode_tokens_per_s",
+    "decode_estimates",
+    "DECODE_DTYPES",
+]
+
+#: value dtypes the decode estimate covers by default
+DECODE_DTYPES = ("fp32", "fp16", "bf16", "int8")
 
 #: end-to-end speedups under this are reported as "no speedup expected"
 NO_SPEEDUP_BELOW = 1.05
@@ -46,6 +60,10 @@ class PlanReport:
     #: bytes of all parameters and buffers of the dense model
     model_bytes: int = 0
     threads: int = field(default_factory=torch.get_num_threads)
+    #: predicted decode speed of the compiled DecodeEngine per weight dtype (batch 1 only)
+    decode: list[DecodeEstimate] = field(default_factory=list)
+    #: why there is no decode estimate (None when there is one or it was not asked for)
+    decode_note: str | None = None
 
     # --- Linear layers
     @property
@@ -121,6 +139,8 @@ class PlanReport:
             "model_bytes": self.model_bytes,
             "sparse_bytes": self.sparse_bytes,
             "verdict": self.verdict,
+            "decode": [d.to_dict() for d in self.decode],
+            "decode_note": self.decode_note,
             "layers": [
                 {"name": c.name, "shape": list(c.shape), "sparsity": c.sparsity, "kernel": c.kernel,
                  "times_s": c.times, "nbytes": c.nbytes, "skipped_reason": c.skipped_reason}
@@ -179,6 +199,19 @@ class PlanReport:
             )
         lines.append(f"memory: {_fmt_bytes(self.model_bytes)} dense -> {_fmt_bytes(self.sparse_bytes)} with sparse kernels")
         lines.append(self.verdict)
+        if self.decode:
+            d0 = self.decode[0]
+            lines += ["", f"decode engine (sparsetorch generate), predicted: 1 / (bytes per token / "
+                          f"{d0.bandwidth_gb_per_s:.1f} GB/s streaming read + {d0.overhead_s * 1e3:.2f} ms per-token "
+                          f"overhead), {d0.threads} threads"]
+            from ..tables import format_table
+
+            rows = [[d.dtype if d.head_dtype == d.dtype else f"{d.dtype} (head {d.head_dtype})",
+                     f"{d.bytes_per_token / 1e6:.1f}", f"{d.tokens_per_s:.1f}", f"{d.ceiling_tokens_per_s:.1f}",
+                     "-" if d.measured_tokens_per_s is None else f"{d.measured_tokens_per_s:.1f}"] for d in self.decode]
+            lines.append(format_table(["dtype", "MB/token", "tokens/s", "ceiling tokens/s", "measured"], rows))
+        elif self.decode_note:
+            lines.append(f"decode engine: no estimate ({self.decode_note})")
         return "\n".join(lines)
 
 
@@ -201,6 +234,9 @@ def plan(
     timer: Timer | None = None,
     example_input: Callable[[], Any] | None = None,
     activation: Any = None,
+    decode: bool = True,
+    decode_bandwidth_gb_per_s: float | None = None,
+    decode_overhead_s: float | None = None,
 ) -> PlanReport:
     """Measure every ``nn.Linear`` of ``model`` with each kernel and predict the speedup.
 
@@ -212,6 +248,11 @@ def plan(
     (:class:`~sparsetorch.activation.ActivationThresholds`): the thresholded layers are also
     measured with the kernels that skip zero inputs, on inputs with that sparsity (the model
     latency is measured without the thresholds).
+
+    With ``decode`` (and ``batch_size == 1``), a model the compiled decode engine can run also
+    gets :attr:`PlanReport.decode`: its predicted decode tokens/s per weight dtype
+    (:func:`decode_estimates`; ``decode_bandwidth_gb_per_s`` and ``decode_overhead_s`` replace the
+    measured bandwidth and overhead). Otherwise :attr:`PlanReport.decode_note` says why not.
     """
     report = PlanReport(batch_size=int(batch_size), model_bytes=_model_bytes(model))
     for name, lin, s, reason in eligible_linears(model, min_sparsity):
@@ -235,4 +276,166 @@ def plan(
                     device_sync()
                     ts.append(time.perf_counter() - t0)
                 report.model_latency_s = statistics.median(ts)
+    if decode and batch_size == 1:
+        from ..errors import DependencyError, ModelError
+        from .decode import decode_support
+
+        reason = decode_support(model)
+        if reason is None:
+            try:
+                report.decode = decode_estimates(model, bandwidth_gb_per_s=decode_bandwidth_gb_per_s,
+                                                 overhead_s=decode_overhead_s)
+            except (ModelError, DependencyError) as exc:
+                report.decode_note = str(exc)
+        elif getattr(model, "config", None) is not None:
+            report.decode_note = f"the decode engine cannot run this model: {reason}"
     return report
+
+
+# ----------------------------------------------------------------------------- decode estimate
+def predict_decode_tokens_per_s(bytes_per_token: float, bandwidth_gb_per_s: float, overhead_s: float = 0.0) -> float:
+    """The planner's decode model: ``1 / (bytes_per_token / bandwidth + overhead_s)`` tokens/s.
+
+    Decoding one token at batch 1 reads every weight once, so its time is the bytes read over the
+    streaming bandwidth, plus a per-token ``overhead_s`` (everything that is not streaming the
+    weights: norms, RoPE, attention, thread hand-offs, the Python loop, and kernels running below
+    the streaming rate). With ``overhead_s = 0`` this is the bandwidth ceiling.
+    """
+    from ..errors import DataError
+
+    if not bytes_per_token > 0 or not bandwidth_gb_per_s > 0 or not overhead_s >= 0:
+        raise DataError(f"the decode estimate needs bytes_per_token > 0, bandwidth > 0 and overhead >= 0; got "
+                        f"{bytes_per_token}, {bandwidth_gb_per_s} GB/s, {overhead_s} s.")
+    return 1.0 / (bytes_per_token / (bandwidth_gb_per_s * 1e9) + overhead_s)
+
+
+def decode_bytes_per_token(model: nn.Module, dtype: str = "fp32", *, head_dtype: str | None = None,
+                           layout: str = "auto") -> int:
+    """Bytes of weights one :class:`~.decode.DecodeEngine` step reads for ``model`` in ``dtype``,
+    computed from the weights alone (no packing, no compiled extension).
+
+    The same count as ``DecodeEngine.from_model(model, dtype, head_dtype=..., layout=...)
+    .weight_bytes_per_token``: per layer the fused q/k/v, o, fused gate/up and down matrices in the
+    layout the engine picks (:func:`~.lowbit.layout_for_counts` from their non-zeros) with their
+    biases (fp32), the LM head (dense, ``head_dtype``; a tied head is the embedding, counted once),
+    one embedding row and the RMSNorm weights (fp32). Raises
+    :class:`~sparsetorch.errors.ModelError` for a model the engine cannot run.
+    """
+    from ..errors import ModelError
+    from .decode import _weight, decode_support
+    from .lowbit import VALUE_DTYPES, check_value_dtype, layout_for_counts, packed_nbytes
+
+    check_value_dtype(dtype)
+    head_dtype = check_value_dtype(head_dtype or dtype)
+    if layout not in ("auto", "dense", "bitmask", "csr"):
+        raise ModelError(f"unknown layout {layout!r}; choose auto, dense, bitmask or csr.")
+    reason = decode_support(model)
+    if reason is not None:
+        raise ModelError(f"the decode engine cannot run this model: {reason}.")
+    base = model.model
+    vocab, hidden = base.embed_tokens.weight.shape
+    total = packed_nbytes(vocab, hidden, vocab * hidden, "dense", head_dtype) + hidden * VALUE_DTYPES[head_dtype][1]
+    total += (2 * len(base.layers) + 1) * hidden * 4
+    groups = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+              ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
+    for layer in base.layers:
+        for parent, names in groups:
+            mats = [_weight(getattr(getattr(layer, parent), n)) for n in names]
+            out = sum(w.shape[0] for w, _ in mats)
+            inn = mats[0][0].shape[1]
+            nnz = sum(int((w != 0).sum()) for w, _ in mats)
+            lay = layout_for_counts(out, inn, nnz, dtype) if layout == "auto" else layout
+            total += packed_nbytes(out, inn, nnz, lay, dtype)
+            if any(b is not None for _, b in mats):
+                total += out * 4
+    return int(total)
+
+
+@dataclass
+class DecodeEstimate:
+    """Predicted decode speed of the :class:`~.decode.DecodeEngine` for one weight dtype."""
+
+    dtype: str
+    head_dtype: str
+    bytes_per_token: int
+    bandwidth_gb_per_s: float
+    overhead_s: float
+    threads: int = field(default_factory=torch.get_num_threads)
+    #: the engine's measured tokens/s for this dtype, when it was the calibration run
+    measured_tokens_per_s: float | None = None
+
+    @property
+    def tokens_per_s(self) -> float:
+        """:func:`predict_decode_tokens_per_s` of this estimate."""
+        return predict_decode_tokens_per_s(self.bytes_per_token, self.bandwidth_gb_per_s, self.overhead_s)
+
+    @property
+    def ceiling_tokens_per_s(self) -> float:
+        """Tokens/s if streaming the weights were the only cost (bandwidth / bytes per token)."""
+        return self.bandwidth_gb_per_s * 1e9 / self.bytes_per_token
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "head_dtype": self.head_dtype, "bytes_per_token": self.bytes_per_token,
+                "bandwidth_gb_per_s": self.bandwidth_gb_per_s, "overhead_s": self.overhead_s, "threads": self.threads,
+                "predicted_tokens_per_s": self.tokens_per_s, "ceiling_tokens_per_s": self.ceiling_tokens_per_s,
+                "measured_tokens_per_s": self.measured_tokens_per_s}
+
+
+def engine_decode_tokens_per_s(engine: Any, ids: torch.Tensor, tokens: int = 16, repeats: int = 3) -> float:
+    """Median greedy decode tokens/s of a :class:`~.decode.DecodeEngine` after prompt ``ids [1, T]``:
+    per run, the new tokens after the first over the time from the first to the last (the prompt
+    excluded, the Python loop included); one untimed warm-up run first."""
+    engine.generate(ids, min(4, max(2, tokens)))  # warm-up: caches, RoPE tables, the thread pool
+    rates = []
+    for _ in range(max(1, repeats)):
+        stamps: list[float] = []
+        engine.generate(ids, max(2, tokens), on_token=lambda _t, st=stamps: st.append(time.perf_counter()))
+        rates.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+    return statistics.median(rates)
+
+
+def measure_decode_overhead(model: nn.Module, bandwidth_gb_per_s: float, dtype: str = "fp32", *, tokens: int = 16,
+                            repeats: int = 3, engine: Any = None) -> tuple[float, float]:
+    """``(overhead_s, measured_tokens_per_s)``: the engine's per-token time on ``model`` in
+    ``dtype`` (median of ``repeats`` greedy runs of ``tokens`` tokens) minus the time to stream its
+    weights at ``bandwidth_gb_per_s``, floored at 0. Builds the engine unless ``engine`` is given;
+    raises what :meth:`~.decode.DecodeEngine.from_model` raises."""
+    from .decode import DecodeEngine
+
+    eng = engine if engine is not None else DecodeEngine.from_model(model, dtype)
+    tps = engine_decode_tokens_per_s(eng, (torch.arange(1, 9) % int(eng.config["vocab"]))[None], tokens, repeats)
+    overhead = max(0.0, 1.0 / tps - eng.weight_bytes_per_token / (bandwidth_gb_per_s * 1e9))
+    return overhead, tps
+
+
+def decode_estimates(
+    model: nn.Module,
+    dtypes: Sequence[str] = DECODE_DTYPES,
+    *,
+    head_dtype: str | None = None,
+    bandwidth_gb_per_s: float | None = None,
+    overhead_s: float | None = None,
+    calibrate_dtype: str = "fp32",
+) -> list[DecodeEstimate]:
+    """Predicted :class:`~.decode.DecodeEngine` decode tokens/s of ``model`` for each of ``dtypes``.
+
+    Bytes per token come from the weights (:func:`decode_bytes_per_token`); the bandwidth is
+    measured (:func:`~.bench.streaming_bandwidth_gbs`) unless given; the per-token overhead is
+    measured once, by timing the engine on the model in ``calibrate_dtype``
+    (:func:`measure_decode_overhead`), unless given, and used for every dtype. It is a constant
+    per token: kernels that run below the streaming rate because they are compute-bound (the
+    packed 8-bit values of a sparse int8 model) are predicted too fast.
+    """
+    from .bench import streaming_bandwidth_gbs
+
+    bw = streaming_bandwidth_gbs() if bandwidth_gb_per_s is None else float(bandwidth_gb_per_s)
+    measured: dict[str, float] = {}
+    if overhead_s is None:
+        overhead_s, measured[calibrate_dtype] = measure_decode_overhead(model, bw, calibrate_dtype)
+    out = []
+    for dt in dtypes:
+        hd = head_dtype or dt
+        nbytes = decode_bytes_per_token(model, dt, head_dtype=hd)
+        out.append(DecodeEstimate(dt, hd, nbytes, bw, float(overhead_s),
+                                  measured_tokens_per_s=measured.get(dt) if hd == dt else None))
+    return out

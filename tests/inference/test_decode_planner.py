@@ -1,0 +1,128 @@
+"""The planner's decode estimate: bytes per token from the weights (equal to the engine's own
+count), the prediction formula, its monotonicity, the plan report's decode section, and the
+benchmark's offline check on made-up results. No timing is asserted anywhere: whether the
+prediction lands within 20% of measured speed is checked by ``benchmarks/decode_vs_llamacpp.py``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_decode import prune_half, tiny_llama  # noqa: E402
+
+from sparsetorch.errors import DataError, MethodError, ModelError  # noqa: E402
+from sparsetorch.inference._decode_ext import get_decode_extension  # noqa: E402
+from sparsetorch.inference.plan import (  # noqa: E402
+    DecodeEstimate,
+    decode_bytes_per_token,
+    decode_estimates,
+    plan,
+    predict_decode_tokens_per_s,
+)
+
+needs_ext = pytest.mark.skipif(get_decode_extension() is None, reason="compiled decode extension unavailable")
+
+
+def prune_to(model: torch.nn.Module, sparsity: float) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "layers" in name:
+                k = int(p.numel() * sparsity)
+                if k:
+                    th = p.abs().flatten().kthvalue(k).values
+                    p[p.abs() <= th] = 0.0
+
+
+@needs_ext
+@pytest.mark.parametrize(("tied", "bias", "sparsity"), [(True, False, 0.0), (False, True, 0.5), (True, False, 0.8)])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16", "int8"])
+def test_bytes_per_token_equal_the_engines_own_count(tied: bool, bias: bool, sparsity: float, dtype: str) -> None:
+    from sparsetorch.inference import DecodeEngine
+
+    model = tiny_llama(seed=3, tied=tied, bias=bias)
+    prune_to(model, sparsity)
+    for head in (None, "fp32", "int8"):
+        eng = DecodeEngine.from_model(model, dtype, head_dtype=head)
+        assert decode_bytes_per_token(model, dtype, head_dtype=head) == eng.weight_bytes_per_token
+    for layout in ("dense", "bitmask", "csr"):
+        eng = DecodeEngine.from_model(model, dtype, layout=layout)
+        assert decode_bytes_per_token(model, dtype, layout=layout) == eng.weight_bytes_per_token
+
+
+def test_bytes_per_token_fall_with_narrower_values_and_more_sparsity() -> None:
+    model = tiny_llama(seed=4, hidden=64, inter=128)
+    by_dtype = {dt: decode_bytes_per_token(model, dt) for dt in ("fp32", "fp16", "bf16", "int8")}
+    assert by_dtype["fp32"] > by_dtype["fp16"] == by_dtype["bf16"] > by_dtype["int8"]
+    previous = by_dtype
+    for sparsity in (0.5, 0.7, 0.9):
+        prune_to(model, sparsity)
+        now = {dt: decode_bytes_per_token(model, dt) for dt in by_dtype}
+        assert all(now[dt] < previous[dt] for dt in now), (sparsity, now, previous)
+        previous = now
+    # an fp32 head on an int8 decoder reads more than an int8 head
+    assert decode_bytes_per_token(model, "int8", head_dtype="fp32") > decode_bytes_per_token(model, "int8")
+
+
+def test_prediction_formula() -> None:
+    # 100 MB at 10 GB/s = 10 ms, plus 2.5 ms overhead = 12.5 ms per token = 80 tokens/s
+    assert predict_decode_tokens_per_s(100e6, 10.0, 0.0025) == pytest.approx(80.0)
+    assert predict_decode_tokens_per_s(100e6, 10.0) == pytest.approx(100.0)  # the bandwidth ceiling
+    fewer = [predict_decode_tokens_per_s(b, 10.0, 0.002) for b in (538e6, 269e6, 135e6)]
+    assert fewer == sorted(fewer) and fewer[-1] < 1 / 0.002  # the overhead bounds the speed
+    for bad in ((0, 10.0, 0.0), (1e6, 0.0, 0.0), (1e6, 10.0, -1.0)):
+        with pytest.raises(DataError):
+            predict_decode_tokens_per_s(*bad)
+    est = DecodeEstimate("fp16", "fp16", 200_000_000, 20.0, 0.001, threads=2)
+    assert est.tokens_per_s == pytest.approx(1 / (0.01 + 0.001)) and est.ceiling_tokens_per_s == pytest.approx(100.0)
+    d = est.to_dict()
+    assert d["predicted_tokens_per_s"] == est.tokens_per_s and d["measured_tokens_per_s"] is None
+    json.dumps(d)
+
+
+def test_bad_inputs_are_typed_errors() -> None:
+    model = tiny_llama(seed=1)
+    with pytest.raises(MethodError, match="unknown weight dtype 'fp8'"):
+        decode_bytes_per_token(model, "fp8")
+    with pytest.raises(ModelError, match="unknown layout"):
+        decode_bytes_per_token(model, "fp32", layout="blocks")
+    with pytest.raises(ModelError, match="cannot run this model"):
+        decode_bytes_per_token(torch.nn.Linear(4, 4), "fp32")
+
+
+def test_estimates_with_given_bandwidth_and_overhead_time_nothing(monkeypatch) -> None:
+    import importlib
+
+    bench = importlib.import_module("sparsetorch.inference.bench")
+    plan_mod = importlib.import_module("sparsetorch.inference.plan")  # the package's `plan` is the function
+
+    def no_timing(*a: object, **k: object) -> None:
+        raise AssertionError("nothing may be timed when bandwidth and overhead are given")
+
+    monkeypatch.setattr(bench, "streaming_bandwidth_gbs", no_timing)
+    monkeypatch.setattr(plan_mod, "measure_decode_overhead", no_timing)
+    model = tiny_llama(seed=2)
+    prune_half(model)
+    ests = decode_estimates(model, ("fp32", "int8"), bandwidth_gb_per_s=10.0, overhead_s=0.001)
+    assert [e.dtype for e in ests] == ["fp32", "int8"]
+    assert ests[0].tokens_per_s < ests[1].tokens_per_s
+    assert ests[0].tokens_per_s == pytest.approx(predict_decode_tokens_per_s(ests[0].bytes_per_token, 10.0, 0.001))
+
+
+def test_plan_report_carries_the_decode_estimate(monkeypatch) -> None:
+    model = tiny_llama(seed=2)
+    rep = plan(model, timer=lambda name, fn: 1.0, decode_bandwidth_gb_per_s=10.0, decode_overhead_s=0.001)
+    assert [d.dtype for d in rep.decode] == ["fp32", "fp16", "bf16", "int8"] and rep.decode_note is None
+    d = rep.to_dict()["decode"]
+    assert d[0]["bytes_per_token"] == decode_bytes_per_token(model, "fp32")
+    text = str(rep)
+    assert "decode engine" in text and "10.0 GB/s" in text and "1.00 ms" in text
+    # batch > 1 is not decoding; a model the engine cannot run says why
+    assert plan(model, batch_size=4, timer=lambda name, fn: 1.0).decode == []
+    small = tiny_llama(seed=2)
+    small.config.hidden_act = "gelu"
+    rep = plan(small, timer=lambda name, fn: 1.0, decode_bandwidth_gb_per_s=10.0, decode_overhead_s=0.0)
+    assert rep.decode == [] and "hidden_act" in (rep.decode_note or "")
