@@ -24,6 +24,13 @@ tensor bytes, the tied embedding counted once as the output head). Bandwidth cei
     benchmarks/decode_vs_llamacpp.py --setup      # create the llama.cpp venv, fetch the converter
     benchmarks/decode_vs_llamacpp.py              # full run (resumable: models, GGUFs, perplexities cached)
     benchmarks/decode_vs_llamacpp.py --quick      # dense fp32 and llama.cpp F32 only, 1 repeat
+    benchmarks/decode_vs_llamacpp.py --planner-check benchmarks/results/decode_vs_llamacpp_quiet.json
+
+Planner check: each of our rows also gets the planner's predicted tokens/s
+(``sparsetorch.inference.plan.predict_decode_tokens_per_s``: bytes per token over the run's
+streaming bandwidth plus one per-token overhead calibrated on the dense fp32 row), and the
+fraction of rows within 20% of the measurement; ``--planner-check`` computes the same for an
+existing results JSON without timing anything.
 
 Writes ``benchmarks/results/decode_vs_llamacpp[_LABEL].json`` with the load average before,
 during (per round) and after: the machine is shared, and a loaded run says so.
@@ -35,9 +42,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -47,11 +52,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import Run, load_average, write_json  # noqa: E402
 
+from sparsetorch.errors import DependencyError  # noqa: E402
+from sparsetorch.inference import peer_llamacpp  # noqa: E402
+from sparsetorch.inference.bench import streaming_bandwidth_gbs  # noqa: E402
+from sparsetorch.inference.peer_llamacpp import decode_tps  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 VENV = HERE / ".venv-llamacpp"
 CACHE = HERE / ".cache" / "decode"
-LLAMA_CPP_VERSION = "0.3.36"
+LLAMA_CPP_VERSION = peer_llamacpp.LLAMA_CPP_VERSION
 PROMPT = "The quick brown fox jumps over the lazy dog. Sparse networks"
 #: name -> prune() arguments (None = dense). Fewer calibration windows of 512 tokens than the
 #: library default (128): on this shared 2-core machine under load, SparseGPT with 128 windows took
@@ -68,80 +78,19 @@ CONFIGS = {
 DTYPES = ("fp32", "fp16", "bf16", "int8")
 PEER_TYPES = ("f32", "f16", "q8_0", "q4_1")
 
-PEER_WORKER = r"""
-import json, sys, time
-import llama_cpp
-from llama_cpp import Llama
-threads = int(sys.argv[1])
-models = {}
-def reply(obj):
-    sys.stdout.write(json.dumps(obj) + "\n"); sys.stdout.flush()
-for line in sys.stdin:
-    cmd = json.loads(line)
-    if cmd["op"] == "load":
-        from gguf import GGUFReader
-        r = GGUFReader(cmd["path"])
-        nbytes = sum(int(t.n_bytes) for t in r.tensors)
-        emb = [int(t.n_bytes) for t in r.tensors if t.name == "token_embd.weight"]
-        has_out = any(t.name == "output.weight" for t in r.tensors)
-        del r
-        models[cmd["name"]] = Llama(model_path=cmd["path"], n_threads=threads, n_threads_batch=threads,
-                                    n_ctx=256, verbose=False)
-        reply({"ok": True, "tensor_bytes": nbytes, "embedding_bytes": emb[0] if emb else 0, "tied": not has_out,
-               "version": llama_cpp.__version__})
-    elif cmd["op"] == "run":
-        llm = models[cmd["name"]]
-        llm.reset()
-        llama_cpp.llama_perf_context_reset(llm.ctx)
-        stamps, toks = [], []
-        t0 = time.perf_counter()
-        for tok in llm.generate(cmd["ids"], top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            stamps.append(time.perf_counter()); toks.append(int(tok))
-            if len(toks) == cmd["tokens"]:
-                break
-        p = llama_cpp.llama_perf_context(llm.ctx)
-        reply({"tokens": toks, "stamps": [s - t0 for s in stamps], "t_eval_ms": p.t_eval_ms, "n_eval": p.n_eval,
-               "t_p_eval_ms": p.t_p_eval_ms, "n_p_eval": p.n_p_eval})
-    elif cmd["op"] == "quit":
-        break
-"""
 
 
 # ---------------------------------------------------------------------------------------------- setup
 def sdist_dir() -> Path:
-    return CACHE / f"llama_cpp_python-{LLAMA_CPP_VERSION}"
+    return peer_llamacpp.sdist_dir(CACHE)
 
 
 def setup() -> None:
     """Create the peer venv with the pinned llama-cpp-python (compiled from source: slow) and
-    unpack its sdist for ``vendor/llama.cpp/convert_hf_to_gguf.py``."""
-    py = VENV / "bin" / "python"
-    env = {**os.environ, "CMAKE_BUILD_PARALLEL_LEVEL": os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "1")}
-    if not py.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    subprocess.run(["nice", "-n", "19", str(py), "-m", "pip", "install", f"llama-cpp-python=={LLAMA_CPP_VERSION}",
-                    "gguf", "sentencepiece"], check=True, env=env)
-    if not sdist_dir().exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        subprocess.run([str(py), "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        f"llama-cpp-python=={LLAMA_CPP_VERSION}", "-d", str(CACHE)], check=True)
-        with tarfile.open(CACHE / f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz") as tf:
-            tf.extractall(CACHE, filter="data")
+    unpack its sdist for ``vendor/llama.cpp/convert_hf_to_gguf.py`` (the library's setup, with
+    this benchmark's paths)."""
+    peer_llamacpp.setup(VENV, CACHE, build_jobs=int(os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "1")))
     print("setup done:", VENV, sdist_dir())
-
-
-def converter_env() -> dict[str, str]:
-    """PYTHONPATH for running llama.cpp's converter with *this* interpreter (it needs torch, which
-    the peer venv lacks): the sdist's own gguf-py first, then sentencepiece from the peer venv."""
-    link = CACHE / "convpath"
-    link.mkdir(parents=True, exist_ok=True)
-    site = next((VENV / "lib").glob("python3*/site-packages"))
-    for name in ("sentencepiece", "sentencepiece.libs"):
-        dst = link / name
-        if (site / name).exists() and not dst.exists():
-            dst.symlink_to(site / name)
-    gguf_py = sdist_dir() / "vendor" / "llama.cpp" / "gguf-py"
-    return {**os.environ, "PYTHONPATH": f"{gguf_py}{os.pathsep}{link}"}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -173,56 +122,21 @@ def gguf_path(ptype: str) -> Path:
     out = CACHE / "gguf" / f"smollm2-dense-{ptype}.gguf"
     if out.is_file():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    conv = sdist_dir() / "vendor" / "llama.cpp" / "convert_hf_to_gguf.py"
-    if not conv.is_file():
-        raise SystemExit(f"{conv} is missing: run {Path(__file__).name} --setup first")
-    tmp = out.with_suffix(".tmp")
-    with open(out.with_suffix(".log"), "w") as log:
-        subprocess.run([sys.executable, str(conv), str(model_dir("dense")), "--outtype", ptype, "--outfile", str(tmp)],
-                       check=True, env=converter_env(), stdout=log, stderr=subprocess.STDOUT)
-    tmp.replace(out)
-    return out
+    try:
+        return peer_llamacpp.convert_to_gguf(model_dir("dense"), out, ptype, venv=VENV, cache=CACHE)
+    except DependencyError as exc:
+        raise SystemExit(f"{exc} (or: {Path(__file__).name} --setup)") from None
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def bandwidth_gbs(threads: int, mb: int = 512, repeats: int = 7) -> float:
-    """Streaming-read bandwidth (GB/s): median over ``repeats`` sums of an ``mb`` MB fp32 tensor."""
-    x = torch.ones(mb * 2**20 // 4)
-    x.sum()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        ts.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(ts) / 1e9
-
-
-class Peer:
-    """The llama.cpp worker in its venv (JSON lines over stdin/stdout)."""
+class Peer(peer_llamacpp.LlamaCppPeer):
+    """The llama.cpp worker in this benchmark's venv; setup problems end the script with the fix."""
 
     def __init__(self, threads: int) -> None:
-        py = VENV / "bin" / "python"
-        if not py.exists():
-            raise SystemExit(f"{py} is missing: run {Path(__file__).name} --setup first")
-        self.proc = subprocess.Popen([str(py), "-c", PEER_WORKER, str(threads)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-
-    def ask(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin and self.proc.stdout
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("llama.cpp worker died")
-        return json.loads(line)
-
-    def close(self) -> None:
         try:
-            self.ask(op="quit")
-        except (RuntimeError, BrokenPipeError, json.JSONDecodeError):
-            pass
-        self.proc.wait(timeout=30)
+            super().__init__(threads, VENV, CACHE)
+        except DependencyError as exc:
+            raise SystemExit(f"{exc} (or: {Path(__file__).name} --setup)") from None
 
 
 def ours_run(engine: Any, ids: torch.Tensor, tokens: int) -> dict[str, Any]:
@@ -230,11 +144,6 @@ def ours_run(engine: Any, ids: torch.Tensor, tokens: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     out = engine.generate(ids, tokens, on_token=lambda _t: stamps.append(time.perf_counter() - t0))
     return {"tokens": out[0, ids.shape[1]:].tolist(), "stamps": stamps}
-
-
-def decode_tps(stamps: list[float]) -> float:
-    """New tokens after the first per second between the first and the last new token."""
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
 def summary(vals: list[float]) -> dict[str, Any]:
@@ -257,9 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-timing", action="store_true", help="Only compute missing perplexities, then stop.")
     ap.add_argument("--label", default="", help="Results file suffix, e.g. 'quiet' or 'loaded'.")
     ap.add_argument("--quick", action="store_true", help="dense fp32 + llama.cpp F32, one repeat, no perplexity.")
+    ap.add_argument("--planner-check", type=Path, default=None, metavar="RESULTS_JSON",
+                    help="Offline: the planner's predicted tokens/s for every row of an existing results JSON "
+                         "(nothing timed) -> results/decode_planner_check[_LABEL].json, then exit.")
     args = ap.parse_args(argv)
     if args.setup:
         setup()
+        return
+    if args.planner_check is not None:
+        planner_check(args.planner_check.resolve(), argv)
         return
     run = Run.for_main(__file__, argv)
     if args.quick:
@@ -325,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                 peer.ask(op="run", name=name, ids=ids[0].tolist(), tokens=4)  # type: ignore[union-attr]
         for r in range(args.repeats):
             loads.append(load_average())
-            bw.append(bandwidth_gbs(args.threads))
+            bw.append(streaming_bandwidth_gbs())
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
                 if name in engines:
@@ -353,6 +268,14 @@ def main(argv: list[str] | None = None) -> None:
         row["same_tokens_as_first_row"] = rs[0]["tokens"] == ref_tokens
         row["timed"] = run.entry(load_before=loads[0] if loads else None, loads_per_round=loads)
     res["bandwidth_ceiling_gb_per_s"] = summary(bw)
+    if engines:  # the planner's estimate beside each of our rows, from this run's bandwidth
+        check = planner_predictions({"rows": {n: rows[n] for n in engines}, "bandwidth_ceiling_gb_per_s": res[
+            "bandwidth_ceiling_gb_per_s"]})
+        for name, pr in check["rows"].items():
+            rows[name]["planner"] = {**pr, "bandwidth_gb_per_s": check["bandwidth_gb_per_s"],
+                                     "overhead_s": check["overhead_s"], "calibration_row": check["calibration_row"]}
+        res["planner_within_20pct"] = {k: check[k] for k in ("within_20pct", "checked", "fraction_within_20pct",
+                                                             "calibration_row", "overhead_s")}
     res["prompt"] = PROMPT
     res["prompt_tokens"] = int(ids.shape[1])
     res["_meta"] = run.meta(peers={"llama_cpp_python": LLAMA_CPP_VERSION}, threads=args.threads, tokens=args.tokens,
@@ -363,7 +286,108 @@ def main(argv: list[str] | None = None) -> None:
                                  "seen from Python; load average per round in rows[*].timed.loads_per_round")
     write_json(out_path, res)
     print_table(res)
+    if engines:
+        print_planner(check)
     print(f"wrote {out_path}")
+
+
+# ---------------------------------------------------------------------------------------------- planner
+#: the row whose measured speed calibrates the planner's per-token overhead (excluded from the check)
+CALIBRATION_ROW = "ours dense fp32"
+
+
+def planner_predictions(res: dict[str, Any]) -> dict[str, Any]:
+    """The planner's decode estimate (:func:`sparsetorch.inference.plan.predict_decode_tokens_per_s`)
+    for each of our timed rows of a results dict, from numbers the run recorded: its bytes per
+    token, the run's median streaming bandwidth, and one per-token overhead calibrated on
+    :data:`CALIBRATION_ROW` (its measured seconds per token minus its bytes over the bandwidth) --
+    what ``sparsetorch plan`` does with its own calibration run. Nothing is timed here.
+
+    Returns ``{"bandwidth_gb_per_s", "overhead_s", "calibration_row", "rows": {name: {...}},
+    "within_20pct": k, "checked": n, "fraction_within_20pct"}``; each row has the predicted and
+    measured tokens/s, ``ratio`` = predicted / measured and ``within_20pct`` (|ratio - 1| <= 0.2).
+    """
+    from sparsetorch.inference.plan import predict_decode_tokens_per_s
+
+    bw = float(res["bandwidth_ceiling_gb_per_s"]["median"])
+    ours = {n: r for n, r in res["rows"].items() if r.get("runtime") == "sparsetorch" and "decode_tokens_per_s" in r}
+    cal_name = CALIBRATION_ROW if CALIBRATION_ROW in ours else next(iter(ours), None)
+    if cal_name is None:
+        raise SystemExit("no timed sparsetorch row in these results: nothing to predict")
+    cal = ours[cal_name]
+    overhead = max(0.0, 1.0 / cal["decode_tokens_per_s"]["median"] - cal["bytes_per_token"] / (bw * 1e9))
+    rows: dict[str, Any] = {}
+    for name, r in ours.items():
+        pred = predict_decode_tokens_per_s(r["bytes_per_token"], bw, overhead)
+        meas = r["decode_tokens_per_s"]["median"]
+        rows[name] = {"bytes_per_token": r["bytes_per_token"], "predicted_tokens_per_s": pred,
+                      "measured_tokens_per_s": meas, "ratio": pred / meas,
+                      "within_20pct": abs(pred / meas - 1.0) <= 0.2, "calibration": name == cal_name}
+    checked = [v for v in rows.values() if not v["calibration"]]
+    k = sum(v["within_20pct"] for v in checked)
+    return {"bandwidth_gb_per_s": bw, "overhead_s": overhead, "calibration_row": cal_name, "rows": rows,
+            "within_20pct": k, "checked": len(checked), "fraction_within_20pct": k / len(checked) if checked else None}
+
+
+def planner_bytes_check(rows: dict[str, Any]) -> dict[str, Any]:
+    """Bytes per token from the planner's formula (:func:`~sparsetorch.inference.plan.decode_bytes_per_token`,
+    weights only, no engine) for each of our rows whose model is cached, against the engine's
+    count the run recorded. Models not in the cache are skipped (listed)."""
+    from sparsetorch.data.llm import load_causal_lm
+    from sparsetorch.inference.plan import decode_bytes_per_token
+
+    out: dict[str, Any] = {"equal": [], "different": {}, "skipped": []}
+    by_config: dict[str, list[str]] = {}
+    for name, r in rows.items():
+        if r.get("runtime") == "sparsetorch":
+            by_config.setdefault(r["config"], []).append(name)
+    for config, names in by_config.items():
+        folder = CACHE / config
+        if not (folder / "config.json").is_file():
+            out["skipped"] += names
+            continue
+        lm, _ = load_causal_lm(str(folder), progress=False)
+        for name in names:
+            got = decode_bytes_per_token(lm, rows[name]["dtype"])
+            if got == rows[name]["bytes_per_token"]:
+                out["equal"].append(name)
+            else:
+                out["different"][name] = {"planner": got, "engine": rows[name]["bytes_per_token"]}
+        del lm
+    return out
+
+
+def planner_check(results: Path, argv: list[str] | None) -> Path:
+    """Offline mode: the planner's predictions for an existing results JSON, written to
+    ``results/decode_planner_check[_LABEL].json`` (LABEL from the results file name). The results
+    JSON is only read."""
+    res = json.loads(results.read_text())
+    check = planner_predictions(res)
+    check["bytes_per_token_check"] = planner_bytes_check(res["rows"])
+    stem = results.stem.removeprefix("decode_vs_llamacpp")
+    out = RESULTS / f"decode_planner_check{stem}.json"
+    src_meta = res.get("_meta", {})
+    check["source"] = {"file": str(results.relative_to(HERE.parent)) if results.is_relative_to(HERE.parent)
+                       else str(results), "commit": src_meta.get("commit"), "command": src_meta.get("command"),
+                       "date_utc": src_meta.get("date_utc")}
+    check["_meta"] = Run.for_main(__file__, argv).meta(
+        note="offline: predictions from the source run's recorded bytes per token and bandwidth, per-token "
+             f"overhead calibrated on {check['calibration_row']!r}; nothing timed")
+    write_json(out, check)
+    print_planner(check)
+    print(f"wrote {out}")
+    return out
+
+
+def print_planner(check: dict[str, Any]) -> None:
+    print(f"planner: bandwidth {check['bandwidth_gb_per_s']:.1f} GB/s, overhead {check['overhead_s'] * 1e3:.2f} ms/token "
+          f"(calibrated on {check['calibration_row']})")
+    print(f"{'row':<28} {'predicted':>9} {'measured':>9} {'ratio':>6}")
+    for name, r in check["rows"].items():
+        flag = "calibration" if r["calibration"] else ("ok" if r["within_20pct"] else "off by > 20%")
+        print(f"{name:<28} {r['predicted_tokens_per_s']:9.1f} {r['measured_tokens_per_s']:9.1f} {r['ratio']:6.2f}  {flag}")
+    if check["checked"]:
+        print(f"within 20%: {check['within_20pct']} of {check['checked']} ({check['fraction_within_20pct']:.0%})")
 
 
 def print_table(res: dict[str, Any]) -> None:

@@ -5,7 +5,10 @@ prediction lands within 20% of measured speed is checked by ``benchmarks/decode_
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +129,44 @@ def test_plan_report_carries_the_decode_estimate(monkeypatch) -> None:
     small.config.hidden_act = "gelu"
     rep = plan(small, timer=lambda name, fn: 1.0, decode_bandwidth_gb_per_s=10.0, decode_overhead_s=0.0)
     assert rep.decode == [] and "hidden_act" in (rep.decode_note or "")
+
+
+def _bench_module():
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_vs_llamacpp.py"
+    sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location("bench_decode_vs_llamacpp", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # type: ignore[union-attr]
+    return mod
+
+
+def test_benchmark_planner_check_on_made_up_results(tmp_path: Path, monkeypatch) -> None:
+    """The overhead is calibrated on the dense fp32 row (excluded from the count), every other row
+    of ours is predicted from its bytes and the run's bandwidth, llama.cpp rows are left alone."""
+    bench = _bench_module()
+
+    def row(nbytes: int, tps: float, runtime: str = "sparsetorch") -> dict:
+        return {"runtime": runtime, "config": "dense", "dtype": "fp32", "bytes_per_token": nbytes,
+                "decode_tokens_per_s": {"median": tps}}
+
+    res = {"bandwidth_ceiling_gb_per_s": {"median": 10.0},
+           # 100 MB at 10 GB/s = 10 ms; measured 12.5 ms -> overhead 2.5 ms
+           "rows": {"ours dense fp32": row(100_000_000, 80.0), "ours dense fp16": row(50_000_000, 133.0),
+                    "ours x int8": row(25_000_000, 100.0), "llama.cpp F32": row(100_000_000, 70.0, "llama.cpp")}}
+    check = bench.planner_predictions(res)
+    assert check["overhead_s"] == pytest.approx(0.0025) and check["calibration_row"] == "ours dense fp32"
+    assert set(check["rows"]) == {"ours dense fp32", "ours dense fp16", "ours x int8"}
+    fp16 = check["rows"]["ours dense fp16"]
+    assert fp16["predicted_tokens_per_s"] == pytest.approx(1 / 0.0075) and fp16["within_20pct"]
+    assert not check["rows"]["ours x int8"]["within_20pct"]  # predicted 200 vs 100 measured
+    assert check["checked"] == 2 and check["within_20pct"] == 1 and check["fraction_within_20pct"] == 0.5
+    # the offline mode writes its own JSON and leaves the results file as it was
+    src = tmp_path / "decode_vs_llamacpp_made_up.json"
+    src.write_text(json.dumps(res))
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "planner_bytes_check", lambda rows: {"equal": [], "different": {}, "skipped": list(rows)})
+    out = bench.planner_check(src, ["--planner-check", str(src)])
+    assert out == tmp_path / "decode_planner_check_made_up.json"
+    written = json.loads(out.read_text())
+    assert written["fraction_within_20pct"] == 0.5 and written["source"]["file"].endswith(src.name)
+    assert json.loads(src.read_text()) == res

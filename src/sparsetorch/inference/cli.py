@@ -121,8 +121,21 @@ def register(app: typer.Typer) -> None:
         activation_criterion: str = typer.Option("teal", "--activation-criterion", help="teal or wina."),
         json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
+        peer: str | None = typer.Option(None, "--peer", help="Also measure a peer runtime on the same dense model: "
+                                        "'llamacpp' (llama.cpp through a pinned llama-cpp-python in its own venv; "
+                                        "set it up once with `python -m sparsetorch.inference.peer_llamacpp setup`). "
+                                        "Adds our compiled decode engine's tokens/s too."),
+        peer_type: str = typer.Option("f32", "--peer-type", help="GGUF values of the peer's copy of the dense "
+                                      "model: f32, f16, bf16 or q8_0 (converted by llama.cpp's convert_hf_to_gguf.py)."),
+        peer_gguf: Path | None = typer.Option(None, "--peer-gguf", help="Run the peer on this GGUF file instead of "
+                                              "converting the model."),
+        peer_venv: Path | None = typer.Option(None, "--peer-venv", help="The peer's venv (default: "
+                                              "$SPARSETORCH_LLAMACPP_VENV or ~/.cache/sparsetorch/llamacpp/venv)."),
+        peer_cache: Path | None = typer.Option(None, "--peer-cache", help="Folder of llama.cpp's converter and the "
+                                               "converted GGUFs (default: $SPARSETORCH_LLAMACPP_CACHE or "
+                                               "~/.cache/sparsetorch/llamacpp)."),
     ) -> None:
-        """Token-by-token decode speed: dense vs sparse kernels chosen by sparsify_for_inference."""
+        """Token-by-token decode speed: dense vs sparse kernels chosen by sparsify_for_inference (and, with --peer, our compiled decode engine and llama.cpp on the same model)."""
         import torch
 
         from . import sparsify_for_inference
@@ -130,7 +143,16 @@ def register(app: typer.Typer) -> None:
 
         _check(prune, json_path, overwrite, tokens=tokens)
         _check_activation(activation_sparsity, activation_criterion)
-        lm, tok = _load(model, prune)
+        if peer is not None:  # every peer problem is reported before the model is loaded
+            _check_peer(peer, peer_type, peer_gguf, peer_venv, peer_cache, tokens)
+        lm, tok = _load(model, None)
+        gguf = None
+        if peer is not None:
+            gguf = peer_gguf or _peer_gguf(model, lm, tok, peer_type, peer_venv, peer_cache)
+        if prune:
+            from ..prune import prune as prune_model
+
+            prune_model(lm, "magnitude", prune)
         ids = tok("The quick brown fox jumps over the lazy dog. Sparse networks", return_tensors="pt").input_ids
         th = _thresholds(lm, tok, activation_sparsity, activation_criterion)
         measured = 0.0
@@ -145,11 +167,28 @@ def register(app: typer.Typer) -> None:
         dense_tps = decode_tokens_per_s(lm, ids, tokens)
         report = sparsify_for_inference(lm, batch_size=1, activation=th)
         sparse_tps = decode_tokens_per_s(lm, ids, tokens)
+        engine_tps: float | None = None
+        engine_note: str | None = None
+        peer_res: dict | None = None
+        if peer is not None:
+            engine_tps, engine_note = _engine_tps(lm, ids, tokens)
+            from .peer_llamacpp import peer_decode
+
+            peer_res = peer_decode(gguf, ids[0].tolist(), tokens, 3, threads=torch.get_num_threads(),  # type: ignore[arg-type]
+                                   venv=peer_venv, cache=peer_cache)
+            peer_res["gguf_type"] = None if peer_gguf is not None else peer_type
         info = machine_info()
         typer.echo(str(report))
-        console.print(f"{'':<10} {'tokens/s':>9}")
-        console.print(f"{'dense':<10} {dense_tps:>9.2f}")
-        console.print(f"{'sparse':<10} {sparse_tps:>9.2f}   ({sparse_tps / dense_tps:.2f}x)")
+        console.print(f"{'':<18} {'tokens/s':>9}")
+        console.print(f"{'dense':<18} {dense_tps:>9.2f}")
+        console.print(f"{'sparse':<18} {sparse_tps:>9.2f}   ({sparse_tps / dense_tps:.2f}x)")
+        if peer_res is not None:
+            label = "decode engine fp32"
+            console.print(f"{label:<18} {engine_tps:>9.2f}" if engine_tps is not None else
+                          f"{label:<18} {'-':>9}   ({engine_note})", markup=False, highlight=False)
+            plabel = f"llama.cpp {(peer_res['gguf_type'] or Path(peer_res['gguf']).name).upper()}"
+            console.print(f"{plabel:<18} {peer_res['decode_tokens_per_s']:>9.2f}   (dense model, llama-cpp-python "
+                          f"{peer_res['llama_cpp_python']})", markup=False, highlight=False)
         console.print(
             f"torch threads {info['torch_threads']}, load average {info['loadavg_1_5_15'][0]:.2f}"
             + (" (machine shared with other work: timings are noisy)" if info["machine_shared"] else "")
@@ -162,8 +201,57 @@ def register(app: typer.Typer) -> None:
                    "activation_sparsity_measured": measured, "dense_tokens_per_s": dense_tps,
                    "sparse_tokens_per_s": sparse_tps, "machine": info, "sparsify": report.to_dict(),
                    "torch_version": torch.__version__}
+            if peer_res is not None:
+                res.update(engine_tokens_per_s=engine_tps, engine_note=engine_note,
+                           peer_tokens_per_s=peer_res["decode_tokens_per_s"], peer=peer_res)
             atomic_write_text(json_path, json.dumps(res, indent=2) + "\n", overwrite=overwrite)
             console.print(f"wrote {json_path}", markup=False, highlight=False)
+
+
+def _check_peer(peer: str, peer_type: str, gguf: Path | None, venv: Path | None, cache: Path | None,
+                tokens: int) -> None:
+    """The --peer options, and that the peer is set up (a DependencyError naming the setup command)."""
+    from ..errors import DataError, MethodError, close_matches
+    from .peer_llamacpp import GGUF_TYPES, PEERS, check_peer
+
+    if peer not in PEERS:
+        raise MethodError(f"unknown --peer {peer!r}; choose {', '.join(PEERS)}." + close_matches(peer, PEERS))
+    if peer_type not in GGUF_TYPES:
+        raise MethodError(f"unknown --peer-type {peer_type!r}; choose one of {', '.join(GGUF_TYPES)}."
+                          + close_matches(peer_type, GGUF_TYPES))
+    if gguf is not None and not gguf.is_file():
+        raise DataError(f"--peer-gguf {gguf} is not a file.")
+    if tokens < 2:
+        raise DataError(f"--peer needs --tokens >= 2 (decode speed is timed from the first to the last new token), got {tokens}.")
+    check_peer(venv, cache, converter=gguf is None)
+
+
+def _peer_gguf(model: str, lm, tok, peer_type: str, venv: Path | None, cache: Path | None) -> Path:  # noqa: ANN001
+    """The GGUF of the (unpruned) model for the peer: a Hugging Face folder is converted as it is;
+    'smollm2' is first saved as a folder in the peer cache (once)."""
+    from ..data.llm import MODEL_ALIASES, save_hf_model
+    from .peer_llamacpp import default_cache, gguf_for_model
+
+    if model.lower() in MODEL_ALIASES:
+        folder = Path(cache or default_cache()) / "hf" / model.lower()
+        if not (folder / "config.json").is_file():
+            save_hf_model(lm, tok, folder, overwrite=True)
+        return gguf_for_model(folder, peer_type, venv=venv, cache=cache, name=model.lower())
+    return gguf_for_model(Path(model), peer_type, venv=venv, cache=cache)
+
+
+def _engine_tps(lm, ids, tokens: int) -> tuple[float | None, str | None]:  # noqa: ANN001
+    """Our compiled decode engine (fp32) on ``lm``, timed like the peer: median of 3 runs of the time
+    from the first to the last new token; ``(None, reason)`` when the engine cannot run ``lm``."""
+    from ..errors import DependencyError, ModelError
+    from .decode import DecodeEngine
+    from .plan import engine_decode_tokens_per_s
+
+    try:
+        eng = DecodeEngine.from_model(lm, "fp32")
+    except (ModelError, DependencyError) as exc:
+        return None, str(exc)
+    return engine_decode_tokens_per_s(eng, ids, tokens, 3), None
 
 
 def _load_any(model: str):  # noqa: ANN202
