@@ -107,3 +107,17 @@ def test_generate_uses_one_thread_on_a_busy_machine(hf_dir: Path, capsys, monkey
         assert "2 threads" in capsys.readouterr().err  # an explicit --threads wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_generate_reads_an_export_straight_into_the_engine(pruned_dir: Path, tmp_path: Path, capsys) -> None:
+    """On an export folder the stored int8 parts go into the engine as they are (no float model):
+    one line on stderr says how many matrices were read directly."""
+    out = tmp_path / "exp"
+    assert run(["export", str(pruned_dir), "--out", str(out), "--quantize", "int8"]) == 0
+    capsys.readouterr()
+    assert run(["generate", str(out), "--prompt", "hi there", "-n", "4", "--dtype", "int8"]) == 0
+    err = capsys.readouterr().err
+    assert "read straight into the int8 engine" in err and "weights read from the checkpoint" in err
+    line = next(ln for ln in err.splitlines() if "read straight into" in ln)
+    n_direct, total = (int(x) for x in line.split("sparsetorch: ")[1].split(" weight matrices")[0].split(" of "))
+    assert n_direct >= total - 1  # every decoder matrix (the fp32 embedding becomes the int8 head: repacked)

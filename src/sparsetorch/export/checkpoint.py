@@ -637,21 +637,10 @@ def _model_bytes(model: nn.Module) -> int:
     return total
 
 
-def load_hf(path_or_dir: str | os.PathLike[str], *, max_bytes: int | None = None) -> tuple[nn.Module, MaskSet]:
-    """Rebuild a Hugging Face causal LM from a compressed file (or a folder holding one).
-
-    The config is taken from the file's header (written by :func:`save` for HF models), else
-    from ``config.json`` next to the file. The model is first built on the meta device (no
-    memory) and every parameter's and buffer's name and shape is compared with the stored tensors;
-    its size is checked against ``max_bytes`` (:class:`LimitError`; default 64 MiB + 64x the file
-    size). Only then is it built for real and filled tensor by tensor. Returns ``(model, MaskSet)``
-    in eval mode.
-    """
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover
-        raise DependencyError("rebuilding a Hugging Face model needs transformers: pip install 'sparsetorch[llm]'") from exc
-    ck = _open(path_or_dir, max_bytes)
+def hf_config_of(ck: _reader.Checkpoint) -> dict[str, Any]:
+    """The Hugging Face config of an opened checkpoint: the one stored in its header, else the
+    ``config.json`` beside the file (:class:`CheckpointError` when neither is usable). Its sizes
+    are checked to be non-negative integers. A fresh dict the caller may change."""
     cfg = ck.header.get("hf_config")
     if not isinstance(cfg, dict):
         side = Path(ck.path).parent / "config.json"
@@ -668,6 +657,25 @@ def load_hf(path_or_dir: str | os.PathLike[str], *, max_bytes: int | None = None
             raise CheckpointError(f"{side} does not hold a JSON object.")
     cfg = dict(cfg)
     _check_config_dims(cfg, ck.path)
+    return cfg
+
+
+def load_hf(path_or_dir: str | os.PathLike[str], *, max_bytes: int | None = None) -> tuple[nn.Module, MaskSet]:
+    """Rebuild a Hugging Face causal LM from a compressed file (or a folder holding one).
+
+    The config is taken from the file's header (written by :func:`save` for HF models), else
+    from ``config.json`` next to the file. The model is first built on the meta device (no
+    memory) and every parameter's and buffer's name and shape is compared with the stored tensors;
+    its size is checked against ``max_bytes`` (:class:`LimitError`; default 64 MiB + 64x the file
+    size). Only then is it built for real and filled tensor by tensor. Returns ``(model, MaskSet)``
+    in eval mode.
+    """
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover
+        raise DependencyError("rebuilding a Hugging Face model needs transformers: pip install 'sparsetorch[llm]'") from exc
+    ck = _open(path_or_dir, max_bytes)
+    cfg = hf_config_of(ck)
     model_type = cfg.pop("model_type", None)
     dtypes = [ck.info(n).dtype for n in ck.infos if ck.info(n).dtype in ("float32", "float16", "bfloat16", "float64")]
     dtype = getattr(torch, max(set(dtypes), key=dtypes.count)) if dtypes else torch.float32

@@ -261,19 +261,32 @@ def _load_any(model: str):  # noqa: ANN202
 
     path = Path(model)
     if path.is_dir() and (path / DEFAULT_FILENAME).is_file():
-        from transformers import AutoTokenizer
-
-        from ..errors import ModelError
         from ..export import load_hf
 
+        tok = _checkpoint_tokenizer(path)
         lm, _ = load_hf(path)
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as exc:
-            raise ModelError(f"{path} has a compressed checkpoint but no readable tokenizer ({exc}); "
-                             "export it with `sparsetorch export` so the tokenizer is saved beside it.") from exc
         return lm.float().eval(), tok
     return _load(model, None)
+
+
+def _is_checkpoint_dir(model: str) -> bool:
+    from ..export.checkpoint import DEFAULT_FILENAME
+
+    path = Path(model)
+    return path.is_dir() and (path / DEFAULT_FILENAME).is_file()
+
+
+def _checkpoint_tokenizer(path: Path):  # noqa: ANN202
+    """The tokenizer saved beside a compressed checkpoint (``sparsetorch export`` writes it)."""
+    from transformers import AutoTokenizer
+
+    from ..errors import ModelError
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path} has a compressed checkpoint but no readable tokenizer ({exc}); "
+                         "export it with `sparsetorch export` so the tokenizer is saved beside it.") from exc
 
 
 def _register_generate(app: typer.Typer) -> None:
@@ -323,26 +336,43 @@ def _register_generate(app: typer.Typer) -> None:
         if threads is not None or busy:
             torch.set_num_threads(1 if busy else threads)
         try:  # the thread count is process-wide: put it back (in-process callers, tests)
-            lm, tok = _load_any(model)
+            lm = engine = None
+            t0 = time.perf_counter()
+            if _is_checkpoint_dir(model):  # the stored parts straight into the engine, no float model
+                tok = _checkpoint_tokenizer(Path(model))
+                t0 = time.perf_counter()
+                try:
+                    engine = DecodeEngine.from_checkpoint(model, dtype, head_dtype=head_dtype)
+                except (ModelError, DependencyError):
+                    engine = None  # load the model: generate() falls back and says why
+            if engine is None:
+                lm, tok = _load_any(model)
             ids = tok(prompt, return_tensors="pt").input_ids
             if ids.shape[1] == 0:
                 raise DataError("the prompt encodes to no tokens; give some text to continue.")
-            t0 = time.perf_counter()
-            try:  # packing the weights is reported apart from generation
-                engine = DecodeEngine.from_model(lm, dtype, head_dtype=head_dtype)
-            except (ModelError, DependencyError):
-                engine = None  # generate() falls back and says why
+            if lm is not None:
+                t0 = time.perf_counter()
+                try:  # packing the weights is reported apart from generation
+                    engine = DecodeEngine.from_model(lm, dtype, head_dtype=head_dtype)
+                except (ModelError, DependencyError):
+                    engine = None  # generate() falls back and says why
             pack_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            out = generate(lm, ids, max_new_tokens, dtype=dtype, head_dtype=head_dtype, do_sample=sample,
-                           temperature=temperature, top_k=top_k, top_p=top_p, engine=engine,
-                           generator=torch.Generator().manual_seed(seed) if sample else None)
+            gen = torch.Generator().manual_seed(seed) if sample else None
+            if lm is None:
+                assert engine is not None
+                out = engine.generate(ids, max_new_tokens, do_sample=sample, temperature=temperature, top_k=top_k,
+                                      top_p=top_p, generator=gen, eos_token_id=engine.eos_token_id)
+            else:
+                out = generate(lm, ids, max_new_tokens, dtype=dtype, head_dtype=head_dtype, do_sample=sample,
+                               temperature=temperature, top_k=top_k, top_p=top_p, engine=engine, generator=gen)
             secs = time.perf_counter() - t0
             used = torch.get_num_threads()
         finally:
             torch.set_num_threads(before)
         new = out[0, ids.shape[1]:]
         typer.echo(prompt + tok.decode(new, skip_special_tokens=True))
-        packed = f"weights packed in {pack_s:.1f} s, " if engine is not None else ""
+        packed = ((f"weights read from the checkpoint in {pack_s:.1f} s, " if lm is None else
+                   f"weights packed in {pack_s:.1f} s, ") if engine is not None else "")
         print(f"{new.numel()} tokens in {secs:.2f} s ({new.numel() / secs:.1f} tokens/s incl. prompt; {packed}"
               f"dtype {dtype}, {used} threads" + (", machine busy)" if busy else ")"), file=sys.stderr)

@@ -48,6 +48,10 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _notice_default(msg: str) -> None:
+    print(f"sparsetorch: {msg}", file=sys.stderr)
+
+
 def _hooked(model: nn.Module) -> str | None:
     for name, mod in model.named_modules():
         if mod._forward_hooks or mod._forward_pre_hooks:
@@ -135,6 +139,28 @@ def _cat_bias(mods: list[tuple[Tensor, Tensor | None]]) -> Tensor | None:
     return torch.cat([b if b is not None else torch.zeros(w.shape[0]) for w, b in mods]).contiguous()
 
 
+def _dims(cfg: Any, layer0: nn.Module, vocab: int, n_layers: int) -> dict[str, int]:
+    """The engine's sizes from a model config and its first decoder layer."""
+    n_heads = int(cfg.num_attention_heads)
+    return {"layers": n_layers, "hidden": int(cfg.hidden_size), "heads": n_heads,
+            "kv_heads": int(getattr(cfg, "num_key_value_heads", None) or n_heads),
+            "head_dim": int(layer0.self_attn.head_dim), "vocab": vocab, "intermediate": int(cfg.intermediate_size)}
+
+
+def _rope_fn(rotary: nn.Module) -> Callable[[int], tuple[Tensor, Tensor]]:
+    """RoPE tables ``(cos, sin) [n, head_dim]`` computed by the model's own rotary module."""
+
+    def rope(n: int) -> tuple[Tensor, Tensor]:
+        pos = torch.arange(n, dtype=torch.int64)[None]
+        x = torch.zeros(1, dtype=torch.float32, device=pos.device)
+        with torch.no_grad():
+            dev = next(iter(rotary.buffers()), x).device
+            cos, sin = rotary(x.to(dev), pos.to(dev))
+        return cos[0].float().cpu().contiguous(), sin[0].float().cpu().contiguous()
+
+    return rope
+
+
 @dataclass
 class DecodeStats:
     """Where the time of the engine's forward calls went (``profile=True`` runs only)."""
@@ -162,12 +188,20 @@ class DecodeEngine:
     ``bitmask``, ``csr`` for every decoder matrix.
     """
 
-    def __init__(self, ext: Any, handle: Any, config: dict[str, Any], layouts: dict[str, str]) -> None:
+    def __init__(self, ext: Any, handle: Any, config: dict[str, Any], layouts: dict[str, str],
+                 packed: dict[str, LowbitWeight] | None = None, sources: dict[str, str] | None = None) -> None:
         self._ext = ext
         self._h = handle
         self.config = config
         #: fused matrix name ("layers.0.qkv" ...) -> layout used
         self.layouts = layouts
+        #: matrix name ("embed", "lm_head" unless tied, "layers.0.qkv" ...) -> the packed weight the engine reads
+        self.packed: dict[str, LowbitWeight] = packed or {}
+        #: matrix name -> how it got there: "packed" (from a model), "direct" (a checkpoint's stored
+        #: parts read as they are) or "repacked" (a checkpoint's tensors decoded, then packed)
+        self.sources: dict[str, str] = sources or {}
+        #: end-of-sequence token id(s) of the model's generation config (None if unknown)
+        self.eos_token_id: int | list[int] | None = None
         self._rope: tuple[Tensor, Tensor] | None = None
         self._rope_fn: Callable[[int], tuple[Tensor, Tensor]] | None = None
         self.last_stats: DecodeStats | None = None
@@ -206,18 +240,173 @@ class DecodeEngine:
         cfg = model.config
         base = model.model
         layers = list(base.layers)
-        attn0 = layers[0].self_attn
-        hd = int(attn0.head_dim)
-        n_heads = int(cfg.num_attention_heads)
-        n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
-        hidden = int(cfg.hidden_size)
-        inter = int(cfg.intermediate_size)
-        vocab = int(base.embed_tokens.weight.shape[0])
+        dims = _dims(cfg, layers[0], int(base.embed_tokens.weight.shape[0]), len(layers))
         eps = float(getattr(layers[0].input_layernorm, "variance_epsilon", getattr(cfg, "rms_norm_eps", 1e-6)))
-
-        tensors: list[Tensor] = []
-        meta: list[int] = [len(layers), hidden, n_heads, n_kv, hd, vocab, inter]
+        packs: dict[str, LowbitWeight] = {}
+        biases: dict[str, Tensor | None] = {}
         layouts: dict[str, str] = {}
+
+        def packed(name: str, w: Tensor, dt: str, lay: str | None = None) -> None:
+            chosen = lay or (choose_layout(w, dt) if layout == "auto" else layout)
+            layouts[name] = chosen
+            packs[name] = pack_lowbit(w, chosen, dt)
+
+        def f32(t: Tensor) -> Tensor:
+            return t.detach().float().cpu().contiguous()
+
+        with torch.no_grad():
+            emb_w = f32(base.embed_tokens.weight)
+            head_w = f32(model.lm_head.weight)
+            tied = model.lm_head.weight.data_ptr() == base.embed_tokens.weight.data_ptr() or torch.equal(emb_w, head_w)
+            packed("embed", emb_w, head_dtype, "dense")
+            layouts["lm_head"] = "dense"
+            if not tied:
+                packed("lm_head", head_w, head_dtype, "dense")
+            norms = [f32(base.norm.weight)]
+            for i, layer in enumerate(layers):
+                a, m = layer.self_attn, layer.mlp
+                norms += [f32(layer.input_layernorm.weight), f32(layer.post_attention_layernorm.weight)]
+                q, k, v, o = (_weight(getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+                g, u, d = (_weight(getattr(m, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+                for key, mats in (("qkv", [q, k, v]), ("o", [o]), ("gate_up", [g, u]), ("down", [d])):
+                    packed(f"layers.{i}.{key}", torch.cat([w for w, _ in mats]) if len(mats) > 1 else mats[0][0], dtype)
+                    biases[f"layers.{i}.{key}"] = _cat_bias(mats)
+        config = {"model_type": cfg.model_type, **dims, "dtype": dtype, "head_dtype": head_dtype, "layout": layout,
+                  "tied_embeddings": bool(tied)}
+        eng = cls._assemble(ext, config, eps, packs, biases, norms, layouts, dict.fromkeys(packs, "packed"))
+        eng._rope_fn = _rope_fn(base.rotary_emb)
+        gc = getattr(model, "generation_config", None)
+        eng.eos_token_id = getattr(gc, "eos_token_id", None)
+        return eng
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Any,
+        dtype: str = "fp32",
+        *,
+        head_dtype: str | None = None,
+        layout: str = "auto",
+        direct: bool = True,
+        max_bytes: int | None = None,
+        notice: Callable[[str], None] | None = _notice_default,
+    ) -> DecodeEngine:
+        """An engine straight from a compressed checkpoint (:func:`sparsetorch.save`, ``sparsetorch
+        export``; a file or a folder holding one), without building the float model.
+
+        Each fused matrix is read from the stored parts as they are when their layout and value
+        type are the engine's (an int8 checkpoint into ``dtype="int8"``, a float16 one into
+        ``"fp16"``, see :mod:`.ckpt_pack`); the others are decoded and packed (``direct=False``:
+        all of them). The layouts are those :meth:`from_model` would choose over the stored
+        positions, so the engine runs the same matrices either way; a kept weight whose int8
+        value is 0 stays a stored position. ``repr`` and :attr:`sources` say which matrices were
+        read directly; ``notice`` (stderr by default, None for silence) gets one line about it.
+
+        Raises :class:`~sparsetorch.errors.CheckpointError` for a damaged file or one without a
+        model config, :class:`~sparsetorch.errors.ModelError` for a model the engine cannot run
+        and :class:`~sparsetorch.errors.DependencyError` without the compiled extension.
+        """
+        import transformers
+
+        from ..errors import CheckpointError, DependencyError
+        from ..export import reader
+        from ..export.checkpoint import _check_matches, _open, hf_config_of
+        from ._decode_ext import decode_extension_error, get_decode_extension
+        from .ckpt_pack import _decoded, read_matrix
+
+        check_value_dtype(dtype)
+        head_dtype = check_value_dtype(head_dtype or dtype)
+        if layout not in ("auto", "dense", "bitmask", "csr"):
+            raise ModelError(f"unknown layout {layout!r}; choose auto, dense, bitmask or csr.")
+        ck = _open(path, max_bytes)
+        cfg_dict = dict(hf_config_of(ck))
+        model_type = cfg_dict.pop("model_type", None)
+        try:
+            hf_cfg = transformers.AutoConfig.for_model(model_type, **cfg_dict)
+            with torch.device("meta"):
+                skeleton = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+        except Exception as exc:  # noqa: BLE001 - any failure means the stored config is unusable
+            raise CheckpointError(f"{ck.path}: cannot rebuild the model from its stored config: "
+                                  f"{type(exc).__name__}: {exc}") from None
+        reason = decode_support(skeleton)
+        if reason is not None:
+            raise ModelError(f"the fast decode path cannot run this model: {reason}; use transformers' generate.")
+        _check_matches(skeleton.state_dict(), ck, str(ck.path))
+        ext = get_decode_extension()
+        if ext is None:
+            raise DependencyError(
+                f"the compiled decode engine is unavailable ({decode_extension_error()}); install a C++ compiler (g++)."
+            )
+        base = skeleton.model
+        layers = list(base.layers)
+        dims = _dims(hf_cfg, layers[0], int(base.embed_tokens.weight.shape[0]), len(layers))
+        eps = float(getattr(layers[0].input_layernorm, "variance_epsilon", getattr(hf_cfg, "rms_norm_eps", 1e-6)))
+        packs: dict[str, LowbitWeight] = {}
+        biases: dict[str, Tensor | None] = {}
+        layouts: dict[str, str] = {}
+        sources: dict[str, str] = {}
+        why: dict[str, str] = {}
+
+        def put(name: str, members: list[str], dt: str, lay: str) -> None:
+            p, chosen, src = read_matrix(ck, members, dt, lay, direct=direct)
+            packs[name], layouts[name], sources[name] = p, chosen, src.how
+            if src.reason:
+                why[name] = src.reason
+
+        def dense_f32(name: str) -> Tensor:
+            return _decoded(ck, name)[0].contiguous()
+
+        try:
+            emb, head = "model.embed_tokens.weight", "lm_head.weight"
+            put("embed", [emb], head_dtype, "dense")
+            layouts["lm_head"] = "dense"
+            tied = ck.infos[head].tied_to == emb or ck.infos[emb].tied_to == head
+            if not tied:  # tied by value, as from_model sees it
+                tied = torch.equal(dense_f32(emb), dense_f32(head))
+            if not tied:
+                put("lm_head", [head], head_dtype, "dense")
+            norms = [dense_f32("model.norm.weight")]
+            for i in range(len(layers)):
+                pre = f"model.layers.{i}."
+                norms += [dense_f32(pre + "input_layernorm.weight"), dense_f32(pre + "post_attention_layernorm.weight")]
+                for key, members in (("qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                                     ("o", ("self_attn.o_proj",)), ("gate_up", ("mlp.gate_proj", "mlp.up_proj")),
+                                     ("down", ("mlp.down_proj",))):
+                    put(f"layers.{i}.{key}", [pre + m + ".weight" for m in members], dtype, layout)
+                    bs = [pre + m + ".bias" for m in members]
+                    if any(b in ck.infos for b in bs):
+                        biases[f"layers.{i}.{key}"] = torch.cat([
+                            dense_f32(b) if b in ck.infos else torch.zeros(ck.info(pre + m + ".weight").shape[0])
+                            for b, m in zip(bs, members, strict=True)]).contiguous()
+        except reader.ReadError as exc:
+            raise CheckpointError(f"{exc}. The file is corrupt; re-export it.") from None
+        config = {"model_type": model_type, **dims, "dtype": dtype, "head_dtype": head_dtype, "layout": layout,
+                  "tied_embeddings": bool(tied), "checkpoint": str(ck.path)}
+        eng = cls._assemble(ext, config, eps, packs, biases, norms, layouts, sources)
+        eng._rope_fn = _rope_fn(type(base.rotary_emb)(config=hf_cfg))
+        eng.eos_token_id = transformers.GenerationConfig.from_model_config(hf_cfg).eos_token_id
+        if notice is not None:
+            n_direct = sum(v == "direct" for v in sources.values())
+            line = f"{n_direct} of {len(sources)} weight matrices of {ck.path} read straight into the {dtype} engine"
+            if why:
+                groups: dict[str, list[str]] = {}
+                for name, r in why.items():
+                    groups.setdefault(r, []).append(name)
+                line += "; decoded and repacked: " + "; ".join(
+                    f"{len(ns)} ({', '.join(ns[:2])}{', ...' if len(ns) > 2 else ''}): {r}" for r, ns in groups.items())
+            notice(line)
+        return eng
+
+    @classmethod
+    def _assemble(cls, ext: Any, config: dict[str, Any], eps: float, packs: dict[str, LowbitWeight],
+                  biases: dict[str, Tensor | None], norms: list[Tensor], layouts: dict[str, str],
+                  sources: dict[str, str]) -> DecodeEngine:
+        """Hand the packed weights to the C++ engine in its order: embedding, head (the embedding's
+        tensors again when tied: no second copy), final norm, then per layer its two norms and
+        q/k/v, o, gate/up, down. ``norms`` = [final, ln1_0, ln2_0, ln1_1, ...]."""
+        tensors: list[Tensor] = []
+        meta: list[int] = [config["layers"], config["hidden"], config["heads"], config["kv_heads"],
+                           config["head_dim"], config["vocab"], config["intermediate"]]
         empty = torch.empty(0)
 
         def add(p: LowbitWeight, bias: Tensor | None) -> None:
@@ -225,50 +414,15 @@ class DecodeEngine:
             meta.extend([fmt, dt, p.out_features, p.in_features])
             tensors.extend(p.tensors() + [bias if bias is not None else empty])
 
-        def packed(name: str, w: Tensor, dt: str, lay: str | None = None) -> LowbitWeight:
-            chosen = lay or (choose_layout(w, dt) if layout == "auto" else layout)
-            layouts[name] = chosen
-            return pack_lowbit(w, chosen, dt)
-
-        with torch.no_grad():
-            emb_w = base.embed_tokens.weight.detach().float().cpu().contiguous()
-            head_w = model.lm_head.weight.detach().float().cpu().contiguous()
-            tied = model.lm_head.weight.data_ptr() == base.embed_tokens.weight.data_ptr() or torch.equal(emb_w, head_w)
-            emb_p = packed("embed", emb_w, head_dtype, "dense")
-            add(emb_p, None)
-            if tied:
-                layouts["lm_head"] = "dense"
-                add(emb_p, None)  # the same tensors: no second copy
-            else:
-                add(packed("lm_head", head_w, head_dtype, "dense"), None)
-            tensors.append(base.norm.weight.detach().float().cpu().contiguous())
-            for i, layer in enumerate(layers):
-                a, m = layer.self_attn, layer.mlp
-                tensors.append(layer.input_layernorm.weight.detach().float().cpu().contiguous())
-                tensors.append(layer.post_attention_layernorm.weight.detach().float().cpu().contiguous())
-                q, k, v, o = (_weight(getattr(a, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-                g, u, d = (_weight(getattr(m, n)) for n in ("gate_proj", "up_proj", "down_proj"))
-                add(packed(f"layers.{i}.qkv", torch.cat([q[0], k[0], v[0]]), dtype), _cat_bias([q, k, v]))
-                add(packed(f"layers.{i}.o", o[0], dtype), o[1])
-                add(packed(f"layers.{i}.gate_up", torch.cat([g[0], u[0]]), dtype), _cat_bias([g, u]))
-                add(packed(f"layers.{i}.down", d[0], dtype), d[1])
+        add(packs["embed"], None)
+        add(packs.get("lm_head", packs["embed"]), None)
+        tensors.append(norms[0])
+        for i in range(config["layers"]):
+            tensors += [norms[1 + 2 * i], norms[2 + 2 * i]]
+            for key in ("qkv", "o", "gate_up", "down"):
+                add(packs[f"layers.{i}.{key}"], biases.get(f"layers.{i}.{key}"))
         handle = ext.Engine(tensors, meta, eps)
-        config = {"model_type": cfg.model_type, "layers": len(layers), "hidden": hidden, "heads": n_heads,
-                  "kv_heads": n_kv, "head_dim": hd, "vocab": vocab, "intermediate": inter, "dtype": dtype,
-                  "head_dtype": head_dtype, "layout": layout, "tied_embeddings": bool(tied)}
-        eng = cls(ext, handle, config, layouts)
-        rotary = base.rotary_emb
-
-        def rope(n: int) -> tuple[Tensor, Tensor]:
-            pos = torch.arange(n, dtype=torch.int64)[None]
-            x = torch.zeros(1, dtype=torch.float32, device=pos.device)
-            with torch.no_grad():
-                dev = next(iter(rotary.buffers()), x).device
-                cos, sin = rotary(x.to(dev), pos.to(dev))
-            return cos[0].float().cpu().contiguous(), sin[0].float().cpu().contiguous()
-
-        eng._rope_fn = rope
-        return eng
+        return cls(ext, handle, config, layouts, packs, sources)
 
     # ------------------------------------------------------------------ running
     def _reset(self, n: int) -> None:
@@ -353,8 +507,12 @@ class DecodeEngine:
         counts: dict[str, int] = {}
         for lay in self.layouts.values():
             counts[lay] = counts.get(lay, 0) + 1
+        src = ""
+        if any(v != "packed" for v in self.sources.values()):
+            direct = sum(v == "direct" for v in self.sources.values())
+            src = f", from checkpoint: {direct} read directly, {len(self.sources) - direct} repacked"
         return (f"DecodeEngine({self.config['model_type']}, {self.config['layers']} layers, dtype={self.config['dtype']}, "
-                f"head={self.config['head_dtype']}, layouts={counts}, {self.weight_bytes_per_token / 1e6:.1f} MB/token)")
+                f"head={self.config['head_dtype']}, layouts={counts}, {self.weight_bytes_per_token / 1e6:.1f} MB/token{src})")
 
 
 def _check_ids(input_ids: Tensor) -> Tensor:
