@@ -362,8 +362,8 @@ def peer_decode(gguf: Path, prompt_ids: list[int], tokens: int = 32, repeats: in
         runs = [peer.run("model", prompt_ids, tokens) for _ in range(max(1, repeats))]
     rates = [decode_tps(r["stamps"]) for r in runs]
     internal = [1000.0 * r["n_eval"] / r["t_eval_ms"] for r in runs if r.get("t_eval_ms")]
-    return {"runtime": "llama.cpp", "llama_cpp_python": info.get("version"), "gguf": str(gguf), "threads": threads,
-            "tokens": tokens, "decode_tokens_per_s": statistics.median(rates), "runs": rates,
+    return {"runtime": "llama.cpp", "llama_cpp_python": info.get("version"), "gguf": str(Path(gguf).absolute()),
+            "threads": threads, "tokens": tokens, "decode_tokens_per_s": statistics.median(rates), "runs": rates,
             "internal_eval_tokens_per_s": statistics.median(internal) if internal else None,
             "bytes_per_token": info.get("tensor_bytes"), "new_tokens": runs[0]["tokens"]}
 
