@@ -93,7 +93,7 @@ def register(app: typer.Typer) -> None:
         json_path: Path | None = typer.Option(None, "--json", help="Also write the plan as JSON."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
     ) -> None:
-        """Measure every Linear layer with each kernel; print expected latency, memory and speedup."""
+        """Measure every Linear layer with each kernel; print expected latency, memory and speedup, and (batch 1, Llama-family models) the compiled decode engine's predicted tokens/s per weight dtype."""
         from ..errors import check_sparsity
         from . import plan as make_plan
 
