@@ -3,6 +3,7 @@
     >>> report = sparsetorch.sparsify_for_inference(model, batch_size=1)   # in place
     >>> print(sparsetorch.inference.plan(model, batch_size=1))             # what to expect
     >>> out = sparsetorch.inference.generate(model, ids, 32, dtype="fp16")  # compiled decode path
+    >>> engine = sparsetorch.inference.DecodeEngine.from_checkpoint("export-dir", "int8")  # stored parts as they are
 
 On CPU the kernels are compiled on first use (a C++ compiler is needed; without one,
 dense and scipy kernels are used and a warning says so). On CUDA, 2:4-sparse fp16/bf16
@@ -15,7 +16,14 @@ from .decode import DecodeEngine, DecodeStats, EngineLM, decode_support, generat
 from .kernels import KERNELS, Kernel, auto_candidates, get_kernel
 from .linear import SparseLinear
 from .lowbit import LowbitWeight, lowbit_matmul, pack_lowbit, unpack_lowbit
-from .plan import PlanReport, plan
+from .plan import (
+    DecodeEstimate,
+    PlanReport,
+    decode_bytes_per_token,
+    decode_estimates,
+    plan,
+    predict_decode_tokens_per_s,
+)
 from .select import Selection, Timer, mean_timer, median_timer, select_kernel
 from .sparsify import LayerChoice, SparsifyReport, eligible_linears, sparsify_for_inference
 
@@ -26,6 +34,10 @@ __all__ = [
     "LayerChoice",
     "plan",
     "PlanReport",
+    "DecodeEstimate",
+    "decode_estimates",
+    "decode_bytes_per_token",
+    "predict_decode_tokens_per_s",
     "select_kernel",
     "Selection",
     "Timer",
