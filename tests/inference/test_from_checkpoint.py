@@ -125,3 +125,20 @@ def test_bad_checkpoints_are_typed_errors(tmp_path) -> None:
     path = save(gpt2, tmp_path / "g")
     with pytest.raises(ModelError, match="cannot run this model"):
         DecodeEngine.from_checkpoint(path)
+
+
+def test_biases_and_an_untied_head(tmp_path) -> None:
+    """Qwen2 (q/k/v biases) with its own LM head: biases fused like from_model, the head read too."""
+    model = tiny_llama(seed=17, hidden=64, inter=128, model_type="qwen2", tied=False)
+    prune_half(model)
+    path = saved(tmp_path, model, "bitmask", "int8")
+    eng = DecodeEngine.from_checkpoint(path, "int8", head_dtype="fp32", notice=None)
+    assert "lm_head" in eng.packed and not eng.config["tied_embeddings"]
+    assert eng.sources["lm_head"] == "direct" and eng.sources["layers.0.qkv"] == "direct"
+    same_packs(eng, DecodeEngine.from_checkpoint(path, "int8", head_dtype="fp32", direct=False, notice=None))
+    lm, _ = load_hf(path)
+    ref = DecodeEngine.from_model(lm.float(), "int8", head_dtype="fp32")
+    assert eng.weight_bytes_per_token == ref.weight_bytes_per_token
+    ids = prompt(seed=18)
+    assert torch.allclose(eng.logits(ids[0]), ref.logits(ids[0]), atol=1e-5, rtol=1e-5)
+    assert torch.equal(eng.generate(ids, 16), ref.generate(ids, 16))
