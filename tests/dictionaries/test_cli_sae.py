@@ -83,3 +83,35 @@ def test_resume_with_a_larger_budget_extends_the_harvest(hf_dir, tmp_path):
     # the old budget's only shard was cut short: harvested again, the same rows first
     assert len(small.manifest.shards) == 1 and big.shard(0)["acts"].shape[0] > old_first.shape[0]
     assert torch.allclose(big.shard(0)["acts"][:len(old_first)], old_first, atol=1e-3)
+
+
+def test_interrupted_training_resumes_via_cli(hf_dir, tmp_path, monkeypatch):
+    acts = tmp_path / "acts"
+    assert run(["sae", "harvest", "--model", str(hf_dir), "--site", "resid:1", "--tokens", "4000", "--seq-len", "64",
+                "--out", str(acts)]) == 0
+    common = ["sae", "train", "--activations", str(acts), "--k", "4", "--width", "96", "--batch-size", "256"]
+    assert run([*common, "--out", str(tmp_path / "whole")]) == 0
+    real = ActivationStore.batches
+
+    def crash_after_9(self, *a, **kw):
+        for i, x in enumerate(real(self, *a, **kw)):
+            if i == 9:
+                raise KeyboardInterrupt
+            yield x
+
+    out = tmp_path / "part"
+    state = tmp_path / "part.train-state.safetensors"
+    monkeypatch.setattr(ActivationStore, "batches", crash_after_9)
+    assert run([*common, "--checkpoint-every", "4", "--out", str(out)]) != 0  # the CLI reports the interrupt
+    monkeypatch.setattr(ActivationStore, "batches", real)
+    assert state.is_file() and not out.exists()
+    # starting again without --resume would throw the state away: refused
+    p = run_script(*common, "--checkpoint-every", "4", "--out", str(out))
+    assert p.returncode == 2 and "--resume" in flat(p.stderr + p.stdout) and "Traceback" not in p.stderr
+    assert run([*common, "--checkpoint-every", "4", "--resume", "--out", str(out)]) == 0
+    assert not state.exists()  # finished: the state file is removed
+    a, b = SparseAutoencoder.load(tmp_path / "whole"), SparseAutoencoder.load(out)
+    for name, t in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], t, rtol=0, atol=0, equal_nan=True, msg=name)
+    p = run_script(*common, "--resume", "--out", str(tmp_path / "none"))
+    assert p.returncode == 2 and "no training state" in flat(p.stderr + p.stdout)

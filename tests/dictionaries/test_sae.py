@@ -194,3 +194,36 @@ def test_bad_training_options():
             train_sae(sae, iter([]), 3, TrainOptions(**bad))
     with pytest.raises(DictionaryError, match="ran out"):
         train_sae(sae, iter([torch.randn(8, 4)]), 3)
+
+
+@pytest.mark.parametrize("kind", ["topk", "batchtopk", "jumprelu"])
+def test_resumed_training_equals_an_uninterrupted_run(kind, tmp_path):
+    cfg = dict(d=32, width=768, kind=kind, k=4)
+    # dead_tokens small enough that AuxK switches on before the interruption
+    opts = TrainOptions(lr=3e-3, dead_tokens=1024, log_every=1)
+    whole = SparseAutoencoder(SAEConfig(**cfg), seed=1)
+    ref = train_sae(whole, batches(X, 256), 12, opts)
+
+    def crashing(stop: int):
+        for i, x in enumerate(batches(X, 256)):
+            if i == stop:
+                raise KeyboardInterrupt
+            yield x
+
+    ck = tmp_path / "state.safetensors"
+    part = SparseAutoencoder(SAEConfig(**cfg), seed=1)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(part, crashing(7), 12, opts, checkpoint=ck, checkpoint_every=3)
+    again = SparseAutoencoder(SAEConfig(**cfg), seed=1)  # a fresh process: nothing kept but the file
+    res = train_sae(again, batches(X, 256), 12, opts, checkpoint=ck, checkpoint_every=3, resume=True)
+    for name, t in whole.state_dict().items():  # bit for bit (the threshold of a TopK SAE is nan)
+        torch.testing.assert_close(again.state_dict()[name], t, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert res.history == ref.history and res.final_fvu == ref.final_fvu
+    assert res.dead_fraction == ref.dead_fraction and res.threshold == ref.threshold
+    assert max(h[3] for h in ref.history) > 0  # some latents were dead on the way: the clock was restored
+    # another configuration refuses the checkpoint
+    with pytest.raises(DictionaryError, match="cannot resume"):
+        train_sae(SparseAutoencoder(SAEConfig(**{**cfg, "k": 5}), seed=1), batches(X, 256), 12, opts,
+                  checkpoint=ck, resume=True)
+    with pytest.raises(DictionaryError, match="checkpoint path"):
+        train_sae(again, batches(X, 256), 12, opts, checkpoint_every=3)

@@ -105,6 +105,11 @@ def register(app: typer.Typer) -> None:
         seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window when harvesting."),
         skip_first: int = typer.Option(1, "--skip-first", help="Positions dropped per window when harvesting."),
         seed: int = typer.Option(0, "--seed"),
+        checkpoint_every: int = typer.Option(0, "--checkpoint-every",
+                                             help="Save the training state every N steps to OUT.train-state."
+                                                  "safetensors (0: never)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue from OUT.train-state.safetensors (same "
+                                    "options); the result equals an uninterrupted run."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder."),
     ) -> None:
         """Train a sparse autoencoder on a site's activations (harvesting them first if needed)."""
@@ -134,8 +139,19 @@ def register(app: typer.Typer) -> None:
                                   f"{activations}.")
         cfg = SAEConfig(d=store.d, width=width, kind=kind, k=k, site=store.manifest.site,
                         model=store.manifest.models[0])
-        sae, res = train_on_store(store, cfg, opts, log=_say)
+        if checkpoint_every < 0:
+            raise DictionaryError(f"--checkpoint-every must be at least 0, got {checkpoint_every}.")
+        state = Path(str(out).rstrip("/") + ".train-state.safetensors")
+        if resume and not state.is_file():
+            raise DictionaryError(f"--resume: there is no training state at {state} (train with "
+                                  "--checkpoint-every N first).")
+        if state.exists() and not resume and not overwrite:
+            raise DictionaryError(f"{state} holds an unfinished run: pass --resume to continue it, or "
+                                  "--overwrite to start again.")
+        sae, res = train_on_store(store, cfg, opts, log=_say, checkpoint=state, checkpoint_every=checkpoint_every,
+                                  resume=resume)
         sae.save(out, extra={"train": res.summary(), "activations": str(activations)}, overwrite=overwrite)
+        state.unlink(missing_ok=True)  # the run finished: its state file (ours) is not needed any more
         _say(f"trained {kind} SAE ({width} latents, k={k}) on {res.tokens:,} tokens in {res.seconds:.0f} s "
              f"({res.tokens_per_s:.0f} tok/s): train FVU {res.final_fvu:.4f}, L0 {res.final_l0:.1f}; saved to {out}")
 

@@ -42,15 +42,18 @@ One loop for the three kinds. Defaults, and where the references disagree
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..errors import DictionaryError
+from ..statefile import load_state, save_state
 from .harvest import ActivationStore
 from .sae import SAEConfig, SparseAutoencoder
 
@@ -191,6 +194,13 @@ class TrainResult:
         return d
 
 
+def _fingerprint(cfg: SAEConfig, opts: TrainOptions, steps: int) -> dict[str, Any]:
+    """What a training checkpoint must agree on to be resumed (``log_every`` may differ)."""
+    o = asdict(opts)
+    o.pop("log_every")
+    return {"cfg": asdict(cfg), "opts": o, "steps": steps}
+
+
 def train_sae(
     sae: SparseAutoencoder,
     batches: Iterable[Tensor],
@@ -198,13 +208,26 @@ def train_sae(
     opts: TrainOptions | None = None,
     *,
     log: Callable[[str], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> TrainResult:
-    """Train ``sae`` in place on ``steps`` batches of raw activations ``[B, d]`` from ``batches``."""
+    """Train ``sae`` in place on ``steps`` batches of raw activations ``[B, d]`` from ``batches``.
+
+    With ``checkpoint`` (a file path) and ``checkpoint_every`` N, the whole training state (SAE,
+    Adam moments, step, dead-latent clock, BatchTopK threshold average, history) is saved
+    atomically every N steps as a safetensors state file (no pickle). ``resume=True`` loads it
+    (when it exists), skips the batches already trained on -- ``batches`` must be the same
+    deterministic stream, e.g. ``ActivationStore.batches`` with the same seed -- and continues:
+    the result equals an uninterrupted run bit for bit. ``seconds`` and ``tokens_per_s`` then
+    count this process's part only."""
     opts = opts or TrainOptions()
     opts.check()
     cfg = sae.cfg
     if steps < 1:
         raise DictionaryError("no training steps: give at least one full batch of activations.")
+    if checkpoint_every < 0 or (checkpoint_every and checkpoint is None):
+        raise DictionaryError("checkpoint_every needs a checkpoint path and must be at least 0.")
     torch.manual_seed(opts.seed)
     lr = opts.lr or auto_lr(cfg.width)
     main = [p for n, p in sae.named_parameters() if n != "log_theta"]
@@ -221,10 +244,27 @@ def train_sae(
     run_fvu: list[float] = []
     run_l0: list[float] = []
     sae.train()
-    t0 = time.perf_counter()
     n_tok = 0
     step = 0
-    for x in batches:
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        st = load_state(checkpoint)
+        if not isinstance(st, dict) or st.get("fingerprint") != _fingerprint(cfg, opts, steps):
+            raise DictionaryError(f"cannot resume from {checkpoint}: it was written for another SAE, other "
+                                  "training options or another number of steps. Use the same settings, or "
+                                  "start without --resume into a new --out.")
+        sae.load_state_dict(st["sae"])
+        opt.load_state_dict(st["opt"])
+        step, n_tok = st["step"], st["tokens"]
+        clock.since.copy_(st["since"])
+        threshold.avg, threshold.weight = st["threshold"]
+        hist, run_fvu, run_l0 = list(st["history"]), list(st["run_fvu"]), list(st["run_l0"])
+        if log:
+            log(f"resumed from {checkpoint} at step {step}/{steps}")
+    start, tok_start = step, n_tok
+    t0 = time.perf_counter()
+    for i, x in enumerate(batches):
+        if i < start:  # trained on before the checkpoint
+            continue
         if step >= steps:
             break
         x = x.float()
@@ -281,8 +321,13 @@ def train_sae(
             hist.append((step, float(fvu.detach()), l0, dead_frac))
             if log:
                 log(f"step {step + 1}/{steps}: fvu {float(fvu.detach()):.4f}, L0 {l0:.1f}, dead {dead_frac:.3f}, "
-                    f"{n_tok / (time.perf_counter() - t0):.0f} tok/s")
+                    f"{(n_tok - tok_start) / (time.perf_counter() - t0):.0f} tok/s")
         step += 1
+        if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+            save_state({"fingerprint": _fingerprint(cfg, opts, steps), "sae": sae.state_dict(),
+                        "opt": opt.state_dict(), "step": step, "tokens": n_tok, "since": clock.since,
+                        "threshold": (threshold.avg, threshold.weight), "history": hist,
+                        "run_fvu": run_fvu, "run_l0": run_l0}, checkpoint)
     if step < steps:
         raise DictionaryError(f"the activations ran out after {step} of {steps} steps; harvest more tokens "
                               "or train for fewer.")
@@ -290,7 +335,7 @@ def train_sae(
     sae.eval()
     tail = max(1, min(20, len(run_fvu) // 10))
     return TrainResult(
-        steps=step, tokens=n_tok, seconds=secs, tokens_per_s=n_tok / secs,
+        steps=step, tokens=n_tok, seconds=secs, tokens_per_s=(n_tok - tok_start) / max(secs, 1e-9),
         final_fvu=sum(run_fvu[-tail:]) / tail, final_l0=sum(run_l0[-tail:]) / tail,
         dead_fraction=clock.fraction(), lr=lr,
         threshold=float(sae.threshold) if cfg.kind == "batchtopk" else None, history=hist,
@@ -303,9 +348,13 @@ def train_on_store(
     opts: TrainOptions | None = None,
     *,
     log: Callable[[str], None] | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> tuple[SparseAutoencoder, TrainResult]:
     """Build an SAE for ``store``'s activations (scale from its statistic) and train it on
-    ``opts.tokens`` tokens (default: every harvested row once)."""
+    ``opts.tokens`` tokens (default: every harvested row once); ``checkpoint``,
+    ``checkpoint_every`` and ``resume`` as in :func:`train_sae`."""
     opts = opts or TrainOptions()
     opts.check()
     if store.manifest.paired:
@@ -323,5 +372,6 @@ def train_on_store(
     epochs = tokens / store.rows
     sae = SparseAutoencoder(cfg, seed=opts.seed)
     batches = store.batches(opts.batch_size, seed=opts.seed, epochs=epochs, max_norm=cfg.max_norm)
-    res = train_sae(sae, batches, steps, opts, log=log)
+    res = train_sae(sae, batches, steps, opts, log=log, checkpoint=checkpoint,
+                    checkpoint_every=checkpoint_every, resume=resume)
     return sae, res
