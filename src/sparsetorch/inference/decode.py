@@ -306,10 +306,14 @@ class DecodeEngine:
         model config, :class:`~sparsetorch.errors.ModelError` for a model the engine cannot run
         and :class:`~sparsetorch.errors.DependencyError` without the compiled extension.
         """
-        import transformers
-
         from ..errors import CheckpointError, DependencyError
         from ..export import reader
+
+        try:
+            import transformers
+        except ImportError as exc:  # pragma: no cover - transformers is installed with sparsetorch[llm]
+            raise DependencyError("building the decode engine from a checkpoint needs transformers (for the model "
+                                  "config and RoPE): pip install 'sparsetorch[llm]'") from exc
         from ..export.checkpoint import _check_matches, _open, hf_config_of
         from ._decode_ext import decode_extension_error, get_decode_extension
         from .ckpt_pack import _decoded, read_matrix
