@@ -188,8 +188,9 @@ def test_new_json_names_its_provenance(tree: Path) -> None:
 
 def test_old_json_says_provenance_unknown(tree: Path) -> None:
     """JSONs written before provenance was kept are labelled so in the generated text."""
-    text = (tree / "docs" / "training.md").read_text()  # sparse_training.json predates provenance
+    text = (tree / "README.md").read_text()  # oneshot_llm.json's entries predate provenance
     assert report.UNKNOWN_PROVENANCE in text
+    assert report.provenance_note("x.json", {"rows": []}).endswith(report.UNKNOWN_PROVENANCE + ".")
     assert report.UNKNOWN_PROVENANCE not in (tree / "docs" / "export.md").read_text()  # rerun with it
 
 
