@@ -1521,6 +1521,8 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "sparse-backprop-summary": sparse_backprop_summary,
     "dictionaries-table": dictionaries_table,
     "dictionaries-summary": dictionaries_summary,
+    "dictionaries-table-1100k": lambda r: dictionaries_table(r, "dictionaries_1100k"),
+    "dictionaries-summary-1100k": lambda r: dictionaries_summary(r, "dictionaries_1100k"),
     "dictionaries-diff": dictionaries_diff,
     "decode-loaded": lambda r: decode_table(r, "decode_vs_llamacpp"),
     "decode-quiet": lambda r: decode_table(r, "decode_vs_llamacpp_quiet"),
