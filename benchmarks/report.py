@@ -1297,6 +1297,25 @@ def dictionaries_diff(r: Results) -> str:
     return text
 
 
+def decode_planner_check(r: Results) -> str:
+    """The planner's decode estimate against the quiet run (decode_planner_check_quiet.json)."""
+    name = "decode_planner_check_quiet"
+    d = r(name)
+    rows = [(k, x) for k, x in d["rows"].items() if not x.get("calibration")]
+    lines = [f"Planner check against `{d['source']['file']}` (bandwidth {d['bandwidth_gb_per_s']:.1f} GB/s, "
+             f"overhead {d['overhead_s'] * 1e3:.2f} ms per token calibrated on `{d['calibration_row']}`, "
+             f"nothing timed): **{d['within_20pct']} of {d['checked']} rows within 20%** (target: every row; "
+             f"{'met' if d['within_20pct'] == d['checked'] else '**missed**'}); bytes per token equal to the "
+             f"engine's on {len(d['bytes_per_token_check']['equal'])} rows, different on "
+             f"{len(d['bytes_per_token_check']['different'])}.", "",
+             "| row | measured tok/s | predicted tok/s | predicted / measured |", "|---|---|---|---|"]
+    for k, x in rows:
+        mark = "" if x["within_20pct"] else " (outside 20%)"
+        lines.append(f"| {k} | {x['measured_tokens_per_s']:.1f} | {x['predicted_tokens_per_s']:.1f} | "
+                     f"{x['ratio']:.2f}{mark} |")
+    return "\n".join(lines) + "\n\n" + provenance_note(r.path(name), d)
+
+
 # ---------------------------------------------------------------------- decode vs llama.cpp
 #: our weight dtype -> the llama.cpp GGUF at the same precision (no bf16 GGUF: bf16 is compared with F16)
 DECODE_PEER = {"fp32": "F32", "fp16": "F16", "bf16": "F16", "int8": "Q8_0"}
@@ -1521,6 +1540,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "sparse-backprop-summary": sparse_backprop_summary,
     "dictionaries-table": dictionaries_table,
     "dictionaries-summary": dictionaries_summary,
+    "decode-planner-check": decode_planner_check,
     "dictionaries-table-1100k": lambda r: dictionaries_table(r, "dictionaries_1100k"),
     "dictionaries-summary-1100k": lambda r: dictionaries_summary(r, "dictionaries_1100k"),
     "dictionaries-diff": dictionaries_diff,
