@@ -139,6 +139,39 @@ def _cat_bias(mods: list[tuple[Tensor, Tensor | None]]) -> Tensor | None:
     return torch.cat([b if b is not None else torch.zeros(w.shape[0]) for w, b in mods]).contiguous()
 
 
+def _check_options(dtype: str, head_dtype: str | None, layout: str) -> str:
+    """Validate the engine's value dtypes and layout; return the head dtype."""
+    check_value_dtype(dtype)
+    head = check_value_dtype(head_dtype or dtype)
+    if layout not in ("auto", "dense", "bitmask", "csr"):
+        raise ModelError(f"unknown layout {layout!r}; choose auto, dense, bitmask or csr.")
+    return head
+
+
+def _require_engine(model: nn.Module) -> Any:
+    """The compiled extension, after checking that the engine can run ``model``."""
+    from ..errors import DependencyError
+    from ._decode_ext import decode_extension_error, get_decode_extension
+
+    reason = decode_support(model)
+    if reason is not None:
+        raise ModelError(f"the fast decode path cannot run this model: {reason}; use transformers' generate.")
+    ext = get_decode_extension()
+    if ext is None:
+        raise DependencyError(
+            f"the compiled decode engine is unavailable ({decode_extension_error()}); install a C++ compiler (g++)."
+        )
+    return ext
+
+
+def _geometry(cfg: Any, base: nn.Module) -> tuple[list[nn.Module], dict[str, int], float]:
+    """The decoder layers, their dimensions and the RMSNorm epsilon of a Llama-family body."""
+    layers = list(base.layers)
+    dims = _dims(cfg, layers[0], int(base.embed_tokens.weight.shape[0]), len(layers))
+    eps = float(getattr(layers[0].input_layernorm, "variance_epsilon", getattr(cfg, "rms_norm_eps", 1e-6)))
+    return layers, dims, eps
+
+
 def _dims(cfg: Any, layer0: nn.Module, vocab: int, n_layers: int) -> dict[str, int]:
     """The engine's sizes from a model config and its first decoder layer."""
     n_heads = int(cfg.num_attention_heads)
@@ -222,26 +255,11 @@ class DecodeEngine:
         supported (see :func:`decode_support`) and
         :class:`~sparsetorch.errors.DependencyError` when the extension cannot be built.
         """
-        from ..errors import DependencyError
-        from ._decode_ext import decode_extension_error, get_decode_extension
-
-        check_value_dtype(dtype)
-        head_dtype = check_value_dtype(head_dtype or dtype)
-        if layout not in ("auto", "dense", "bitmask", "csr"):
-            raise ModelError(f"unknown layout {layout!r}; choose auto, dense, bitmask or csr.")
-        reason = decode_support(model)
-        if reason is not None:
-            raise ModelError(f"the fast decode path cannot run this model: {reason}; use transformers' generate.")
-        ext = get_decode_extension()
-        if ext is None:
-            raise DependencyError(
-                f"the compiled decode engine is unavailable ({decode_extension_error()}); install a C++ compiler (g++)."
-            )
+        head_dtype = _check_options(dtype, head_dtype, layout)
+        ext = _require_engine(model)
         cfg = model.config
         base = model.model
-        layers = list(base.layers)
-        dims = _dims(cfg, layers[0], int(base.embed_tokens.weight.shape[0]), len(layers))
-        eps = float(getattr(layers[0].input_layernorm, "variance_epsilon", getattr(cfg, "rms_norm_eps", 1e-6)))
+        layers, dims, eps = _geometry(cfg, base)
         packs: dict[str, LowbitWeight] = {}
         biases: dict[str, Tensor | None] = {}
         layouts: dict[str, str] = {}
@@ -315,13 +333,9 @@ class DecodeEngine:
             raise DependencyError("building the decode engine from a checkpoint needs transformers (for the model "
                                   "config and RoPE): pip install 'sparsetorch[llm]'") from exc
         from ..export.checkpoint import _check_matches, _open, hf_config_of
-        from ._decode_ext import decode_extension_error, get_decode_extension
         from .ckpt_pack import _decoded, read_matrix
 
-        check_value_dtype(dtype)
-        head_dtype = check_value_dtype(head_dtype or dtype)
-        if layout not in ("auto", "dense", "bitmask", "csr"):
-            raise ModelError(f"unknown layout {layout!r}; choose auto, dense, bitmask or csr.")
+        head_dtype = _check_options(dtype, head_dtype, layout)
         ck = _open(path, max_bytes)
         cfg_dict = dict(hf_config_of(ck))
         model_type = cfg_dict.pop("model_type", None)
@@ -332,19 +346,10 @@ class DecodeEngine:
         except Exception as exc:  # noqa: BLE001 - any failure means the stored config is unusable
             raise CheckpointError(f"{ck.path}: cannot rebuild the model from its stored config: "
                                   f"{type(exc).__name__}: {exc}") from None
-        reason = decode_support(skeleton)
-        if reason is not None:
-            raise ModelError(f"the fast decode path cannot run this model: {reason}; use transformers' generate.")
+        ext = _require_engine(skeleton)
         _check_matches(skeleton.state_dict(), ck, str(ck.path))
-        ext = get_decode_extension()
-        if ext is None:
-            raise DependencyError(
-                f"the compiled decode engine is unavailable ({decode_extension_error()}); install a C++ compiler (g++)."
-            )
         base = skeleton.model
-        layers = list(base.layers)
-        dims = _dims(hf_cfg, layers[0], int(base.embed_tokens.weight.shape[0]), len(layers))
-        eps = float(getattr(layers[0].input_layernorm, "variance_epsilon", getattr(hf_cfg, "rms_norm_eps", 1e-6)))
+        layers, dims, eps = _geometry(hf_cfg, base)
         packs: dict[str, LowbitWeight] = {}
         biases: dict[str, Tensor | None] = {}
         layouts: dict[str, str] = {}

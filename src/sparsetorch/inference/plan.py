@@ -322,13 +322,10 @@ def decode_bytes_per_token(model: nn.Module, dtype: str = "fp32", *, head_dtype:
     :class:`~sparsetorch.errors.ModelError` for a model the engine cannot run.
     """
     from ..errors import ModelError
-    from .decode import _weight, decode_support
-    from .lowbit import VALUE_DTYPES, check_value_dtype, layout_for_counts, packed_nbytes
+    from .decode import _check_options, _weight, decode_support
+    from .lowbit import VALUE_DTYPES, layout_for_counts, packed_nbytes
 
-    check_value_dtype(dtype)
-    head_dtype = check_value_dtype(head_dtype or dtype)
-    if layout not in ("auto", "dense", "bitmask", "csr"):
-        raise ModelError(f"unknown layout {layout!r}; choose auto, dense, bitmask or csr.")
+    head_dtype = _check_options(dtype, head_dtype, layout)
     reason = decode_support(model)
     if reason is not None:
         raise ModelError(f"the decode engine cannot run this model: {reason}.")
