@@ -334,6 +334,28 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+def merge(out: Path, files: list[Path], run: Run) -> None:
+    """Entries of several driver files into ``out`` (replacing entries of the same config).
+
+    Each entry already carries its provenance (commit, command, load); ``_meta`` records the
+    merge and the drivers' own ``_meta`` under ``merged_from``.
+    """
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    metas: dict[str, dict] = {}
+    for f in files:
+        data = json.loads(f.read_text())
+        metas[f.name] = data.get("_meta", {})
+        results.update({k: v for k, v in data.items() if not k.startswith("_")})
+    llmc = sorted({e["llmcompressor"] for e in results.values() if "llmcompressor" in e})
+    peers = {"llmcompressor": ", ".join(llmc)} if llmc else {}
+    base = next(iter(metas.values()), {})
+    keep = {k: base[k] for k in ("model", "calibration", "eval", "machine", "note") if k in base}
+    if len(files) > 1 and "machine" in keep:
+        keep["machine"] += f"; {len(files)} drivers side by side"
+    results["_meta"] = run.meta(peers, merged_from=metas, **keep)
+    write_json(out, results)
+
+
 def main() -> None:
     run = Run()
     ap = argparse.ArgumentParser(
@@ -352,6 +374,11 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, help="torch threads per config (default: torch's)")
+    ap.add_argument(
+        "--merge", nargs="+", type=Path, metavar="FILE",
+        help="merge the entries of these results files (drivers run side by side, one file each) "
+        "into --results, each entry keeping its own provenance; later files win",
+    )
     a = ap.parse_args()
     if a.worker:
         res = worker(a.worker, Path(a.model_dir), a.threads)
@@ -361,6 +388,10 @@ def main() -> None:
         print("\n".join(all_configs()))
         return
     if a.table:
+        print(table(json.loads(a.results.read_text())))
+        return
+    if a.merge:
+        merge(a.results, a.merge, run)
         print(table(json.loads(a.results.read_text())))
         return
     cfgs = QUICK if a.quick else (a.configs.split(",") if a.configs else all_configs())

@@ -263,3 +263,25 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         assert mod.main(["--out", str(tmp_path / "no.json")]) == 2
         assert not (tmp_path / "no.json").exists()
+
+
+def test_oneshot_merge_keeps_each_entrys_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two drivers side by side write one file each; --merge joins them without restamping."""
+    mod = _module("oneshot_llm")
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out.json"
+    ea = {"config": "wanda@0.5", "ppl": 27.5, "seconds": 250.0, "provenance": {"commit": "aaa"}}
+    eb = {"config": "llmc-wanda@0.5", "ppl": 27.6, "seconds": 300.0, "llmcompressor": "0.14.0.1",
+          "provenance": {"commit": "bbb"}}
+    a.write_text(json.dumps({"_meta": {"model": "m", "machine": "x86_64, 2 CPUs"}, "wanda@0.5": ea}))
+    b.write_text(json.dumps({"_meta": {"model": "m"}, "llmc-wanda@0.5": eb}))
+    out.write_text(json.dumps({"old@0.5": {"ppl": 1.0}}))
+    argv = [str(BENCH / "oneshot_llm.py"), "--merge", str(a), str(b), "--results", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    mod.main()
+    data = json.loads(out.read_text())
+    assert data["wanda@0.5"] == ea and data["llmc-wanda@0.5"] == eb and data["old@0.5"] == {"ppl": 1.0}
+    meta = data["_meta"]
+    assert set(meta["merged_from"]) == {"a.json", "b.json"}
+    assert meta["machine"] == "x86_64, 2 CPUs; 2 drivers side by side" and meta["model"] == "m"
+    assert meta["versions"]["llmcompressor"] == "0.14.0.1"
+    check_meta(meta, "oneshot_llm.py", argv[1:])
