@@ -40,7 +40,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from sparsetorch import MaskSet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import Run, load_average, write_json  # noqa: E402
@@ -125,58 +132,87 @@ def worker_llm(arm: str, a: argparse.Namespace) -> dict:
             "peak_rss_mb_with_eval": peak_rss_mb()}
 
 
-def worker_paired(arms: list[str], a: argparse.Namespace) -> dict:
-    """Step time of every LLM arm in one process, round-robin (one step of each arm per round, the
-    starting arm rotating), so that every arm sees the same machine load; medians over rounds."""
+def round_robin(steps: dict[str, Callable[[int], object]], rounds: int) -> dict:
+    """Time one call of each arm's ``step(round)`` per round, the first arm rotating each round.
+
+    Round 0 warms up (first-step allocations) and is not counted; ``s_per_step`` is the median of
+    the counted rounds. Every arm sees the same machine load, which a separate process per arm
+    cannot promise on a shared machine. Serves both :func:`worker_paired` (LLM) and
+    :func:`worker_paired_cnn` (CNN): only the steps differ."""
+    arms = list(steps)
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
+    for r in range(rounds + 1):
+        order = arms[r % len(arms):] + arms[:r % len(arms)]
+        for arm in order:
+            t = time.perf_counter()
+            steps[arm](r)
+            if r:
+                times[arm].append(time.perf_counter() - t)
+    return {"rounds": rounds, "s_per_step": {k: statistics.median(v) for k, v in times.items()},
+            "samples": times}
+
+
+def _arm_steps(base: torch.nn.Module, specs: dict[str, str | None], masks: MaskSet,
+               loss: Callable[[torch.nn.Module, int], torch.Tensor]) -> dict[str, Callable[[int], None]]:
+    """One AdamW step callable per arm, each on its own copy of ``base`` prepared by its spec
+    (``"lora"``: sparse LoRA r=16; another string: a sparse-update scheme; ``None``: full).
+
+    ``loss(model, round)`` gives the round's loss; the lr is tiny so that timing rounds barely
+    move the weights."""
     import copy
 
     import torch
-    from finetune_llm import pruned_start
-    from safetensors.torch import load_file
 
-    from sparsetorch.finetune import add_sparse_lora, apply_update, causal_ce
+    from sparsetorch.finetune import add_sparse_lora, apply_update
 
-    torch.set_num_threads(a.threads)
-    base, masks, _tok, _ = pruned_start(a.start)
-    train = load_file(a.data_file)["train"]
-    prepared = {}
-    for arm in arms:
-        spec = LLM_ARMS[arm]
+    def step_of(m: torch.nn.Module, opt: torch.optim.Optimizer) -> Callable[[int], None]:
+        def step(r: int) -> None:
+            loss(m, r).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    steps = {}
+    for arm, spec in specs.items():
         m = copy.deepcopy(base)
         if spec == "lora":
             m = add_sparse_lora(m, masks, r=16)
         elif spec is not None:
             apply_update(m, spec, masks)
-        params = [p for p in m.parameters() if p.requires_grad]
-        prepared[arm] = (m.train(), torch.optim.AdamW(params, lr=1e-12))
+        opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-12)
+        steps[arm] = step_of(m.train(), opt)
+    return steps
+
+
+def worker_paired(arms: list[str], a: argparse.Namespace) -> dict:
+    """Step time of every LLM arm in one process, round-robin (:func:`round_robin`)."""
+    import torch
+    from finetune_llm import pruned_start
+    from safetensors.torch import load_file
+
+    from sparsetorch.finetune import causal_ce
+
+    torch.set_num_threads(a.threads)
+    base, masks, _tok, _ = pruned_start(a.start)
+    train = load_file(a.data_file)["train"]
+
+    def loss(m: torch.nn.Module, r: int) -> torch.Tensor:
+        ids = train[(r * a.batch) % train.shape[0]:][: a.batch]
+        return causal_ce(m(input_ids=ids, use_cache=False).logits, ids)
+
+    steps = _arm_steps(base, {arm: LLM_ARMS[arm] for arm in arms}, masks, loss)
     del base
-    times: dict[str, list[float]] = {arm: [] for arm in arms}
-    for r in range(a.paired_rounds + 1):  # round 0 warms up (first-step allocations), not counted
-        order = arms[r % len(arms):] + arms[:r % len(arms)]
-        for arm in order:
-            m, opt = prepared[arm]
-            ids = train[(r * a.batch) % train.shape[0]:][: a.batch]
-            t = time.perf_counter()
-            causal_ce(m(input_ids=ids, use_cache=False).logits, ids).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if r:
-                times[arm].append(time.perf_counter() - t)
-    return {"rounds": a.paired_rounds, "s_per_step": {k: statistics.median(v) for k, v in times.items()},
-            "samples": times}
+    return round_robin(steps, a.paired_rounds)
 
 
 def worker_paired_cnn(arms: list[str], a: argparse.Namespace) -> dict:
-    """The CNN arms' step times round-robin in one process (as :func:`worker_paired`)."""
-    import copy
-
+    """The CNN arms' step times round-robin in one process (:func:`round_robin`)."""
     import torch
     import torch.nn.functional as F
     from safetensors.torch import load_file
 
     from sparsetorch import MaskSet
     from sparsetorch.data.fashion_mnist import load_fashion_mnist
-    from sparsetorch.finetune import apply_update
     from sparsetorch.models import get_model
 
     torch.set_num_threads(a.threads)
@@ -185,26 +221,12 @@ def worker_paired_cnn(arms: list[str], a: argparse.Namespace) -> dict:
     base.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
     masks = MaskSet({k[5:]: v for k, v in state.items() if k.startswith("mask.")})
     x, y = load_fashion_mnist("train", subset=a.cnn_train)
-    prepared = {}
-    for arm in arms:
-        m = copy.deepcopy(base)
-        if CNN_ARMS[arm]:
-            apply_update(m, CNN_ARMS[arm], masks)
-        prepared[arm] = (m.train(), torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-12))
-    times: dict[str, list[float]] = {arm: [] for arm in arms}
-    for r in range(a.paired_rounds + 1):
-        order = arms[r % len(arms):] + arms[:r % len(arms)]
+
+    def loss(m: torch.nn.Module, r: int) -> torch.Tensor:
         i = (r * a.cnn_batch) % (x.shape[0] - a.cnn_batch)
-        for arm in order:
-            m, opt = prepared[arm]
-            t = time.perf_counter()
-            F.cross_entropy(m(x[i:i + a.cnn_batch]), y[i:i + a.cnn_batch]).backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if r:
-                times[arm].append(time.perf_counter() - t)
-    return {"rounds": a.paired_rounds, "s_per_step": {k: statistics.median(v) for k, v in times.items()},
-            "samples": times}
+        return F.cross_entropy(m(x[i:i + a.cnn_batch]), y[i:i + a.cnn_batch])
+
+    return round_robin(_arm_steps(base, {arm: CNN_ARMS[arm] for arm in arms}, masks, loss), a.paired_rounds)
 
 
 def worker_cnn(arm: str, a: argparse.Namespace) -> dict:

@@ -1,0 +1,67 @@
+"""benchmarks/sparse_backprop.py: the round-robin step timing shared by the LLM and CNN arms (order
+rotates, round 0 is a warm-up and not counted, medians), and the per-arm AdamW steps it times."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetorch import MaskSet
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location("bench_sparse_backprop", BENCH / "sparse_backprop.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_round_robin_rotates_skips_warmup_and_takes_medians(bench, monkeypatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    # seconds each arm's step takes in rounds 0..3 (round 0: a slow warm-up that must not count)
+    cost = {"a": [100.0, 1.0, 3.0, 2.0], "b": [100.0, 10.0, 30.0, 20.0], "c": [100.0, 5.0, 5.0, 7.0]}
+    calls: list[tuple[int, str]] = []
+
+    def step_of(arm: str):
+        def step(r: int) -> None:
+            calls.append((r, arm))
+            clock[0] += cost[arm][r]
+        return step
+
+    out = bench.round_robin({arm: step_of(arm) for arm in cost}, rounds=3)
+    firsts = [arm for i, (r, arm) in enumerate(calls) if i % 3 == 0]
+    assert firsts == ["a", "b", "c", "a"]  # the first arm rotates
+    assert [arm for r, arm in calls if r == 1] == ["b", "c", "a"]
+    assert out["rounds"] == 3
+    assert out["samples"] == {"a": [1.0, 3.0, 2.0], "b": [10.0, 30.0, 20.0], "c": [5.0, 5.0, 7.0]}
+    assert out["s_per_step"] == {"a": 2.0, "b": 20.0, "c": 5.0}
+
+
+def test_arm_steps_copy_the_base_and_train_only_the_arm(bench) -> None:
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    masks = MaskSet({"0.weight": torch.rand(8, 8) > 0.5, "2.weight": torch.rand(2, 8) > 0.5})
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    x, y = torch.randn(4, 8), torch.tensor([0, 1, 0, 1])
+    seen: list[int] = []
+
+    def loss(m: nn.Module, r: int) -> torch.Tensor:
+        seen.append(r)
+        return nn.functional.cross_entropy(m(x), y)
+
+    steps = bench._arm_steps(base, {"full": None, "bias": "bias"}, masks, loss)
+    out = bench.round_robin(steps, rounds=2)
+    assert sorted(out["s_per_step"]) == ["bias", "full"] and all(len(v) == 2 for v in out["samples"].values())
+    assert sorted(seen) == [0, 0, 1, 1, 2, 2]
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # each arm trains a copy
+    assert all(p.requires_grad for p in base.parameters())
