@@ -27,8 +27,8 @@ cryptographically secure generator; for a deployment that needs one, see Opacus'
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -238,9 +238,7 @@ def dp_fit(
     Poisson batches of expected size ``batch_size``, optionally sparse through an (unattached)
     fixed-mask ``sparsifier``; give ``epsilon`` (σ is calibrated by the accountant) or
     ``noise_multiplier``. Returns accuracy and the privacy spent (ε at ``delta``)."""
-    from tqdm.auto import tqdm
-
-    from ..training.loop import evaluate
+    from ..training.loop import sparsity_report, train_epochs
 
     check_privacy_args(epsilon=epsilon, delta=delta, clip=clip, noise_multiplier=noise_multiplier,
                        accountant=accountant)
@@ -270,28 +268,21 @@ def dp_fit(
                expected_batch_size=batch_size, masks=masks, mask_is_public=True, seed=seed)
     sampler = torch.Generator().manual_seed(stream_seed(seed, "poisson"))
     per_epoch = math.ceil(n / batch_size)
-    accs: list[float] = []
-    seconds, drawn, clipped = 0.0, 0, 0
-    model.train()
-    bar = tqdm(total=steps, desc=desc or "dp-sgd", disable=not progress, leave=False)
     batches = poisson_batches(n, q, steps, sampler)
-    for _epoch in range(epochs):
-        t0 = time.perf_counter()
-        for _ in range(per_epoch):
-            idx = next(batches)
-            loss = dp.step(xtr[idx], ytr[idx])
-            sched.step()
-            drawn += len(idx)
-            clipped += int((dp.last_norms > clip).sum())
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            bar.update(1)
-        seconds += time.perf_counter() - t0
-        accs.append(evaluate(model, *test))
-    bar.close()
-    sp, layers = 0.0, {}
+    drawn, clipped = 0, 0
+
+    def step(idx: Tensor) -> float:
+        nonlocal drawn, clipped
+        loss = dp.step(xtr[idx], ytr[idx])
+        drawn += len(idx)
+        clipped += int((dp.last_norms > clip).sum())
+        return loss
+
+    # Poisson batches are drawn lazily, one per step, on the epoch's clock
+    accs, seconds = train_epochs(model, test, epochs, lambda: itertools.islice(batches, per_epoch), step,
+                                 sched, total=steps, progress=progress, desc=desc or "dp-sgd")
+    sp, layers = sparsity_report(model, sparsifier)
     if sparsifier is not None:
-        sparsifier.masks.verify(model)
-        sp, layers = sparsifier.sparsity_actual(), sparsifier.layer_sparsity()
         sparsifier.detach()
     return DPFitResult(
         accuracy=accs[-1], accuracy_per_epoch=accs, epsilon=budget.epsilon, delta=delta,

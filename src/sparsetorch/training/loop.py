@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,63 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 1000) -> 
     return 100.0 * correct / max(len(x), 1)
 
 
+def train_epochs(
+    model: nn.Module,
+    test: tuple[Tensor, Tensor],
+    epochs: int,
+    draw_epoch: Callable[[], Iterable[Tensor]],
+    step: Callable[[Tensor], Tensor | float],
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    total: int,
+    postfix_every: int = 1,
+    progress: bool = True,
+    desc: str = "",
+) -> tuple[list[float], float]:
+    """The epoch loop that :func:`fit` and :func:`~sparsetorch.privacy.dp_fit` share.
+
+    Each epoch, ``draw_epoch()`` gives that epoch's batches of training indices (drawn before the
+    epoch's clock starts if it returns them eagerly; a lazy iterable is drawn on the clock), and
+    for each ``step(idx)`` runs one optimizer step and returns its loss, then ``scheduler`` steps;
+    after each epoch the model is evaluated on ``test``. The progress bar (``total`` steps) shows
+    the loss every ``postfix_every`` steps of an epoch (reading a tensor loss syncs the device, so
+    :func:`fit` does it rarely).
+
+    Returns the accuracy after each epoch and the training seconds (evaluation not included): what
+    both results report, measured the same way.
+    """
+    from tqdm.auto import tqdm
+
+    model.train()
+    accs: list[float] = []
+    seconds = 0.0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    for _ in range(epochs):
+        batches = draw_epoch()
+        t0 = time.perf_counter()
+        for i, idx in enumerate(batches):
+            loss = step(idx)
+            scheduler.step()
+            if i % postfix_every == 0:
+                value = float(loss.detach()) if isinstance(loss, Tensor) else loss
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+            bar.update(1)
+        seconds += time.perf_counter() - t0
+        accs.append(evaluate(model, *test))
+    bar.close()
+    return accs, seconds
+
+
+def sparsity_report(model: nn.Module, sparsifier: Sparsifier | None) -> tuple[float, dict[str, float]]:
+    """After training: check that pruned weights are still exactly zero, and return the overall
+    and per-layer sparsity (0.0 and ``{}`` for a dense run)."""
+    if sparsifier is None:
+        return 0.0, {}
+    assert sparsifier.masks is not None
+    sparsifier.masks.verify(model)
+    return sparsifier.sparsity_actual(), sparsifier.layer_sparsity()
+
+
 @dataclass
 class FitResult:
     """What one training run produced."""
@@ -108,8 +166,6 @@ def fit(
     desc: str = "",
 ) -> FitResult:
     """Train with SGD (+momentum, cosine LR), calling ``sparsifier.step()`` after each optimizer step."""
-    from tqdm.auto import tqdm
-
     xtr, ytr = train
     n = len(xtr)
     steps_per_epoch = math.ceil(n / batch_size)
@@ -119,37 +175,23 @@ def fit(
     g = torch.Generator().manual_seed(seed)
     if sparsifier is not None:
         sparsifier.attach(model, opt, data=TensorBatches(xtr, ytr, batch_size))
-    model.train()
-    accs: list[float] = []
-    train_seconds = 0.0
-    bar = tqdm(total=total, desc=desc or (sparsifier.name if sparsifier else "dense"), disable=not progress, leave=False)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        t0 = time.perf_counter()
-        for i in range(steps_per_epoch):
-            idx = perm[i * batch_size: (i + 1) * batch_size]
-            loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sparsifier is not None:
-                sparsifier.step()
-            sched.step()
-            if i % 20 == 0:
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", refresh=False)
-            bar.update(1)
-        train_seconds += time.perf_counter() - t0
-        accs.append(evaluate(model, *test))
-    bar.close()
-    sp_actual = 0.0
-    layers: dict[str, float] = {}
-    history: list[tuple[int, dict[str, float]]] = []
-    if sparsifier is not None:
-        assert sparsifier.masks is not None
-        sparsifier.masks.verify(model)
-        sp_actual = sparsifier.sparsity_actual()
-        layers = sparsifier.layer_sparsity()
-        history = list(sparsifier.history)
+    def step(idx: Tensor) -> Tensor:
+        loss = F.cross_entropy(model(xtr[idx]), ytr[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sparsifier is not None:
+            sparsifier.step()
+        return loss
+
+    def draw_epoch() -> tuple[Tensor, ...]:  # a fresh order each epoch, drawn before its clock starts
+        return torch.randperm(n, generator=g).split(batch_size)
+
+    accs, train_seconds = train_epochs(
+        model, test, epochs, draw_epoch, step, sched, total=total, postfix_every=20,
+        progress=progress, desc=desc or (sparsifier.name if sparsifier else "dense"))
+    sp_actual, layers = sparsity_report(model, sparsifier)
+    history = list(sparsifier.history) if sparsifier is not None else []
     return FitResult(
         accuracy=accs[-1],
         accuracy_per_epoch=accs,
