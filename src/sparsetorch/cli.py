@@ -42,11 +42,11 @@ def _say(text: str) -> None:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident memory of this process in MiB (Linux reports KiB, macOS bytes)."""
-    import resource
+    """Peak resident memory of this process in MiB (:func:`sparsetorch.memory.peak_rss_mb`: its
+    own peak, not one inherited from a parent that started it)."""
+    from .memory import peak_rss_mb
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    return peak_rss_mb()
 
 
 def parse_options(items: list[str]) -> dict:

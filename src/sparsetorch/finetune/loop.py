@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +34,7 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError, SparseTorchError
 from ..masks import MaskSet
+from ..memory import peak_rss_mb
 
 __all__ = ["FinetuneConfig", "FinetuneError", "FinetuneResult", "bf16_available", "lr_factor", "train_masked",
            "CHECKPOINT_NAME", "load_checkpoint"]
@@ -197,10 +197,6 @@ class FinetuneResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def _optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.AdamW:
@@ -409,7 +405,7 @@ def train_masked(
                 with torch.no_grad():
                     result.evals.append([step + 1, float(eval_fn(model))])
             if ckpt_dir is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                result.peak_rss_mb = max(result.peak_rss_mb, _peak_rss_mb())
+                result.peak_rss_mb = max(result.peak_rss_mb, peak_rss_mb())
                 _save_checkpoint(ckpt_dir, {
                     "kind": "sparsetorch-finetune",
                     "version": _CKPT_VERSION,
@@ -432,7 +428,7 @@ def train_masked(
             bar.close()
         masks.release()
         model.train(was_training)
-    result.peak_rss_mb = max(result.peak_rss_mb, _peak_rss_mb())
+    result.peak_rss_mb = max(result.peak_rss_mb, peak_rss_mb())
     masks.verify(model)
     return result
 

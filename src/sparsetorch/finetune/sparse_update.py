@@ -48,7 +48,6 @@ saved bytes, gradient and optimizer-state bytes of one real AdamW step), :func:`
 from __future__ import annotations
 
 import re
-import resource
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -60,6 +59,7 @@ from torch import Tensor, nn
 
 from ..errors import close_matches
 from ..masks import MaskSet
+from ..memory import peak_rss_mb  # re-exported: the measurement helpers live here
 from .loop import FinetuneError
 
 __all__ = ["UpdateError", "SparseUpdate", "ChannelTerm", "UpdatePlan", "ChannelSlice", "UpdateHandle",
@@ -508,20 +508,6 @@ def apply_update(model: nn.Module, update: str | SparseUpdate | UpdatePlan, mask
 
 
 # ------------------------------------------------------------------------------------ measurement
-def peak_rss_mb() -> float:
-    """The peak resident set size of this process so far, MiB: ``VmHWM`` from ``/proc/self/status``
-    (Linux; the high-water mark of this process's own memory), else ``ru_maxrss``. ``ru_maxrss``
-    survives ``fork`` + ``exec``: a child started by a large parent reports the parent's peak."""
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0  # kB
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 class SavedTensorsMeter:
     """Counts the bytes autograd saves for backward inside the ``with`` block.
 
