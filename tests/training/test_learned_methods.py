@@ -109,6 +109,35 @@ def test_l0_penalty_closes_gates() -> None:
     assert sp.density_history[-1] < sp.density_history[0]
 
 
+def _l0_density_run(restart: bool, steps: int = 150) -> tuple[list[float], float]:
+    """An MLP on a synthetic teacher task whose lambda controller crosses a 10% density target."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 32, generator=g)
+    y = (x @ torch.randn(32, 4, generator=g)).argmax(1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = get_method("l0", sparsity=0.9, total_steps=steps, lam=1e-3, control=0.05, restart=restart)
+    sp.attach(model, opt)
+    for _ in range(steps):
+        idx = torch.randint(0, 512, (64,), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+        sp.step()
+    return sp.density_history, sp.lam
+
+
+def test_l0_controller_holds_the_target_density() -> None:
+    """After the expected density first reaches the 10% target it stays near it (two-sided dual
+    restart); the one-sided controller overshoots far below (the defect this guards against)."""
+    hist, _ = _l0_density_run(restart=True)
+    first = next(i for i, d in enumerate(hist) if d <= 0.1)
+    assert min(hist[first:]) >= 0.08 and abs(hist[-1] - 0.1) <= 0.015
+    old, _ = _l0_density_run(restart=False)
+    assert min(old) < 0.05  # without the restart the gates keep closing well past the target
+
+
 def test_group_lasso_prox_zeroes_whole_groups_with_any_optimizer() -> None:
     for opt_cls, kw in ((torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}), (torch.optim.AdamW, {"lr": 1e-2})):
         sp = get_method("group_lasso", sparsity=0.5, groups="row", lam=50.0, harden_at=STEPS,
@@ -153,7 +182,7 @@ def test_state_dict_round_trip_mid_gate_phase() -> None:
     m2 = TinyCNN()
     sp2.attach(m2, torch.optim.SGD(m2.parameters(), lr=0.05))
     sp2.load_state_dict(state)
-    assert sp2.step_count == 5 and sp2.lam == sp.lam
+    assert sp2.step_count == 5 and sp2.lam == sp.lam and sp2._above == sp._above
     for n in sp.gates:
         torch.testing.assert_close(sp2.gates[n].log_alpha, sp.gates[n].log_alpha)
 
