@@ -20,14 +20,13 @@ sparse model beats dense DP-SGD by >= 1 point.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import Run, load_average, write_json  # noqa: E402
+from _jobs import Job, load_results, run_jobs, saver  # noqa: E402
+from _provenance import Run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "dp_sparse.json"
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true", help="only print the table of --results")
     a = ap.parse_args(argv)
-    results = json.loads(a.results.read_text()) if a.results.is_file() else {}
+    results = load_results(a.results)
     if a.table:
         print(table(results))
         return 0
@@ -139,11 +138,28 @@ def main(argv: list[str] | None = None) -> int:
             "delta": a.delta, "accountant": a.accountant, "mask": "static random, ERK allocation",
             "optimizer": "SGD momentum 0.9, cosine", "ceiling": "non-private dense, fit(): SGD 0.05, batch 128"}
 
-    def save() -> None:
-        results["_meta"] = run.meta(**meta)
-        results["summary"] = summarise(results)
-        results["verdict"] = verdict(results["summary"])
-        write_json(a.results, results)
+    def derive(res: dict) -> dict:
+        summary = summarise(res)
+        return {"summary": summary, "verdict": verdict(summary)}
+
+    def do(job: tuple[int, float | None, float]) -> dict:
+        seed, eps, sp = job
+        torch.manual_seed(seed)
+        model = get_model("cnn")
+        if eps is None:
+            r = fit(model, None, train, test, epochs=a.epochs, batch_size=128, lr=0.05, seed=seed, progress=False)
+            return {"accuracy": r.accuracy, "accuracy_per_epoch": r.accuracy_per_epoch,
+                    "seconds_per_step": r.seconds_per_step, "seed": seed}
+        sparsifier = build_sparsifier("static", sp, 1, allocation="erk", seed=seed) if sp > 0 else None
+        r = dp_fit(model, sparsifier, train, test, epsilon=eps, delta=a.delta, clip=a.clip,
+                   epochs=a.epochs, batch_size=a.batch, lr=a.lr, accountant=a.accountant,
+                   seed=seed, progress=False)
+        return {"epsilon_target": eps, "sparsity": sp, "seed": seed, "accuracy": r.accuracy,
+                "accuracy_per_epoch": r.accuracy_per_epoch, "epsilon": r.epsilon,
+                "noise_multiplier": r.noise_multiplier, "sample_rate": r.sample_rate,
+                "steps": r.steps, "sparsity_actual": r.sparsity_actual,
+                "clipped_fraction": r.clipped_fraction, "mean_batch": r.mean_batch,
+                "seconds_per_step": r.seconds_per_step}
 
     # a run cut short keeps the most useful part: the target's epsilon with every seed, then the
     # first seed of the ceiling and of every other epsilon, then the remaining seeds
@@ -151,36 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     jobs += [(seed, None, 0.0) for seed in a.seeds if not a.no_ceiling]
     first = a.seeds[0]
     jobs.sort(key=lambda j: (j[1] != TARGET_EPS, j[0] != first, j[1] is not None, j[1] or 0.0, j[0]))
-    for seed, eps, sp in jobs:
-        k = key("ceiling", 0, seed) if eps is None else key(eps, sp, seed)
-        if k in results and not a.redo:
-            continue
-        load_before = load_average()
-        torch.manual_seed(seed)
-        model = get_model("cnn")
-        t = time.perf_counter()
-        if eps is None:
-            r = fit(model, None, train, test, epochs=a.epochs, batch_size=128, lr=0.05, seed=seed, progress=False)
-            entry = {"accuracy": r.accuracy, "accuracy_per_epoch": r.accuracy_per_epoch,
-                     "seconds_per_step": r.seconds_per_step, "seed": seed}
-        else:
-            sparsifier = build_sparsifier("static", sp, 1, allocation="erk", seed=seed) if sp > 0 else None
-            r = dp_fit(model, sparsifier, train, test, epsilon=eps, delta=a.delta, clip=a.clip,
-                       epochs=a.epochs, batch_size=a.batch, lr=a.lr, accountant=a.accountant,
-                       seed=seed, progress=False)
-            entry = {"epsilon_target": eps, "sparsity": sp, "seed": seed, "accuracy": r.accuracy,
-                     "accuracy_per_epoch": r.accuracy_per_epoch, "epsilon": r.epsilon,
-                     "noise_multiplier": r.noise_multiplier, "sample_rate": r.sample_rate,
-                     "steps": r.steps, "sparsity_actual": r.sparsity_actual,
-                     "clipped_fraction": r.clipped_fraction, "mean_batch": r.mean_batch,
-                     "seconds_per_step": r.seconds_per_step}
-        entry["wall_seconds"] = time.perf_counter() - t
-        entry["provenance"] = run.entry(load_before)
-        results[k] = entry
-        print(f"{k}: accuracy {entry['accuracy']:.2f}  ({entry['wall_seconds']:.0f} s)", flush=True)
-        save()
-    if "_meta" not in results:
-        save()
+    run_jobs(results, [Job(key("ceiling", 0, seed) if eps is None else key(eps, sp, seed), (seed, eps, sp))
+                       for seed, eps, sp in jobs], do,
+             run=run, save=saver(a.results, results, run, meta, derive), redo=a.redo,
+             report=lambda job, e: f"{job.key}: accuracy {e['accuracy']:.2f}  ({e['wall_seconds']:.0f} s)")
     print(table(results))
     return 0
 

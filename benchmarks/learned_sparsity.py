@@ -28,7 +28,6 @@ ERK for RigL at 95%; random search is reported beside DASS.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _provenance import Run, load_average, write_json  # noqa: E402
+from _jobs import Job, load_results, run_jobs, saver  # noqa: E402
+from _provenance import Run  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "learned_sparsity.json"
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args(argv)
-    results = json.loads(a.results.read_text()) if a.results.is_file() else {}
+    results = load_results(a.results)
     if a.table:
         print(table(results))
         return 0
@@ -240,43 +240,24 @@ def main(argv: list[str] | None = None) -> int:
             "protocol": "benchmarks/sparse_training.py run_one; full training set; equal epochs for every method "
                         "(search steps of dass/random_search come on top and are recorded)"}
 
-    def save() -> None:
-        results["_meta"] = run.meta(**meta)
-        results["summary"] = summarise(results)
-        results["verdict"] = verdict(results)
-        write_json(a.results, results)
+    def derive(res: dict) -> dict:
+        return {"summary": summarise(res), "verdict": verdict(res)}
 
-    jobs: list[tuple] = []
-    for i, seed in enumerate(seeds):
-        for j, sp in enumerate(sps):
-            jobs += [("m", m, sp, seed) for m in methods]
-            if i == 0 and j == min(1, len(sps) - 1):  # the structured variant after the first two columns
-                jobs += [("s", "group_lasso", s, seed) for s in structured]
-    for kind, m, sp, seed in jobs:
-        k = key(m, sp, seed) if kind == "m" else f"{sp:g}|{seed}"
-        done = results.get("_structured", {}) if kind == "s" else results
-        if k in done and not a.redo:
-            continue
+    trained: list = []  # the last job's model and sparsifier, for after()
+
+    def do(job: tuple[str, str, float, int]) -> dict:
+        kind, m, sp, seed = job
         args = SimpleNamespace(seed=seed, batch_size=128, lr=0.05, model="cnn", update_every=100, pattern="2:4",
                                no_progress=True, epochs=a.epochs)
-        load_before = load_average()
-        t = time.perf_counter()
-        out: list = []
         extra = dict(OPTIONS.get(m, {}))
         if kind == "s":
             extra = {"groups": "row", "targets": CHANNEL_TARGETS, "lam": a.structured_lam, "allocation": "uniform"}
-        try:
-            r = run_one(m, sp, train, test, args, extra=extra, model_out=out)
-        except Exception as exc:  # noqa: BLE001 - one failing run is recorded, not fatal
-            print(f"{k}: FAILED {type(exc).__name__}: {exc}", flush=True)
-            results.setdefault("_failed", {})[f"{kind}|{k}"] = f"{type(exc).__name__}: {exc}"
-            save()
-            continue
-        model, sparsifier = out
+        trained.clear()
+        r = run_one(m, sp, train, test, args, extra=extra, model_out=trained)
+        sparsifier = trained[1]
         r["label"] = m
         r["seed"] = seed
         r["options"] = extra
-        r["wall_seconds"] = time.perf_counter() - t
         r["layer_sparsity"] = sparsifier.layer_sparsity()
         if m in SEARCHED:
             r["searched_allocation"] = sparsifier.searched
@@ -290,31 +271,42 @@ def main(argv: list[str] | None = None) -> int:
                         "lam_end": sparsifier.lam_now(), "best_mean": sparsifier.art.best_mean}
         if m == "l0":
             r["l0"] = {"lam_end": sparsifier.lam, "density_end": (sparsifier.density_history or [None])[-1]}
-        r["provenance"] = run.entry(load_before)
-        if kind == "s":
-            small, kept = shrink_cnn(model, sparsifier.masks)
-            x = test[0][:256]
-            with torch.no_grad():
-                same = float((model(x) - small(x)).abs().max())
-            r["accuracy_small"] = evaluate(small, *test)
-            r["max_abs_diff_small_vs_masked"] = same
-            r["channels_kept"] = {n: v[0] for n, v in kept.items()}
-            r["channels_total"] = {n: v[1] for n, v in kept.items()}
-            r["params_full"] = sum(p.numel() for p in model.parameters())
-            r["params_small"] = sum(p.numel() for p in small.parameters())
-            r["ms_full"] = cpu_ms(model, x)
-            r["ms_small"] = cpu_ms(small, x)
-            r["inference_batch"] = 256
-            results.setdefault("_structured", {})[k] = r
-            print(f"structured {k}: accuracy {r['accuracy']:.2f}, kept {r['channels_kept']}, "
-                  f"{r['ms_full']:.2f} -> {r['ms_small']:.2f} ms", flush=True)
-        else:
-            results[k] = r
-            print(f"{k}: accuracy {r['accuracy']:.2f}  sparsity {r['sparsity_actual']:.4f}  ({r['wall_seconds']:.0f} s)",
-                  flush=True)
-        save()
-    if "_meta" not in results:
-        save()
+        return r
+
+    def after(job: Job, r: dict) -> None:
+        """The structured variant: the channels physically removed, and both networks timed."""
+        if job.section is None:
+            return
+        model, sparsifier = trained
+        small, kept = shrink_cnn(model, sparsifier.masks)
+        x = test[0][:256]
+        with torch.no_grad():
+            same = float((model(x) - small(x)).abs().max())
+        r["accuracy_small"] = evaluate(small, *test)
+        r["max_abs_diff_small_vs_masked"] = same
+        r["channels_kept"] = {n: v[0] for n, v in kept.items()}
+        r["channels_total"] = {n: v[1] for n, v in kept.items()}
+        r["params_full"] = sum(p.numel() for p in model.parameters())
+        r["params_small"] = sum(p.numel() for p in small.parameters())
+        r["ms_full"] = cpu_ms(model, x)
+        r["ms_small"] = cpu_ms(small, x)
+        r["inference_batch"] = 256
+
+    def report(job: Job, r: dict) -> str:
+        if job.section is not None:
+            return (f"structured {job.key}: accuracy {r['accuracy']:.2f}, kept {r['channels_kept']}, "
+                    f"{r['ms_full']:.2f} -> {r['ms_small']:.2f} ms")
+        return f"{job.key}: accuracy {r['accuracy']:.2f}  sparsity {r['sparsity_actual']:.4f}  ({r['wall_seconds']:.0f} s)"
+
+    jobs: list[Job] = []
+    for i, seed in enumerate(seeds):
+        for j, sp in enumerate(sps):
+            jobs += [Job(key(m, sp, seed), ("m", m, sp, seed), failure_key=f"m|{key(m, sp, seed)}") for m in methods]
+            if i == 0 and j == min(1, len(sps) - 1):  # the structured variant after the first two columns
+                jobs += [Job(f"{s:g}|{seed}", ("s", "group_lasso", s, seed), section="_structured",
+                             failure_key=f"s|{s:g}|{seed}") for s in structured]
+    run_jobs(results, jobs, do, run=run, save=saver(a.results, results, run, meta, derive), redo=a.redo,
+             after=after, report=report, failures="_failed")
     print(table(results))
     return 0
 
