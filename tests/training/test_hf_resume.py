@@ -226,3 +226,50 @@ def test_missing_resume_folder_is_a_typed_error(tmp_path, mlp):
     sp = get_method("rigl", sparsity=0.8, update_every=1, end=4)
     with pytest.raises(CheckpointError, match="not a checkpoint folder"):
         _callback_begin(sp, tmp_path / "checkpoint-9", mlp, torch.optim.SGD(mlp.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("method", ["l0", "ste_gates"])
+def test_trainer_resume_with_gates_on_is_bit_identical(tmp_path, method):
+    """A checkpoint written while the gates are parametrizations (names ``*.parametrizations.
+    weight.original`` and the gate tensors in the Trainer's model file) resumes to the same run."""
+    transformers = pytest.importorskip("transformers")
+    from torch import nn
+
+    from sparsetorch.training import get_method
+    from sparsetorch.training.hf import SparsifierCallback
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 2)
+
+        def forward(self, x, labels=None):
+            logits = self.fc2(torch.relu(self.fc1(x)))
+            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+    g = torch.Generator().manual_seed(0)
+    ds = [{"x": torch.randn(8, generator=g), "labels": int(i % 2)} for i in range(32)]
+
+    def run(out, resume=None):
+        torch.manual_seed(0)
+        model = Net()
+        sp = get_method(method, sparsity=0.75, total_steps=8, harden_at=6)
+        args = transformers.TrainingArguments(
+            output_dir=str(out), per_device_train_batch_size=4, max_steps=8, report_to=[],
+            save_strategy="steps", save_steps=4, logging_strategy="no", use_cpu=True, seed=0,
+        )
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=ds,
+                                       callbacks=[SparsifierCallback(sp)])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, sp
+
+    m1, sp1 = run(tmp_path / "a")
+    assert sp1.hardened
+    m2, sp2 = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-4"))
+    assert sp2.step_count == 8 and sp2.hardened
+    for n, m in sp1.masks.items():
+        assert torch.equal(m, sp2.masks[n]), n
+    p1, p2 = dict(m1.named_parameters()), dict(m2.named_parameters())
+    assert sorted(p1) == sorted(p2) == ["fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight"]
+    for n in p1:
+        assert torch.equal(p1[n], p2[n]), n

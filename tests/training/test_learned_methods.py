@@ -285,3 +285,32 @@ def test_resume_mid_training_gives_identical_masks(method: str) -> None:
     train(m2, o2, s2, data[7:])
     for n, m in s1.masks.items():
         assert torch.equal(m, s2.masks[n]), n
+
+
+@pytest.mark.parametrize("method", ["l0", "ste_gates"])
+def test_state_dict_keeps_plain_names_while_gates_are_on(method: str) -> None:
+    """Mid gate phase the model's state dict is the plain model's (ungated weights, no gate
+    tensors): it loads into a fresh plain model and back into the gated one."""
+    sp = get_method(method, sparsity=0.8, total_steps=STEPS)
+    model, _ = run(sp, data=cnn_data(3))
+    assert sp.gates and not sp.hardened
+    sd = model.state_dict()
+    plain = TinyCNN().state_dict()
+    assert sorted(sd) == sorted(plain)  # same keys
+    for n in sp.gates:
+        mod, _, attr = n.rpartition(".")
+        assert torch.equal(sd[n], getattr(model.get_submodule(mod).parametrizations, attr).original)
+    fresh = TinyCNN()
+    fresh.load_state_dict(sd)  # strict
+    gates_before = {n: {k: v.clone() for k, v in g.state_dict().items()} for n, g in sp.gates.items()}
+    with torch.no_grad():
+        for n in sp.gates:
+            sp.params[n].add_(1.0)
+    model.load_state_dict(sd)  # strict, into the gated model: weights back, gates untouched
+    for n, g in sp.gates.items():
+        assert torch.equal(sp.params[n], sd[n])
+        for k, v in g.state_dict().items():
+            assert torch.equal(v, gates_before[n][k]), (n, k)
+    sp.harden()
+    assert not model._state_dict_hooks and not model._load_state_dict_pre_hooks
+    assert sorted(model.state_dict()) == sorted(plain)

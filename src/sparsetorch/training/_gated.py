@@ -6,6 +6,11 @@ parametrizations when the exact mask is chosen.
 While the gates are attached, ``model.named_parameters()`` lists a targeted weight as
 ``<module>.parametrizations.weight.original`` (the same Parameter object the model's optimizer
 holds) and the gate's own tensors beside it; after ``harden`` the model has its plain names again.
+The model's *state dict* keeps the plain names throughout: while the gates are on it holds each
+targeted weight under ``<module>.weight`` (its ungated value) and no gate tensors (those are part
+of the sparsifier's own state), and ``load_state_dict`` accepts the plain names back. So a
+checkpoint written mid-gate-phase (a Hugging Face ``Trainer`` checkpoint, ``save_pretrained``)
+loads into the plain model, and a resumed run puts the gates back from the sparsifier state.
 """
 
 from __future__ import annotations
@@ -62,7 +67,42 @@ class GatedSparsifier(LearnedSparsifier):
             parametrize.register_parametrization(mod, attr, gate)
             self.gates[n] = gate
         self.gate_optimizer = torch.optim.Adam(self.gate_parameters(), lr=self.gate_lr)
+        def plain(*a: Any) -> None:  # a function: torch tags the hook, a bound method cannot be tagged
+            self._plain_state_dict(*a)
+
+        self._sd_handles = [
+            model.register_state_dict_post_hook(plain),
+            model.register_load_state_dict_pre_hook(self._gated_load_state_dict),
+        ]
         return masks
+
+    def _gated_keys(self, prefix: str) -> list[tuple[str, str, str, str]]:
+        """(weight name, plain key, parametrized key, gate-tensor key prefix) of every gated weight."""
+        out = []
+        for n in self.gates:
+            mod, _, attr = n.rpartition(".")
+            base = f"{prefix}{mod}." if mod else prefix
+            out.append((n, f"{base}{attr}", f"{base}parametrizations.{attr}.original",
+                        f"{base}parametrizations.{attr}.0."))
+        return out
+
+    def _plain_state_dict(self, module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+        """State-dict post-hook: plain weight names (ungated values), no gate tensors."""
+        keys = self._gated_keys(prefix)
+        rename = {orig: plain for _, plain, orig, _ in keys}
+        gate_prefixes = tuple(g for *_, g in keys)
+        items = [(rename.get(k, k), v) for k, v in state_dict.items() if not k.startswith(gate_prefixes)]
+        state_dict.clear()
+        state_dict.update(items)
+
+    def _gated_load_state_dict(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Load pre-hook: plain weight names go to the parametrization's ``original``; gate tensors
+        the state dict does not hold keep their current values (they load with the sparsifier)."""
+        for n, plain, orig, gate_prefix in self._gated_keys(prefix):
+            if plain in state_dict and orig not in state_dict:
+                state_dict[orig] = state_dict.pop(plain)
+                for k, v in self.gates[n].state_dict().items():
+                    state_dict.setdefault(gate_prefix + k, v)
 
     def _install_hooks(self) -> None:
         if self.optimizer is None:
@@ -86,6 +126,9 @@ class GatedSparsifier(LearnedSparsifier):
     def remove_gates(self) -> None:
         """Remove every parametrization; the weights keep their (ungated) values."""
         assert self.model is not None
+        for h in getattr(self, "_sd_handles", []):
+            h.remove()
+        self._sd_handles = []
         for n in list(self.gates):
             mod, attr = _owner(self.model, n)
             if parametrize.is_parametrized(mod, attr):

@@ -124,14 +124,15 @@ def SparsifierCallback(sparsifier: Sparsifier | Any, resume_from: str | None = N
                     optimizer = optimizer.optimizer
                 # attach() draws initial masks and zeros the weights outside them; on resume the
                 # Trainer has already loaded the checkpoint's weights: keep them exactly
-                kept = ({n: p.detach().clone() for n, p in model.named_parameters()}
-                        if resume is not None else None)
+                # (by Parameter object: gate methods rename the weights they parametrize, and
+                # their gates come back from the sparsifier state)
+                kept = [(p, p.detach().clone()) for p in model.parameters()] if resume is not None else []
                 sp.attach(model, optimizer, data=data)
                 if resume is not None:
                     sp.load_state_dict(resume)
                     with torch.no_grad():
-                        for n, p in model.named_parameters():
-                            p.copy_(kept[n])
+                        for p, value in kept:
+                            p.copy_(value)
                     return control
             if resume is not None:
                 sp.load_state_dict(resume)
