@@ -10,6 +10,13 @@ rounds of the same run. Thresholds: 16 calibration windows x 512 tokens (calibra
 
     .venv/bin/python benchmarks/activation_llm.py
     .venv/bin/python benchmarks/activation_llm.py --table
+    .venv/bin/python benchmarks/activation_llm.py --engine   # decode in the compiled DecodeEngine
+
+``--engine`` times both sides in :class:`~sparsetorch.inference.decode.DecodeEngine` (one call per
+token, no Python per layer): the dense model's engine against the row's engine built with the
+TEAL thresholds (``from_model(activation=...)``: matrices stored transposed, only the weights of
+live inputs read). WINA rows are not supported there (one mask per projection) and are skipped.
+Results go to ``activation_llm_engine.json``.
 
 Targets (issue 15): 40% activation sparsity >= 1.25x decode with perplexity <= 1.10x dense;
 50% weights + 40% activations >= 2.5x dense decode.
@@ -28,6 +35,7 @@ from _provenance import Run, load_average, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "activation_llm.json"
+RESULTS_ENGINE = ROOT / "benchmarks" / "results" / "activation_llm_engine.json"
 ROWS = ["teal@0.25", "teal@0.4", "teal@0.5", "wina@0.4", "sparsegpt50", "sparsegpt50+teal@0.4"]
 
 
@@ -50,6 +58,7 @@ def run(args: argparse.Namespace) -> dict:
     from sparsetorch.evaluate import perplexity
     from sparsetorch.inference import sparsify_for_inference
     from sparsetorch.inference.bench import paired_decode_tokens_per_s
+    from sparsetorch.inference.decode import DecodeEngine
 
     torch.set_num_threads(args.threads)
     dense, tok = load_causal_lm("smollm2", progress=False)
@@ -59,6 +68,7 @@ def run(args: argparse.Namespace) -> dict:
     ppl_dense = perplexity(dense, windows=e16, progress=False)
     out = {"ppl_dense": ppl_dense, "rows": []}
     print(f"dense E16 {ppl_dense:.3f}", flush=True)
+    dense_engine = DecodeEngine.from_model(dense) if args.engine else None
     for spec in args.rows:
         weights, _, act = spec.partition("+") if "+" in spec else ((spec, "", "") if spec.startswith("sparsegpt")
                                                                    else ("", "", spec))
@@ -73,17 +83,29 @@ def run(args: argparse.Namespace) -> dict:
             h.remove()
         else:
             ppl, measured = perplexity(model, windows=e16, progress=False), 0.0
-        rep = sparsify_for_inference(model, batch_size=1, activation=th)
-        tps_dense, tps = paired_decode_tokens_per_s(dense, model, prompt, args.repeats)
+        if args.engine:
+            if th is not None and th.criterion != "teal":
+                print(f"{spec:22s} skipped: the engine applies TEAL thresholds only", flush=True)
+                continue
+            eng = DecodeEngine.from_model(model, activation=th)
+            kernel_counts = {}
+            for lay in eng.layouts.values():
+                kernel_counts[lay] = kernel_counts.get(lay, 0) + 1
+            rep = None
+            tps_dense, tps = paired_decode_tokens_per_s(dense_engine, eng, prompt, args.repeats)
+        else:
+            rep = sparsify_for_inference(model, batch_size=1, activation=th)
+            kernel_counts = rep.kernel_counts()
+            tps_dense, tps = paired_decode_tokens_per_s(dense, model, prompt, args.repeats)
         row = {"row": spec, "weights": weights or "dense", "activation": act or None,
                "activation_sparsity_target": th.sparsity if th else 0.0, "activation_sparsity_measured": measured,
                "ppl": ppl, "ppl_ratio": ppl / ppl_dense, "dense_tokens_per_s": tps_dense, "tokens_per_s": tps,
-               "decode_speedup": tps / tps_dense, "kernel_counts": rep.kernel_counts(),
-               "model_check": None if rep.model_check is None else rep.model_check.to_dict(),
+               "decode_speedup": tps / tps_dense, "kernel_counts": kernel_counts,
+               "model_check": None if rep is None or rep.model_check is None else rep.model_check.to_dict(),
                "load": load_average()}
         out["rows"].append(row)
         print(f"{spec:22s} ppl {ppl:.2f} (x{ppl / ppl_dense:.3f}) zeros {measured:.3f} decode {tps:.1f} vs "
-              f"{tps_dense:.1f} (x{tps / tps_dense:.2f}) kernels {rep.kernel_counts()}", flush=True)
+              f"{tps_dense:.1f} (x{tps / tps_dense:.2f}) kernels {kernel_counts}", flush=True)
         del model
     return out
 
@@ -116,9 +138,12 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--results", type=Path, default=None,
+                    help=f"default {RESULTS.name}, or {RESULTS_ENGINE.name} with --engine")
     ap.add_argument("--table", action="store_true")
+    ap.add_argument("--engine", action="store_true", help="decode in the compiled DecodeEngine (both sides)")
     a = ap.parse_args()
+    a.results = a.results or (RESULTS_ENGINE if a.engine else RESULTS)
     if a.table:
         print(table(json.loads(a.results.read_text())))
         return
@@ -128,7 +153,9 @@ def main() -> None:
     data = run(a)
     data["_meta"] = prov.meta(model="SmolLM2-135M-Instruct fp32 (de-quantized GGUF)",
                               eval="E16 = first 16 windows x 512 of the evaluation half, every token sparsified",
-                              decode="batch 1, 64-token prompt, 32 new tokens, median of --repeats alternating runs",
+                              decode="batch 1, 64-token prompt, 32 new tokens, median of --repeats alternating runs"
+                              + (", both sides in the compiled DecodeEngine (fp32)" if a.engine else
+                                 ", PyTorch eager with sparsify_for_inference kernels"),
                               load_before=before)
     write_json(a.results, data)
     print(table(data))

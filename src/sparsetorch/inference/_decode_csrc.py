@@ -80,8 +80,13 @@ inline float scalar_at(const void* base, int64_t i) {
   else return static_cast<float>(static_cast<const int8_t*>(base)[i]);
 }
 
+// out/in/chunks/rp/masks/cols describe the *stored* matrix: W [out, in], or W^T when trans (then
+// the stored rows are the inputs). lo/li are the product's own output/input sizes either way.
+// thr >= 0: activation threshold on the input (an entry with |x_i| < thr counts as zero).
 struct Lin {
-  int64_t fmt = DENSE, dt = F32, out = 0, in = 0, chunks = 0;
+  int64_t fmt = DENSE, dt = F32, out = 0, in = 0, chunks = 0, lo = 0, li = 0;
+  bool trans = false;
+  float thr = -1.0f;
   torch::Tensor values, masks, cols, row_ptr, scales, bias;  // owners
   const void* v = nullptr;
   const uint16_t* m = nullptr;
@@ -94,13 +99,18 @@ struct Lin {
 bool defined_nonempty(const torch::Tensor& t) { return t.defined() && t.numel() > 0; }
 
 // deep: also check every row's non-zero count and column index (O(size); skipped for trusted packs)
-Lin make_lin(int64_t fmt, int64_t dt, int64_t out, int64_t in, torch::Tensor values, torch::Tensor masks,
-             torch::Tensor cols, torch::Tensor row_ptr, torch::Tensor scales, torch::Tensor bias, bool deep = true) {
+// out/in: the product's sizes (y[out] = W[out, in] x); with trans the tensors hold W^T [in, out]
+Lin make_lin(int64_t fmt, int64_t dt, int64_t lout, int64_t lin_, torch::Tensor values, torch::Tensor masks,
+             torch::Tensor cols, torch::Tensor row_ptr, torch::Tensor scales, torch::Tensor bias, bool deep = true,
+             bool trans = false, double thr = -1.0) {
   TORCH_CHECK(fmt >= DENSE && fmt <= CSR, "unknown weight format ", fmt);
   TORCH_CHECK(dt >= F32 && dt <= I8, "unknown value dtype ", dt);
   static const c10::ScalarType want[4] = {torch::kFloat32, torch::kFloat16, torch::kBFloat16, torch::kInt8};
   Lin L;
+  const int64_t out = trans ? lin_ : lout, in = trans ? lout : lin_;  // the stored matrix
   L.fmt = fmt; L.dt = dt; L.out = out; L.in = in; L.chunks = (in + 15) / 16;
+  L.lo = lout; L.li = lin_; L.trans = trans; L.thr = static_cast<float>(thr);
+  TORCH_CHECK(!trans || in <= 65536 || fmt != CSR, "csr holds at most 65536 columns");
   TORCH_CHECK(values.device().is_cpu() && values.is_contiguous() && values.scalar_type() == want[dt],
               "values must be a contiguous CPU tensor of dtype ", c10::toString(want[dt]));
   L.values = values; L.v = values.data_ptr();
@@ -135,11 +145,11 @@ Lin make_lin(int64_t fmt, int64_t dt, int64_t out, int64_t in, torch::Tensor val
   }
   if (dt == I8) {
     TORCH_CHECK(scales.defined() && scales.scalar_type() == torch::kFloat32 && scales.is_contiguous() &&
-                scales.numel() == out, "int8 values need float32 scales, one per output row");
+                scales.numel() == lout, "int8 values need float32 scales, one per output row");
     L.scales = scales; L.s = scales.data_ptr<float>();
   }
   if (defined_nonempty(bias)) {
-    TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == out,
+    TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.is_contiguous() && bias.numel() == lout,
                 "bias must be contiguous float32 of length out");
     L.bias = bias; L.b = bias.data_ptr<float>();
   }
@@ -556,7 +566,149 @@ void matmul_f(const Lin& L, const float* x, int64_t B, float* y, bool serial) {
   }
 }
 
+// ---------------------------------------------------------------- activation-sparse (transposed) products
+// acc[0 .. L.in) += a * (stored row i): one input's weights to every output
+template <int F, int D>
+inline void axpy_row(const Lin& L, int64_t i, float a, float* acc) {
+  const int64_t n = L.in;
+  if constexpr (F == CSR) {
+    for (int64_t k = L.rp[i]; k < L.rp[i + 1]; ++k) acc[L.c[k]] += a * scalar_at<D>(L.v, k);
+    return;
+  }
+#if defined(__AVX512F__)
+  const __m512 av = _mm512_set1_ps(a);
+  if constexpr (F == DENSE) {
+    const int64_t off = i * n;
+    int64_t o = 0;
+    for (; o + 16 <= n; o += 16)
+      _mm512_storeu_ps(acc + o, _mm512_fmadd_ps(av, load16<D>(L.v, off + o), _mm512_loadu_ps(acc + o)));
+    if (o < n) {
+      const __mmask16 k = static_cast<__mmask16>((1u << (n - o)) - 1u);
+      _mm512_mask_storeu_ps(acc + o, k, _mm512_fmadd_ps(av, load16_tail<D>(L.v, off + o, k), _mm512_maskz_loadu_ps(k, acc + o)));
+    }
+  } else {
+    const uint16_t* m = L.m + i * L.chunks;
+    int64_t p = L.rp[i];
+    const int64_t full = n / 16;
+    int64_t c = 0;
+    for (; c < full; ++c) {
+      const __mmask16 mk = m[c];
+      if (mk) {
+        _mm512_storeu_ps(acc + 16 * c, _mm512_fmadd_ps(av, expand16<D>(L.v, p, mk), _mm512_loadu_ps(acc + 16 * c)));
+        p += __builtin_popcount(mk);
+      }
+    }
+    if (n % 16) {
+      const __mmask16 k = static_cast<__mmask16>((1u << (n % 16)) - 1u);
+      const __mmask16 mk = m[c];
+      _mm512_mask_storeu_ps(acc + 16 * c, k, _mm512_fmadd_ps(av, expand16<D>(L.v, p, mk), _mm512_maskz_loadu_ps(k, acc + 16 * c)));
+    }
+  }
+#else
+  if constexpr (F == DENSE) {
+    const int64_t off = i * n;
+    for (int64_t o = 0; o < n; ++o) acc[o] += a * scalar_at<D>(L.v, off + o);
+  } else {
+    const uint16_t* m = L.m + i * L.chunks;
+    int64_t p = L.rp[i];
+    for (int64_t c = 0; c < L.chunks; ++c) {
+      uint32_t mm = m[c];
+      while (mm) {
+        const int j = __builtin_ctz(mm);
+        acc[16 * c + j] += a * scalar_at<D>(L.v, p++);
+        mm &= mm - 1;
+      }
+    }
+  }
+#endif
+}
+
+// x with the entries below the threshold zeroed (TEAL: keep |x_i| >= thr)
+void threshold_copy(const Lin& L, const float* x, int64_t B, std::vector<float>& buf) {
+  buf.resize(B * L.li);
+  const float t = L.thr;
+  for (int64_t k = 0; k < B * L.li; ++k) buf[k] = std::fabs(x[k]) >= t ? x[k] : 0.0f;
+}
+
+// y = W x for W stored transposed: at one input row only the stored rows of live inputs are read
+// (one per non-zero input at or above the threshold), split across threads by input, each thread
+// adding into its own accumulator row; several input rows (prefill) decode W^T once and use mm.
+template <int F, int D>
+void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial) {
+  const int64_t lo = L.lo, li = L.li;
+  if (B == 1) {
+    std::vector<int32_t> live;
+    std::vector<float> xl;
+    live.reserve(li); xl.reserve(li);
+    const float t = L.thr;
+    for (int64_t i = 0; i < li; ++i) {
+      const float a = x[i];
+      if (a != 0.0f && std::fabs(a) >= t) { live.push_back(static_cast<int32_t>(i)); xl.push_back(a); }
+    }
+    const int64_t n = static_cast<int64_t>(live.size());
+    const int64_t nt = at::get_num_threads();
+    const int64_t per_row = F == DENSE ? lo : std::max<int64_t>(1, L.rp[L.out] / std::max<int64_t>(L.out, 1));
+    const bool one = serial || nt <= 1 || at::in_parallel_region() || n * per_row < 32768;
+    const int64_t parts = one ? 1 : std::min<int64_t>(nt, n);
+    std::vector<float> accs(std::max<int64_t>(parts, 1) * lo, 0.0f);
+    float* ap = accs.data();
+    const int32_t* lv = live.data();
+    const float* xv = xl.data();
+    auto part = [&, ap, lv, xv](int64_t q) {
+      float* acc = ap + q * lo;
+      const int64_t k0 = n * q / parts, k1 = n * (q + 1) / parts;
+      for (int64_t k = k0; k < k1; ++k) axpy_row<F, D>(L, lv[k], xv[k], acc);
+    };
+    if (parts <= 1) part(0); else pool_run(nt, parts, part);
+    for (int64_t o = 0; o < lo; ++o) {
+      float s = ap[o];
+      for (int64_t q = 1; q < parts; ++q) s += ap[q * lo + o];
+      if constexpr (D == I8) s *= L.s[o];
+      y[o] = s + (L.b ? L.b[o] : 0.0f);
+    }
+    return;
+  }
+  torch::Tensor W;
+  if constexpr (F == DENSE && D == F32) {
+    W = torch::from_blob(const_cast<void*>(L.v), {li, lo}, torch::kFloat32);
+  } else {
+    W = torch::empty({li, lo}, torch::kFloat32);
+    float* wp = W.data_ptr<float>();
+    at::parallel_for(0, li, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) decode_row<F, D>(L, r, wp + r * lo);
+    });
+  }
+  std::vector<float> xt;
+  const float* xs = x;
+  if (L.thr >= 0.0f) { threshold_copy(L, x, B, xt); xs = xt.data(); }
+  auto X = torch::from_blob(const_cast<float*>(xs), {B, li}, torch::kFloat32);
+  auto Y = torch::from_blob(y, {B, lo}, torch::kFloat32);
+  at::mm_out(Y, X, W);
+  if constexpr (D == I8) Y.mul_(torch::from_blob(const_cast<float*>(L.s), {lo}, torch::kFloat32));
+  if (L.b) Y.add_(torch::from_blob(const_cast<float*>(L.b), {lo}, torch::kFloat32));
+}
+
+template <int F>
+void matmul_trans_f(const Lin& L, const float* x, int64_t B, float* y, bool serial) {
+  switch (L.dt) {
+    case F32: matmul_trans<F, F32>(L, x, B, y, serial); break;
+    case F16: matmul_trans<F, F16>(L, x, B, y, serial); break;
+    case BF16: matmul_trans<F, BF16>(L, x, B, y, serial); break;
+    default: matmul_trans<F, I8>(L, x, B, y, serial); break;
+  }
+}
+
 void lin_matmul(const Lin& L, const float* x, int64_t B, float* y, bool serial = false) {
+  if (L.trans) {
+    switch (L.fmt) {
+      case DENSE: matmul_trans_f<DENSE>(L, x, B, y, serial); break;
+      case BITMASK: matmul_trans_f<BITMASK>(L, x, B, y, serial); break;
+      default: matmul_trans_f<CSR>(L, x, B, y, serial); break;
+    }
+    return;
+  }
+  std::vector<float> xt;
+  if (L.thr >= 0.0f) { threshold_copy(L, x, B, xt); x = xt.data(); }
   switch (L.fmt) {
     case DENSE: matmul_f<DENSE>(L, x, B, y, serial); break;
     case BITMASK: matmul_f<BITMASK>(L, x, B, y, serial); break;
@@ -566,7 +718,7 @@ void lin_matmul(const Lin& L, const float* x, int64_t B, float* y, bool serial =
 
 // one row of a dense weight as fp32 times its scale (embedding lookup)
 void lin_row(const Lin& L, int64_t r, float* out) {
-  TORCH_CHECK(L.fmt == DENSE, "embedding must be dense");
+  TORCH_CHECK(L.fmt == DENSE && !L.trans, "embedding must be dense");
   TORCH_CHECK(r >= 0 && r < L.out, "token id ", r, " out of range [0, ", L.out, ")");
   switch (L.dt) {
     case F32: decode_row<DENSE, F32>(L, r, out); break;
@@ -599,11 +751,11 @@ inline double now_s() {
 // ---------------------------------------------------------------- standalone product (tests, SparseLinear)
 torch::Tensor lowbit_matmul(torch::Tensor x, int64_t fmt, int64_t dt, int64_t out, torch::Tensor values,
                             torch::Tensor masks, torch::Tensor cols, torch::Tensor row_ptr, torch::Tensor scales,
-                            c10::optional<torch::Tensor> bias, bool serial, bool check) {
+                            c10::optional<torch::Tensor> bias, bool serial, bool check, bool trans, double threshold) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(),
               "x must be a contiguous 2-D float32 CPU tensor");
   torch::Tensor b = bias.has_value() ? *bias : torch::Tensor();
-  Lin L = make_lin(fmt, dt, out, x.size(1), values, masks, cols, row_ptr, scales, b, check);
+  Lin L = make_lin(fmt, dt, out, x.size(1), values, masks, cols, row_ptr, scales, b, check, trans, threshold);
   auto y = torch::empty({x.size(0), out}, x.options());
   if (x.size(0) > 0) lin_matmul(L, x.data_ptr<float>(), x.size(0), y.data_ptr<float>(), serial);
   return y;
@@ -622,9 +774,10 @@ struct Engine {
   double t_linear = 0.0, t_attn = 0.0, t_total = 0.0;
   int64_t calls = 0;
 
-  // tensors: [embed x6, head x6, final_norm, then per layer: ln1, ln2, qkv x6, o x6, gu x6, down x6]
+  // tensors: [embed x7, head x7, final_norm, then per layer: ln1, ln2, qkv x7, o x7, gu x7, down x7]
+  //          (per Lin: values, masks, cols, row_ptr, scales, bias, threshold: float32 [1] or empty)
   // ints: [n_layers, hidden, n_heads, n_kv, head_dim, vocab, inter, then per Lin (embed, head, per layer
-  //        qkv, o, gu, down): fmt, dt, out, in]
+  //        qkv, o, gu, down): fmt, dt, out, in, transposed]
   Engine(std::vector<torch::Tensor> t, std::vector<int64_t> meta, double eps_) : eps(eps_) {
     n_layers = meta[0]; hidden = meta[1]; n_heads = meta[2]; n_kv = meta[3]; head_dim = meta[4];
     vocab = meta[5]; inter = meta[6];
@@ -633,15 +786,20 @@ struct Engine {
     size_t ti = 0, mi = 7;
     auto next_lin = [&]() {
       const int64_t fmt = meta[mi], dt = meta[mi + 1], out = meta[mi + 2], in = meta[mi + 3];
-      mi += 4;
-      Lin L = make_lin(fmt, dt, out, in, t[ti], t[ti + 1], t[ti + 2], t[ti + 3], t[ti + 4], t[ti + 5]);
-      ti += 6;
+      const bool trans = meta[mi + 4] != 0;
+      mi += 5;
+      const torch::Tensor& th = t[ti + 6];
+      TORCH_CHECK(!th.defined() || th.numel() == 0 || (th.numel() == 1 && th.scalar_type() == torch::kFloat32),
+                  "a threshold must be one float32 value");
+      const double thr = defined_nonempty(th) ? static_cast<double>(th.item<float>()) : -1.0;
+      Lin L = make_lin(fmt, dt, out, in, t[ti], t[ti + 1], t[ti + 2], t[ti + 3], t[ti + 4], t[ti + 5], true, trans, thr);
+      ti += 7;
       return L;
     };
     embed = next_lin();
-    TORCH_CHECK(embed.out == vocab && embed.in == hidden, "embedding shape mismatch");
+    TORCH_CHECK(embed.lo == vocab && embed.li == hidden && !embed.trans, "embedding shape mismatch");
     head = next_lin();
-    TORCH_CHECK(head.out == vocab && head.in == hidden, "head shape mismatch");
+    TORCH_CHECK(head.lo == vocab && head.li == hidden, "head shape mismatch");
     final_norm = t[ti++];
     const int64_t qkv_out = (n_heads + 2 * n_kv) * head_dim;
     for (int64_t l = 0; l < n_layers; ++l) {
@@ -650,10 +808,10 @@ struct Engine {
                   ln1.back().scalar_type() == torch::kFloat32 && ln2.back().scalar_type() == torch::kFloat32,
                   "norm weights must be float32 of length hidden");
       qkv.push_back(next_lin()); o.push_back(next_lin()); gu.push_back(next_lin()); down.push_back(next_lin());
-      TORCH_CHECK(qkv.back().out == qkv_out && qkv.back().in == hidden, "qkv shape mismatch in layer ", l);
-      TORCH_CHECK(o.back().out == hidden && o.back().in == n_heads * head_dim, "o_proj shape mismatch in layer ", l);
-      TORCH_CHECK(gu.back().out == 2 * inter && gu.back().in == hidden, "gate/up shape mismatch in layer ", l);
-      TORCH_CHECK(down.back().out == hidden && down.back().in == inter, "down_proj shape mismatch in layer ", l);
+      TORCH_CHECK(qkv.back().lo == qkv_out && qkv.back().li == hidden, "qkv shape mismatch in layer ", l);
+      TORCH_CHECK(o.back().lo == hidden && o.back().li == n_heads * head_dim, "o_proj shape mismatch in layer ", l);
+      TORCH_CHECK(gu.back().lo == 2 * inter && gu.back().li == hidden, "gate/up shape mismatch in layer ", l);
+      TORCH_CHECK(down.back().lo == hidden && down.back().li == inter, "down_proj shape mismatch in layer ", l);
     }
     TORCH_CHECK(ti == t.size() && mi == meta.size(), "engine: unexpected number of tensors or ints");
   }
@@ -809,7 +967,8 @@ bool has_expand() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowbit_matmul", &lowbit_matmul, "y = x @ W.T (* scale) + b for a dense/bitmask/csr weight in fp32/fp16/bf16/int8",
         py::arg("x"), py::arg("fmt"), py::arg("dt"), py::arg("out"), py::arg("values"), py::arg("masks"),
-        py::arg("cols"), py::arg("row_ptr"), py::arg("scales"), py::arg("bias"), py::arg("serial") = false, py::arg("check") = true);
+        py::arg("cols"), py::arg("row_ptr"), py::arg("scales"), py::arg("bias"), py::arg("serial") = false, py::arg("check") = true,
+        py::arg("trans") = false, py::arg("threshold") = -1.0);
   m.def("has_avx512", &has_avx512);
   m.def("has_expand", &has_expand);
   py::class_<Engine>(m, "Engine")

@@ -100,8 +100,18 @@ def decode_runs(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int = 32
     """Greedy token-by-token decode speed of each of ``repeats`` runs (tokens/s, prefill excluded).
 
     ``prompt_ids`` is ``[1, T]``. Each step feeds one token with the KV cache, so every Linear
-    sees a batch of one row: the regime sparse CPU kernels are built for.
+    sees a batch of one row: the regime sparse CPU kernels are built for. ``model`` may also be a
+    :class:`~sparsetorch.inference.decode.DecodeEngine` (timed from its first generated token).
     """
+    from .decode import DecodeEngine
+
+    if isinstance(model, DecodeEngine):  # one call per token; the first token comes out of the prefill
+        runs = []
+        for _ in range(max(1, repeats)):
+            stamps: list[float] = []
+            model.generate(prompt_ids, new_tokens + 1, on_token=lambda _t, s=stamps: s.append(time.perf_counter()))
+            runs.append(new_tokens / (stamps[-1] - stamps[0]))
+        return runs
     # transformers >= 5.24 names the KV cache ``cache`` (``past_key_values`` is deprecated and
     # goes in 5.40); older releases only know ``past_key_values``
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

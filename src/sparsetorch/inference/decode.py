@@ -133,6 +133,50 @@ def _weight(mod: nn.Module) -> tuple[Tensor, Tensor | None]:
     return w.cpu().contiguous(), None if b is None else b.cpu().contiguous()
 
 
+#: the engine's fused matrices and the projections that share each one's input
+_FUSED = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn", ("o_proj",)),
+          "gate_up": ("mlp", ("gate_proj", "up_proj")), "down": ("mlp", ("down_proj",))}
+
+
+def _fused_thresholds(model: nn.Module, layers: list[nn.Module], activation: Any) -> dict[str, float]:
+    """``{"layers.i.qkv": t, ...}``: the one TEAL threshold of each fused matrix's input.
+
+    Raises :class:`ModelError` for WINA thresholds (one mask per projection, not per input), for
+    thresholds that differ within q/k/v or gate/up, cover only some of them, or name a module
+    that is not a decoder projection; :class:`DataError` for a name the model does not have."""
+    from ..activation.thresholds import ActivationThresholds
+
+    if not isinstance(activation, ActivationThresholds):
+        raise ModelError(f"activation must be ActivationThresholds (calibrate_thresholds), got {type(activation).__name__}.")
+    if activation.criterion != "teal":
+        raise ModelError(f"the decode engine applies TEAL thresholds (|x| against one threshold per input); "
+                         f"{activation.criterion!r} weighs each input by its weight column, which differs between "
+                         "the fused q/k/v (and gate/up). Use apply_thresholds with the PyTorch path for it.")
+    names = {id(m): n for n, m in model.named_modules()}
+    remaining = dict(activation.thresholds)
+    for n in remaining:
+        try:
+            model.get_submodule(n)
+        except AttributeError:
+            raise DataError(f"the thresholds name {n!r}, which this model does not have: they were calibrated "
+                            "on another architecture.") from None
+    out: dict[str, float] = {}
+    for i, layer in enumerate(layers):
+        for key, (parent, projs) in _FUSED.items():
+            members = [names[id(getattr(getattr(layer, parent), p))] for p in projs]
+            got = {m: remaining.pop(m) for m in members if m in remaining}
+            if not got:
+                continue
+            if len(got) != len(members) or len(set(got.values())) != 1:
+                raise ModelError(f"layer {i}: {', '.join(members)} share one input, so the engine needs one "
+                                 f"threshold for all of them; got {got or 'none'} (calibrate them together).")
+            out[f"layers.{i}.{key}"] = float(next(iter(got.values())))
+    if remaining:
+        raise ModelError(f"thresholds on {', '.join(sorted(remaining)[:3])} are not on decoder projections; the "
+                         "engine applies thresholds to q/k/v, o, gate/up and down only.")
+    return out
+
+
 def _cat_bias(mods: list[tuple[Tensor, Tensor | None]]) -> Tensor | None:
     if all(b is None for _, b in mods):
         return None
@@ -248,8 +292,16 @@ class DecodeEngine:
         *,
         head_dtype: str | None = None,
         layout: str = "auto",
+        activation: Any = None,
     ) -> DecodeEngine:
         """Pack ``model``'s weights (``nn.Linear`` or :class:`SparseLinear` layers) into an engine.
+
+        ``activation``: TEAL thresholds (:class:`~sparsetorch.activation.ActivationThresholds`,
+        criterion ``teal``, from ``calibrate_thresholds`` on this model, *not* installed as hooks):
+        every matrix whose input has a threshold is stored transposed and, at one token, reads
+        only the weights of the inputs at or above it (prefill applies the same thresholds, as
+        the hooks of :func:`~sparsetorch.activation.apply_thresholds` do). q/k/v and gate/up
+        share an input, so their thresholds must be equal (TEAL's are: one quantile of one tensor).
 
         Raises :class:`~sparsetorch.errors.ModelError` naming the reason when the model is not
         supported (see :func:`decode_support`) and
@@ -263,11 +315,13 @@ class DecodeEngine:
         packs: dict[str, LowbitWeight] = {}
         biases: dict[str, Tensor | None] = {}
         layouts: dict[str, str] = {}
+        thr = _fused_thresholds(model, layers, activation) if activation is not None else {}
 
         def packed(name: str, w: Tensor, dt: str, lay: str | None = None) -> None:
             chosen = lay or (choose_layout(w, dt) if layout == "auto" else layout)
-            layouts[name] = chosen
-            packs[name] = pack_lowbit(w, chosen, dt)
+            t = thr.get(name)
+            layouts[name] = chosen if t is None else f"{chosen}-t"
+            packs[name] = pack_lowbit(w, chosen, dt, transposed=t is not None, threshold=t)
 
         def f32(t: Tensor) -> Tensor:
             return t.detach().float().cpu().contiguous()
@@ -291,6 +345,9 @@ class DecodeEngine:
                     biases[f"layers.{i}.{key}"] = _cat_bias(mats)
         config = {"model_type": cfg.model_type, **dims, "dtype": dtype, "head_dtype": head_dtype, "layout": layout,
                   "tied_embeddings": bool(tied)}
+        if activation is not None:
+            config["activation"] = {"criterion": activation.criterion, "sparsity": float(activation.sparsity),
+                                    "matrices": len(thr)}
         eng = cls._assemble(ext, config, eps, packs, biases, norms, layouts, dict.fromkeys(packs, "packed"))
         eng._rope_fn = _rope_fn(base.rotary_emb)
         gc = getattr(model, "generation_config", None)
@@ -420,8 +477,9 @@ class DecodeEngine:
 
         def add(p: LowbitWeight, bias: Tensor | None) -> None:
             fmt, dt = p.codes()
-            meta.extend([fmt, dt, p.out_features, p.in_features])
-            tensors.extend(p.tensors() + [bias if bias is not None else empty])
+            meta.extend([fmt, dt, p.out_features, p.in_features, int(p.transposed)])
+            thr = empty if p.threshold is None else torch.tensor([p.threshold], dtype=torch.float32)
+            tensors.extend(p.tensors() + [bias if bias is not None else empty, thr])
 
         add(packs["embed"], None)
         add(packs.get("lm_head", packs["embed"]), None)

@@ -22,6 +22,12 @@ Layouts (``in`` inputs, ``nnz`` non-zeros, ``b`` bytes per value):
 ``csr``     ``cols int16`` (uint16 bits), values,    ``nnz * (b + 2) + 8 (out+1)``
             ``row_ptr int64``
 =========== ======================================== ==========================================
+
+**Transposed** (``transposed=True``): the same layouts over ``W.T [in, out]`` (the stored rows are
+the inputs; int8 scales stay one per output). At one input row the engine then reads only the
+stored rows of the inputs that are non-zero -- the activation-sparse product (TEAL): with a
+``threshold`` the inputs below it count as zero. Bytes: the table with ``out`` and ``in``
+swapped (scales still ``out * 4``).
 """
 
 from __future__ import annotations
@@ -103,6 +109,10 @@ class LowbitWeight:
     cols: Tensor = _EMPTY
     row_ptr: Tensor = _EMPTY
     scales: Tensor = _EMPTY
+    #: the tensors hold ``W.T`` (rows = inputs): the activation-sparse product
+    transposed: bool = False
+    #: activation threshold on the input (TEAL ``|x_i| >= t`` kept), applied inside the kernel
+    threshold: float | None = None
 
     def tensors(self) -> list[Tensor]:
         """``[values, masks, cols, row_ptr, scales]`` in the order the engine reads them."""
@@ -119,30 +129,35 @@ class LowbitWeight:
 
 
 def pack_lowbit(weight: Tensor, layout: str = "bitmask", dtype: str = "fp32", *,
-                mask: Tensor | None = None) -> LowbitWeight:
+                mask: Tensor | None = None, transposed: bool = False, threshold: float | None = None) -> LowbitWeight:
     """Pack a 2-D ``[out, in]`` weight (any float dtype; read as fp32) into ``layout`` with ``dtype`` values.
 
     The stored positions are the weight's non-zeros before rounding (pruned zeros are never
     stored), or ``mask`` (bool ``[out, in]``, True = stored) when given -- e.g. the stored
     positions of a checkpoint, which keep a weight whose int8 value rounded to zero. The weight
-    must be zero wherever ``mask`` is False.
+    must be zero wherever ``mask`` is False. ``transposed`` stores ``W.T`` (see the module doc) and
+    ``threshold`` (>= 0) is the input's activation threshold the kernel applies.
     """
     _check_layout(layout)
     check_value_dtype(dtype)
     if weight.dim() != 2:
         raise ModelError(f"pack_lowbit needs a 2-D [out, in] weight, got shape {tuple(weight.shape)}.")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
+        raise MethodError(f"an activation threshold must be a number >= 0, got {threshold!r}.")
     w = weight.detach().to("cpu", torch.float32)
     out, inn = w.shape
-    if layout == "csr" and inn > 65536:
-        raise ModelError("the csr layout holds at most 65536 input features (uint16 column index); use bitmask.")
+    if layout == "csr" and (out if transposed else inn) > 65536:
+        raise ModelError("the csr layout holds at most 65536 stored columns (uint16 column index); use bitmask.")
     scales = _EMPTY
     if dtype == "int8":
         q, scales = quantize_int8(w)
         vals_full = q
     else:
         vals_full = w.to(_TORCH_DTYPE[dtype])
+    extra = {"transposed": bool(transposed), "threshold": None if threshold is None else float(threshold)}
     if layout == "dense":
-        return LowbitWeight(layout, dtype, out, inn, vals_full.contiguous(), scales=scales)
+        vals = vals_full.t() if transposed else vals_full
+        return LowbitWeight(layout, dtype, out, inn, vals.contiguous(), scales=scales, **extra)
     if mask is None:
         nz = w != 0
     else:
@@ -151,37 +166,43 @@ def pack_lowbit(weight: Tensor, layout: str = "bitmask", dtype: str = "fp32", *,
             raise ModelError(f"pack_lowbit: mask shape {tuple(nz.shape)} differs from the weight's {(out, inn)}.")
         if bool((w[~nz] != 0).any()):
             raise ModelError("pack_lowbit: the weight is non-zero where the mask says pruned; apply the mask first.")
+    rows, ncols = (inn, out) if transposed else (out, inn)  # the stored matrix
+    if transposed:
+        nz, vals_full = nz.t(), vals_full.t()
     if layout == "bitmask":
-        chunks = (inn + 15) // 16
-        nzp = torch.zeros(out, chunks * 16, dtype=torch.bool)
-        nzp[:, :inn] = nz
+        chunks = (ncols + 15) // 16
+        nzp = torch.zeros(rows, chunks * 16, dtype=torch.bool)
+        nzp[:, :ncols] = nz
         shifts = torch.arange(16, dtype=torch.int32)
-        bits = (nzp.view(out, chunks, 16).to(torch.int32) << shifts).sum(-1)
+        bits = (nzp.view(rows, chunks, 16).to(torch.int32) << shifts).sum(-1)
         masks = torch.where(bits >= 32768, bits - 65536, bits).to(torch.int16).contiguous()
         return LowbitWeight(layout, dtype, out, inn, vals_full[nz].contiguous(), masks=masks,
-                            row_ptr=_row_ptr(nz.sum(1)), scales=scales)
+                            row_ptr=_row_ptr(nz.sum(1)), scales=scales, **extra)
     cols = nz.nonzero()[:, 1].to(torch.int32)
     cols = torch.where(cols >= 32768, cols - 65536, cols).to(torch.int16).contiguous()
     return LowbitWeight(layout, dtype, out, inn, vals_full[nz].contiguous(), cols=cols,
-                        row_ptr=_row_ptr(nz.sum(1)), scales=scales)
+                        row_ptr=_row_ptr(nz.sum(1)), scales=scales, **extra)
 
 
 def unpack_lowbit(p: LowbitWeight) -> Tensor:
     """The dense fp32 ``[out, in]`` weight a packed one stands for (values times scales)."""
     vals = p.values.to(torch.float32)
+    nr, nc = (p.in_features, p.out_features) if p.transposed else (p.out_features, p.in_features)
     if p.layout == "dense":
-        w = vals.view(p.out_features, p.in_features).clone()
+        w = vals.view(nr, nc).clone()
     else:
-        w = torch.zeros(p.out_features, p.in_features, dtype=torch.float32)
-        rows = torch.repeat_interleave(torch.arange(p.out_features), p.row_ptr.diff())
+        w = torch.zeros(nr, nc, dtype=torch.float32)
+        rows = torch.repeat_interleave(torch.arange(nr), p.row_ptr.diff())
         if p.layout == "bitmask":
-            chunks = (p.in_features + 15) // 16
+            chunks = (nc + 15) // 16
             bits = (p.masks.to(torch.int32) & 0xFFFF)[:, :, None] >> torch.arange(16, dtype=torch.int32)
-            nz = (bits & 1).bool().view(p.out_features, chunks * 16)[:, : p.in_features]
+            nz = (bits & 1).bool().view(nr, chunks * 16)[:, :nc]
             w[nz] = vals
         else:
             cols = p.cols.to(torch.int64) & 0xFFFF
             w[rows, cols] = vals
+    if p.transposed:
+        w = w.t().contiguous()
     if p.dtype == "int8":
         w *= p.scales[:, None]
     return w
@@ -231,5 +252,6 @@ def lowbit_matmul(x: Tensor, p: LowbitWeight, bias: Tensor | None = None, *, ser
             + "); install a C++ compiler (g++) or use fp32 dense weights."
         )
     fmt, dt = p.codes()
+    thr = -1.0 if p.threshold is None else float(p.threshold)
     return ext.lowbit_matmul(x.contiguous(), fmt, dt, p.out_features, p.values, p.masks, p.cols, p.row_ptr,
-                             p.scales, bias, serial, check)
+                             p.scales, bias, serial, check, p.transposed, thr)

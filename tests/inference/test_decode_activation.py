@@ -1,0 +1,101 @@
+"""TEAL activation sparsity inside the decode engine: the transposed kernels read only the weights
+of live inputs and give what the PyTorch model with the same thresholds (as hooks) gives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sparsetorch.activation import ActivationThresholds, apply_thresholds, calibrate_thresholds  # noqa: E402
+from sparsetorch.errors import DataError, ModelError  # noqa: E402
+from sparsetorch.inference._decode_ext import get_decode_extension  # noqa: E402
+from sparsetorch.inference.decode import DecodeEngine  # noqa: E402
+from sparsetorch.inference.lowbit import pack_lowbit, unpack_lowbit  # noqa: E402
+
+pytestmark = pytest.mark.skipif(get_decode_extension() is None, reason="compiled decode extension unavailable")
+
+from test_decode import hf_greedy, prompt, prune_half, tiny_llama  # noqa: E402
+
+
+def _thresholds(model: torch.nn.Module, sparsity: float = 0.4, criterion: str = "teal") -> ActivationThresholds:
+    calib = torch.randint(0, 300, (4, 32), generator=torch.Generator().manual_seed(7))
+    return calibrate_thresholds(model, sparsity, calibration=calib, num_samples=4, seq_len=32, batch_size=2,
+                                criterion=criterion)
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_engine_with_thresholds_equals_the_hooked_model(pruned: bool) -> None:
+    model = tiny_llama(seed=21)
+    if pruned:
+        prune_half(model)
+    th = _thresholds(model)
+    eng = DecodeEngine.from_model(model, activation=th)
+    lays = {v for k, v in eng.layouts.items() if k.startswith("layers")}
+    assert lays == ({"bitmask-t"} if pruned else {"dense-t"})
+    assert eng.config["activation"]["matrices"] == 3 * 4
+    ids = prompt(seed=22, n=12)
+    handle = apply_thresholds(model, th)
+    try:
+        ref = hf_greedy(model, ids, 30)
+        with torch.no_grad():
+            hl = model(ids).logits[0]
+        assert handle.measured_sparsity > 0.2  # the thresholds do zero inputs
+    finally:
+        handle.remove()
+    assert torch.allclose(eng.logits(ids[0]), hl, atol=1e-4, rtol=1e-4)  # prefill: thresholds applied too
+    assert torch.equal(eng.generate(ids, 30), ref)  # one token at a time: the skipping kernels
+    # without thresholds the tokens differ: the test sees the thresholds
+    assert not torch.equal(DecodeEngine.from_model(model).generate(ids, 30), ref)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_low_bit_transposed_engine_matches_the_untransposed_one(dtype: str) -> None:
+    """Same rounded values in both storages: the logits of the two layouts agree to fp32 round-off."""
+    model = tiny_llama(seed=23)
+    th = _thresholds(model, 0.5)
+    ids = prompt(seed=24, n=10)
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in rounded.named_parameters():
+            if p.dim() == 2 and "layers" in n:
+                p.copy_(unpack_lowbit(pack_lowbit(p, "dense", dtype)))
+    handle = apply_thresholds(rounded, th)
+    try:
+        with torch.no_grad():
+            hl = rounded(ids).logits[0]
+    finally:
+        handle.remove()
+    eng = DecodeEngine.from_model(model, dtype, head_dtype="fp32", activation=th)
+    assert torch.allclose(eng.logits(ids[0]), hl, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_thresholds_are_typed_errors() -> None:
+    model = tiny_llama(seed=25)
+    th = _thresholds(model)
+    with pytest.raises(ModelError, match="TEAL"):
+        DecodeEngine.from_model(model, activation=_thresholds(model, criterion="wina"))
+    q = next(n for n in th.thresholds if n.endswith("layers.0.self_attn.q_proj"))
+    uneven = ActivationThresholds(th.sparsity, "teal", {**th.thresholds, q: th.thresholds[q] * 2})
+    with pytest.raises(ModelError, match="share one input"):
+        DecodeEngine.from_model(model, activation=uneven)
+    partial = ActivationThresholds(th.sparsity, "teal", {k: v for k, v in th.thresholds.items() if k != q})
+    with pytest.raises(ModelError, match="share one input"):
+        DecodeEngine.from_model(model, activation=partial)
+    with pytest.raises(ModelError, match="not on decoder projections"):
+        DecodeEngine.from_model(model, activation=ActivationThresholds(0.4, "teal", {**th.thresholds, "lm_head": 0.1}))
+    with pytest.raises(DataError, match="does not have"):
+        DecodeEngine.from_model(model, activation=ActivationThresholds(0.4, "teal", {"model.nope": 0.1}))
+    with pytest.raises(ModelError, match="ActivationThresholds"):
+        DecodeEngine.from_model(model, activation={"a": 1.0})
+
+
+def test_decode_runs_times_an_engine_from_its_first_token() -> None:
+    from sparsetorch.inference.bench import decode_runs
+
+    eng = DecodeEngine.from_model(tiny_llama(seed=26))
+    runs = decode_runs(eng, prompt(seed=27), new_tokens=5, repeats=2)
+    assert len(runs) == 2 and all(r > 0 for r in runs)
