@@ -623,6 +623,63 @@ inline void axpy_row(const Lin& L, int64_t i, float a, float* acc) {
 #endif
 }
 
+// four stored rows at once (one load/store of the accumulator per four FMAs): dense and bitmask
+template <int F, int D>
+inline void axpy_rows4(const Lin& L, const int32_t* idx, const float* a, float* acc) {
+#if defined(__AVX512F__)
+  if constexpr (F == DENSE) {
+    const int64_t n = L.in;
+    const int64_t o0 = idx[0] * n, o1 = idx[1] * n, o2 = idx[2] * n, o3 = idx[3] * n;
+    const __m512 a0 = _mm512_set1_ps(a[0]), a1 = _mm512_set1_ps(a[1]), a2 = _mm512_set1_ps(a[2]), a3 = _mm512_set1_ps(a[3]);
+    int64_t o = 0;
+    for (; o + 16 <= n; o += 16) {
+      __m512 s = _mm512_loadu_ps(acc + o);
+      s = _mm512_fmadd_ps(a0, load16<D>(L.v, o0 + o), s);
+      s = _mm512_fmadd_ps(a1, load16<D>(L.v, o1 + o), s);
+      s = _mm512_fmadd_ps(a2, load16<D>(L.v, o2 + o), s);
+      s = _mm512_fmadd_ps(a3, load16<D>(L.v, o3 + o), s);
+      _mm512_storeu_ps(acc + o, s);
+    }
+    if (o < n) {
+      const __mmask16 k = static_cast<__mmask16>((1u << (n - o)) - 1u);
+      __m512 s = _mm512_maskz_loadu_ps(k, acc + o);
+      s = _mm512_fmadd_ps(a0, load16_tail<D>(L.v, o0 + o, k), s);
+      s = _mm512_fmadd_ps(a1, load16_tail<D>(L.v, o1 + o, k), s);
+      s = _mm512_fmadd_ps(a2, load16_tail<D>(L.v, o2 + o, k), s);
+      s = _mm512_fmadd_ps(a3, load16_tail<D>(L.v, o3 + o, k), s);
+      _mm512_mask_storeu_ps(acc + o, k, s);
+    }
+    return;
+  } else if constexpr (F == BITMASK) {
+    const uint16_t *m0 = L.m + idx[0] * L.chunks, *m1 = L.m + idx[1] * L.chunks, *m2 = L.m + idx[2] * L.chunks,
+                   *m3 = L.m + idx[3] * L.chunks;
+    int64_t p0 = L.rp[idx[0]], p1 = L.rp[idx[1]], p2 = L.rp[idx[2]], p3 = L.rp[idx[3]];
+    const __m512 a0 = _mm512_set1_ps(a[0]), a1 = _mm512_set1_ps(a[1]), a2 = _mm512_set1_ps(a[2]), a3 = _mm512_set1_ps(a[3]);
+    const int64_t n = L.in, full = n / 16;
+    int64_t c = 0;
+    for (; c < full; ++c) {
+      __m512 s = _mm512_loadu_ps(acc + 16 * c);
+      s = _mm512_fmadd_ps(a0, expand16<D>(L.v, p0, m0[c]), s); p0 += __builtin_popcount(m0[c]);
+      s = _mm512_fmadd_ps(a1, expand16<D>(L.v, p1, m1[c]), s); p1 += __builtin_popcount(m1[c]);
+      s = _mm512_fmadd_ps(a2, expand16<D>(L.v, p2, m2[c]), s); p2 += __builtin_popcount(m2[c]);
+      s = _mm512_fmadd_ps(a3, expand16<D>(L.v, p3, m3[c]), s); p3 += __builtin_popcount(m3[c]);
+      _mm512_storeu_ps(acc + 16 * c, s);
+    }
+    if (n % 16) {
+      const __mmask16 k = static_cast<__mmask16>((1u << (n % 16)) - 1u);
+      __m512 s = _mm512_maskz_loadu_ps(k, acc + 16 * c);
+      s = _mm512_fmadd_ps(a0, expand16<D>(L.v, p0, m0[c]), s);
+      s = _mm512_fmadd_ps(a1, expand16<D>(L.v, p1, m1[c]), s);
+      s = _mm512_fmadd_ps(a2, expand16<D>(L.v, p2, m2[c]), s);
+      s = _mm512_fmadd_ps(a3, expand16<D>(L.v, p3, m3[c]), s);
+      _mm512_mask_storeu_ps(acc + 16 * c, k, s);
+    }
+    return;
+  }
+#endif
+  for (int j = 0; j < 4; ++j) axpy_row<F, D>(L, idx[j], a[j], acc);
+}
+
 // x with the entries below the threshold zeroed (TEAL: keep |x_i| >= thr)
 void threshold_copy(const Lin& L, const float* x, int64_t B, std::vector<float>& buf) {
   buf.resize(B * L.li);
@@ -657,7 +714,9 @@ void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial
     auto part = [&, ap, lv, xv](int64_t q) {
       float* acc = ap + q * lo;
       const int64_t k0 = n * q / parts, k1 = n * (q + 1) / parts;
-      for (int64_t k = k0; k < k1; ++k) axpy_row<F, D>(L, lv[k], xv[k], acc);
+      int64_t k = k0;
+      for (; k + 4 <= k1; k += 4) axpy_rows4<F, D>(L, lv + k, xv + k, acc);
+      for (; k < k1; ++k) axpy_row<F, D>(L, lv[k], xv[k], acc);
     };
     if (parts <= 1) part(0); else pool_run(nt, parts, part);
     for (int64_t o = 0; o < lo; ++o) {
