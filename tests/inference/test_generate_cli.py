@@ -42,6 +42,27 @@ def test_generate_continues_the_prompt(hf_dir: Path, dtype: str, capsys) -> None
         assert out.rstrip("\n") == "hello" + tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def test_generate_with_activation_sparsity_equals_the_hooked_model(hf_dir: Path, capsys) -> None:
+    """--activation-sparsity: TEAL thresholds inside the engine give the text of transformers'
+    greedy generate on the model with the same thresholds installed as hooks."""
+    import torch
+
+    from sparsetorch.activation import apply_thresholds
+    from sparsetorch.inference.cli import _thresholds
+
+    assert run(["generate", str(hf_dir), "--prompt", "hello", "-n", "8", "--activation-sparsity", "0.4"]) == 0
+    out, err = capsys.readouterr()
+    assert "TEAL activation sparsity 0.4" in err and "thresholds calibrated" in err
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    handle = apply_thresholds(model, _thresholds(model, tok, 0.4, "teal"))
+    ids = tok("hello", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    handle.remove()
+    assert out.rstrip("\n") == "hello" + tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def test_generate_samples_reproducibly(hf_dir: Path, capsys) -> None:
     args = ["generate", str(hf_dir), "--prompt", "ab", "-n", "8", "--sample", "--temperature", "2", "--seed", "3"]
     assert run(args) == 0
@@ -58,6 +79,7 @@ def test_generate_samples_reproducibly(hf_dir: Path, capsys) -> None:
         (["-n", "0"], "--max-new-tokens must be >= 1"),
         (["--sample", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["--threads", "0"], "--threads must be >= 1"),
+        (["--activation-sparsity", "1.5"], "activation sparsity must be in [0, 1)"),
     ],
 )
 def test_bad_arguments_exit_2_without_traceback(args: list[str], message: str) -> None:

@@ -307,6 +307,10 @@ def _register_generate(app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: torch's, or 1 when other "
                                            "work keeps the cores busy: measured here, a second thread that shares "
                                            "its core with another process makes decoding slower, not faster)."),
+        activation_sparsity: float | None = typer.Option(
+            None, "--activation-sparsity", help="Zero this fraction of every decoder projection's inputs (TEAL "
+            "thresholds calibrated on 16 windows of the embedded calibration text); the engine then reads only the "
+            "weights of the live inputs."),
     ) -> None:
         """Continue PROMPT with the compiled low-overhead decoder (sparse, fp16/bf16/int8 weights); a model it cannot run exactly falls back to transformers' generate (fp32 only) with a one-line notice."""
         import sys
@@ -329,6 +333,7 @@ def _register_generate(app: typer.Typer) -> None:
             _check_sampling(temperature, top_k, top_p)
         if not prompt:
             raise DataError("--prompt is empty; give some text to continue.")
+        _check_activation(activation_sparsity, "teal")
         from .kernels import machine_busy
 
         busy = threads is None and torch.get_num_threads() > 1 and machine_busy()
@@ -336,9 +341,10 @@ def _register_generate(app: typer.Typer) -> None:
         if threads is not None or busy:
             torch.set_num_threads(1 if busy else threads)
         try:  # the thread count is process-wide: put it back (in-process callers, tests)
-            lm = engine = None
+            lm = engine = th = hooks = None
             t0 = time.perf_counter()
-            if _is_checkpoint_dir(model):  # the stored parts straight into the engine, no float model
+            # the stored parts straight into the engine, no float model (thresholds need the model)
+            if _is_checkpoint_dir(model) and not activation_sparsity:
                 tok = _checkpoint_tokenizer(Path(model))
                 t0 = time.perf_counter()
                 try:
@@ -352,10 +358,15 @@ def _register_generate(app: typer.Typer) -> None:
                 raise DataError("the prompt encodes to no tokens; give some text to continue.")
             if lm is not None:
                 t0 = time.perf_counter()
+                th = _thresholds(lm, tok, activation_sparsity, "teal")
                 try:  # packing the weights is reported apart from generation
-                    engine = DecodeEngine.from_model(lm, dtype, head_dtype=head_dtype)
+                    engine = DecodeEngine.from_model(lm, dtype, head_dtype=head_dtype, activation=th)
                 except (ModelError, DependencyError):
                     engine = None  # generate() falls back and says why
+                if engine is None and th is not None:  # the fallback applies the same thresholds as hooks
+                    from ..activation import apply_thresholds
+
+                    hooks = apply_thresholds(lm, th, count=False)
             pack_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             gen = torch.Generator().manual_seed(seed) if sample else None
@@ -370,9 +381,13 @@ def _register_generate(app: typer.Typer) -> None:
             used = torch.get_num_threads()
         finally:
             torch.set_num_threads(before)
+            if hooks is not None:
+                hooks.remove()
         new = out[0, ids.shape[1]:]
         typer.echo(prompt + tok.decode(new, skip_special_tokens=True))
         packed = ((f"weights read from the checkpoint in {pack_s:.1f} s, " if lm is None else
-                   f"weights packed in {pack_s:.1f} s, ") if engine is not None else "")
+                   f"{'thresholds calibrated and ' if th is not None else ''}weights packed in {pack_s:.1f} s, ")
+                  if engine is not None else "")
+        act = f", TEAL activation sparsity {activation_sparsity:g}" if th is not None else ""
         print(f"{new.numel()} tokens in {secs:.2f} s ({new.numel() / secs:.1f} tokens/s incl. prompt; {packed}"
-              f"dtype {dtype}, {used} threads" + (", machine busy)" if busy else ")"), file=sys.stderr)
+              f"dtype {dtype}{act}, {used} threads" + (", machine busy)" if busy else ")"), file=sys.stderr)
