@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, DataError, MethodError, SparsityValueError
 
 CRITERIA = ("teal", "wina")
+ALLOCATIONS = ("uniform", "greedy")
 _LO, _HI, _PER_OCTAVE = -24, 16, 64
 _BINS = (_HI - _LO) * _PER_OCTAVE
 
@@ -70,12 +71,17 @@ class ActivationThresholds:
     #: WINA only: each layer's weight column norms ``||W[:, i]||`` at calibration (the criterion's
     #: scale; kept so the hooks work after the layer is swapped for a packed sparse kernel)
     col_norms: dict[str, Tensor] = field(default_factory=dict)
+    #: ``"uniform"`` (every layer at ``sparsity``) or ``"greedy"`` (TEAL's per-block search, :mod:`.greedy`)
+    allocation: str = "uniform"
+    #: each layer's level (fraction of its inputs below its threshold on the calibration tokens)
+    levels: dict[str, float] = field(default_factory=dict)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ActivationThresholds):
             return NotImplemented
-        return (self.sparsity, self.criterion, self.thresholds, self.calibration_tokens) == (
-            other.sparsity, other.criterion, other.thresholds, other.calibration_tokens) and \
+        return (self.sparsity, self.criterion, self.thresholds, self.calibration_tokens, self.allocation,
+                self.levels) == (other.sparsity, other.criterion, other.thresholds, other.calibration_tokens,
+                                 other.allocation, other.levels) and \
             self.col_norms.keys() == other.col_norms.keys() and \
             all(torch.equal(v, other.col_norms[k]) for k, v in self.col_norms.items())
 
@@ -85,7 +91,8 @@ class ActivationThresholds:
 
         return save_state({"sparsity": self.sparsity, "criterion": self.criterion,
                            "thresholds": dict(self.thresholds), "calibration_tokens": self.calibration_tokens,
-                           "col_norms": dict(self.col_norms), "kind": "activation-thresholds"}, path)
+                           "col_norms": dict(self.col_norms), "kind": "activation-thresholds",
+                           "allocation": self.allocation, "levels": dict(self.levels)}, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ActivationThresholds:
@@ -96,7 +103,8 @@ class ActivationThresholds:
             raise CheckpointError(f"{path} is not an activation thresholds file (written by "
                                   "ActivationThresholds.save / `sparsetorch plan --activation-sparsity`).")
         return cls(float(st["sparsity"]), str(st["criterion"]), {str(k): float(v) for k, v in st["thresholds"].items()},
-                   int(st.get("calibration_tokens", 0)), {str(k): v for k, v in (st.get("col_norms") or {}).items()})
+                   int(st.get("calibration_tokens", 0)), {str(k): v for k, v in (st.get("col_norms") or {}).items()},
+                   str(st.get("allocation", "uniform")), {str(k): float(v) for k, v in (st.get("levels") or {}).items()})
 
 
 def default_targets(model: nn.Module) -> list[str]:
@@ -138,14 +146,29 @@ def calibrate_thresholds(
     num_samples: int = 16,
     seq_len: int = 512,
     batch_size: int = 4,
+    allocation: str = "uniform",
+    greedy_step: float = 0.1,
+    greedy_samples: int = 2,
 ) -> ActivationThresholds:
     """Per-Linear thresholds that zero a fraction ``sparsity`` of each layer's inputs on the
-    calibration data (default: the embedded calibration text through ``tokenizer``)."""
+    calibration data (default: the embedded calibration text through ``tokenizer``).
+
+    ``allocation="greedy"``: TEAL's per-block greedy search (:mod:`.greedy`) spreads the level
+    over each block's projections (the block's weight reads skipped stay ``sparsity``), measured
+    on the first ``greedy_samples`` calibration windows, raising one input group by
+    ``greedy_step`` (in units of the block's smallest group) per step."""
     from ..oneshot.calibration import forward_batches, prepare_calibration
 
     s = check_sparsity_level(sparsity)
     if criterion not in CRITERIA:
         raise MethodError(f"unknown activation criterion {criterion!r}; choose from {', '.join(CRITERIA)}.")
+    if allocation not in ALLOCATIONS:
+        raise MethodError(f"unknown activation allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}.")
+    if allocation == "greedy":
+        if not (isinstance(greedy_step, (int, float)) and 0 < greedy_step <= 1):
+            raise MethodError(f"greedy_step must be in (0, 1], got {greedy_step!r}.")
+        if not (isinstance(greedy_samples, int) and greedy_samples >= 1):
+            raise MethodError(f"greedy_samples must be a positive number of windows, got {greedy_samples!r}.")
     names = targets if targets is not None else default_targets(model)
     if not names:
         raise DataError("no Linear layers to sparsify the inputs of.")
@@ -164,9 +187,20 @@ def calibrate_thresholds(
         return hook
 
     forward_batches(model, batches, [model.get_submodule(n).register_forward_pre_hook(make(n)) for n in names])
-    th = {n: quantile_from_histogram(counts[n], s) for n in names}
+    levels = dict.fromkeys(names, s)
+    if allocation == "greedy" and s > 0:
+        from .greedy import greedy_levels, input_groups
+
+        ids = torch.cat([b["input_ids"] for b in batches])[:greedy_samples]
+        small = [{"input_ids": ids[i:i + 1]} for i in range(ids.shape[0])]
+        groups = input_groups(model, names, small[0])
+        levels, _ = greedy_levels(
+            model, small, groups, lambda n, lv: quantile_from_histogram(counts[n], lv),
+            lambda n, x: _criterion(x, criterion, norms[n]), s, step=float(greedy_step))
+    th = {n: quantile_from_histogram(counts[n], levels[n]) for n in names}
     kept = {n: v.cpu() for n, v in norms.items() if v is not None}
-    return ActivationThresholds(s, criterion, th, sum(int(b["input_ids"].numel()) for b in batches), kept)
+    return ActivationThresholds(s, criterion, th, sum(int(b["input_ids"].numel()) for b in batches), kept,
+                                allocation, levels)
 
 
 class ThresholdHandle:
