@@ -1,7 +1,8 @@
 """Activation sparsity (TEAL / WINA thresholds) on SmolLM2-135M: perplexity and CPU decode speed.
 
 Rows: dense; TEAL at 25/40/50% activation sparsity; WINA at 40%; SparseGPT 50% weights alone
-and with 40% TEAL activations. For each: E16 perplexity with the thresholds' hooks (every token
+and with 40% TEAL activations; ``teal@0.4:greedy`` = TEAL's greedy per-block allocation (the
+block's weight reads skipped at 40%, spread over its projections by the search). For each: E16 perplexity with the thresholds' hooks (every token
 sparsified, prompt included), the measured fraction of zeroed inputs on the evaluation text, and
 greedy decode tokens/s at batch 1 (KV cache, 2 threads) after ``sparsify_for_inference`` chose a
 kernel per layer (``colgather`` reads only the weight rows of live inputs; ``bitmask``/``csr``
@@ -76,7 +77,9 @@ def run(args: argparse.Namespace) -> dict:
         th = None
         if act:
             crit, s = act.split("@")
-            th = calibrate_thresholds(model, float(s), calibration=calib, seq_len=512, criterion=crit)
+            s, _, alloc = s.partition(":")  # "teal@0.4:greedy": TEAL's greedy per-block allocation
+            th = calibrate_thresholds(model, float(s), calibration=calib, seq_len=512, criterion=crit,
+                                      allocation=alloc or "uniform")
             h = apply_thresholds(model, th)
             ppl = perplexity(model, windows=e16, progress=False)
             measured = h.measured_sparsity
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> dict:
             kernel_counts = rep.kernel_counts()
             tps_dense, tps = paired_decode_tokens_per_s(dense, model, prompt, args.repeats)
         row = {"row": spec, "weights": weights or "dense", "activation": act or None,
-               "activation_sparsity_target": th.sparsity if th else 0.0, "activation_sparsity_measured": measured,
+               "activation_sparsity_target": th.sparsity if th else 0.0,
+               "allocation": th.allocation if th else None, "activation_sparsity_measured": measured,
                "ppl": ppl, "ppl_ratio": ppl / ppl_dense, "dense_tokens_per_s": tps_dense, "tokens_per_s": tps,
                "decode_speedup": tps / tps_dense, "kernel_counts": kernel_counts,
                "model_check": None if rep is None or rep.model_check is None else rep.model_check.to_dict(),
