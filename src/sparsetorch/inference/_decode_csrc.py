@@ -707,6 +707,32 @@ inline void dense_rows8(const Lin& L, const int32_t* idx, const float* a, float*
     _mm512_mask_storeu_ps(acc + o, k, s0);
   }
 }
+
+// eight stored rows per pass over the accumulator (bitmask: each row's packed values expanded)
+template <int D>
+inline void bitmask_rows8(const Lin& L, const int32_t* idx, const float* a, float* acc) {
+  const uint16_t* m[8];
+  int64_t p[8];
+  __m512 av[8];
+  for (int j = 0; j < 8; ++j) { m[j] = L.m + idx[j] * L.chunks; p[j] = L.rp[idx[j]]; av[j] = _mm512_set1_ps(a[j]); }
+  const int64_t n = L.in, full = n / 16;
+  int64_t c = 0;
+  for (; c < full; ++c) {
+    __m512 s0 = _mm512_loadu_ps(acc + 16 * c), s1 = _mm512_setzero_ps();
+    for (int j = 0; j < 8; j += 2) {
+      const __mmask16 k0 = m[j][c], k1 = m[j + 1][c];
+      s0 = _mm512_fmadd_ps(av[j], expand16<D>(L.v, p[j], k0), s0); p[j] += __builtin_popcount(k0);
+      s1 = _mm512_fmadd_ps(av[j + 1], expand16<D>(L.v, p[j + 1], k1), s1); p[j + 1] += __builtin_popcount(k1);
+    }
+    _mm512_storeu_ps(acc + 16 * c, _mm512_add_ps(s0, s1));
+  }
+  if (n % 16) {
+    const __mmask16 k = static_cast<__mmask16>((1u << (n % 16)) - 1u);
+    __m512 s0 = _mm512_maskz_loadu_ps(k, acc + 16 * c);
+    for (int j = 0; j < 8; ++j) s0 = _mm512_fmadd_ps(av[j], expand16<D>(L.v, p[j], m[j][c]), s0);
+    _mm512_mask_storeu_ps(acc + 16 * c, k, s0);
+  }
+}
 #endif
 
 // x with the entries below the threshold zeroed (TEAL: keep |x_i| >= thr)
@@ -747,6 +773,8 @@ void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial
 #if defined(__AVX512F__)
       if constexpr (F == DENSE) {  // eight rows per pass: measured 1.2-1.5x faster than four on SmolLM2 shapes
         for (; k + 8 <= k1; k += 8) dense_rows8<D>(L, lv + k, xv + k, acc);
+      } else if constexpr (F == BITMASK) {
+        for (; k + 8 <= k1; k += 8) bitmask_rows8<D>(L, lv + k, xv + k, acc);
       }
 #endif
       for (; k + 4 <= k1; k += 4) axpy_rows4<F, D>(L, lv + k, xv + k, acc);
