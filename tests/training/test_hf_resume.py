@@ -176,13 +176,12 @@ def test_legacy_torch_save_checkpoint_still_resumes(tmp_path, mlp):
         assert torch.equal(m, sp2.masks[n])
 
 
-@pytest.mark.parametrize("method", ["set", "rigl"])
-def test_trainer_resume_is_bit_identical(tmp_path, method):
+def _trainer_run(out, make_sparsifier, resume=None):
+    """8 Trainer steps of a small classifier (checkpoints at step 4) driven by a sparsifier."""
     transformers = pytest.importorskip("transformers")
     from torch import nn
 
-    from sparsetorch.training import get_method
-    from sparsetorch.training.hf import STATE_FILE, SparsifierCallback
+    from sparsetorch.training.hf import SparsifierCallback
 
     class Net(nn.Module):
         def __init__(self):
@@ -195,24 +194,30 @@ def test_trainer_resume_is_bit_identical(tmp_path, method):
 
     g = torch.Generator().manual_seed(0)
     ds = [{"x": torch.randn(8, generator=g), "labels": int(i % 2)} for i in range(32)]
+    torch.manual_seed(0)
+    model = Net()
+    sp = make_sparsifier()
+    args = transformers.TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=4, max_steps=8, report_to=[],
+        save_strategy="steps", save_steps=4, logging_strategy="no", use_cpu=True, seed=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=[SparsifierCallback(sp)])
+    trainer.train(resume_from_checkpoint=resume)
+    return model, sp
 
-    def run(out, resume=None):
-        torch.manual_seed(0)
-        model = Net()
-        sp = get_method(method, sparsity=0.75, update_every=1, drop_fraction=0.5, decay="constant", end=7)
-        args = transformers.TrainingArguments(
-            output_dir=str(out), per_device_train_batch_size=4, max_steps=8, report_to=[],
-            save_strategy="steps", save_steps=4, logging_strategy="no", use_cpu=True, seed=0,
-        )
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=ds,
-                                       callbacks=[SparsifierCallback(sp)])
-        trainer.train(resume_from_checkpoint=resume)
-        return model, sp
 
-    m1, sp1 = run(tmp_path / "a")
+@pytest.mark.parametrize("method", ["set", "rigl"])
+def test_trainer_resume_is_bit_identical(tmp_path, method):
+    from sparsetorch.training import get_method
+    from sparsetorch.training.hf import STATE_FILE
+
+    def make():
+        return get_method(method, sparsity=0.75, update_every=1, drop_fraction=0.5, decay="constant", end=7)
+
+    m1, sp1 = _trainer_run(tmp_path / "a", make)
     assert (tmp_path / "a" / "checkpoint-4" / STATE_FILE).is_file()
     assert not (tmp_path / "a" / "checkpoint-4" / "sparsifier.pt").exists()
-    m2, sp2 = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-4"))
+    m2, sp2 = _trainer_run(tmp_path / "a", make, resume=str(tmp_path / "a" / "checkpoint-4"))
     assert sp2.step_count == 8
     for n, m in sp1.masks.items():
         assert torch.equal(m, sp2.masks[n]), n
@@ -232,40 +237,14 @@ def test_missing_resume_folder_is_a_typed_error(tmp_path, mlp):
 def test_trainer_resume_with_gates_on_is_bit_identical(tmp_path, method):
     """A checkpoint written while the gates are parametrizations (names ``*.parametrizations.
     weight.original`` and the gate tensors in the Trainer's model file) resumes to the same run."""
-    transformers = pytest.importorskip("transformers")
-    from torch import nn
-
     from sparsetorch.training import get_method
-    from sparsetorch.training.hf import SparsifierCallback
 
-    class Net(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 2)
+    def make():
+        return get_method(method, sparsity=0.75, total_steps=8, harden_at=6)
 
-        def forward(self, x, labels=None):
-            logits = self.fc2(torch.relu(self.fc1(x)))
-            return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-    g = torch.Generator().manual_seed(0)
-    ds = [{"x": torch.randn(8, generator=g), "labels": int(i % 2)} for i in range(32)]
-
-    def run(out, resume=None):
-        torch.manual_seed(0)
-        model = Net()
-        sp = get_method(method, sparsity=0.75, total_steps=8, harden_at=6)
-        args = transformers.TrainingArguments(
-            output_dir=str(out), per_device_train_batch_size=4, max_steps=8, report_to=[],
-            save_strategy="steps", save_steps=4, logging_strategy="no", use_cpu=True, seed=0,
-        )
-        trainer = transformers.Trainer(model=model, args=args, train_dataset=ds,
-                                       callbacks=[SparsifierCallback(sp)])
-        trainer.train(resume_from_checkpoint=resume)
-        return model, sp
-
-    m1, sp1 = run(tmp_path / "a")
+    m1, sp1 = _trainer_run(tmp_path / "a", make)
     assert sp1.hardened
-    m2, sp2 = run(tmp_path / "a", resume=str(tmp_path / "a" / "checkpoint-4"))
+    m2, sp2 = _trainer_run(tmp_path / "a", make, resume=str(tmp_path / "a" / "checkpoint-4"))
     assert sp2.step_count == 8 and sp2.hardened
     for n, m in sp1.masks.items():
         assert torch.equal(m, sp2.masks[n]), n
