@@ -1051,6 +1051,13 @@ def activation_table(r: Results) -> str:
     return _bench_module("activation_llm").table(d) + "\n\n" + provenance_note(f"{RESULTS_DIR}/activation_llm.json", d)
 
 
+def activation_engine_table(r: Results) -> str:
+    """TEAL in the compiled decode engine (activation_llm_engine.json): both sides in the engine."""
+    d = r("activation_llm_engine")
+    return (_bench_module("activation_llm").table(d) + "\n\n" + str(d["_meta"].get("decode", "")) + ". "
+            + provenance_note(f"{RESULTS_DIR}/activation_llm_engine.json", d))
+
+
 def activation_summary(r: Results) -> str:
     """One sentence from activation_llm.json: TEAL 40% and weights + activations, with targets."""
     d = r("activation_llm")
@@ -1533,6 +1540,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "structured-summary": structured_summary,
     "activation-table": activation_table,
     "activation-summary": activation_summary,
+    "activation-engine-table": activation_engine_table,
     "dp-table": dp_table,
     "dp-summary": dp_summary,
     "dp-finetune": dp_finetune,
