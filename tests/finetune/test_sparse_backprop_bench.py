@@ -3,27 +3,17 @@ rotates, round 0 is a warm-up and not counted, medians), and the per-arm AdamW s
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from bench_module import load_benchmark
 from torch import nn
 
 from sparsetorch import MaskSet
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_sparse_backprop", BENCH / "sparse_backprop.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("sparse_backprop")
 
 
 def test_round_robin_rotates_skips_warmup_and_takes_medians(bench, monkeypatch) -> None:

@@ -3,23 +3,13 @@ CNN computing exactly what the channel-masked one computes."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from bench_module import load_benchmark
 
 
 def _bench():
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("bench_learned_sparsity", BENCH / "learned_sparsity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("learned_sparsity")
 
 
 def test_verdict_from_made_up_entries() -> None:
