@@ -338,14 +338,19 @@ def merge(out: Path, files: list[Path], run: Run) -> None:
     """Entries of several driver files into ``out`` (replacing entries of the same config).
 
     Each entry already carries its provenance (commit, command, load); ``_meta`` records the
-    merge and the drivers' own ``_meta`` under ``merged_from``.
+    merge and the drivers' own ``_meta`` under ``merged_from``. Only entries that differ from
+    ``out``'s are taken, so a driver that started from a copy of ``out`` does not put its stale
+    copies of the configs another driver reran back in; later files win among changed entries.
     """
     results = json.loads(out.read_text()) if out.is_file() else {}
+    before = dict(results)
     metas: dict[str, dict] = {}
     for f in files:
         data = json.loads(f.read_text())
         metas[f.name] = data.get("_meta", {})
-        results.update({k: v for k, v in data.items() if not k.startswith("_")})
+        results.update(
+            {k: v for k, v in data.items() if not k.startswith("_") and before.get(k) != v}
+        )
     llmc = sorted({e["llmcompressor"] for e in results.values() if "llmcompressor" in e})
     peers = {"llmcompressor": ", ".join(llmc)} if llmc else {}
     base = next(iter(metas.values()), {})

@@ -262,15 +262,18 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
 
 
 def test_oneshot_merge_keeps_each_entrys_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two drivers side by side write one file each; --merge joins them without restamping."""
+    """Two drivers side by side write one file each; --merge joins them without restamping, and a
+    driver's unchanged copy of an entry the other driver reran does not win over the rerun."""
     mod = _module("oneshot_llm")
     a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "out.json"
     ea = {"config": "wanda@0.5", "ppl": 27.5, "seconds": 250.0, "provenance": {"commit": "aaa"}}
     eb = {"config": "llmc-wanda@0.5", "ppl": 27.6, "seconds": 300.0, "llmcompressor": "0.14.0.1",
           "provenance": {"commit": "bbb"}}
-    a.write_text(json.dumps({"_meta": {"model": "m", "machine": "x86_64, 2 CPUs"}, "wanda@0.5": ea}))
-    b.write_text(json.dumps({"_meta": {"model": "m"}, "llmc-wanda@0.5": eb}))
-    out.write_text(json.dumps({"old@0.5": {"ppl": 1.0}}))
+    stale = {"ppl": 9.0}  # what out.json held before both drivers started from a copy of it
+    a.write_text(json.dumps({"_meta": {"model": "m", "machine": "x86_64, 2 CPUs"}, "wanda@0.5": ea,
+                             "llmc-wanda@0.5": stale}))
+    b.write_text(json.dumps({"_meta": {"model": "m"}, "llmc-wanda@0.5": eb, "wanda@0.5": stale}))
+    out.write_text(json.dumps({"old@0.5": {"ppl": 1.0}, "wanda@0.5": stale, "llmc-wanda@0.5": stale}))
     argv = [str(BENCH / "oneshot_llm.py"), "--merge", str(a), str(b), "--results", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     mod.main()
