@@ -27,15 +27,19 @@ def _thresholds(model: torch.nn.Module, sparsity: float = 0.4, criterion: str = 
                                 criterion=criterion)
 
 
+@pytest.mark.parametrize("kernel", ["transposed", "plain"])
 @pytest.mark.parametrize("pruned", [False, True])
-def test_engine_with_thresholds_equals_the_hooked_model(pruned: bool) -> None:
+def test_engine_with_thresholds_equals_the_hooked_model(pruned: bool, kernel: str) -> None:
     model = tiny_llama(seed=21)
     if pruned:
         prune_half(model)
     th = _thresholds(model)
-    eng = DecodeEngine.from_model(model, activation=th)
+    eng = DecodeEngine.from_model(model, activation=th, activation_kernel=kernel)
     lays = {v for k, v in eng.layouts.items() if k.startswith("layers")}
-    assert lays == ({"bitmask-t"} if pruned else {"dense-t"})
+    suffix = "-t" if kernel == "transposed" else "+thr"
+    assert lays == {("bitmask" if pruned else "dense") + suffix}
+    assert all(p.transposed == (kernel == "transposed") and p.threshold is not None
+               for k, p in eng.packed.items() if k.startswith("layers"))
     assert eng.config["activation"]["matrices"] == 3 * 4
     ids = prompt(seed=22, n=12)
     handle = apply_thresholds(model, th)
@@ -52,8 +56,52 @@ def test_engine_with_thresholds_equals_the_hooked_model(pruned: bool) -> None:
     assert not torch.equal(DecodeEngine.from_model(model).generate(ids, 30), ref)
 
 
+def test_auto_keeps_the_faster_kernel_per_kind_of_matrix() -> None:
+    """``activation_kernel="auto"``: one measurement per kind of fused matrix, each kind gets the
+    faster of its two kernels (a fake clock decides), and the engine still equals the hooked model."""
+    model = tiny_llama(seed=31)
+    prune_half(model)
+    th = _thresholds(model)
+    calls: list[set[str]] = []
+
+    def timer(fns: dict) -> dict[str, float]:
+        for fn in fns.values():
+            fn()  # the candidates run
+        calls.append(set(fns))
+        fast_t = len(calls) % 2 == 1  # kinds 1 and 3 (qkv, gate_up) transposed, 2 and 4 (o, down) plain
+        return {"transposed": 1.0 if fast_t else 2.0, "plain": 2.0 if fast_t else 1.0}
+
+    eng = DecodeEngine.from_model(model, activation=th, timer=timer)
+    assert calls == [{"transposed", "plain"}] * 4
+    want = {"qkv": "bitmask-t", "o": "bitmask+thr", "gate_up": "bitmask-t", "down": "bitmask+thr"}
+    assert {k: v for k, v in eng.layouts.items() if k.startswith("layers")} == {
+        f"layers.{i}.{key}": lay for i in range(model.config.num_hidden_layers) for key, lay in want.items()}
+    assert eng.config["activation"]["kernel"] == "auto"
+    ids = prompt(seed=32, n=8)
+    handle = apply_thresholds(model, th)
+    try:
+        ref = hf_greedy(model, ids, 20)
+    finally:
+        handle.remove()
+    assert torch.equal(eng.generate(ids, 20), ref)
+    # a tie keeps the plain kernel
+    tie = DecodeEngine.from_model(model, activation=th, timer=lambda fns: dict.fromkeys(fns, 1.0))
+    assert {v for k, v in tie.layouts.items() if k.startswith("layers")} == {"bitmask+thr"}
+    with pytest.raises(ModelError, match="activation_kernel"):
+        DecodeEngine.from_model(model, activation=th, activation_kernel="fast")
+
+
+def test_timing_input_has_the_calibrated_density() -> None:
+    from sparsetorch.inference.decode import _live_input
+
+    x = _live_input(1000, 0.37, 0.5, torch.Generator().manual_seed(1))
+    live = x[0] != 0
+    assert int(live.sum()) == 370 and bool((x[0][live].abs() >= 0.5).all())
+
+
+@pytest.mark.parametrize("kernel", ["transposed", "plain"])
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
-def test_low_bit_transposed_engine_matches_the_untransposed_one(dtype: str) -> None:
+def test_low_bit_transposed_engine_matches_the_untransposed_one(dtype: str, kernel: str) -> None:
     """Same rounded values in both storages: the logits of the two layouts agree to fp32 round-off."""
     model = tiny_llama(seed=23)
     th = _thresholds(model, 0.5)
@@ -69,7 +117,7 @@ def test_low_bit_transposed_engine_matches_the_untransposed_one(dtype: str) -> N
             hl = rounded(ids).logits[0]
     finally:
         handle.remove()
-    eng = DecodeEngine.from_model(model, dtype, head_dtype="fp32", activation=th)
+    eng = DecodeEngine.from_model(model, dtype, head_dtype="fp32", activation=th, activation_kernel=kernel)
     assert torch.allclose(eng.logits(ids[0]), hl, atol=1e-4, rtol=1e-4)
 
 

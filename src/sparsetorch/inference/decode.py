@@ -35,12 +35,14 @@ from ..errors import DataError, ModelError
 from .lowbit import LowbitWeight, check_value_dtype, choose_layout, pack_lowbit
 
 __all__ = [
+    "ACTIVATION_KERNELS",
     "DecodeEngine",
     "DecodeStats",
     "EngineLM",
     "decode_support",
     "generate",
     "SUPPORTED_MODEL_TYPES",
+    "choose_activation_kernels",
 ]
 
 #: ``config.model_type`` values whose decoder layers the engine reproduces exactly
@@ -139,7 +141,8 @@ _FUSED = {"qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")), "o": ("self_attn
 
 
 def _fused_thresholds(model: nn.Module, layers: list[nn.Module], activation: Any) -> dict[str, float]:
-    """``{"layers.i.qkv": t, ...}``: the one TEAL threshold of each fused matrix's input.
+    """``{"layers.i.qkv": t, ...}``: the one TEAL threshold of each fused matrix's input (see
+    :func:`_fused_levels` for the fraction of that input below it).
 
     Raises :class:`ModelError` for WINA thresholds (one mask per projection, not per input), for
     thresholds that differ within q/k/v or gate/up, cover only some of them, or name a module
@@ -174,6 +177,75 @@ def _fused_thresholds(model: nn.Module, layers: list[nn.Module], activation: Any
     if remaining:
         raise ModelError(f"thresholds on {', '.join(sorted(remaining)[:3])} are not on decoder projections; the "
                          "engine applies thresholds to q/k/v, o, gate/up and down only.")
+    return out
+
+
+def _fused_levels(model: nn.Module, layers: list[nn.Module], activation: Any, names: list[str]) -> dict[str, float]:
+    """The calibrated fraction of each fused matrix's input below its threshold (its first
+    member's level; TEAL's greedy allocation gives one level per input), else the target."""
+    mods = {id(m): n for n, m in model.named_modules()}
+    out: dict[str, float] = {}
+    for name in names:
+        _, i, key = name.split(".")
+        parent, projs = _FUSED[key]
+        first = mods[id(getattr(getattr(layers[int(i)], parent), projs[0]))]
+        out[name] = float(activation.levels.get(first, activation.sparsity))
+    return out
+
+
+#: how a matrix with an activation threshold is computed: ``transposed`` (stored ``W^T``, only the
+#: rows of live inputs read), ``plain`` (the input thresholded, then the ordinary kernel, which
+#: reads every stored weight), or ``auto`` (per kind of fused matrix, the faster one measured)
+ACTIVATION_KERNELS = ("auto", "transposed", "plain")
+
+
+def _live_input(n: int, live: float, threshold: float, gen: torch.Generator) -> Tensor:
+    """A ``[1, n]`` input whose ``round(live * n)`` entries (random places) are at or above
+    ``threshold`` in magnitude and the rest zero: the density a calibrated threshold leaves."""
+    x = torch.zeros(1, n)
+    k = int(round(min(max(live, 0.0), 1.0) * n))
+    idx = torch.randperm(n, generator=gen)[:k]
+    mag = threshold + torch.rand(k, generator=gen) + 1e-3
+    x[0, idx] = torch.where(torch.rand(k, generator=gen) < 0.5, -mag, mag)
+    return x
+
+
+def choose_activation_kernels(
+    options: dict[str, dict[bool, LowbitWeight]],
+    levels: dict[str, float],
+    timer: Callable[[dict[str, Callable[[], object]]], dict[str, float]] | None = None,
+) -> dict[str, bool]:
+    """For each matrix with an activation threshold: ``True`` to store it transposed, ``False``
+    for the plain kernel on the thresholded input -- whichever computed the engine's one-token
+    product faster, measured per kind of fused matrix (``qkv``, ``o``, ``gate_up``, ``down``).
+
+    ``options[name]`` holds both packings of one matrix (``{True: transposed, False: plain}``);
+    ``levels[name]`` the fraction of its input below the threshold. Each kind is timed over all
+    of its layers in turn (their weights together exceed the caches, as in decoding), on inputs
+    with exactly that fraction of zeros, at torch's current thread count; ``timer`` maps
+    ``{"transposed": fn, "plain": fn}`` to seconds per call (default
+    :func:`~.bench.interleaved_medians`; tests pass a fake). A tie keeps the plain kernel.
+    """
+    from .bench import interleaved_medians
+    from .lowbit import lowbit_matmul
+
+    timer = timer or (lambda fns: interleaved_medians(fns, repeats=3, rounds=3))
+    kinds: dict[str, list[str]] = {}
+    for name in options:
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(name)
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, bool] = {}
+    for names in kinds.values():
+        xs = {n: _live_input(options[n][False].in_features, 1.0 - levels[n], float(options[n][False].threshold or 0.0),
+                             gen) for n in names}
+
+        def run(trans: bool, names: list[str] = names, xs: dict[str, Tensor] = xs) -> None:
+            for n in names:
+                lowbit_matmul(xs[n], options[n][trans], check=False)
+
+        secs = timer({"transposed": lambda: run(True), "plain": lambda: run(False)})
+        pick = secs["transposed"] < secs["plain"]
+        out.update(dict.fromkeys(names, pick))
     return out
 
 
@@ -293,15 +365,23 @@ class DecodeEngine:
         head_dtype: str | None = None,
         layout: str = "auto",
         activation: Any = None,
+        activation_kernel: str = "auto",
+        timer: Callable[[dict[str, Callable[[], object]]], dict[str, float]] | None = None,
     ) -> DecodeEngine:
         """Pack ``model``'s weights (``nn.Linear`` or :class:`SparseLinear` layers) into an engine.
 
         ``activation``: TEAL thresholds (:class:`~sparsetorch.activation.ActivationThresholds`,
         criterion ``teal``, from ``calibrate_thresholds`` on this model, *not* installed as hooks):
-        every matrix whose input has a threshold is stored transposed and, at one token, reads
-        only the weights of the inputs at or above it (prefill applies the same thresholds, as
-        the hooks of :func:`~sparsetorch.activation.apply_thresholds` do). q/k/v and gate/up
-        share an input, so their thresholds must be equal (TEAL's are: one quantile of one tensor).
+        every matrix whose input has a threshold sees only the inputs at or above it (prefill
+        too, as the hooks of :func:`~sparsetorch.activation.apply_thresholds` do). q/k/v and
+        gate/up share an input, so their thresholds must be equal (TEAL's are: one quantile of
+        one tensor). ``activation_kernel`` says how such a matrix is computed (layout names in
+        :attr:`layouts`): ``"transposed"`` stores ``W^T`` and at one token reads only the
+        weights of live inputs (``dense-t``, ``bitmask-t``, ``csr-t``); ``"plain"`` zeroes the
+        input below the threshold and runs the ordinary kernel (``dense+thr`` ...); ``"auto"``
+        (default) measures both per kind of fused matrix at the build's thread count and keeps
+        the faster (:func:`choose_activation_kernels`; ``timer`` replaces its clock in tests):
+        a transposed bitmask can be slower than the plain one on a wide-input matrix.
 
         Raises :class:`~sparsetorch.errors.ModelError` naming the reason when the model is not
         supported (see :func:`decode_support`) and
@@ -315,13 +395,21 @@ class DecodeEngine:
         packs: dict[str, LowbitWeight] = {}
         biases: dict[str, Tensor | None] = {}
         layouts: dict[str, str] = {}
+        if activation_kernel not in ACTIVATION_KERNELS:
+            raise ModelError(f"activation_kernel must be one of {', '.join(ACTIVATION_KERNELS)}; "
+                             f"got {activation_kernel!r}.")
         thr = _fused_thresholds(model, layers, activation) if activation is not None else {}
+        options: dict[str, dict[bool, LowbitWeight]] = {}
+        orientations = {"auto": (True, False), "transposed": (True,), "plain": (False,)}[activation_kernel]
 
         def packed(name: str, w: Tensor, dt: str, lay: str | None = None) -> None:
             chosen = lay or (choose_layout(w, dt) if layout == "auto" else layout)
+            layouts[name] = chosen
             t = thr.get(name)
-            layouts[name] = chosen if t is None else f"{chosen}-t"
-            packs[name] = pack_lowbit(w, chosen, dt, transposed=t is not None, threshold=t)
+            if t is None:
+                packs[name] = pack_lowbit(w, chosen, dt)
+            else:
+                options[name] = {tr: pack_lowbit(w, chosen, dt, transposed=tr, threshold=t) for tr in orientations}
 
         def f32(t: Tensor) -> Tensor:
             return t.detach().float().cpu().contiguous()
@@ -343,11 +431,21 @@ class DecodeEngine:
                 for key, mats in (("qkv", [q, k, v]), ("o", [o]), ("gate_up", [g, u]), ("down", [d])):
                     packed(f"layers.{i}.{key}", torch.cat([w for w, _ in mats]) if len(mats) > 1 else mats[0][0], dtype)
                     biases[f"layers.{i}.{key}"] = _cat_bias(mats)
+        if options:
+            if activation_kernel == "auto":
+                trans = choose_activation_kernels(options, _fused_levels(model, layers, activation, list(options)),
+                                                  timer)
+            else:
+                trans = dict.fromkeys(options, activation_kernel == "transposed")
+            for name, both in options.items():
+                packs[name] = both[trans[name]]
+                layouts[name] += "-t" if trans[name] else "+thr"
+            del options
         config = {"model_type": cfg.model_type, **dims, "dtype": dtype, "head_dtype": head_dtype, "layout": layout,
                   "tied_embeddings": bool(tied)}
         if activation is not None:
             config["activation"] = {"criterion": activation.criterion, "sparsity": float(activation.sparsity),
-                                    "matrices": len(thr)}
+                                    "matrices": len(thr), "kernel": activation_kernel}
         eng = cls._assemble(ext, config, eps, packs, biases, norms, layouts, dict.fromkeys(packs, "packed"))
         eng._rope_fn = _rope_fn(base.rotary_emb)
         gc = getattr(model, "generation_config", None)
@@ -570,10 +668,14 @@ class DecodeEngine:
             self._h.set_profile(False)
         return torch.tensor([out], dtype=ids.dtype)
 
+    def layout_counts(self) -> dict[str, int]:
+        """How many matrices use each layout (``{"bitmask-t": 120, "dense": 2, ...}``)."""
+        from collections import Counter
+
+        return dict(sorted(Counter(self.layouts.values()).items()))
+
     def __repr__(self) -> str:
-        counts: dict[str, int] = {}
-        for lay in self.layouts.values():
-            counts[lay] = counts.get(lay, 0) + 1
+        counts = self.layout_counts()
         src = ""
         if any(v != "packed" for v in self.sources.values()):
             direct = sum(v == "direct" for v in self.sources.values())
