@@ -269,13 +269,15 @@ def main(argv: list[str] | None = None) -> None:
         row["timed"] = run.entry(load_before=loads[0] if loads else None, loads_per_round=loads)
     res["bandwidth_ceiling_gb_per_s"] = summary(bw)
     if engines:  # the planner's estimate beside each of our rows, from this run's bandwidth
+        weight_s, kernels = roofline_weight_seconds({n: rows[n] for n in engines}, ceiling, args.threads)
+        res["planner_kernel_costs"] = kernels
         check = planner_predictions({"rows": {n: rows[n] for n in engines}, "bandwidth_ceiling_gb_per_s": res[
-            "bandwidth_ceiling_gb_per_s"]})
+            "bandwidth_ceiling_gb_per_s"]}, weight_s)
         for name, pr in check["rows"].items():
             rows[name]["planner"] = {**pr, "bandwidth_gb_per_s": check["bandwidth_gb_per_s"],
                                      "overhead_s": check["overhead_s"], "calibration_row": check["calibration_row"]}
         res["planner_within_20pct"] = {k: check[k] for k in ("within_20pct", "checked", "fraction_within_20pct",
-                                                             "calibration_row", "overhead_s")}
+                                                             "calibration_row", "overhead_s", "model")}
     res["prompt"] = PROMPT
     res["prompt_tokens"] = int(ids.shape[1])
     res["_meta"] = run.meta(peers={"llama_cpp_python": LLAMA_CPP_VERSION}, threads=args.threads, tokens=args.tokens,
@@ -296,37 +298,77 @@ def main(argv: list[str] | None = None) -> None:
 CALIBRATION_ROW = "ours dense fp32"
 
 
-def planner_predictions(res: dict[str, Any]) -> dict[str, Any]:
-    """The planner's decode estimate (:func:`sparsetorch.inference.plan.predict_decode_tokens_per_s`)
-    for each of our timed rows of a results dict, from numbers the run recorded: its bytes per
-    token, the run's median streaming bandwidth, and one per-token overhead calibrated on
-    :data:`CALIBRATION_ROW` (its measured seconds per token minus its bytes over the bandwidth) --
-    what ``sparsetorch plan`` does with its own calibration run. Nothing is timed here.
+def planner_predictions(res: dict[str, Any], weight_s: dict[str, float] | None = None) -> dict[str, Any]:
+    """The planner's decode estimate for each of our timed rows of a results dict, from numbers
+    the run recorded: the seconds per token its weights take -- ``weight_s[name]`` (the planner's
+    per-matrix roofline, :func:`roofline_weight_seconds`) where given, else bytes per token over
+    the run's median streaming bandwidth (:func:`sparsetorch.inference.plan.predict_decode_tokens_per_s`)
+    -- plus one per-token overhead calibrated on :data:`CALIBRATION_ROW` (its measured seconds per
+    token minus its weights' time): what ``sparsetorch plan`` does with its own calibration run.
+    Nothing is timed here.
 
-    Returns ``{"bandwidth_gb_per_s", "overhead_s", "calibration_row", "rows": {name: {...}},
+    Returns ``{"bandwidth_gb_per_s", "overhead_s", "calibration_row", "model", "rows": {name: {...}},
     "within_20pct": k, "checked": n, "fraction_within_20pct"}``; each row has the predicted and
     measured tokens/s, ``ratio`` = predicted / measured and ``within_20pct`` (|ratio - 1| <= 0.2).
     """
-    from sparsetorch.inference.plan import predict_decode_tokens_per_s
-
     bw = float(res["bandwidth_ceiling_gb_per_s"]["median"])
     ours = {n: r for n, r in res["rows"].items() if r.get("runtime") == "sparsetorch" and "decode_tokens_per_s" in r}
     cal_name = CALIBRATION_ROW if CALIBRATION_ROW in ours else next(iter(ours), None)
     if cal_name is None:
         raise SystemExit("no timed sparsetorch row in these results: nothing to predict")
+    weight_s = weight_s or {}
+
+    def weights(name: str) -> float:
+        return weight_s[name] if name in weight_s else ours[name]["bytes_per_token"] / (bw * 1e9)
+
     cal = ours[cal_name]
-    overhead = max(0.0, 1.0 / cal["decode_tokens_per_s"]["median"] - cal["bytes_per_token"] / (bw * 1e9))
+    overhead = max(0.0, 1.0 / cal["decode_tokens_per_s"]["median"] - weights(cal_name))
     rows: dict[str, Any] = {}
     for name, r in ours.items():
-        pred = predict_decode_tokens_per_s(r["bytes_per_token"], bw, overhead)
+        pred = 1.0 / (weights(name) + overhead)
         meas = r["decode_tokens_per_s"]["median"]
-        rows[name] = {"bytes_per_token": r["bytes_per_token"], "predicted_tokens_per_s": pred,
-                      "measured_tokens_per_s": meas, "ratio": pred / meas,
+        rows[name] = {"bytes_per_token": r["bytes_per_token"], "weight_s": weights(name),
+                      "predicted_tokens_per_s": pred, "measured_tokens_per_s": meas, "ratio": pred / meas,
                       "within_20pct": abs(pred / meas - 1.0) <= 0.2, "calibration": name == cal_name}
     checked = [v for v in rows.values() if not v["calibration"]]
     k = sum(v["within_20pct"] for v in checked)
-    return {"bandwidth_gb_per_s": bw, "overhead_s": overhead, "calibration_row": cal_name, "rows": rows,
-            "within_20pct": k, "checked": len(checked), "fraction_within_20pct": k / len(checked) if checked else None}
+    model = "roofline" if all(n in weight_s for n in ours) else "bandwidth" if not weight_s else "mixed"
+    return {"bandwidth_gb_per_s": bw, "overhead_s": overhead, "calibration_row": cal_name, "model": model,
+            "rows": rows, "within_20pct": k, "checked": len(checked),
+            "fraction_within_20pct": k / len(checked) if checked else None}
+
+
+def roofline_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, threads: int,
+                            ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Per our row whose model is cached: the planner's per-matrix roofline seconds per token
+    (:func:`sparsetorch.inference.plan.decode_weight_time`) with kernel compute costs measured now,
+    at ``threads`` (:func:`~sparsetorch.inference.plan.measure_kernel_costs`), and those costs."""
+    from sparsetorch.data.llm import load_causal_lm
+    from sparsetorch.inference.plan import (
+        decode_matrix_costs,
+        decode_weight_time,
+        measure_kernel_costs,
+    )
+
+    by_config: dict[str, list[str]] = {}
+    for name, r in rows.items():
+        if r.get("runtime") == "sparsetorch" and (CACHE / r["config"] / "config.json").is_file():
+            by_config.setdefault(r["config"], []).append(name)
+    models = {c: load_causal_lm(str(CACHE / c), progress=False)[0] for c in by_config}
+    kinds = sorted({(m.layout, m.dtype) for c, names in by_config.items() for n in names
+                    for m in decode_matrix_costs(models[c], rows[n]["dtype"])})
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kc = measure_kernel_costs(kinds)
+    finally:
+        torch.set_num_threads(before)
+    out = {n: decode_weight_time(models[c], rows[n]["dtype"], bandwidth_gb_per_s, kernel_costs=kc)[1]
+           for c, names in by_config.items() for n in names}
+    costs = {f"{lay}/{dt}": {"per_position_ns": k.per_position_s * 1e9, "per_value_ns": k.per_value_s * 1e9}
+             for (lay, dt), k in kc.items()}
+    return out, {"threads": threads, "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "load": load_average(), "costs": costs}
 
 
 def planner_bytes_check(rows: dict[str, Any]) -> dict[str, Any]:
@@ -362,7 +404,10 @@ def planner_check(results: Path, argv: list[str] | None) -> Path:
     ``results/decode_planner_check[_LABEL].json`` (LABEL from the results file name). The results
     JSON is only read."""
     res = json.loads(results.read_text())
-    check = planner_predictions(res)
+    bw = float(res["bandwidth_ceiling_gb_per_s"]["median"])
+    weight_s, kernels = roofline_weight_seconds(res["rows"], bw, int(res.get("_meta", {}).get("threads") or 2))
+    check = planner_predictions(res, weight_s)
+    check["kernel_costs"] = kernels
     check["bytes_per_token_check"] = planner_bytes_check(res["rows"])
     stem = results.stem.removeprefix("decode_vs_llamacpp")
     out = RESULTS / f"decode_planner_check{stem}.json"

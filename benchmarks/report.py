@@ -1309,9 +1309,13 @@ def decode_planner_check(r: Results) -> str:
     name = "decode_planner_check_quiet"
     d = r(name)
     rows = [(k, x) for k, x in d["rows"].items() if not x.get("calibration")]
-    lines = [f"Planner check against `{d['source']['file']}` (bandwidth {d['bandwidth_gb_per_s']:.1f} GB/s, "
+    kc = d.get("kernel_costs") or {}
+    model = ("per-matrix roofline with in-cache kernel costs measured at "
+             f"{kc.get('threads')} thread(s) on {str(kc.get('measured_utc', '?'))[:10]} (1-minute load "
+             f"{(kc.get('load') or ['?'])[0]})" if d.get("model") == "roofline" else "bytes over bandwidth")
+    lines = [f"Planner check against `{d['source']['file']}` ({model}; bandwidth {d['bandwidth_gb_per_s']:.1f} GB/s, "
              f"overhead {d['overhead_s'] * 1e3:.2f} ms per token calibrated on `{d['calibration_row']}`, "
-             f"nothing timed): **{d['within_20pct']} of {d['checked']} rows within 20%** (target: every row; "
+             f"no decode timed): **{d['within_20pct']} of {d['checked']} rows within 20%** (target: every row; "
              f"{'met' if d['within_20pct'] == d['checked'] else '**missed**'}); bytes per token equal to the "
              f"engine's on {len(d['bytes_per_token_check']['equal'])} rows, different on "
              f"{len(d['bytes_per_token_check']['different'])}.", "",

@@ -164,9 +164,76 @@ def test_benchmark_planner_check_on_made_up_results(tmp_path: Path, monkeypatch)
     src = tmp_path / "decode_vs_llamacpp_made_up.json"
     src.write_text(json.dumps(res))
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "no-models")  # no cached model: bandwidth-only predictions
     monkeypatch.setattr(bench, "planner_bytes_check", lambda rows: {"equal": [], "different": {}, "skipped": list(rows)})
     out = bench.planner_check(src, ["--planner-check", str(src)])
     assert out == tmp_path / "decode_planner_check_made_up.json"
     written = json.loads(out.read_text())
     assert written["fraction_within_20pct"] == 0.5 and written["source"]["file"].endswith(src.name)
+    assert written["model"] == "bandwidth" and written["kernel_costs"]["costs"] == {}
     assert json.loads(src.read_text()) == res
+    # with the roofline's seconds for the weights: the int8 row's compute-bound 7.5 ms is predicted
+    roof = bench.planner_predictions(res, {"ours dense fp32": 0.010, "ours dense fp16": 0.005, "ours x int8": 0.0075})
+    assert roof["model"] == "roofline" and roof["overhead_s"] == pytest.approx(0.0025)
+    assert roof["rows"]["ours x int8"]["predicted_tokens_per_s"] == pytest.approx(100.0)
+    assert roof["within_20pct"] == 2
+
+
+def test_matrix_costs_count_positions_stored_values_and_bytes() -> None:
+    from sparsetorch.inference.plan import decode_matrix_costs
+
+    model = tiny_llama(seed=5, hidden=64, inter=128)
+    prune_to(model, 0.7)
+    costs = decode_matrix_costs(model, "fp16")
+    layer = model.model.layers[0]
+    down = next(c for c in costs if c.name == "layers.0.down")
+    w = layer.mlp.down_proj.weight
+    assert down.positions == w.numel() and down.layout == "bitmask" and down.dtype == "fp16"
+    assert down.stored == int((w != 0).sum())  # the definition: the non-zeros a bitmask stores
+    head = costs[0]
+    assert head.name == "lm_head" and head.layout == "dense" and head.stored == head.positions == \
+        model.model.embed_tokens.weight.numel()
+    assert len(costs) == 1 + 4 * model.config.num_hidden_layers
+
+
+def test_kernel_costs_separate_position_and_value_costs_and_the_roofline_takes_the_longer() -> None:
+    """A fake clock with known costs: the two densities give back the cost per position and per
+    stored value; the roofline per matrix is max(streaming, compute)."""
+    from sparsetorch.inference.plan import (
+        KernelCost,
+        MatrixCost,
+        decode_weight_seconds,
+        measure_kernel_costs,
+    )
+
+    a, b, n = 2e-12, 5e-11, 256 * 512
+
+    def timer(fns: dict) -> dict[str, float]:
+        out = {}
+        for key in fns:
+            lay, _, d = key.split("/")
+            per_call = (a * n + b * float(d) * n) if lay != "dense" else 3e-12 * n
+            out[key] = 8 * per_call  # 8 products per timed call
+        return out
+
+    kc = measure_kernel_costs([("bitmask", "int8"), ("dense", "fp32")], rows=256, cols=512, timer=timer)
+    assert kc[("bitmask", "int8")].per_position_s == pytest.approx(a)
+    assert kc[("bitmask", "int8")].per_value_s == pytest.approx(b)
+    assert kc[("dense", "fp32")] == KernelCost(pytest.approx(3e-12), 0.0)
+    m = MatrixCost("x", "bitmask", "int8", nbytes=1_000_000, positions=10**6, stored=5 * 10**5)
+    # streaming 1 MB at 10 GB/s = 100 us; compute 2 us + 25 us = 27 us -> streaming wins
+    assert decode_weight_seconds([m], 10.0, kc) == pytest.approx(1e-4)
+    # at 100 GB/s streaming is 10 us: compute (27 us) wins; unknown kinds and no costs stream
+    assert decode_weight_seconds([m], 100.0, kc) == pytest.approx(2.7e-5)
+    assert decode_weight_seconds([m], 100.0) == pytest.approx(1e-5)
+    assert measure_kernel_costs([]) == {}
+
+
+@needs_ext
+def test_measured_kernel_costs_are_positive_for_each_kind() -> None:
+    from sparsetorch.inference.plan import measure_kernel_costs
+
+    kc = measure_kernel_costs([("bitmask", "fp16"), ("dense", "int8")], rows=64, cols=128,
+                              timer=lambda fns: {k: (fn(), 1e-5)[1] for k, fn in fns.items()})
+    assert set(kc) == {("bitmask", "fp16"), ("dense", "int8")}
+    assert kc[("dense", "int8")].per_position_s > 0

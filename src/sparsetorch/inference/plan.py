@@ -26,7 +26,13 @@ __all__ = [
     "plan",
     "NO_SPEEDUP_BELOW",
     "DecodeEstimate",
+    "KernelCost",
+    "MatrixCost",
     "decode_bytes_per_token",
+    "decode_matrix_costs",
+    "measure_kernel_costs",
+    "decode_weight_seconds",
+    "decode_weight_time",
     "predict_decode_tokens_per_s",
     "measure_decode_overhead",
     "engine_decode_tokens_per_s",
@@ -201,9 +207,10 @@ class PlanReport:
         lines.append(self.verdict)
         if self.decode:
             d0 = self.decode[0]
-            lines += ["", f"decode engine (sparsetorch generate), predicted: 1 / (bytes per token / "
-                          f"{d0.bandwidth_gb_per_s:.1f} GB/s streaming read + {d0.overhead_s * 1e3:.2f} ms per-token "
-                          f"overhead), {d0.threads} threads"]
+            weights = (f"bytes per token / {d0.bandwidth_gb_per_s:.1f} GB/s streaming read" if d0.weight_s is None else
+                       f"per matrix the longer of streaming at {d0.bandwidth_gb_per_s:.1f} GB/s and in-cache compute")
+            lines += ["", f"decode engine (sparsetorch generate), predicted: 1 / ({weights} + "
+                          f"{d0.overhead_s * 1e3:.2f} ms per-token overhead), {d0.threads} threads"]
             from ..tables import format_table
 
             rows = [[d.dtype if d.head_dtype == d.dtype else f"{d.dtype} (head {d.head_dtype})",
@@ -309,21 +316,32 @@ def predict_decode_tokens_per_s(bytes_per_token: float, bandwidth_gb_per_s: floa
     return 1.0 / (bytes_per_token / (bandwidth_gb_per_s * 1e9) + overhead_s)
 
 
-def decode_bytes_per_token(model: nn.Module, dtype: str = "fp32", *, head_dtype: str | None = None,
-                           layout: str = "auto") -> int:
-    """Bytes of weights one :class:`~.decode.DecodeEngine` step reads for ``model`` in ``dtype``,
-    computed from the weights alone (no packing, no compiled extension).
+@dataclass(frozen=True)
+class MatrixCost:
+    """One matrix a :class:`~.decode.DecodeEngine` step reads once: how it is stored and how much."""
 
-    The same count as ``DecodeEngine.from_model(model, dtype, head_dtype=..., layout=...)
-    .weight_bytes_per_token``: per layer the fused q/k/v, o, fused gate/up and down matrices in the
-    layout the engine picks (:func:`~.lowbit.layout_for_counts` from their non-zeros) with their
-    biases (fp32), the LM head (dense, ``head_dtype``; a tied head is the embedding, counted once),
-    one embedding row and the RMSNorm weights (fp32). Raises
-    :class:`~sparsetorch.errors.ModelError` for a model the engine cannot run.
-    """
+    name: str
+    layout: str
+    dtype: str
+    #: bytes read: the packed matrix (values, masks, indices, scales) and its fp32 bias
+    nbytes: int
+    #: ``out * in``: the positions a bitmask kernel scans
+    positions: int
+    #: values stored (``positions`` for dense; the non-zeros for bitmask / CSR)
+    stored: int
+
+
+def decode_matrix_costs(model: nn.Module, dtype: str = "fp32", *, head_dtype: str | None = None,
+                        layout: str = "auto") -> list[MatrixCost]:
+    """The matrices one :class:`~.decode.DecodeEngine` step on ``model`` reads, computed from the
+    weights alone (no packing, no compiled extension): the LM head (dense, ``head_dtype``; a tied
+    head is the embedding, counted once) and per layer the fused q/k/v, o, fused gate/up and down
+    matrices in the layout the engine picks (:func:`~.lowbit.layout_for_counts` from their
+    non-zeros) with their fp32 biases. Raises :class:`~sparsetorch.errors.ModelError` for a
+    model the engine cannot run."""
     from ..errors import ModelError
     from .decode import _check_options, _weight, decode_support
-    from .lowbit import VALUE_DTYPES, layout_for_counts, packed_nbytes
+    from .lowbit import layout_for_counts, packed_nbytes
 
     head_dtype = _check_options(dtype, head_dtype, layout)
     reason = decode_support(model)
@@ -331,21 +349,114 @@ def decode_bytes_per_token(model: nn.Module, dtype: str = "fp32", *, head_dtype:
         raise ModelError(f"the decode engine cannot run this model: {reason}.")
     base = model.model
     vocab, hidden = base.embed_tokens.weight.shape
-    total = packed_nbytes(vocab, hidden, vocab * hidden, "dense", head_dtype) + hidden * VALUE_DTYPES[head_dtype][1]
-    total += (2 * len(base.layers) + 1) * hidden * 4
-    groups = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
-              ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))
-    for layer in base.layers:
-        for parent, names in groups:
+    out = [MatrixCost("lm_head", "dense", head_dtype, packed_nbytes(vocab, hidden, vocab * hidden, "dense", head_dtype),
+                      vocab * hidden, vocab * hidden)]
+    groups = (("qkv", "self_attn", ("q_proj", "k_proj", "v_proj")), ("o", "self_attn", ("o_proj",)),
+              ("gate_up", "mlp", ("gate_proj", "up_proj")), ("down", "mlp", ("down_proj",)))
+    for i, layer in enumerate(base.layers):
+        for key, parent, names in groups:
             mats = [_weight(getattr(getattr(layer, parent), n)) for n in names]
-            out = sum(w.shape[0] for w, _ in mats)
+            rows = sum(w.shape[0] for w, _ in mats)
             inn = mats[0][0].shape[1]
             nnz = sum(int((w != 0).sum()) for w, _ in mats)
-            lay = layout_for_counts(out, inn, nnz, dtype) if layout == "auto" else layout
-            total += packed_nbytes(out, inn, nnz, lay, dtype)
-            if any(b is not None for _, b in mats):
-                total += out * 4
-    return int(total)
+            lay = layout_for_counts(rows, inn, nnz, dtype) if layout == "auto" else layout
+            bias = rows * 4 if any(b is not None for _, b in mats) else 0
+            out.append(MatrixCost(f"layers.{i}.{key}", lay, dtype, packed_nbytes(rows, inn, nnz, lay, dtype) + bias,
+                                  rows * inn, rows * inn if lay == "dense" else nnz))
+    return out
+
+
+def decode_bytes_per_token(model: nn.Module, dtype: str = "fp32", *, head_dtype: str | None = None,
+                           layout: str = "auto") -> int:
+    """Bytes of weights one :class:`~.decode.DecodeEngine` step reads for ``model`` in ``dtype``,
+    computed from the weights alone (no packing, no compiled extension).
+
+    The same count as ``DecodeEngine.from_model(model, dtype, head_dtype=..., layout=...)
+    .weight_bytes_per_token``: the matrices of :func:`decode_matrix_costs`, one embedding row
+    and the RMSNorm weights (fp32). Raises :class:`~sparsetorch.errors.ModelError` for a model
+    the engine cannot run.
+    """
+    from .decode import _check_options
+    from .lowbit import VALUE_DTYPES
+
+    costs = decode_matrix_costs(model, dtype, head_dtype=head_dtype, layout=layout)
+    head_dtype = _check_options(dtype, head_dtype, layout)
+    base = model.model
+    hidden = base.embed_tokens.weight.shape[1]
+    extra = hidden * VALUE_DTYPES[head_dtype][1] + (2 * len(base.layers) + 1) * hidden * 4
+    return int(sum(c.nbytes for c in costs) + extra)
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    """Compute time of one (layout, dtype) product at one token when its weights are in cache:
+    ``per_position_s * positions + per_value_s * stored`` (a bitmask kernel scans every position's
+    bit and multiplies every stored value; a dense one has only positions)."""
+
+    per_position_s: float
+    per_value_s: float = 0.0
+
+    def seconds(self, m: MatrixCost) -> float:
+        return self.per_position_s * m.positions + self.per_value_s * m.stored
+
+
+def measure_kernel_costs(kinds: Sequence[tuple[str, str]], *, rows: int = 1024, cols: int = 1024,
+                         densities: tuple[float, float] = (0.3, 0.7),
+                         timer: Callable[[dict[str, Callable[[], object]]], dict[str, float]] | None = None,
+                         ) -> dict[tuple[str, str], KernelCost]:
+    """:class:`KernelCost` of each ``(layout, dtype)`` in ``kinds``, measured with the compiled
+    one-token product (:func:`~.lowbit.lowbit_matmul`) on a random ``rows x cols`` matrix small
+    enough to stay in cache, so the time is the kernel's arithmetic and bookkeeping, not memory:
+    dense once; bitmask and CSR at the two ``densities``, which separates the cost per position
+    from the cost per stored value (both floored at 0). At torch's current thread count;
+    ``timer`` maps ``{name: fn}`` to seconds per call (default
+    :func:`~.bench.interleaved_medians`). Raises :class:`~sparsetorch.errors.DependencyError`
+    when the extension cannot be built."""
+    from .bench import interleaved_medians
+    from .lowbit import lowbit_matmul, pack_lowbit
+
+    if not kinds:
+        return {}
+    timer = timer or (lambda fns: interleaved_medians(fns, repeats=15, rounds=3))
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, cols, generator=gen)
+    weights = {d: torch.randn(rows, cols, generator=gen) * (torch.rand(rows, cols, generator=gen) < d)
+               for d in (1.0, *densities)}
+    fns: dict[str, Callable[[], object]] = {}
+    cases: dict[tuple[str, str], list[tuple[str, float]]] = {}
+    calls = 8  # products per timed call: the Python call's own cost is small beside them
+    for lay, dt in dict.fromkeys(kinds):
+        for d in ((1.0,) if lay == "dense" else densities):
+            p = pack_lowbit(weights[d], lay, dt)
+            key = f"{lay}/{dt}/{d}"
+            fns[key] = lambda p=p: [lowbit_matmul(x, p, check=False) for _ in range(calls)]
+            cases.setdefault((lay, dt), []).append((key, d))
+    secs = {k: v / calls for k, v in timer(fns).items()}
+    positions = rows * cols
+    out: dict[tuple[str, str], KernelCost] = {}
+    for kind, pts in cases.items():
+        if len(pts) == 1:
+            out[kind] = KernelCost(secs[pts[0][0]] / positions)
+            continue
+        (k1, d1), (k2, d2) = pts
+        per_value = max(0.0, (secs[k2] - secs[k1]) / ((d2 - d1) * positions))
+        per_position = max(0.0, (secs[k1] - per_value * d1 * positions) / positions)
+        out[kind] = KernelCost(per_position, per_value)
+    return out
+
+
+def decode_weight_seconds(costs: Sequence[MatrixCost], bandwidth_gb_per_s: float,
+                          kernel_costs: dict[tuple[str, str], KernelCost] | None = None) -> float:
+    """Seconds one decode step spends on its matrices, by a roofline per matrix: the longer of
+    streaming its bytes at ``bandwidth_gb_per_s`` and its in-cache compute time
+    (:class:`KernelCost`, where known). Without ``kernel_costs`` this is bytes over bandwidth."""
+    kc = kernel_costs or {}
+    total = 0.0
+    for m in costs:
+        stream = m.nbytes / (bandwidth_gb_per_s * 1e9)
+        k = kc.get((m.layout, m.dtype))
+        total += max(stream, k.seconds(m)) if k is not None else stream
+    return total
 
 
 @dataclass
@@ -360,11 +471,16 @@ class DecodeEstimate:
     threads: int = field(default_factory=torch.get_num_threads)
     #: the engine's measured tokens/s for this dtype, when it was the calibration run
     measured_tokens_per_s: float | None = None
+    #: seconds per token on the weights by the per-matrix roofline (:func:`decode_weight_seconds`);
+    #: None: bytes over bandwidth
+    weight_s: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
-        """:func:`predict_decode_tokens_per_s` of this estimate."""
-        return predict_decode_tokens_per_s(self.bytes_per_token, self.bandwidth_gb_per_s, self.overhead_s)
+        """``1 / (weight_s + overhead_s)``; without ``weight_s``, :func:`predict_decode_tokens_per_s`."""
+        if self.weight_s is None:
+            return predict_decode_tokens_per_s(self.bytes_per_token, self.bandwidth_gb_per_s, self.overhead_s)
+        return 1.0 / (self.weight_s + self.overhead_s)
 
     @property
     def ceiling_tokens_per_s(self) -> float:
@@ -375,7 +491,17 @@ class DecodeEstimate:
         return {"dtype": self.dtype, "head_dtype": self.head_dtype, "bytes_per_token": self.bytes_per_token,
                 "bandwidth_gb_per_s": self.bandwidth_gb_per_s, "overhead_s": self.overhead_s, "threads": self.threads,
                 "predicted_tokens_per_s": self.tokens_per_s, "ceiling_tokens_per_s": self.ceiling_tokens_per_s,
-                "measured_tokens_per_s": self.measured_tokens_per_s}
+                "measured_tokens_per_s": self.measured_tokens_per_s, "weight_s": self.weight_s}
+
+
+def decode_weight_time(model: nn.Module, dtype: str, bandwidth_gb_per_s: float, *, head_dtype: str | None = None,
+                       kernel_costs: dict[tuple[str, str], KernelCost] | None = None) -> tuple[int, float]:
+    """``(bytes_per_token, seconds)`` of one decode step's weight reads: the matrices by
+    :func:`decode_weight_seconds`, the rest (one embedding row, norms) streamed."""
+    costs = decode_matrix_costs(model, dtype, head_dtype=head_dtype)
+    nbytes = decode_bytes_per_token(model, dtype, head_dtype=head_dtype)
+    rest = nbytes - sum(c.nbytes for c in costs)
+    return nbytes, decode_weight_seconds(costs, bandwidth_gb_per_s, kernel_costs) + rest / (bandwidth_gb_per_s * 1e9)
 
 
 def engine_decode_tokens_per_s(engine: Any, ids: torch.Tensor, tokens: int = 16, repeats: int = 3) -> float:
@@ -392,17 +518,23 @@ def engine_decode_tokens_per_s(engine: Any, ids: torch.Tensor, tokens: int = 16,
 
 
 def measure_decode_overhead(model: nn.Module, bandwidth_gb_per_s: float, dtype: str = "fp32", *, tokens: int = 16,
-                            repeats: int = 3, engine: Any = None) -> tuple[float, float]:
+                            repeats: int = 3, engine: Any = None,
+                            kernel_costs: dict[tuple[str, str], KernelCost] | None = None) -> tuple[float, float]:
     """``(overhead_s, measured_tokens_per_s)``: the engine's per-token time on ``model`` in
-    ``dtype`` (median of ``repeats`` greedy runs of ``tokens`` tokens) minus the time to stream its
-    weights at ``bandwidth_gb_per_s``, floored at 0. Builds the engine unless ``engine`` is given;
+    ``dtype`` (median of ``repeats`` greedy runs of ``tokens`` tokens) minus the time its weights
+    take (:func:`decode_weight_time`: streamed at ``bandwidth_gb_per_s``, or the per-matrix
+    roofline with ``kernel_costs``), floored at 0. Builds the engine unless ``engine`` is given;
     raises what :meth:`~.decode.DecodeEngine.from_model` raises."""
     from .decode import DecodeEngine
 
     eng = engine if engine is not None else DecodeEngine.from_model(model, dtype)
     tps = engine_decode_tokens_per_s(eng, (torch.arange(1, 9) % int(eng.config["vocab"]))[None], tokens, repeats)
-    overhead = max(0.0, 1.0 / tps - eng.weight_bytes_per_token / (bandwidth_gb_per_s * 1e9))
-    return overhead, tps
+    if kernel_costs is None:
+        weights_s = eng.weight_bytes_per_token / (bandwidth_gb_per_s * 1e9)
+    else:
+        weights_s = decode_weight_time(model, dtype, bandwidth_gb_per_s, head_dtype=eng.config["head_dtype"],
+                                       kernel_costs=kernel_costs)[1]
+    return max(0.0, 1.0 / tps - weights_s), tps
 
 
 def decode_estimates(
@@ -413,26 +545,37 @@ def decode_estimates(
     bandwidth_gb_per_s: float | None = None,
     overhead_s: float | None = None,
     calibrate_dtype: str = "fp32",
+    kernel_costs: dict[tuple[str, str], KernelCost] | None = None,
 ) -> list[DecodeEstimate]:
     """Predicted :class:`~.decode.DecodeEngine` decode tokens/s of ``model`` for each of ``dtypes``.
 
-    Bytes per token come from the weights (:func:`decode_bytes_per_token`); the bandwidth is
-    measured (:func:`~.bench.streaming_bandwidth_gbs`) unless given; the per-token overhead is
-    measured once, by timing the engine on the model in ``calibrate_dtype``
-    (:func:`measure_decode_overhead`), unless given, and used for every dtype. It is a constant
-    per token: kernels that run below the streaming rate because they are compute-bound (the
-    packed 8-bit values of a sparse int8 model) are predicted too fast.
+    Per token: the weights' time plus one per-token overhead. The weights' time is a roofline
+    per matrix (:func:`decode_weight_seconds`): the longer of streaming its bytes at the
+    bandwidth and its in-cache compute time, so kernels that run below the streaming rate (the
+    8-bit values of a sparse int8 model, a bitmask scanned at 70% sparsity) are not predicted
+    too fast. The bandwidth is measured (:func:`~.bench.streaming_bandwidth_gbs`) unless given;
+    the kernels' compute costs are measured (:func:`measure_kernel_costs`) unless given, or
+    unless both bandwidth and overhead are given (then the estimate is arithmetic only: bytes
+    over bandwidth); the overhead is measured once, by timing the engine on the model in
+    ``calibrate_dtype`` (:func:`measure_decode_overhead`), unless given, and used for every dtype.
     """
     from .bench import streaming_bandwidth_gbs
 
+    timing = bandwidth_gb_per_s is None or overhead_s is None
     bw = streaming_bandwidth_gbs() if bandwidth_gb_per_s is None else float(bandwidth_gb_per_s)
+    if kernel_costs is None and timing:
+        kinds = {(c.layout, c.dtype) for dt in {*dtypes, calibrate_dtype}
+                 for c in decode_matrix_costs(model, dt, head_dtype=head_dtype or dt)}
+        kernel_costs = measure_kernel_costs(sorted(kinds))
     measured: dict[str, float] = {}
     if overhead_s is None:
-        overhead_s, measured[calibrate_dtype] = measure_decode_overhead(model, bw, calibrate_dtype)
+        overhead_s, measured[calibrate_dtype] = measure_decode_overhead(model, bw, calibrate_dtype,
+                                                                        kernel_costs=kernel_costs)
     out = []
     for dt in dtypes:
         hd = head_dtype or dt
-        nbytes = decode_bytes_per_token(model, dt, head_dtype=hd)
+        nbytes, weight_s = decode_weight_time(model, dt, bw, head_dtype=hd, kernel_costs=kernel_costs)
         out.append(DecodeEstimate(dt, hd, nbytes, bw, float(overhead_s),
-                                  measured_tokens_per_s=measured.get(dt) if hd == dt else None))
+                                  measured_tokens_per_s=measured.get(dt) if hd == dt else None,
+                                  weight_s=weight_s if kernel_costs else None))
     return out
