@@ -749,8 +749,10 @@ template <int F, int D>
 void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial) {
   const int64_t lo = L.lo, li = L.li;
   if (B == 1) {
-    std::vector<int32_t> live;
-    std::vector<float> xl;
+    // scratch kept per calling thread: no allocation per product on the decode hot path
+    static thread_local std::vector<int32_t> live;
+    static thread_local std::vector<float> xl, accs;
+    live.clear(); xl.clear();
     live.reserve(li); xl.reserve(li);
     const float t = L.thr;
     for (int64_t i = 0; i < li; ++i) {
@@ -762,7 +764,7 @@ void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial
     const int64_t per_row = F == DENSE ? lo : std::max<int64_t>(1, L.rp[L.out] / std::max<int64_t>(L.out, 1));
     const bool one = serial || nt <= 1 || at::in_parallel_region() || n * per_row < 32768;
     const int64_t parts = one ? 1 : std::min<int64_t>(nt, n);
-    std::vector<float> accs(std::max<int64_t>(parts, 1) * lo, 0.0f);
+    accs.assign(std::max<int64_t>(parts, 1) * lo, 0.0f);
     float* ap = accs.data();
     const int32_t* lv = live.data();
     const float* xv = xl.data();
