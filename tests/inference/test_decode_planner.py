@@ -227,13 +227,45 @@ def test_kernel_costs_separate_position_and_value_costs_and_the_roofline_takes_t
     assert decode_weight_seconds([m], 100.0, kc) == pytest.approx(2.7e-5)
     assert decode_weight_seconds([m], 100.0) == pytest.approx(1e-5)
     assert measure_kernel_costs([]) == {}
+    # 40% live inputs: the transposed kernel reads 40% (its compute 4 us -> 4 us vs 10 us x 0.4)
+    half = MatrixCost("x", "bitmask", "int8", nbytes=1_000_000, positions=10**6, stored=5 * 10**5, live=0.4)
+    kc[("bitmask-t", "int8")] = KernelCost(1e-11, 0.0)  # 10 us for all rows -> 4 us at 40%
+    assert decode_weight_seconds([half], 100.0, kc) == pytest.approx(max(0.4 * 1e-5, 0.4 * 1e-5))
+    kc[("bitmask-t", "int8")] = KernelCost(1e-10, 0.0)  # 100 us -> 40 us: slower than plain (27 us)
+    assert decode_weight_seconds([half], 100.0, kc) == pytest.approx(2.7e-5)
 
 
 @needs_ext
 def test_measured_kernel_costs_are_positive_for_each_kind() -> None:
     from sparsetorch.inference.plan import measure_kernel_costs
 
-    kc = measure_kernel_costs([("bitmask", "fp16"), ("dense", "int8")], rows=64, cols=128,
-                              timer=lambda fns: {k: (fn(), 1e-5)[1] for k, fn in fns.items()})
-    assert set(kc) == {("bitmask", "fp16"), ("dense", "int8")}
+    kinds = [("bitmask", "fp16"), ("dense", "int8"), ("bitmask-t", "fp32"), ("dense-t", "fp16")]
+    kc = measure_kernel_costs(kinds, rows=64, cols=128, timer=lambda fns: {k: (fn(), 1e-5)[1] for k, fn in fns.items()})
+    assert set(kc) == set(kinds)
     assert kc[("dense", "int8")].per_position_s > 0
+
+
+def test_activation_thresholds_in_the_decode_estimate() -> None:
+    """With TEAL thresholds, a thresholded matrix may read only its live inputs' weights: by
+    bytes over bandwidth (no kernel costs) its time is ``live`` times its plain time, and
+    ``live`` is one minus the calibrated level of its input."""
+    from test_decode_activation import _thresholds
+
+    from sparsetorch.inference.plan import decode_matrix_costs, decode_weight_time
+
+    model = tiny_llama(seed=6)
+    th = _thresholds(model, 0.5)
+    costs = decode_matrix_costs(model, "fp32", activation=th)
+    thr = [c for c in costs if c.live < 1.0]
+    assert len(thr) == 4 * model.config.num_hidden_layers and costs[0].live == 1.0  # the head reads everything
+    q = next(n for n in th.thresholds if n.endswith("layers.0.self_attn.q_proj"))
+    assert costs[1].name == "layers.0.qkv" and costs[1].live == pytest.approx(1.0 - th.levels.get(q, th.sparsity))
+    bw = 10.0
+    n_plain, t_plain = decode_weight_time(model, "fp32", bw)
+    n_act, t_act = decode_weight_time(model, "fp32", bw, activation=th)
+    saved = sum(c.nbytes * (1.0 - c.live) for c in thr) / (bw * 1e9)
+    assert n_act == n_plain and t_act == pytest.approx(t_plain - saved)
+    ests = decode_estimates(model, ("fp32",), bandwidth_gb_per_s=bw, overhead_s=0.001, activation=th)
+    assert ests[0].activation_sparsity == 0.5 and ests[0].tokens_per_s == pytest.approx(1.0 / (t_act + 0.001))
+    rep = plan(model, timer=lambda name, fn: 1.0, activation=th, decode_bandwidth_gb_per_s=bw, decode_overhead_s=0.001)
+    assert rep.decode[0].tokens_per_s == pytest.approx(ests[0].tokens_per_s) and "TEAL activation sparsity" in str(rep)

@@ -209,8 +209,11 @@ class PlanReport:
             d0 = self.decode[0]
             weights = (f"bytes per token / {d0.bandwidth_gb_per_s:.1f} GB/s streaming read" if d0.weight_s is None else
                        f"per matrix the longer of streaming at {d0.bandwidth_gb_per_s:.1f} GB/s and in-cache compute")
+            act = ("" if d0.activation_sparsity is None else
+                   f", TEAL activation sparsity {d0.activation_sparsity:g} (thresholded matrices read only the "
+                   "weights of live inputs where that is faster)")
             lines += ["", f"decode engine (sparsetorch generate), predicted: 1 / ({weights} + "
-                          f"{d0.overhead_s * 1e3:.2f} ms per-token overhead), {d0.threads} threads"]
+                          f"{d0.overhead_s * 1e3:.2f} ms per-token overhead), {d0.threads} threads{act}"]
             from ..tables import format_table
 
             rows = [[d.dtype if d.head_dtype == d.dtype else f"{d.dtype} (head {d.head_dtype})",
@@ -259,7 +262,9 @@ def plan(
     With ``decode`` (and ``batch_size == 1``), a model the compiled decode engine can run also
     gets :attr:`PlanReport.decode`: its predicted decode tokens/s per weight dtype
     (:func:`decode_estimates`; ``decode_bandwidth_gb_per_s`` and ``decode_overhead_s`` replace the
-    measured bandwidth and overhead). Otherwise :attr:`PlanReport.decode_note` says why not.
+    measured bandwidth and overhead; TEAL ``activation`` thresholds are counted as the engine
+    applies them, WINA ones are not, as the engine does not run them). Otherwise
+    :attr:`PlanReport.decode_note` says why not.
     """
     report = PlanReport(batch_size=int(batch_size), model_bytes=_model_bytes(model))
     for name, lin, s, reason in eligible_linears(model, min_sparsity):
@@ -289,9 +294,10 @@ def plan(
 
         reason = decode_support(model)
         if reason is None:
+            teal = activation if getattr(activation, "criterion", None) == "teal" else None
             try:
                 report.decode = decode_estimates(model, bandwidth_gb_per_s=decode_bandwidth_gb_per_s,
-                                                 overhead_s=decode_overhead_s)
+                                                 overhead_s=decode_overhead_s, activation=teal)
             except (ModelError, DependencyError) as exc:
                 report.decode_note = str(exc)
         elif getattr(model, "config", None) is not None:
@@ -329,18 +335,24 @@ class MatrixCost:
     positions: int
     #: values stored (``positions`` for dense; the non-zeros for bitmask / CSR)
     stored: int
+    #: fraction of the input at or above its activation threshold (1: no threshold); a
+    #: thresholded matrix can run transposed, reading only that fraction (``DecodeEngine``)
+    live: float = 1.0
 
 
 def decode_matrix_costs(model: nn.Module, dtype: str = "fp32", *, head_dtype: str | None = None,
-                        layout: str = "auto") -> list[MatrixCost]:
+                        layout: str = "auto", activation: Any = None) -> list[MatrixCost]:
     """The matrices one :class:`~.decode.DecodeEngine` step on ``model`` reads, computed from the
     weights alone (no packing, no compiled extension): the LM head (dense, ``head_dtype``; a tied
     head is the embedding, counted once) and per layer the fused q/k/v, o, fused gate/up and down
     matrices in the layout the engine picks (:func:`~.lowbit.layout_for_counts` from their
-    non-zeros) with their fp32 biases. Raises :class:`~sparsetorch.errors.ModelError` for a
-    model the engine cannot run."""
+    non-zeros) with their fp32 biases. With TEAL ``activation`` thresholds (as
+    ``DecodeEngine.from_model(activation=...)`` takes them), each thresholded matrix's ``live`` is
+    the calibrated fraction of its input at or above the threshold. Raises
+    :class:`~sparsetorch.errors.ModelError` for a model the engine cannot run (or thresholds it
+    cannot apply)."""
     from ..errors import ModelError
-    from .decode import _check_options, _weight, decode_support
+    from .decode import _check_options, _fused_levels, _fused_thresholds, _weight, decode_support
     from .lowbit import layout_for_counts, packed_nbytes
 
     head_dtype = _check_options(dtype, head_dtype, layout)
@@ -348,6 +360,11 @@ def decode_matrix_costs(model: nn.Module, dtype: str = "fp32", *, head_dtype: st
     if reason is not None:
         raise ModelError(f"the decode engine cannot run this model: {reason}.")
     base = model.model
+    live: dict[str, float] = {}
+    if activation is not None:
+        layers = list(base.layers)
+        thr = _fused_thresholds(model, layers, activation)
+        live = {n: 1.0 - lv for n, lv in _fused_levels(model, layers, activation, list(thr)).items()}
     vocab, hidden = base.embed_tokens.weight.shape
     out = [MatrixCost("lm_head", "dense", head_dtype, packed_nbytes(vocab, hidden, vocab * hidden, "dense", head_dtype),
                       vocab * hidden, vocab * hidden)]
@@ -361,8 +378,9 @@ def decode_matrix_costs(model: nn.Module, dtype: str = "fp32", *, head_dtype: st
             nnz = sum(int((w != 0).sum()) for w, _ in mats)
             lay = layout_for_counts(rows, inn, nnz, dtype) if layout == "auto" else layout
             bias = rows * 4 if any(b is not None for _, b in mats) else 0
-            out.append(MatrixCost(f"layers.{i}.{key}", lay, dtype, packed_nbytes(rows, inn, nnz, lay, dtype) + bias,
-                                  rows * inn, rows * inn if lay == "dense" else nnz))
+            name = f"layers.{i}.{key}"
+            out.append(MatrixCost(name, lay, dtype, packed_nbytes(rows, inn, nnz, lay, dtype) + bias,
+                                  rows * inn, rows * inn if lay == "dense" else nnz, live.get(name, 1.0)))
     return out
 
 
@@ -408,7 +426,9 @@ def measure_kernel_costs(kinds: Sequence[tuple[str, str]], *, rows: int = 1024, 
     one-token product (:func:`~.lowbit.lowbit_matmul`) on a random ``rows x cols`` matrix small
     enough to stay in cache, so the time is the kernel's arithmetic and bookkeeping, not memory:
     dense once; bitmask and CSR at the two ``densities``, which separates the cost per position
-    from the cost per stored value (both floored at 0). At torch's current thread count;
+    from the cost per stored value (both floored at 0). A layout ending in ``-t`` (``dense-t``,
+    ``bitmask-t``, ``csr-t``) is the transposed activation kernel, timed with every input live:
+    its cost per position and value of the rows it reads. At torch's current thread count;
     ``timer`` maps ``{name: fn}`` to seconds per call (default
     :func:`~.bench.interleaved_medians`). Raises :class:`~sparsetorch.errors.DependencyError`
     when the extension cannot be built."""
@@ -426,8 +446,9 @@ def measure_kernel_costs(kinds: Sequence[tuple[str, str]], *, rows: int = 1024, 
     cases: dict[tuple[str, str], list[tuple[str, float]]] = {}
     calls = 8  # products per timed call: the Python call's own cost is small beside them
     for lay, dt in dict.fromkeys(kinds):
-        for d in ((1.0,) if lay == "dense" else densities):
-            p = pack_lowbit(weights[d], lay, dt)
+        base, trans = lay.removesuffix("-t"), lay.endswith("-t")
+        for d in ((1.0,) if base == "dense" else densities):
+            p = pack_lowbit(weights[d], base, dt, transposed=trans, threshold=0.0 if trans else None)
             key = f"{lay}/{dt}/{d}"
             fns[key] = lambda p=p: [lowbit_matmul(x, p, check=False) for _ in range(calls)]
             cases.setdefault((lay, dt), []).append((key, d))
@@ -449,13 +470,21 @@ def decode_weight_seconds(costs: Sequence[MatrixCost], bandwidth_gb_per_s: float
                           kernel_costs: dict[tuple[str, str], KernelCost] | None = None) -> float:
     """Seconds one decode step spends on its matrices, by a roofline per matrix: the longer of
     streaming its bytes at ``bandwidth_gb_per_s`` and its in-cache compute time
-    (:class:`KernelCost`, where known). Without ``kernel_costs`` this is bytes over bandwidth."""
+    (:class:`KernelCost`, where known). Without ``kernel_costs`` this is bytes over bandwidth.
+    A matrix with live inputs below 1 takes the faster of its plain kernel and the transposed one
+    (``LAYOUT-t`` costs), which reads only the live fraction: what ``activation_kernel="auto"``
+    picks by measurement."""
     kc = kernel_costs or {}
     total = 0.0
     for m in costs:
         stream = m.nbytes / (bandwidth_gb_per_s * 1e9)
         k = kc.get((m.layout, m.dtype))
-        total += max(stream, k.seconds(m)) if k is not None else stream
+        t = max(stream, k.seconds(m)) if k is not None else stream
+        if m.live < 1.0:
+            kt = kc.get((f"{m.layout}-t", m.dtype))
+            compute = kt.seconds(m) * m.live if kt is not None else 0.0
+            t = min(t, max(stream * m.live, compute))
+        total += t
     return total
 
 
@@ -474,6 +503,8 @@ class DecodeEstimate:
     #: seconds per token on the weights by the per-matrix roofline (:func:`decode_weight_seconds`);
     #: None: bytes over bandwidth
     weight_s: float | None = None
+    #: the TEAL activation sparsity the engine was estimated with (None: no thresholds)
+    activation_sparsity: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -491,14 +522,18 @@ class DecodeEstimate:
         return {"dtype": self.dtype, "head_dtype": self.head_dtype, "bytes_per_token": self.bytes_per_token,
                 "bandwidth_gb_per_s": self.bandwidth_gb_per_s, "overhead_s": self.overhead_s, "threads": self.threads,
                 "predicted_tokens_per_s": self.tokens_per_s, "ceiling_tokens_per_s": self.ceiling_tokens_per_s,
-                "measured_tokens_per_s": self.measured_tokens_per_s, "weight_s": self.weight_s}
+                "measured_tokens_per_s": self.measured_tokens_per_s, "weight_s": self.weight_s,
+                "activation_sparsity": self.activation_sparsity}
 
 
 def decode_weight_time(model: nn.Module, dtype: str, bandwidth_gb_per_s: float, *, head_dtype: str | None = None,
-                       kernel_costs: dict[tuple[str, str], KernelCost] | None = None) -> tuple[int, float]:
+                       kernel_costs: dict[tuple[str, str], KernelCost] | None = None,
+                       activation: Any = None) -> tuple[int, float]:
     """``(bytes_per_token, seconds)`` of one decode step's weight reads: the matrices by
-    :func:`decode_weight_seconds`, the rest (one embedding row, norms) streamed."""
-    costs = decode_matrix_costs(model, dtype, head_dtype=head_dtype)
+    :func:`decode_weight_seconds` (with TEAL ``activation`` thresholds, thresholded matrices may
+    read only their live inputs' weights), the rest (one embedding row, norms) streamed.
+    ``bytes_per_token`` is what the weights take without thresholds."""
+    costs = decode_matrix_costs(model, dtype, head_dtype=head_dtype, activation=activation)
     nbytes = decode_bytes_per_token(model, dtype, head_dtype=head_dtype)
     rest = nbytes - sum(c.nbytes for c in costs)
     return nbytes, decode_weight_seconds(costs, bandwidth_gb_per_s, kernel_costs) + rest / (bandwidth_gb_per_s * 1e9)
@@ -546,6 +581,7 @@ def decode_estimates(
     overhead_s: float | None = None,
     calibrate_dtype: str = "fp32",
     kernel_costs: dict[tuple[str, str], KernelCost] | None = None,
+    activation: Any = None,
 ) -> list[DecodeEstimate]:
     """Predicted :class:`~.decode.DecodeEngine` decode tokens/s of ``model`` for each of ``dtypes``.
 
@@ -558,14 +594,20 @@ def decode_estimates(
     unless both bandwidth and overhead are given (then the estimate is arithmetic only: bytes
     over bandwidth); the overhead is measured once, by timing the engine on the model in
     ``calibrate_dtype`` (:func:`measure_decode_overhead`), unless given, and used for every dtype.
+    TEAL ``activation`` thresholds: the engine built with them (thresholded matrices read only
+    their live inputs' weights when that is faster; the overhead is still calibrated without).
     """
     from .bench import streaming_bandwidth_gbs
 
     timing = bandwidth_gb_per_s is None or overhead_s is None
     bw = streaming_bandwidth_gbs() if bandwidth_gb_per_s is None else float(bandwidth_gb_per_s)
     if kernel_costs is None and timing:
-        kinds = {(c.layout, c.dtype) for dt in {*dtypes, calibrate_dtype}
-                 for c in decode_matrix_costs(model, dt, head_dtype=head_dtype or dt)}
+        kinds: set[tuple[str, str]] = set()
+        for dt in {*dtypes, calibrate_dtype}:
+            for c in decode_matrix_costs(model, dt, head_dtype=head_dtype or dt, activation=activation):
+                kinds.add((c.layout, c.dtype))
+                if c.live < 1.0:
+                    kinds.add((f"{c.layout}-t", c.dtype))
         kernel_costs = measure_kernel_costs(sorted(kinds))
     measured: dict[str, float] = {}
     if overhead_s is None:
@@ -574,8 +616,10 @@ def decode_estimates(
     out = []
     for dt in dtypes:
         hd = head_dtype or dt
-        nbytes, weight_s = decode_weight_time(model, dt, bw, head_dtype=hd, kernel_costs=kernel_costs)
+        nbytes, weight_s = decode_weight_time(model, dt, bw, head_dtype=hd, kernel_costs=kernel_costs,
+                                              activation=activation)
         out.append(DecodeEstimate(dt, hd, nbytes, bw, float(overhead_s),
-                                  measured_tokens_per_s=measured.get(dt) if hd == dt else None,
-                                  weight_s=weight_s if kernel_costs else None))
+                                  measured_tokens_per_s=measured.get(dt) if hd == dt and activation is None else None,
+                                  weight_s=weight_s if kernel_costs or activation is not None else None,
+                                  activation_sparsity=None if activation is None else float(activation.sparsity)))
     return out
