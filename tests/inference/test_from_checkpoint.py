@@ -142,3 +142,34 @@ def test_biases_and_an_untied_head(tmp_path) -> None:
     ids = prompt(seed=18)
     assert torch.allclose(eng.logits(ids[0]), ref.logits(ids[0]), atol=1e-5, rtol=1e-5)
     assert torch.equal(eng.generate(ids, 16), ref.generate(ids, 16))
+
+
+@pytest.mark.parametrize(("quantize", "dtype"), [(None, "fp32"), ("int8", "int8")])
+@pytest.mark.parametrize("kernel", ["plain", "transposed"])
+def test_activation_thresholds_from_a_checkpoint(tmp_path, quantize, dtype, kernel) -> None:
+    """Thresholds calibrated on the float model (saved, loaded) apply to the engine read from the
+    checkpoint as to the one built from the model: the same greedy tokens; the plain kernel keeps
+    the stored parts read directly, the transposed one repacks them."""
+    from test_decode_activation import _thresholds
+
+    from sparsetorch.activation import ActivationThresholds
+
+    model = tiny_llama(seed=41, hidden=64, inter=128)
+    prune_half(model)
+    path = saved(tmp_path, model, "bitmask", quantize)
+    th = _thresholds(model)
+    th.save(tmp_path / "th.safetensors")
+    loaded = ActivationThresholds.load(tmp_path / "th.safetensors")
+    eng = DecodeEngine.from_checkpoint(path, dtype, notice=None, activation=loaded, activation_kernel=kernel)
+    ref_model = load_hf(path)[0].float() if quantize else model  # the int8 model as stored
+    ref = DecodeEngine.from_model(ref_model, dtype, activation=th, activation_kernel=kernel)
+    layers = {k: v for k, v in eng.layouts.items() if k.startswith("layers")}
+    assert set(layers.values()) == {"bitmask" + ("-t" if kernel == "transposed" else "+thr")}
+    assert layers == {k: v for k, v in ref.layouts.items() if k.startswith("layers")}
+    want = "repacked" if kernel == "transposed" else "direct"
+    assert {eng.sources[k] for k in layers} == {want}
+    assert eng.config["activation"]["matrices"] == len(layers)
+    ids = prompt(seed=42, n=10)
+    assert torch.equal(eng.generate(ids, 16), ref.generate(ids, 16))
+    assert not torch.equal(DecodeEngine.from_checkpoint(path, dtype, notice=None).generate(ids, 16),
+                           eng.generate(ids, 16))  # the thresholds act

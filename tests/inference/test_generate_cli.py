@@ -110,6 +110,36 @@ def test_generate_from_an_int8_export_equals_int8_decoding_of_the_pruned_model(p
     assert capsys.readouterr().out == from_export
 
 
+def test_generate_with_saved_thresholds_from_the_model_and_from_an_export(pruned_dir: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    """--thresholds FILE: thresholds calibrated once on the float model and saved give the text
+    --activation-sparsity gives (same calibration), and apply to an export read straight into the
+    engine (the plain kernel keeps the stored parts as they are)."""
+    from sparsetorch.inference.cli import _thresholds
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(pruned_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(pruned_dir)
+    th_file = tmp_path / "th.safetensors"
+    _thresholds(model, tok, 0.4, "teal").save(th_file)
+    assert run(["generate", str(pruned_dir), "--prompt", "hi there", "-n", "8", "--activation-sparsity", "0.4"]) == 0
+    calibrated = capsys.readouterr().out
+    assert run(["generate", str(pruned_dir), "--prompt", "hi there", "-n", "8", "--thresholds", str(th_file)]) == 0
+    out, err = capsys.readouterr()
+    assert out == calibrated and "TEAL activation sparsity 0.4" in err and "thresholds calibrated" not in err
+    exp = tmp_path / "exp"
+    assert run(["export", str(pruned_dir), "--out", str(exp), "--format", "bitmask"]) == 0
+    capsys.readouterr()
+    assert run(["generate", str(exp), "--prompt", "hi there", "-n", "8", "--thresholds", str(th_file)]) == 0
+    out, err = capsys.readouterr()
+    assert out == calibrated and "weights read from the checkpoint" in err and "TEAL activation sparsity 0.4" in err
+    assert run(["generate", str(exp), "--prompt", "hi there", "-n", "8"]) == 0
+    assert "TEAL" not in capsys.readouterr().err  # (that the thresholds change tokens: test_from_checkpoint)
+    both = script("generate", str(exp), "--prompt", "hi", "--thresholds", str(th_file), "--activation-sparsity", "0.4")
+    assert both.returncode == 2 and "not both" in both.stderr and "Traceback" not in both.stderr
+    bad = script("generate", str(exp), "--prompt", "hi", "--thresholds", str(tmp_path / "missing.safetensors"))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
 def test_export_refuses_an_unknown_quantization(pruned_dir: Path, tmp_path: Path) -> None:
     proc = script("export", str(pruned_dir), "--out", str(tmp_path / "e"), "--quantize", "int4")
     assert proc.returncode == 2 and "--quantize must be int8" in " ".join(proc.stderr.split())

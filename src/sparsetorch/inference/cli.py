@@ -311,6 +311,10 @@ def _register_generate(app: typer.Typer) -> None:
             None, "--activation-sparsity", help="Zero this fraction of every decoder projection's inputs (TEAL "
             "thresholds calibrated on 16 windows of the embedded calibration text); the engine then reads only the "
             "weights of the live inputs."),
+        thresholds: Path | None = typer.Option(
+            None, "--thresholds", help="TEAL thresholds saved before (ActivationThresholds.save, calibrated on the "
+            "float model) instead of --activation-sparsity; with a compressed checkpoint the engine reads it "
+            "without building the float model."),
     ) -> None:
         """Continue PROMPT with the compiled low-overhead decoder (sparse, fp16/bf16/int8 weights); a model it cannot run exactly falls back to transformers' generate (fp32 only) with a one-line notice."""
         import sys
@@ -334,6 +338,16 @@ def _register_generate(app: typer.Typer) -> None:
         if not prompt:
             raise DataError("--prompt is empty; give some text to continue.")
         _check_activation(activation_sparsity, "teal")
+        saved_th = None
+        if thresholds is not None:
+            if activation_sparsity:
+                raise DataError("give --activation-sparsity (calibrate now) or --thresholds FILE (saved), not both.")
+            from ..activation import ActivationThresholds
+
+            saved_th = ActivationThresholds.load(thresholds)
+            if saved_th.criterion != "teal":
+                raise DataError(f"{thresholds} holds {saved_th.criterion!r} thresholds; the decode engine applies "
+                                "TEAL ones (calibrate with criterion='teal').")
         from .kernels import machine_busy
 
         busy = threads is None and torch.get_num_threads() > 1 and machine_busy()
@@ -348,7 +362,8 @@ def _register_generate(app: typer.Typer) -> None:
                 tok = _checkpoint_tokenizer(Path(model))
                 t0 = time.perf_counter()
                 try:
-                    engine = DecodeEngine.from_checkpoint(model, dtype, head_dtype=head_dtype)
+                    engine = DecodeEngine.from_checkpoint(model, dtype, head_dtype=head_dtype, activation=saved_th)
+                    th = saved_th
                 except (ModelError, DependencyError):
                     engine = None  # load the model: generate() falls back and says why
             if engine is None:
@@ -358,7 +373,7 @@ def _register_generate(app: typer.Typer) -> None:
                 raise DataError("the prompt encodes to no tokens; give some text to continue.")
             if lm is not None:
                 t0 = time.perf_counter()
-                th = _thresholds(lm, tok, activation_sparsity, "teal")
+                th = saved_th if saved_th is not None else _thresholds(lm, tok, activation_sparsity, "teal")
                 try:  # packing the weights is reported apart from generation
                     engine = DecodeEngine.from_model(lm, dtype, head_dtype=head_dtype, activation=th)
                 except (ModelError, DependencyError):
@@ -386,8 +401,9 @@ def _register_generate(app: typer.Typer) -> None:
         new = out[0, ids.shape[1]:]
         typer.echo(prompt + tok.decode(new, skip_special_tokens=True))
         packed = ((f"weights read from the checkpoint in {pack_s:.1f} s, " if lm is None else
-                   f"{'thresholds calibrated and ' if th is not None else ''}weights packed in {pack_s:.1f} s, ")
+                   f"{'thresholds calibrated and ' if th is not None and saved_th is None else ''}weights packed in "
+                   f"{pack_s:.1f} s, ")
                   if engine is not None else "")
-        act = f", TEAL activation sparsity {activation_sparsity:g}" if th is not None else ""
+        act = f", TEAL activation sparsity {th.sparsity:g}" if th is not None else ""
         print(f"{new.numel()} tokens in {secs:.2f} s ({new.numel() / secs:.1f} tokens/s incl. prompt; {packed}"
               f"dtype {dtype}{act}, {used} threads" + (", machine busy)" if busy else ")"), file=sys.stderr)

@@ -249,6 +249,28 @@ def choose_activation_kernels(
     return out
 
 
+def _check_activation_kernel(kernel: str) -> tuple[bool, ...]:
+    """The orientations to pack for ``activation_kernel`` (transposed first); a typed error otherwise."""
+    if kernel not in ACTIVATION_KERNELS:
+        raise ModelError(f"activation_kernel must be one of {', '.join(ACTIVATION_KERNELS)}; got {kernel!r}.")
+    return {"auto": (True, False), "transposed": (True,), "plain": (False,)}[kernel]
+
+
+def _settle_activation(options: dict[str, dict[bool, LowbitWeight]], kernel: str, levels: Callable[[], dict[str, float]],
+                       timer: Any, packs: dict[str, LowbitWeight], layouts: dict[str, str]) -> dict[str, bool]:
+    """Put each thresholded matrix's chosen packing into ``packs`` and mark its layout (``-t``
+    transposed, ``+thr`` plain); ``auto`` measures (:func:`choose_activation_kernels`). Returns
+    ``{name: transposed}``."""
+    if kernel == "auto":
+        trans = choose_activation_kernels(options, levels(), timer)
+    else:
+        trans = dict.fromkeys(options, kernel == "transposed")
+    for name, both in options.items():
+        packs[name] = both[trans[name]]
+        layouts[name] += "-t" if trans[name] else "+thr"
+    return trans
+
+
 def _cat_bias(mods: list[tuple[Tensor, Tensor | None]]) -> Tensor | None:
     if all(b is None for _, b in mods):
         return None
@@ -395,12 +417,9 @@ class DecodeEngine:
         packs: dict[str, LowbitWeight] = {}
         biases: dict[str, Tensor | None] = {}
         layouts: dict[str, str] = {}
-        if activation_kernel not in ACTIVATION_KERNELS:
-            raise ModelError(f"activation_kernel must be one of {', '.join(ACTIVATION_KERNELS)}; "
-                             f"got {activation_kernel!r}.")
+        orientations = _check_activation_kernel(activation_kernel)
         thr = _fused_thresholds(model, layers, activation) if activation is not None else {}
         options: dict[str, dict[bool, LowbitWeight]] = {}
-        orientations = {"auto": (True, False), "transposed": (True,), "plain": (False,)}[activation_kernel]
 
         def packed(name: str, w: Tensor, dt: str, lay: str | None = None) -> None:
             chosen = lay or (choose_layout(w, dt) if layout == "auto" else layout)
@@ -432,14 +451,8 @@ class DecodeEngine:
                     packed(f"layers.{i}.{key}", torch.cat([w for w, _ in mats]) if len(mats) > 1 else mats[0][0], dtype)
                     biases[f"layers.{i}.{key}"] = _cat_bias(mats)
         if options:
-            if activation_kernel == "auto":
-                trans = choose_activation_kernels(options, _fused_levels(model, layers, activation, list(options)),
-                                                  timer)
-            else:
-                trans = dict.fromkeys(options, activation_kernel == "transposed")
-            for name, both in options.items():
-                packs[name] = both[trans[name]]
-                layouts[name] += "-t" if trans[name] else "+thr"
+            _settle_activation(options, activation_kernel,
+                               lambda: _fused_levels(model, layers, activation, list(options)), timer, packs, layouts)
             del options
         config = {"model_type": cfg.model_type, **dims, "dtype": dtype, "head_dtype": head_dtype, "layout": layout,
                   "tied_embeddings": bool(tied)}
@@ -463,6 +476,9 @@ class DecodeEngine:
         direct: bool = True,
         max_bytes: int | None = None,
         notice: Callable[[str], None] | None = _notice_default,
+        activation: Any = None,
+        activation_kernel: str = "auto",
+        timer: Callable[[dict[str, Callable[[], object]]], dict[str, float]] | None = None,
     ) -> DecodeEngine:
         """An engine straight from a compressed checkpoint (:func:`sparsetorch.save`, ``sparsetorch
         export``; a file or a folder holding one), without building the float model.
@@ -474,6 +490,10 @@ class DecodeEngine:
         positions, so the engine runs the same matrices either way; a kept weight whose int8
         value is 0 stays a stored position. ``repr`` and :attr:`sources` say which matrices were
         read directly; ``notice`` (stderr by default, None for silence) gets one line about it.
+        ``activation`` / ``activation_kernel`` / ``timer``: TEAL thresholds (e.g.
+        :meth:`ActivationThresholds.load <sparsetorch.activation.ActivationThresholds.load>` of a
+        file calibrated on the float model), as in :meth:`from_model`; the plain kernel keeps a
+        directly read matrix as it is, the transposed one repacks it.
 
         Raises :class:`~sparsetorch.errors.CheckpointError` for a damaged file or one without a
         model config, :class:`~sparsetorch.errors.ModelError` for a model the engine cannot run
@@ -491,6 +511,7 @@ class DecodeEngine:
         from .ckpt_pack import _decoded, read_matrix
 
         head_dtype = _check_options(dtype, head_dtype, layout)
+        orientations = _check_activation_kernel(activation_kernel)
         ck = _open(path, max_bytes)
         cfg_dict = dict(hf_config_of(ck))
         model_type = cfg_dict.pop("model_type", None)
@@ -510,12 +531,26 @@ class DecodeEngine:
         layouts: dict[str, str] = {}
         sources: dict[str, str] = {}
         why: dict[str, str] = {}
+        thr = _fused_thresholds(skeleton, layers, activation) if activation is not None else {}
+        options: dict[str, dict[bool, LowbitWeight]] = {}
 
         def put(name: str, members: list[str], dt: str, lay: str) -> None:
             p, chosen, src = read_matrix(ck, members, dt, lay, direct=direct)
             packs[name], layouts[name], sources[name] = p, chosen, src.how
             if src.reason:
                 why[name] = src.reason
+            t = thr.get(name)
+            if t is not None:
+                import dataclasses
+
+                options[name] = {}
+                if True in orientations:  # W^T: decoded and packed again, stored positions kept
+                    mats = [_decoded(ck, m) for m in members]
+                    w = torch.cat([m[0] for m in mats]) if len(mats) > 1 else mats[0][0]
+                    mask = torch.cat([m[1] for m in mats]) if len(mats) > 1 else mats[0][1]
+                    options[name][True] = pack_lowbit(w, chosen, dt, mask=mask, transposed=True, threshold=t)
+                if False in orientations:
+                    options[name][False] = dataclasses.replace(p, threshold=t)
 
         def dense_f32(name: str) -> Tensor:
             return _decoded(ck, name)[0].contiguous()
@@ -544,8 +579,20 @@ class DecodeEngine:
                             for b, m in zip(bs, members, strict=True)]).contiguous()
         except reader.ReadError as exc:
             raise CheckpointError(f"{exc}. The file is corrupt; re-export it.") from None
+        if options:
+            trans = _settle_activation(options, activation_kernel,
+                                       lambda: _fused_levels(skeleton, layers, activation, list(options)), timer,
+                                       packs, layouts)
+            for name, t in trans.items():
+                if t:
+                    sources[name] = "repacked"
+                    why[name] = "stored transposed for the activation thresholds"
+            del options
         config = {"model_type": model_type, **dims, "dtype": dtype, "head_dtype": head_dtype, "layout": layout,
                   "tied_embeddings": bool(tied), "checkpoint": str(ck.path)}
+        if activation is not None:
+            config["activation"] = {"criterion": activation.criterion, "sparsity": float(activation.sparsity),
+                                    "matrices": len(thr), "kernel": activation_kernel}
         eng = cls._assemble(ext, config, eps, packs, biases, norms, layouts, sources)
         eng._rope_fn = _rope_fn(type(base.rotary_emb)(config=hf_cfg))
         eng.eos_token_id = transformers.GenerationConfig.from_model_config(hf_cfg).eos_token_id
