@@ -159,6 +159,8 @@ class Run:
             "load_before": self.load_before if load_before is None else load_before,
             "load_after": load_average(),
             "torch_threads": torch_threads(),
+            "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(),
             **extra,
         }
 

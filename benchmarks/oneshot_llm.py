@@ -338,13 +338,14 @@ def merge(out: Path, files: list[Path], run: Run) -> None:
     """Entries of several driver files into ``out`` (replacing entries of the same config).
 
     Each entry already carries its provenance (commit, command, load); ``_meta`` records the
-    merge and the drivers' own ``_meta`` under ``merged_from``. Only entries that differ from
+    merge and the drivers' own ``_meta`` under ``merged_from`` (earlier merges' drivers kept). Only entries that differ from
     ``out``'s are taken, so a driver that started from a copy of ``out`` does not put its stale
     copies of the configs another driver reran back in; later files win among changed entries.
     """
     results = json.loads(out.read_text()) if out.is_file() else {}
     before = dict(results)
-    metas: dict[str, dict] = {}
+    # the drivers of earlier merges stay listed (their CPU and commit tell where older entries ran)
+    metas: dict[str, dict] = dict(results.get("_meta", {}).get("merged_from") or {})
     for f in files:
         data = json.loads(f.read_text())
         metas[f.name] = data.get("_meta", {})
@@ -353,7 +354,7 @@ def merge(out: Path, files: list[Path], run: Run) -> None:
         )
     llmc = sorted({e["llmcompressor"] for e in results.values() if "llmcompressor" in e})
     peers = {"llmcompressor": ", ".join(llmc)} if llmc else {}
-    base = next(iter(metas.values()), {})
+    base = next((metas[f.name] for f in files), {})
     keep = {k: base[k] for k in ("model", "calibration", "eval", "machine", "note") if k in base}
     if len(files) > 1 and "machine" in keep:
         keep["machine"] += f"; {len(files)} drivers side by side"

@@ -114,23 +114,32 @@ def provenance_note(rel: str, data: Any) -> str:
     )
 
 
-def entries_note(rel: str, entries: dict[str, dict]) -> str:
-    """Where the entries of a merged JSON came from (each entry has its own ``provenance``)."""
+def entries_note(rel: str, entries: dict[str, dict], drivers: dict[str, dict] | None = None) -> str:
+    """Where the entries of a merged JSON came from (each entry has its own ``provenance``; an
+    entry that does not name its CPU takes the one of the merged driver run at its commit)."""
     without = [k for k, e in entries.items() if not isinstance(e.get("provenance"), dict)]
-    by_commit: dict[tuple[str, bool], list[dict]] = {}
+    cpu_of = {str(m.get("commit") or "")[:10]: m.get("cpu_model") for m in (drivers or {}).values()
+              if isinstance(m, dict) and m.get("cpu_model")}
+    by_commit: dict[tuple[str, bool, str], list[dict]] = {}
     for e in entries.values():
         p = e.get("provenance")
         if isinstance(p, dict):
-            by_commit.setdefault(((p.get("commit") or "unknown")[:10], bool(p.get("dirty"))), []).append(p)
+            commit = (p.get("commit") or "unknown")[:10]
+            key = (commit, bool(p.get("dirty")), str(p.get("cpu_model") or cpu_of.get(commit) or ""))
+            by_commit.setdefault(key, []).append(p)
+    cpus = {k[2] for k in by_commit}
     parts = []
     if without:
         parts.append(f"{len(without)} of {len(entries)} entries {UNKNOWN_PROVENANCE}")
-    for (commit, dirty), ps in sorted(by_commit.items()):
+    for (commit, dirty, cpu), ps in sorted(by_commit.items()):
         loads = [p["load_before"][0] for p in ps if p.get("load_before")]
         load = f", load average {span(loads, lambda x: f'{x:.2f}')} before" if loads else ""
-        parts.append(f"{len(ps)} at commit `{commit}`{' (uncommitted changes)' if dirty else ''}{load}")
+        on = f" on {cpu or 'an unrecorded CPU'}" if len(cpus) > 1 else ""
+        parts.append(f"{len(ps)} at commit `{commit}`{' (uncommitted changes)' if dirty else ''}{on}{load}")
     tail = " (each entry's `provenance` has its command)" if by_commit else ""
-    return f"Source: `{rel}`; " + "; ".join(parts) + tail + "."
+    differ = (" Entries ran on different CPUs, so their seconds compare only within one CPU."
+              if len(cpus) > 1 else "")
+    return f"Source: `{rel}`; " + "; ".join(parts) + tail + "." + differ
 
 
 # ---------------------------------------------------------------------- one-shot LLM
@@ -186,7 +195,7 @@ def oneshot_setup(r: Results) -> str:
 
 
 def oneshot_table(r: Results) -> str:
-    _, e = _oneshot(r)
+    data, e = _oneshot(r)
     known = {m for _, m in ONESHOT_ROWS}
     extra = sorted({k.split("@")[0] for k in e if "@" in k} - known)
     rows = ONESHOT_ROWS + [(m, m) for m in extra]
@@ -218,7 +227,8 @@ def oneshot_table(r: Results) -> str:
             out.append(f"| {label} | " + " | ".join(cells) + " |")
     used_entries = {k: x for k, x in e.items() if "@" in k or k in ("dense", "floor")}
     out += ["", "Perplexity (E16) / pruning seconds; **bold**: lowest perplexity of the column. "
-            + entries_note("benchmarks/results/oneshot_llm.json", used_entries)]
+            + entries_note("benchmarks/results/oneshot_llm.json", used_entries,
+                           (data.get("_meta") or {}).get("merged_from"))]
     return "\n".join(out)
 
 

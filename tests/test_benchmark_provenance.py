@@ -169,6 +169,7 @@ def test_oneshot_driver_stamps_every_entry(tmp_path: Path, monkeypatch: pytest.M
         assert _is_load(p["load_before"]) and _is_load(p["load_after"]) and _recent_utc(p["date_utc"])
         # the worker's versions (llm-compressor runs in its own venv), not the driver's
         assert p["versions"]["torch"] == "9.9" and "versions" not in data[cfg]
+        assert p["cpu_model"] == data["_meta"]["cpu_model"] and p["cpu_count"] == os.cpu_count()
 
 
 def test_git_state_ignores_results_folder(tmp_path: Path) -> None:
@@ -273,14 +274,17 @@ def test_oneshot_merge_keeps_each_entrys_provenance(tmp_path: Path, monkeypatch:
     a.write_text(json.dumps({"_meta": {"model": "m", "machine": "x86_64, 2 CPUs"}, "wanda@0.5": ea,
                              "llmc-wanda@0.5": stale}))
     b.write_text(json.dumps({"_meta": {"model": "m"}, "llmc-wanda@0.5": eb, "wanda@0.5": stale}))
-    out.write_text(json.dumps({"old@0.5": {"ppl": 1.0}, "wanda@0.5": stale, "llmc-wanda@0.5": stale}))
+    earlier = {"commit": "c" * 40, "cpu_model": "AMD EPYC"}  # a driver of an earlier merge
+    out.write_text(json.dumps({"old@0.5": {"ppl": 1.0}, "wanda@0.5": stale, "llmc-wanda@0.5": stale,
+                               "_meta": {"merged_from": {"old-lane.json": earlier}}}))
     argv = [str(BENCH / "oneshot_llm.py"), "--merge", str(a), str(b), "--results", str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     mod.main()
     data = json.loads(out.read_text())
     assert data["wanda@0.5"] == ea and data["llmc-wanda@0.5"] == eb and data["old@0.5"] == {"ppl": 1.0}
     meta = data["_meta"]
-    assert set(meta["merged_from"]) == {"a.json", "b.json"}
+    assert set(meta["merged_from"]) == {"old-lane.json", "a.json", "b.json"}  # earlier drivers kept
+    assert meta["merged_from"]["old-lane.json"] == earlier
     assert meta["machine"] == "x86_64, 2 CPUs; 2 drivers side by side" and meta["model"] == "m"
     assert meta["versions"]["llmcompressor"] == "0.14.0.1"
     check_meta(meta, "oneshot_llm.py", argv[1:])

@@ -241,3 +241,15 @@ def test_scan_flags_hand_written_measurements(line: str) -> None:
 )
 def test_scan_allows_settings_and_sections(line: str) -> None:
     assert not scan("README.md", line), scan("README.md", line)
+
+
+def test_entries_from_different_cpus_are_labelled() -> None:
+    """A merged JSON whose entries ran on two CPUs says which ran where (an entry that does not
+    name its CPU takes its driver's, by commit) and that their seconds do not compare across."""
+    entries = {"a@0.5": {"provenance": {"commit": "a" * 40, "cpu_model": "Intel Xeon", "load_before": [1.0]}},
+               "b@0.5": {"provenance": {"commit": "b" * 40, "load_before": [2.0]}}}
+    note = report.entries_note("x.json", entries, {"lane.json": {"commit": "b" * 40, "cpu_model": "AMD EPYC"}})
+    assert "1 at commit `aaaaaaaaaa` on Intel Xeon" in note and "1 at commit `bbbbbbbbbb` on AMD EPYC" in note
+    assert "different CPUs" in note
+    one_cpu = report.entries_note("x.json", {"a@0.5": entries["a@0.5"]})
+    assert " on " not in one_cpu and "different CPUs" not in one_cpu
