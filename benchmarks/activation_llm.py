@@ -153,6 +153,7 @@ def run(args: argparse.Namespace) -> dict:
               f"vs {head['dense_tokens_per_s']:.1f} (x{head['decode_speedup']:.2f}) {other} kernels "
               f"{head['kernel_counts']}", flush=True)
         del model
+    torch.set_num_threads(threads[0])  # the provenance records the headline thread count
     return out
 
 

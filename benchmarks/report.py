@@ -1342,7 +1342,7 @@ def decode_planner_check(r: Results) -> str:
 DECODE_PEER = {"fp32": "F32", "fp16": "F16", "bf16": "F16", "int8": "Q8_0"}
 DECODE_DTYPES = ["fp32", "fp16", "bf16", "int8"]
 #: configs whose E16 is a model's (magnitude70 is a destroyed model, timed for its layout only)
-DECODE_QUALITY_CONFIGS = ["dense", "sparsegpt50", "sparsegpt24"]
+DECODE_QUALITY_CONFIGS = ["dense", "sparsegpt50", "sparsegpt24", "sparsegpt70"]
 
 
 def _decode_rows(r: Results, name: str) -> tuple[dict, dict[str, dict]]:
@@ -1442,8 +1442,9 @@ def decode_ratios(r: Results, name: str) -> str:
 
 
 def decode_quality(r: Results) -> str:
-    """E16 per config and dtype, and the change against the config's fp32 model (decode_vs_llamacpp.json)."""
-    rows = _decode_rows(r, "decode_vs_llamacpp")[1]
+    """E16 per config and dtype, and the change against the config's fp32 model (decode_vs_llamacpp.json;
+    rows with an E16 but not timed in that run, e.g. SparseGPT-70% scored later, included)."""
+    rows = r("decode_vs_llamacpp")["rows"]
     parts, worst = [], (0.0, "")
     for c in DECODE_QUALITY_CONFIGS:
         base = rows.get(f"ours {c} fp32", {}).get("e16_ppl")
