@@ -1068,25 +1068,35 @@ def activation_engine_table(r: Results) -> str:
             + provenance_note(f"{RESULTS_DIR}/activation_llm_engine.json", d))
 
 
-def activation_summary(r: Results) -> str:
-    """One sentence from activation_llm.json: TEAL 40% and weights + activations, with targets."""
-    d = r("activation_llm")
+def _activation_sentence(d: dict, where: str) -> str:
     by = {x["row"]: x for x in d["rows"]}
     parts = []
-    for key, label in (("teal@0.25", "25%"), ("teal@0.4", "40%"), ("teal@0.5", "50%")):
+    for key, label in (("teal@0.25", "25%"), ("teal@0.4", "40%"), ("teal@0.4:greedy", "40% greedy"),
+                       ("teal@0.5", "50%")):
         if key in by:
             x = by[key]
             parts.append(f"{label}: E16 {ratio(x['ppl_ratio'], 3)} dense, decode {speed(x['decode_speedup'])}")
-    text = f"TEAL thresholds on SmolLM2 (dense E16 {ppl(d['ppl_dense'])}) — " + "; ".join(parts) + "."
-    if "teal@0.4" in by:
-        x = by["teal@0.4"]
-        ok = x["decode_speedup"] >= 1.25 and x["ppl_ratio"] <= 1.10
+    text = f"{where} — " + "; ".join(parts) + "."
+    forty = [by[k] for k in ("teal@0.4", "teal@0.4:greedy") if k in by]
+    if forty:
+        ok = any(x["decode_speedup"] >= 1.25 and x["ppl_ratio"] <= 1.10 for x in forty)
         text += f" Target at 40% (≥ 1.25× decode, E16 ≤ 1.10×): {'met' if ok else '**missed**'}."
     if "sparsegpt50+teal@0.4" in by:
         x = by["sparsegpt50+teal@0.4"]
         text += (f" SparseGPT 50% weights + 40% activations: decode {speed(x['decode_speedup'])} "
                  f"(target ≥ 2.5×: {'met' if x['decode_speedup'] >= 2.5 else '**missed**'}).")
     return text
+
+
+def activation_summary(r: Results) -> str:
+    """Two sentences: TEAL 40% and weights + activations with targets, in the PyTorch path
+    (activation_llm.json) and in the compiled decode engine (activation_llm_engine.json)."""
+    d = r("activation_llm")
+    text = _activation_sentence(d, f"TEAL thresholds on SmolLM2 (dense E16 {ppl(d['ppl_dense'])}), PyTorch path")
+    e = r("activation_llm_engine")
+    threads = e.get("threads") or [e.get("_meta", {}).get("torch_threads")]
+    return text + " " + _activation_sentence(e, f"In the compiled decode engine ({threads[0]} threads, "
+                                                f"{e.get('_meta', {}).get('cpu_model')})")
 
 
 def dp_table(r: Results) -> str:
