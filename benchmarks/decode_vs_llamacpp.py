@@ -352,6 +352,7 @@ def roofline_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, thr
     from sparsetorch.inference.plan import (
         decode_matrix_costs,
         decode_weight_time,
+        kernel_kinds,
         measure_kernel_costs,
     )
 
@@ -360,16 +361,16 @@ def roofline_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, thr
         if r.get("runtime") == "sparsetorch" and (CACHE / r["config"] / "config.json").is_file():
             by_config.setdefault(r["config"], []).append(name)
     models = {c: load_causal_lm(str(CACHE / c), progress=False)[0] for c in by_config}
-    kinds = sorted({(m.layout, m.dtype) for c, names in by_config.items() for n in names
-                    for m in decode_matrix_costs(models[c], rows[n]["dtype"])})
+    costs = {n: (models[c], decode_matrix_costs(models[c], rows[n]["dtype"])) for c, names in by_config.items()
+             for n in names}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        kc = measure_kernel_costs(kinds)
+        kc = measure_kernel_costs(kernel_kinds(m for _, cs in costs.values() for m in cs))
     finally:
         torch.set_num_threads(before)
-    out = {n: decode_weight_time(models[c], rows[n]["dtype"], bandwidth_gb_per_s, kernel_costs=kc)[1]
-           for c, names in by_config.items() for n in names}
+    out = {n: decode_weight_time(model, rows[n]["dtype"], bandwidth_gb_per_s, kernel_costs=kc, costs=cs)[1]
+           for n, (model, cs) in costs.items()}
     costs = {f"{lay}/{dt}": {"per_position_ns": k.per_position_s * 1e9, "per_value_ns": k.per_value_s * 1e9}
              for (lay, dt), k in kc.items()}
     return out, {"threads": threads, "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "measure_kernel_costs",
     "decode_weight_seconds",
     "decode_weight_time",
+    "kernel_kinds",
     "predict_decode_tokens_per_s",
     "measure_decode_overhead",
     "engine_decode_tokens_per_s",
@@ -394,15 +395,30 @@ def decode_bytes_per_token(model: nn.Module, dtype: str = "fp32", *, head_dtype:
     and the RMSNorm weights (fp32). Raises :class:`~sparsetorch.errors.ModelError` for a model
     the engine cannot run.
     """
-    from .decode import _check_options
+    costs = decode_matrix_costs(model, dtype, head_dtype=head_dtype, layout=layout)
+    return int(sum(c.nbytes for c in costs) + _rest_bytes(model, costs))
+
+
+def _rest_bytes(model: nn.Module, costs: Sequence[MatrixCost]) -> int:
+    """What a decode step reads beside the matrices of ``costs``: one embedding row (in the
+    head's value dtype, ``costs[0]``) and the RMSNorm weights (fp32)."""
     from .lowbit import VALUE_DTYPES
 
-    costs = decode_matrix_costs(model, dtype, head_dtype=head_dtype, layout=layout)
-    head_dtype = _check_options(dtype, head_dtype, layout)
     base = model.model
     hidden = base.embed_tokens.weight.shape[1]
-    extra = hidden * VALUE_DTYPES[head_dtype][1] + (2 * len(base.layers) + 1) * hidden * 4
-    return int(sum(c.nbytes for c in costs) + extra)
+    return hidden * VALUE_DTYPES[costs[0].dtype][1] + (2 * len(base.layers) + 1) * hidden * 4
+
+
+def kernel_kinds(costs: Iterable[MatrixCost]) -> list[tuple[str, str]]:
+    """The ``(layout, dtype)`` kernel costs (:func:`measure_kernel_costs`) a roofline over
+    ``costs`` needs: each matrix's own, and the transposed ``LAYOUT-t`` one for a thresholded
+    matrix (``live < 1``)."""
+    kinds: set[tuple[str, str]] = set()
+    for c in costs:
+        kinds.add((c.layout, c.dtype))
+        if c.live < 1.0:
+            kinds.add((f"{c.layout}-t", c.dtype))
+    return sorted(kinds)
 
 
 @dataclass(frozen=True)
@@ -528,14 +544,17 @@ class DecodeEstimate:
 
 def decode_weight_time(model: nn.Module, dtype: str, bandwidth_gb_per_s: float, *, head_dtype: str | None = None,
                        kernel_costs: dict[tuple[str, str], KernelCost] | None = None,
-                       activation: Any = None) -> tuple[int, float]:
+                       activation: Any = None, costs: Sequence[MatrixCost] | None = None) -> tuple[int, float]:
     """``(bytes_per_token, seconds)`` of one decode step's weight reads: the matrices by
     :func:`decode_weight_seconds` (with TEAL ``activation`` thresholds, thresholded matrices may
     read only their live inputs' weights), the rest (one embedding row, norms) streamed.
-    ``bytes_per_token`` is what the weights take without thresholds."""
-    costs = decode_matrix_costs(model, dtype, head_dtype=head_dtype, activation=activation)
-    nbytes = decode_bytes_per_token(model, dtype, head_dtype=head_dtype)
-    rest = nbytes - sum(c.nbytes for c in costs)
+    ``bytes_per_token`` is what the weights take without thresholds. ``costs``: the model's
+    :func:`decode_matrix_costs` for these arguments, when the caller has them (the weights are
+    not scanned again)."""
+    if costs is None:
+        costs = decode_matrix_costs(model, dtype, head_dtype=head_dtype, activation=activation)
+    rest = _rest_bytes(model, costs)
+    nbytes = int(sum(c.nbytes for c in costs) + rest)
     return nbytes, decode_weight_seconds(costs, bandwidth_gb_per_s, kernel_costs) + rest / (bandwidth_gb_per_s * 1e9)
 
 
@@ -601,14 +620,10 @@ def decode_estimates(
 
     timing = bandwidth_gb_per_s is None or overhead_s is None
     bw = streaming_bandwidth_gbs() if bandwidth_gb_per_s is None else float(bandwidth_gb_per_s)
+    costs = {dt: decode_matrix_costs(model, dt, head_dtype=head_dtype or dt, activation=activation) for dt in dtypes}
     if kernel_costs is None and timing:
-        kinds: set[tuple[str, str]] = set()
-        for dt in {*dtypes, calibrate_dtype}:
-            for c in decode_matrix_costs(model, dt, head_dtype=head_dtype or dt, activation=activation):
-                kinds.add((c.layout, c.dtype))
-                if c.live < 1.0:
-                    kinds.add((f"{c.layout}-t", c.dtype))
-        kernel_costs = measure_kernel_costs(sorted(kinds))
+        calibration = decode_matrix_costs(model, calibrate_dtype, head_dtype=head_dtype or calibrate_dtype)
+        kernel_costs = measure_kernel_costs(kernel_kinds([*calibration, *(c for cs in costs.values() for c in cs)]))
     measured: dict[str, float] = {}
     if overhead_s is None:
         overhead_s, measured[calibrate_dtype] = measure_decode_overhead(model, bw, calibrate_dtype,
@@ -616,8 +631,7 @@ def decode_estimates(
     out = []
     for dt in dtypes:
         hd = head_dtype or dt
-        nbytes, weight_s = decode_weight_time(model, dt, bw, head_dtype=hd, kernel_costs=kernel_costs,
-                                              activation=activation)
+        nbytes, weight_s = decode_weight_time(model, dt, bw, kernel_costs=kernel_costs, costs=costs[dt])
         out.append(DecodeEstimate(dt, hd, nbytes, bw, float(overhead_s),
                                   measured_tokens_per_s=measured.get(dt) if hd == dt and activation is None else None,
                                   weight_s=weight_s if kernel_costs or activation is not None else None,
