@@ -5,9 +5,7 @@ prediction lands within 20% of measured speed is checked by ``benchmarks/decode_
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from bench_module import load_benchmark  # noqa: E402
 from test_decode import prune_half, tiny_llama  # noqa: E402
 
 from sparsetorch.errors import DataError, MethodError, ModelError  # noqa: E402
@@ -131,19 +130,10 @@ def test_plan_report_carries_the_decode_estimate(monkeypatch) -> None:
     assert rep.decode == [] and "hidden_act" in (rep.decode_note or "")
 
 
-def _bench_module():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_vs_llamacpp.py"
-    sys.path.insert(0, str(path.parent))
-    spec = importlib.util.spec_from_file_location("bench_decode_vs_llamacpp", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
-
-
 def test_benchmark_planner_check_on_made_up_results(tmp_path: Path, monkeypatch) -> None:
     """The overhead is calibrated on the dense fp32 row (excluded from the count), every other row
     of ours is predicted from its bytes and the run's bandwidth, llama.cpp rows are left alone."""
-    bench = _bench_module()
+    bench = load_benchmark("decode_vs_llamacpp")
 
     def row(nbytes: int, tps: float, runtime: str = "sparsetorch") -> dict:
         return {"runtime": runtime, "config": "dense", "dtype": "fp32", "bytes_per_token": nbytes,
