@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
             engines[name] = eng
             row = rows.setdefault(name, {})
             row.update(runtime="sparsetorch", config=config, dtype=dt, bytes_per_token=eng.weight_bytes_per_token)
-            row["layout_counts"] = {lay: sum(1 for v in eng.layouts.values() if v == lay) for lay in set(eng.layouts.values())}
+            row["layout_counts"] = eng.layout_counts()
             want_ppl = (config in (args.ppl_configs or args.configs).split(",")
                         and dt in (args.ppl_dtypes or args.dtypes).split(","))
             if not args.no_ppl and want_ppl and "e16_ppl" not in row:

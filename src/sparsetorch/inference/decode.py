@@ -256,6 +256,12 @@ def _check_activation_kernel(kernel: str) -> tuple[bool, ...]:
     return {"auto": (True, False), "transposed": (True,), "plain": (False,)}[kernel]
 
 
+def _activation_config(activation: Any, matrices: int, kernel: str) -> dict[str, Any]:
+    """The engine config's record of the thresholds it applies."""
+    return {"criterion": activation.criterion, "sparsity": float(activation.sparsity), "matrices": matrices,
+            "kernel": kernel}
+
+
 def _settle_activation(options: dict[str, dict[bool, LowbitWeight]], kernel: str, levels: Callable[[], dict[str, float]],
                        timer: Any, packs: dict[str, LowbitWeight], layouts: dict[str, str]) -> dict[str, bool]:
     """Put each thresholded matrix's chosen packing into ``packs`` and mark its layout (``-t``
@@ -457,8 +463,7 @@ class DecodeEngine:
         config = {"model_type": cfg.model_type, **dims, "dtype": dtype, "head_dtype": head_dtype, "layout": layout,
                   "tied_embeddings": bool(tied)}
         if activation is not None:
-            config["activation"] = {"criterion": activation.criterion, "sparsity": float(activation.sparsity),
-                                    "matrices": len(thr), "kernel": activation_kernel}
+            config["activation"] = _activation_config(activation, len(thr), activation_kernel)
         eng = cls._assemble(ext, config, eps, packs, biases, norms, layouts, dict.fromkeys(packs, "packed"))
         eng._rope_fn = _rope_fn(base.rotary_emb)
         gc = getattr(model, "generation_config", None)
@@ -591,8 +596,7 @@ class DecodeEngine:
         config = {"model_type": model_type, **dims, "dtype": dtype, "head_dtype": head_dtype, "layout": layout,
                   "tied_embeddings": bool(tied), "checkpoint": str(ck.path)}
         if activation is not None:
-            config["activation"] = {"criterion": activation.criterion, "sparsity": float(activation.sparsity),
-                                    "matrices": len(thr), "kernel": activation_kernel}
+            config["activation"] = _activation_config(activation, len(thr), activation_kernel)
         eng = cls._assemble(ext, config, eps, packs, biases, norms, layouts, sources)
         eng._rope_fn = _rope_fn(type(base.rotary_emb)(config=hf_cfg))
         eng.eos_token_id = transformers.GenerationConfig.from_model_config(hf_cfg).eos_token_id
