@@ -211,16 +211,49 @@ inline __m512 expand16(const void* base, int64_t i, __mmask16 k) {
   }
 #endif
 }
+
+// expand16 with a plain (unmasked) load of the 16 packed values at i and the register form of
+// the expand: the caller guarantees i + 16 <= the number of values. The memory form of
+// vpexpand is microcoded on some cores (Sapphire Rapids) and slows with regular masks (2:4)
+template <int D>
+inline __m512 expand16_reg(const void* base, int64_t i, __mmask16 k) {
+  if constexpr (D == F32) return _mm512_maskz_expand_ps(k, _mm512_loadu_ps(static_cast<const float*>(base) + i));
+#if defined(ST_HAVE_EXPAND)
+  else if constexpr (D == F16)
+    return _mm512_cvtph_ps(_mm256_maskz_expand_epi16(
+        k, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i))));
+  else if constexpr (D == BF16)
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_expand_epi16(
+        k, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i)))), 16));
+  else
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_expand_epi8(
+        k, _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(base) + i)))));
+#else
+  else return expand16<D>(base, i, k);
+#endif
+}
+template <int D, bool REG>
+inline __m512 expand16x(const void* base, int64_t i, __mmask16 k) {
+  if constexpr (REG) return expand16_reg<D>(base, i, k); else return expand16<D>(base, i, k);
+}
 #endif
 
 // ---------------------------------------------------------------- one output row, one input row
+// software prefetch distances in bytes (values, bitmasks) of the one-row kernels
+#ifndef ST_PF_VALUES
+#define ST_PF_VALUES 2048
+#define ST_PF_MASKS 512
+#endif
 template <int D>
 inline float dot_dense(const Lin& L, int64_t r, const float* x) {
   const int64_t in = L.in, off = r * in;
 #if defined(__AVX512F__)
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  constexpr int64_t VSZ = D == F32 ? 4 : (D == I8 ? 1 : 2);
+  const char* vb = static_cast<const char*>(L.v);
   int64_t i = 0;
   for (; i + 64 <= in; i += 64) {
+    for (int64_t q = 0; q < 64 * VSZ; q += 64) _mm_prefetch(vb + (off + i) * VSZ + ST_PF_VALUES + q, _MM_HINT_T0);
     a0 = _mm512_fmadd_ps(load16<D>(L.v, off + i), _mm512_loadu_ps(x + i), a0);
     a1 = _mm512_fmadd_ps(load16<D>(L.v, off + i + 16), _mm512_loadu_ps(x + i + 16), a1);
     a2 = _mm512_fmadd_ps(load16<D>(L.v, off + i + 32), _mm512_loadu_ps(x + i + 32), a2);
@@ -246,21 +279,40 @@ inline float dot_dense(const Lin& L, int64_t r, const float* x) {
 #endif
 }
 
+template <int D, bool REG>
+inline float dot_bitmask_(const Lin& L, int64_t r, const float* x);
+
+// a row whose every expand can read 16 values without passing the end of the values uses the
+// register form (expand16_reg); the last rows of a matrix the masked memory form
 template <int D>
 inline float dot_bitmask(const Lin& L, int64_t r, const float* x) {
+  return L.rp[r + 1] + 16 <= L.rp[L.out] ? dot_bitmask_<D, true>(L, r, x) : dot_bitmask_<D, false>(L, r, x);
+}
+
+template <int D, bool REG>
+inline float dot_bitmask_(const Lin& L, int64_t r, const float* x) {
+  constexpr int64_t VSZ = D == F32 ? 4 : (D == I8 ? 1 : 2);
   const uint16_t* m = L.m + r * L.chunks;
   int64_t p = L.rp[r];
   const int64_t full = L.in / 16;
   const int tail = static_cast<int>(L.in % 16);
 #if defined(__AVX512F__)
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  // software prefetch of the values ST_PF_VALUES bytes ahead (one cache line per 64 weights,
+  // two for fp32: about what 64 weights at 50% density take) and of the masks: the expand +
+  // convert per 16 weights keeps too few loads in flight for the hardware prefetchers alone to
+  // reach the streaming bandwidth
+  const char* vb = static_cast<const char*>(L.v);
   int64_t c = 0;
   for (; c + 4 <= full; c += 4) {
     const __mmask16 m0 = m[c], m1 = m[c + 1], m2 = m[c + 2], m3 = m[c + 3];
-    const __m512 w0 = expand16<D>(L.v, p, m0); p += __builtin_popcount(m0);
-    const __m512 w1 = expand16<D>(L.v, p, m1); p += __builtin_popcount(m1);
-    const __m512 w2 = expand16<D>(L.v, p, m2); p += __builtin_popcount(m2);
-    const __m512 w3 = expand16<D>(L.v, p, m3); p += __builtin_popcount(m3);
+    _mm_prefetch(vb + p * VSZ + ST_PF_VALUES, _MM_HINT_T0);
+    if constexpr (VSZ == 4) _mm_prefetch(vb + p * VSZ + ST_PF_VALUES + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(m + c) + ST_PF_MASKS, _MM_HINT_T0);
+    const __m512 w0 = expand16x<D, REG>(L.v, p, m0); p += __builtin_popcount(m0);
+    const __m512 w1 = expand16x<D, REG>(L.v, p, m1); p += __builtin_popcount(m1);
+    const __m512 w2 = expand16x<D, REG>(L.v, p, m2); p += __builtin_popcount(m2);
+    const __m512 w3 = expand16x<D, REG>(L.v, p, m3); p += __builtin_popcount(m3);
     a0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + 16 * c), a0);
     a1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16 * c + 16), a1);
     a2 = _mm512_fmadd_ps(w2, _mm512_loadu_ps(x + 16 * c + 32), a2);
@@ -268,13 +320,13 @@ inline float dot_bitmask(const Lin& L, int64_t r, const float* x) {
   }
   for (; c < full; ++c) {
     const __mmask16 m0 = m[c];
-    a0 = _mm512_fmadd_ps(expand16<D>(L.v, p, m0), _mm512_loadu_ps(x + 16 * c), a0);
+    a0 = _mm512_fmadd_ps(expand16x<D, REG>(L.v, p, m0), _mm512_loadu_ps(x + 16 * c), a0);
     p += __builtin_popcount(m0);
   }
   if (tail) {
     const __mmask16 m0 = m[c];
     const __m512 xv = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << tail) - 1u), x + 16 * c);
-    a1 = _mm512_fmadd_ps(expand16<D>(L.v, p, m0), xv, a1);
+    a1 = _mm512_fmadd_ps(expand16x<D, REG>(L.v, p, m0), xv, a1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 #else
