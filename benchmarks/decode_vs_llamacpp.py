@@ -26,11 +26,13 @@ tensor bytes, the tied embedding counted once as the output head). Bandwidth cei
     benchmarks/decode_vs_llamacpp.py --quick      # dense fp32 and llama.cpp F32 only, 1 repeat
     benchmarks/decode_vs_llamacpp.py --planner-check benchmarks/results/decode_vs_llamacpp_quiet.json
 
-Planner check: each of our rows also gets the planner's predicted tokens/s
-(``sparsetorch.inference.plan.predict_decode_tokens_per_s``: bytes per token over the run's
-streaming bandwidth plus one per-token overhead calibrated on the dense fp32 row), and the
-fraction of rows within 20% of the measurement; ``--planner-check`` computes the same for an
-existing results JSON without timing anything.
+Planner check: each of our rows also gets the planner's predicted tokens/s (per matrix, its
+kernel's cost measured by ``sparsetorch.inference.plan.measure_kernel_costs`` streamed through a
+working set of the row's bytes per token, plus one per-token overhead calibrated on the dense
+fp32 row), and the fraction of rows within 20% of the measurement; ``--planner-check`` computes
+the same for an existing results JSON, timing only the kernels (not the decoding).
+Bandwidth depends on the working set here: a model of a few hundred MB partly fits the large
+last-level cache, so one streaming bandwidth does not predict every row.
 
 Writes ``benchmarks/results/decode_vs_llamacpp[_LABEL].json`` with the load average before,
 during (per round) and after: the machine is shared, and a loaded run says so.
@@ -345,11 +347,14 @@ def planner_predictions(res: dict[str, Any], weight_s: dict[str, float] | None =
 
 def roofline_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, threads: int,
                             ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Per our row whose model is cached: the planner's per-matrix roofline seconds per token
-    (:func:`sparsetorch.inference.plan.decode_weight_time`) with kernel compute costs measured now,
-    at ``threads`` (:func:`~sparsetorch.inference.plan.measure_kernel_costs`), and those costs."""
+    """Per our row whose model is cached: the planner's seconds per token on the weights
+    (:func:`sparsetorch.inference.plan.decode_weight_time`) with kernel costs measured now, at
+    ``threads``, streamed through a working set of the row's bytes per token
+    (:func:`~sparsetorch.inference.plan.measure_kernel_costs`, one measurement per working set
+    and kernel, shared by rows of equal size), and those costs."""
     from sparsetorch.data.llm import load_causal_lm
     from sparsetorch.inference.plan import (
+        MAX_WORKING_SET_BYTES,
         decode_matrix_costs,
         decode_weight_time,
         kernel_kinds,
@@ -363,18 +368,23 @@ def roofline_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, thr
     models = {c: load_causal_lm(str(CACHE / c), progress=False)[0] for c in by_config}
     costs = {n: (models[c], decode_matrix_costs(models[c], rows[n]["dtype"])) for c, names in by_config.items()
              for n in names}
+    measured: dict[int, dict[tuple[str, str], Any]] = {}
+    out: dict[str, float] = {}
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        kc = measure_kernel_costs(kernel_kinds(m for _, cs in costs.values() for m in cs))
+        for n, (model, cs) in costs.items():
+            ws = min(MAX_WORKING_SET_BYTES, int(rows[n]["bytes_per_token"]))
+            kc = measured.setdefault(ws, {})
+            kc.update(measure_kernel_costs([k for k in kernel_kinds(cs) if k not in kc], working_set_bytes=ws))
+            out[n] = decode_weight_time(model, rows[n]["dtype"], bandwidth_gb_per_s, kernel_costs=kc, costs=cs)[1]
     finally:
         torch.set_num_threads(before)
-    out = {n: decode_weight_time(model, rows[n]["dtype"], bandwidth_gb_per_s, kernel_costs=kc, costs=cs)[1]
-           for n, (model, cs) in costs.items()}
-    costs = {f"{lay}/{dt}": {"per_position_ns": k.per_position_s * 1e9, "per_value_ns": k.per_value_s * 1e9}
-             for (lay, dt), k in kc.items()}
+    table = {str(ws): {f"{lay}/{dt}": {"per_position_ns": k.per_position_s * 1e9, "per_value_ns": k.per_value_s * 1e9}
+                       for (lay, dt), k in kc.items()} for ws, kc in measured.items()}
     return out, {"threads": threads, "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "load": load_average(), "costs": costs}
+                 "load": load_average(), "model": "streamed through each row's bytes per token",
+                 "costs_by_working_set_bytes": table}
 
 
 def planner_bytes_check(rows: dict[str, Any]) -> dict[str, Any]:
@@ -422,8 +432,8 @@ def planner_check(results: Path, argv: list[str] | None) -> Path:
                        else str(results), "commit": src_meta.get("commit"), "command": src_meta.get("command"),
                        "date_utc": src_meta.get("date_utc")}
     check["_meta"] = Run.for_main(__file__, argv).meta(
-        note="offline: predictions from the source run's recorded bytes per token and bandwidth, per-token "
-             f"overhead calibrated on {check['calibration_row']!r}; nothing timed")
+        note="offline: predictions from the source run's recorded bytes per token and bandwidth and kernel "
+             f"costs measured now, per-token overhead calibrated on {check['calibration_row']!r}; no decoding timed")
     write_json(out, check)
     print_planner(check)
     print(f"wrote {out}")

@@ -160,7 +160,7 @@ def test_benchmark_planner_check_on_made_up_results(tmp_path: Path, monkeypatch)
     assert out == tmp_path / "decode_planner_check_made_up.json"
     written = json.loads(out.read_text())
     assert written["fraction_within_20pct"] == 0.5 and written["source"]["file"].endswith(src.name)
-    assert written["model"] == "bandwidth" and written["kernel_costs"]["costs"] == {}
+    assert written["model"] == "bandwidth" and written["kernel_costs"]["costs_by_working_set_bytes"] == {}
     assert json.loads(src.read_text()) == res
     # with the roofline's seconds for the weights: the int8 row's compute-bound 7.5 ms is predicted
     roof = bench.planner_predictions(res, {"ours dense fp32": 0.010, "ours dense fp16": 0.005, "ours x int8": 0.0075})
@@ -223,6 +223,52 @@ def test_kernel_costs_separate_position_and_value_costs_and_the_roofline_takes_t
     assert decode_weight_seconds([half], 100.0, kc) == pytest.approx(max(0.4 * 1e-5, 0.4 * 1e-5))
     kc[("bitmask-t", "int8")] = KernelCost(1e-10, 0.0)  # 100 us -> 40 us: slower than plain (27 us)
     assert decode_weight_seconds([half], 100.0, kc) == pytest.approx(2.7e-5)
+
+
+def test_streaming_kernel_costs_cycle_through_the_working_set_and_are_taken_as_measured(monkeypatch) -> None:
+    """With a working set, each timed call reads distinct copies of the packed matrix filling at
+    least that many bytes (each product once), the cost per product is the call's time over the
+    copies, and the per-matrix time is that cost even where streaming at the given bandwidth
+    would say otherwise (memory is already in it)."""
+    import sparsetorch.inference.lowbit as lowbit
+    from sparsetorch.errors import LimitError
+    from sparsetorch.inference.plan import (
+        MAX_WORKING_SET_BYTES,
+        MatrixCost,
+        decode_weight_seconds,
+        measure_kernel_costs,
+    )
+
+    seen: list[int] = []
+    monkeypatch.setattr(lowbit, "lowbit_matmul", lambda x, q, check=True: seen.append(q.values.data_ptr()))
+    a, b, n, ws = 4e-12, 6e-11, 64 * 128, 3_000_000
+    calls: dict[str, int] = {}
+
+    def timer(fns: dict) -> dict[str, float]:
+        out = {}
+        for key, fn in fns.items():
+            seen.clear()
+            fn()
+            calls[key] = len(seen)
+            assert len(set(seen)) == len(seen)  # distinct copies, each read once per pass
+            lay, _, d = key.split("/")
+            out[key] = len(seen) * ((a * n + b * float(d) * n) if lay != "dense" else 3e-12 * n)
+        return out
+
+    kc = measure_kernel_costs([("bitmask", "fp16"), ("dense", "int8")], rows=64, cols=128, working_set_bytes=ws,
+                              timer=timer)
+    bm, de = kc[("bitmask", "fp16")], kc[("dense", "int8")]
+    assert bm.per_position_s == pytest.approx(a) and bm.per_value_s == pytest.approx(b) and bm.streaming
+    assert de.per_position_s == pytest.approx(3e-12) and de.working_set_bytes == ws
+    assert calls["dense/int8/1.0"] == -(-ws // (64 * 128 + 64 * 4))  # int8 dense copies: values + fp32 scales
+    assert calls["bitmask/fp16/0.3"] > calls["bitmask/fp16/0.7"] > 1
+    m = MatrixCost("x", "bitmask", "fp16", nbytes=1_000_000, positions=10**6, stored=5 * 10**5)
+    # measured streaming: 4 us + 30 us, though 1 MB at 10 GB/s would take 100 us
+    assert decode_weight_seconds([m], 10.0, kc) == pytest.approx(3.4e-5)
+    with pytest.raises(LimitError, match="working_set_bytes"):
+        measure_kernel_costs([("dense", "fp32")], working_set_bytes=MAX_WORKING_SET_BYTES + 1)
+    with pytest.raises(LimitError, match="working_set_bytes"):
+        measure_kernel_costs([("dense", "fp32")], working_set_bytes=-1)
 
 
 @needs_ext

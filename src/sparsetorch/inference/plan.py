@@ -31,6 +31,7 @@ __all__ = [
     "decode_bytes_per_token",
     "decode_matrix_costs",
     "measure_kernel_costs",
+    "MAX_WORKING_SET_BYTES",
     "decode_weight_seconds",
     "decode_weight_time",
     "kernel_kinds",
@@ -423,70 +424,107 @@ def kernel_kinds(costs: Iterable[MatrixCost]) -> list[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class KernelCost:
-    """Compute time of one (layout, dtype) product at one token when its weights are in cache:
-    ``per_position_s * positions + per_value_s * stored`` (a bitmask kernel scans every position's
-    bit and multiplies every stored value; a dense one has only positions)."""
+    """Time of one (layout, dtype) product at one token: ``per_position_s * positions +
+    per_value_s * stored`` (a bitmask kernel scans every position's bit and multiplies every
+    stored value; a dense one has only positions). Measured either with the weights in cache
+    (the kernel's compute alone; ``working_set_bytes`` 0) or streamed through a working set of
+    ``working_set_bytes`` (memory traffic included: the whole time of the product when a model of
+    that many bytes per token is decoded)."""
 
     per_position_s: float
     per_value_s: float = 0.0
+    #: bytes the measurement cycled through (0: one matrix, in cache)
+    working_set_bytes: int = 0
+
+    @property
+    def streaming(self) -> bool:
+        """Whether memory traffic is part of the cost (measured over a working set)."""
+        return self.working_set_bytes > 0
 
     def seconds(self, m: MatrixCost) -> float:
         return self.per_position_s * m.positions + self.per_value_s * m.stored
 
 
+#: the most bytes :func:`measure_kernel_costs` cycles through for one measured case
+MAX_WORKING_SET_BYTES = 4 * 2**30
+
+
 def measure_kernel_costs(kinds: Sequence[tuple[str, str]], *, rows: int = 1024, cols: int = 1024,
-                         densities: tuple[float, float] = (0.3, 0.7),
+                         densities: tuple[float, float] = (0.3, 0.7), working_set_bytes: int = 0,
                          timer: Callable[[dict[str, Callable[[], object]]], dict[str, float]] | None = None,
                          ) -> dict[tuple[str, str], KernelCost]:
     """:class:`KernelCost` of each ``(layout, dtype)`` in ``kinds``, measured with the compiled
-    one-token product (:func:`~.lowbit.lowbit_matmul`) on a random ``rows x cols`` matrix small
-    enough to stay in cache, so the time is the kernel's arithmetic and bookkeeping, not memory:
+    one-token product (:func:`~.lowbit.lowbit_matmul`) on a random ``rows x cols`` matrix:
     dense once; bitmask and CSR at the two ``densities``, which separates the cost per position
     from the cost per stored value (both floored at 0). A layout ending in ``-t`` (``dense-t``,
     ``bitmask-t``, ``csr-t``) is the transposed activation kernel, timed with every input live:
-    its cost per position and value of the rows it reads. At torch's current thread count;
-    ``timer`` maps ``{name: fn}`` to seconds per call (default
+    its cost per position and value of the rows it reads.
+
+    ``working_set_bytes`` 0 times the matrix alone, small enough to stay in cache: the kernel's
+    arithmetic and bookkeeping, not memory. A positive ``working_set_bytes`` (a model's bytes per
+    token) cycles through copies of the packed matrix filling that many bytes, as decoding that
+    model cycles through its weights: the time then includes the memory traffic at the bandwidth
+    the caches give a working set of that size (a model of a few hundred MB partly fits a large
+    last-level cache), and how well the kernel overlaps its loads with its arithmetic -- which a
+    roofline of in-cache compute and one streaming bandwidth misses. The cases are measured one
+    kind at a time, so at most two working sets are held at once (at most
+    :data:`MAX_WORKING_SET_BYTES` each).
+
+    At torch's current thread count; ``timer`` maps ``{name: fn}`` to seconds per call (default
     :func:`~.bench.interleaved_medians`). Raises :class:`~sparsetorch.errors.DependencyError`
-    when the extension cannot be built."""
+    when the extension cannot be built, :class:`~sparsetorch.errors.LimitError` for a
+    ``working_set_bytes`` below 0 or above the limit."""
+    from dataclasses import replace
+
+    from ..errors import LimitError
     from .bench import interleaved_medians
     from .lowbit import lowbit_matmul, pack_lowbit
 
+    if not 0 <= working_set_bytes <= MAX_WORKING_SET_BYTES:
+        raise LimitError(f"working_set_bytes must be between 0 and {MAX_WORKING_SET_BYTES} "
+                          f"({MAX_WORKING_SET_BYTES / 2**30:.0f} GiB); got {working_set_bytes}.")
     if not kinds:
         return {}
-    timer = timer or (lambda fns: interleaved_medians(fns, repeats=15, rounds=3))
+    timer = timer or (lambda fns: interleaved_medians(fns, repeats=15 if not working_set_bytes else 7, rounds=3))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, cols, generator=gen)
     weights = {d: torch.randn(rows, cols, generator=gen) * (torch.rand(rows, cols, generator=gen) < d)
                for d in (1.0, *densities)}
-    fns: dict[str, Callable[[], object]] = {}
-    cases: dict[tuple[str, str], list[tuple[str, float]]] = {}
-    calls = 8  # products per timed call: the Python call's own cost is small beside them
-    for lay, dt in dict.fromkeys(kinds):
-        base, trans = lay.removesuffix("-t"), lay.endswith("-t")
-        for d in ((1.0,) if base == "dense" else densities):
-            p = pack_lowbit(weights[d], base, dt, transposed=trans, threshold=0.0 if trans else None)
-            key = f"{lay}/{dt}/{d}"
-            fns[key] = lambda p=p: [lowbit_matmul(x, p, check=False) for _ in range(calls)]
-            cases.setdefault((lay, dt), []).append((key, d))
-    secs = {k: v / calls for k, v in timer(fns).items()}
     positions = rows * cols
     out: dict[tuple[str, str], KernelCost] = {}
-    for kind, pts in cases.items():
+    for lay, dt in dict.fromkeys(kinds):
+        base, trans = lay.removesuffix("-t"), lay.endswith("-t")
+        fns: dict[str, Callable[[], object]] = {}
+        pts: list[tuple[str, float, int]] = []
+        for d in ((1.0,) if base == "dense" else densities):
+            p = pack_lowbit(weights[d], base, dt, transposed=trans, threshold=0.0 if trans else None)
+            if working_set_bytes:  # copies filling the working set, each read once per pass
+                n = max(1, -(-working_set_bytes // max(1, p.nbytes)))
+                packs = [p] + [replace(p, **{f: getattr(p, f).clone() for f in ("values", "masks", "cols",
+                                                                                   "row_ptr", "scales")})
+                               for _ in range(n - 1)]
+            else:  # products per timed call: the Python call's own cost is small beside them
+                n, packs = 8, [p] * 8
+            key = f"{lay}/{dt}/{d}"
+            fns[key] = lambda packs=packs: [lowbit_matmul(x, q, check=False) for q in packs]
+            pts.append((key, d, n))
+        secs = {k: v / n for (k, _, n), v in zip(pts, (timer(fns)[k] for k, _, _ in pts), strict=True)}
         if len(pts) == 1:
-            out[kind] = KernelCost(secs[pts[0][0]] / positions)
+            out[(lay, dt)] = KernelCost(secs[pts[0][0]] / positions, 0.0, working_set_bytes)
             continue
-        (k1, d1), (k2, d2) = pts
+        (k1, d1, _), (k2, d2, _) = pts
         per_value = max(0.0, (secs[k2] - secs[k1]) / ((d2 - d1) * positions))
         per_position = max(0.0, (secs[k1] - per_value * d1 * positions) / positions)
-        out[kind] = KernelCost(per_position, per_value)
+        out[(lay, dt)] = KernelCost(per_position, per_value, working_set_bytes)
     return out
 
 
 def decode_weight_seconds(costs: Sequence[MatrixCost], bandwidth_gb_per_s: float,
                           kernel_costs: dict[tuple[str, str], KernelCost] | None = None) -> float:
-    """Seconds one decode step spends on its matrices, by a roofline per matrix: the longer of
-    streaming its bytes at ``bandwidth_gb_per_s`` and its in-cache compute time
-    (:class:`KernelCost`, where known). Without ``kernel_costs`` this is bytes over bandwidth.
+    """Seconds one decode step spends on its matrices, per matrix: its measured streaming
+    :class:`KernelCost` (memory traffic included) where ``kernel_costs`` has one; for an in-cache
+    cost a roofline, the longer of streaming its bytes at ``bandwidth_gb_per_s`` and its compute
+    time. Without ``kernel_costs`` this is bytes over bandwidth.
     A matrix with live inputs below 1 takes the faster of its plain kernel and the transposed one
     (``LAYOUT-t`` costs), which reads only the live fraction: what ``activation_kernel="auto"``
     picks by measurement."""
@@ -494,14 +532,19 @@ def decode_weight_seconds(costs: Sequence[MatrixCost], bandwidth_gb_per_s: float
     total = 0.0
     for m in costs:
         stream = m.nbytes / (bandwidth_gb_per_s * 1e9)
-        k = kc.get((m.layout, m.dtype))
-        t = max(stream, k.seconds(m)) if k is not None else stream
+        t = _kernel_seconds(kc.get((m.layout, m.dtype)), m, stream)
         if m.live < 1.0:
-            kt = kc.get((f"{m.layout}-t", m.dtype))
-            compute = kt.seconds(m) * m.live if kt is not None else 0.0
-            t = min(t, max(stream * m.live, compute))
+            t = min(t, _kernel_seconds(kc.get((f"{m.layout}-t", m.dtype)), m, stream) * m.live)
         total += t
     return total
+
+
+def _kernel_seconds(k: KernelCost | None, m: MatrixCost, stream_s: float) -> float:
+    """One product's seconds: a streaming cost as measured; an in-cache cost as the longer of it and
+    streaming the bytes (``stream_s``); bytes over bandwidth where no cost is known."""
+    if k is None:
+        return stream_s
+    return k.seconds(m) if k.streaming else max(stream_s, k.seconds(m))
 
 
 @dataclass
@@ -604,14 +647,16 @@ def decode_estimates(
 ) -> list[DecodeEstimate]:
     """Predicted :class:`~.decode.DecodeEngine` decode tokens/s of ``model`` for each of ``dtypes``.
 
-    Per token: the weights' time plus one per-token overhead. The weights' time is a roofline
-    per matrix (:func:`decode_weight_seconds`): the longer of streaming its bytes at the
-    bandwidth and its in-cache compute time, so kernels that run below the streaming rate (the
-    8-bit values of a sparse int8 model, a bitmask scanned at 70% sparsity) are not predicted
-    too fast. The bandwidth is measured (:func:`~.bench.streaming_bandwidth_gbs`) unless given;
-    the kernels' compute costs are measured (:func:`measure_kernel_costs`) unless given, or
-    unless both bandwidth and overhead are given (then the estimate is arithmetic only: bytes
-    over bandwidth); the overhead is measured once, by timing the engine on the model in
+    Per token: the weights' time plus one per-token overhead. The weights' time is summed per
+    matrix (:func:`decode_weight_seconds`) from each kernel's measured cost
+    (:func:`measure_kernel_costs`, unless given): streamed through a working set the size of
+    the model's bytes per token in that dtype, so the cost includes what memory and the caches
+    give that working set and what the kernel's arithmetic adds (the 8-bit values of a sparse
+    int8 model, a bitmask scanned at 70% sparsity are compute-bound). Unless both bandwidth and
+    overhead are given (then the estimate is arithmetic only: bytes over bandwidth, or the
+    ``kernel_costs`` given). The bandwidth (:func:`~.bench.streaming_bandwidth_gbs`; it times
+    the bytes beside the matrices, and in-cache kernel costs) is measured unless given; the
+    overhead is measured once, by timing the engine on the model in
     ``calibrate_dtype`` (:func:`measure_decode_overhead`), unless given, and used for every dtype.
     TEAL ``activation`` thresholds: the engine built with them (thresholded matrices read only
     their live inputs' weights when that is faster; the overhead is still calibrated without).
@@ -623,7 +668,11 @@ def decode_estimates(
     costs = {dt: decode_matrix_costs(model, dt, head_dtype=head_dtype or dt, activation=activation) for dt in dtypes}
     if kernel_costs is None and timing:
         calibration = decode_matrix_costs(model, calibrate_dtype, head_dtype=head_dtype or calibrate_dtype)
-        kernel_costs = measure_kernel_costs(kernel_kinds([*calibration, *(c for cs in costs.values() for c in cs)]))
+        kernel_costs = {}
+        for cs in (calibration, *costs.values()):  # each dtype's kernels streamed through its own bytes
+            todo = [k for k in kernel_kinds(cs) if k not in kernel_costs]
+            kernel_costs.update(measure_kernel_costs(todo, working_set_bytes=min(
+                MAX_WORKING_SET_BYTES, sum(c.nbytes for c in cs) + _rest_bytes(model, cs))))
     measured: dict[str, float] = {}
     if overhead_s is None:
         overhead_s, measured[calibrate_dtype] = measure_decode_overhead(model, bw, calibrate_dtype,
