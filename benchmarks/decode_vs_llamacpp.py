@@ -28,8 +28,9 @@ tensor bytes, the tied embedding counted once as the output head). Bandwidth cei
 
 Planner check: each of our rows also gets the planner's predicted tokens/s (per matrix, its
 kernel's cost measured by ``sparsetorch.inference.plan.measure_kernel_costs`` streamed through a
-working set of the row's bytes per token, plus one per-token overhead calibrated on the dense
-fp32 row), and the fraction of rows within 20% of the measurement; ``--planner-check`` computes
+working set of the row's bytes per token, plus the per-token time outside the matrix products,
+measured by the engine's profile on the dense fp32 model), and the fraction of rows within 20% of
+the measurement; ``--planner-check`` computes
 the same for an existing results JSON, timing only the kernels (not the decoding).
 Bandwidth depends on the working set here: a model of a few hundred MB partly fits the large
 last-level cache, so one streaming bandwidth does not predict every row.
@@ -279,12 +280,13 @@ def main(argv: list[str] | None = None) -> None:
         weight_s, kernels = roofline_weight_seconds({n: rows[n] for n in engines}, ceiling, args.threads)
         res["planner_kernel_costs"] = kernels
         check = planner_predictions({"rows": {n: rows[n] for n in engines}, "bandwidth_ceiling_gb_per_s": res[
-            "bandwidth_ceiling_gb_per_s"]}, weight_s)
+            "bandwidth_ceiling_gb_per_s"]}, weight_s, kernels["overhead_s"])
         for name, pr in check["rows"].items():
             rows[name]["planner"] = {**pr, "bandwidth_gb_per_s": check["bandwidth_gb_per_s"],
                                      "overhead_s": check["overhead_s"], "calibration_row": check["calibration_row"]}
         res["planner_within_20pct"] = {k: check[k] for k in ("within_20pct", "checked", "fraction_within_20pct",
-                                                             "calibration_row", "overhead_s", "model")}
+                                                             "calibration_row", "overhead_s", "overhead", "model")}
+        res["planner_bytes_per_token_check"] = planner_bytes_check({n: rows[n] for n in engines})
     res["prompt"] = PROMPT
     res["prompt_tokens"] = int(ids.shape[1])
     res["_meta"] = run.meta(peers={"llama_cpp_python": LLAMA_CPP_VERSION}, threads=args.threads, tokens=args.tokens,
@@ -305,31 +307,37 @@ def main(argv: list[str] | None = None) -> None:
 CALIBRATION_ROW = "ours dense fp32"
 
 
-def planner_predictions(res: dict[str, Any], weight_s: dict[str, float] | None = None) -> dict[str, Any]:
-    """The planner's decode estimate for each of our timed rows of a results dict, from numbers
-    the run recorded: the seconds per token its weights take -- ``weight_s[name]`` (the planner's
-    per-matrix roofline, :func:`roofline_weight_seconds`) where given, else bytes per token over
-    the run's median streaming bandwidth (:func:`sparsetorch.inference.plan.predict_decode_tokens_per_s`)
-    -- plus one per-token overhead calibrated on :data:`CALIBRATION_ROW` (its measured seconds per
-    token minus its weights' time): what ``sparsetorch plan`` does with its own calibration run.
-    Nothing is timed here.
+def planner_predictions(res: dict[str, Any], weight_s: dict[str, float] | None = None,
+                        overhead_s: float | None = None) -> dict[str, Any]:
+    """The planner's decode estimate for each of our timed rows of a results dict: the seconds per
+    token its weights take -- ``weight_s[name]`` (kernel costs streamed through the row's working
+    set, :func:`roofline_weight_seconds`) where given, else bytes per token over the run's median
+    streaming bandwidth (:func:`sparsetorch.inference.plan.predict_decode_tokens_per_s`) -- plus
+    one per-token overhead: ``overhead_s`` where given (measured by the engine's profile,
+    :func:`sparsetorch.inference.plan.measure_decode_overhead`, as ``sparsetorch plan`` does;
+    then every row is checked), else calibrated on :data:`CALIBRATION_ROW` (its measured seconds
+    per token minus its weights' time; that row is left out of the count). Nothing is timed here.
 
-    Returns ``{"bandwidth_gb_per_s", "overhead_s", "calibration_row", "model", "rows": {name: {...}},
-    "within_20pct": k, "checked": n, "fraction_within_20pct"}``; each row has the predicted and
-    measured tokens/s, ``ratio`` = predicted / measured and ``within_20pct`` (|ratio - 1| <= 0.2).
+    Returns ``{"bandwidth_gb_per_s", "overhead_s", "overhead", "calibration_row", "model", "rows":
+    {name: {...}}, "within_20pct": k, "checked": n, "fraction_within_20pct"}``; each row has the
+    predicted and measured tokens/s, ``ratio`` = predicted / measured and ``within_20pct``
+    (|ratio - 1| <= 0.2).
     """
     bw = float(res["bandwidth_ceiling_gb_per_s"]["median"])
     ours = {n: r for n, r in res["rows"].items() if r.get("runtime") == "sparsetorch" and "decode_tokens_per_s" in r}
-    cal_name = CALIBRATION_ROW if CALIBRATION_ROW in ours else next(iter(ours), None)
-    if cal_name is None:
+    if not ours:
         raise SystemExit("no timed sparsetorch row in these results: nothing to predict")
     weight_s = weight_s or {}
 
     def weights(name: str) -> float:
         return weight_s[name] if name in weight_s else ours[name]["bytes_per_token"] / (bw * 1e9)
 
-    cal = ours[cal_name]
-    overhead = max(0.0, 1.0 / cal["decode_tokens_per_s"]["median"] - weights(cal_name))
+    cal_name = None
+    if overhead_s is None:
+        cal_name = CALIBRATION_ROW if CALIBRATION_ROW in ours else next(iter(ours))
+        overhead = max(0.0, 1.0 / ours[cal_name]["decode_tokens_per_s"]["median"] - weights(cal_name))
+    else:
+        overhead = float(overhead_s)
     rows: dict[str, Any] = {}
     for name, r in ours.items():
         pred = 1.0 / (weights(name) + overhead)
@@ -339,8 +347,10 @@ def planner_predictions(res: dict[str, Any], weight_s: dict[str, float] | None =
                       "within_20pct": abs(pred / meas - 1.0) <= 0.2, "calibration": name == cal_name}
     checked = [v for v in rows.values() if not v["calibration"]]
     k = sum(v["within_20pct"] for v in checked)
-    model = "roofline" if all(n in weight_s for n in ours) else "bandwidth" if not weight_s else "mixed"
-    return {"bandwidth_gb_per_s": bw, "overhead_s": overhead, "calibration_row": cal_name, "model": model,
+    model = "streamed kernels" if all(n in weight_s for n in ours) else "bandwidth" if not weight_s else "mixed"
+    return {"bandwidth_gb_per_s": bw, "overhead_s": overhead,
+            "overhead": "calibrated on " + cal_name if cal_name else "measured (engine profile, dense fp32)",
+            "calibration_row": cal_name, "model": model,
             "rows": rows, "within_20pct": k, "checked": len(checked),
             "fraction_within_20pct": k / len(checked) if checked else None}
 
@@ -351,13 +361,16 @@ def roofline_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, thr
     (:func:`sparsetorch.inference.plan.decode_weight_time`) with kernel costs measured now, at
     ``threads``, streamed through a working set of the row's bytes per token
     (:func:`~sparsetorch.inference.plan.measure_kernel_costs`, one measurement per working set
-    and kernel, shared by rows of equal size), and those costs."""
+    and kernel, shared by rows of equal size), and those costs with the per-token overhead
+    (``overhead_s``: :func:`~sparsetorch.inference.plan.measure_decode_overhead` on the dense
+    model in fp32, None when it is not cached)."""
     from sparsetorch.data.llm import load_causal_lm
     from sparsetorch.inference.plan import (
         MAX_WORKING_SET_BYTES,
         decode_matrix_costs,
         decode_weight_time,
         kernel_kinds,
+        measure_decode_overhead,
         measure_kernel_costs,
     )
 
@@ -370,6 +383,7 @@ def roofline_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, thr
              for n in names}
     measured: dict[int, dict[tuple[str, str], Any]] = {}
     out: dict[str, float] = {}
+    overhead = None
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -378,13 +392,15 @@ def roofline_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, thr
             kc = measured.setdefault(ws, {})
             kc.update(measure_kernel_costs([k for k in kernel_kinds(cs) if k not in kc], working_set_bytes=ws))
             out[n] = decode_weight_time(model, rows[n]["dtype"], bandwidth_gb_per_s, kernel_costs=kc, costs=cs)[1]
+        if "dense" in models:  # the step's time outside the matrix products, by the engine's profile
+            overhead = measure_decode_overhead(models["dense"], "fp32", tokens=32, repeats=5)[0]
     finally:
         torch.set_num_threads(before)
     table = {str(ws): {f"{lay}/{dt}": {"per_position_ns": k.per_position_s * 1e9, "per_value_ns": k.per_value_s * 1e9}
                        for (lay, dt), k in kc.items()} for ws, kc in measured.items()}
     return out, {"threads": threads, "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "load": load_average(), "model": "streamed through each row's bytes per token",
-                 "costs_by_working_set_bytes": table}
+                 "costs_by_working_set_bytes": table, "overhead_s": overhead}
 
 
 def planner_bytes_check(rows: dict[str, Any]) -> dict[str, Any]:
@@ -422,7 +438,7 @@ def planner_check(results: Path, argv: list[str] | None) -> Path:
     res = json.loads(results.read_text())
     bw = float(res["bandwidth_ceiling_gb_per_s"]["median"])
     weight_s, kernels = roofline_weight_seconds(res["rows"], bw, int(res.get("_meta", {}).get("threads") or 2))
-    check = planner_predictions(res, weight_s)
+    check = planner_predictions(res, weight_s, kernels["overhead_s"])
     check["kernel_costs"] = kernels
     check["bytes_per_token_check"] = planner_bytes_check(res["rows"])
     stem = results.stem.removeprefix("decode_vs_llamacpp")
@@ -433,7 +449,7 @@ def planner_check(results: Path, argv: list[str] | None) -> Path:
                        "date_utc": src_meta.get("date_utc")}
     check["_meta"] = Run.for_main(__file__, argv).meta(
         note="offline: predictions from the source run's recorded bytes per token and bandwidth and kernel "
-             f"costs measured now, per-token overhead calibrated on {check['calibration_row']!r}; no decoding timed")
+             f"costs and the per-token overhead measured now ({check['overhead']}); no decoding timed")
     write_json(out, check)
     print_planner(check)
     print(f"wrote {out}")
@@ -442,7 +458,7 @@ def planner_check(results: Path, argv: list[str] | None) -> Path:
 
 def print_planner(check: dict[str, Any]) -> None:
     print(f"planner: bandwidth {check['bandwidth_gb_per_s']:.1f} GB/s, overhead {check['overhead_s'] * 1e3:.2f} ms/token "
-          f"(calibrated on {check['calibration_row']})")
+          f"({check.get('overhead') or 'calibrated on ' + str(check['calibration_row'])})")
     print(f"{'row':<28} {'predicted':>9} {'measured':>9} {'ratio':>6}")
     for name, r in check["rows"].items():
         flag = "calibration" if r["calibration"] else ("ok" if r["within_20pct"] else "off by > 20%")

@@ -1325,20 +1325,26 @@ def dictionaries_diff(r: Results) -> str:
 
 
 def decode_planner_check(r: Results) -> str:
-    """The planner's decode estimate against the quiet run (decode_planner_check_quiet.json)."""
-    name = "decode_planner_check_quiet"
+    """The planner's decode estimate beside each of our rows of the quiet run, as that run recorded
+    it (decode_vs_llamacpp_quiet.json: ``rows[*].planner``, ``planner_within_20pct``,
+    ``planner_kernel_costs``, ``planner_bytes_per_token_check``)."""
+    name = "decode_vs_llamacpp_quiet"
     d = r(name)
-    rows = [(k, x) for k, x in d["rows"].items() if not x.get("calibration")]
-    kc = d.get("kernel_costs") or {}
-    model = ("per-matrix roofline with in-cache kernel costs measured at "
-             f"{kc.get('threads')} thread(s) on {str(kc.get('measured_utc', '?'))[:10]} (1-minute load "
-             f"{(kc.get('load') or ['?'])[0]})" if d.get("model") == "roofline" else "bytes over bandwidth")
-    lines = [f"Planner check against `{d['source']['file']}` ({model}; bandwidth {d['bandwidth_gb_per_s']:.1f} GB/s, "
-             f"overhead {d['overhead_s'] * 1e3:.2f} ms per token calibrated on `{d['calibration_row']}`, "
-             f"no decode timed): **{d['within_20pct']} of {d['checked']} rows within 20%** (target: every row; "
-             f"{'met' if d['within_20pct'] == d['checked'] else '**missed**'}); bytes per token equal to the "
-             f"engine's on {len(d['bytes_per_token_check']['equal'])} rows, different on "
-             f"{len(d['bytes_per_token_check']['different'])}.", "",
+    summary, kc = d["planner_within_20pct"], d.get("planner_kernel_costs") or {}
+    rows = [(k, x["planner"]) for k, x in d["rows"].items() if "planner" in x and not x["planner"].get("calibration")]
+    if summary.get("model") == "streamed kernels":
+        model = (f"kernel costs streamed through each row's working set, measured at {kc.get('threads')} thread(s) "
+                 f"right after the decode rounds (1-minute load {(kc.get('load') or ['?'])[0]})")
+    else:
+        model = "bytes over bandwidth" if summary.get("model") == "bandwidth" else str(summary.get("model"))
+    overhead = summary.get("overhead") or f"calibrated on `{summary.get('calibration_row')}`"
+    bc = d.get("planner_bytes_per_token_check")
+    nbytes = ("" if bc is None else f"; bytes per token from the weights alone equal to the engine's on "
+              f"{len(bc['equal'])} rows, different on {len(bc['different'])}")
+    ok = summary["within_20pct"] == summary["checked"]
+    lines = [f"Planner prediction beside each of our rows of `{r.path(name)}` ({model}; per-token overhead "
+             f"{summary['overhead_s'] * 1e3:.2f} ms, {overhead}): **{summary['within_20pct']} of {summary['checked']} "
+             f"rows within 20%** (target: every row; {'met' if ok else '**missed**'}){nbytes}.", "",
              "| row | measured tok/s | predicted tok/s | predicted / measured |", "|---|---|---|---|"]
     for k, x in rows:
         mark = "" if x["within_20pct"] else " (outside 20%)"

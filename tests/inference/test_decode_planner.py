@@ -164,9 +164,15 @@ def test_benchmark_planner_check_on_made_up_results(tmp_path: Path, monkeypatch)
     assert json.loads(src.read_text()) == res
     # with the roofline's seconds for the weights: the int8 row's compute-bound 7.5 ms is predicted
     roof = bench.planner_predictions(res, {"ours dense fp32": 0.010, "ours dense fp16": 0.005, "ours x int8": 0.0075})
-    assert roof["model"] == "roofline" and roof["overhead_s"] == pytest.approx(0.0025)
+    assert roof["model"] == "streamed kernels" and roof["overhead_s"] == pytest.approx(0.0025)
     assert roof["rows"]["ours x int8"]["predicted_tokens_per_s"] == pytest.approx(100.0)
     assert roof["within_20pct"] == 2
+    # an overhead measured by the engine's profile: no calibration row, every row checked
+    measured = bench.planner_predictions(res, {"ours dense fp32": 0.010, "ours dense fp16": 0.005,
+                                               "ours x int8": 0.0075}, overhead_s=0.0025)
+    assert measured["calibration_row"] is None and measured["checked"] == 3 and measured["within_20pct"] == 3
+    assert measured["rows"]["ours dense fp32"]["predicted_tokens_per_s"] == pytest.approx(80.0)
+    assert "measured" in measured["overhead"] and "calibrated" in roof["overhead"]
 
 
 def test_matrix_costs_count_positions_stored_values_and_bytes() -> None:
@@ -310,3 +316,30 @@ def test_activation_thresholds_in_the_decode_estimate() -> None:
     assert ests[0].activation_sparsity == 0.5 and ests[0].tokens_per_s == pytest.approx(1.0 / (t_act + 0.001))
     rep = plan(model, timer=lambda name, fn: 1.0, activation=th, decode_bandwidth_gb_per_s=bw, decode_overhead_s=0.001)
     assert rep.decode[0].tokens_per_s == pytest.approx(ests[0].tokens_per_s) and "TEAL activation sparsity" in str(rep)
+
+
+def test_decode_overhead_is_the_profiled_step_time_outside_the_matrix_products() -> None:
+    """The overhead is the engine profile's median time per token minus its matrix products' time
+    per forward call (a one-token prompt: every call is one row), the median over runs."""
+    from sparsetorch.inference.decode import DecodeStats
+    from sparsetorch.inference.plan import measure_decode_overhead
+
+    class FakeEngine:
+        config = {"vocab": 100}
+        runs = 0
+
+        def generate(self, ids, n, *, profile=False, on_token=None):
+            if profile:
+                assert ids.shape == (1, 1)  # one-token prompt
+                FakeEngine.runs += 1
+                token = [0.005, 0.005, 0.009] if FakeEngine.runs == 1 else [0.006] * 3
+                self.last_stats = DecodeStats(calls=n, seconds=0.0, linear_seconds=0.004 * n, attention_seconds=0.0,
+                                              token_seconds=token)
+            for _ in range(n):
+                if on_token is not None:
+                    on_token(0)
+            return ids
+
+    overhead, tps = measure_decode_overhead(None, engine=FakeEngine(), tokens=4, repeats=3)
+    # runs: 5 - 4 = 1 ms, then 6 - 4 = 2 ms twice -> median 2 ms
+    assert overhead == pytest.approx(0.002) and FakeEngine.runs == 3 and tps > 0

@@ -621,24 +621,28 @@ def engine_decode_tokens_per_s(engine: Any, ids: torch.Tensor, tokens: int = 16,
     return statistics.median(rates)
 
 
-def measure_decode_overhead(model: nn.Module, bandwidth_gb_per_s: float, dtype: str = "fp32", *, tokens: int = 16,
-                            repeats: int = 3, engine: Any = None,
-                            kernel_costs: dict[tuple[str, str], KernelCost] | None = None) -> tuple[float, float]:
-    """``(overhead_s, measured_tokens_per_s)``: the engine's per-token time on ``model`` in
-    ``dtype`` (median of ``repeats`` greedy runs of ``tokens`` tokens) minus the time its weights
-    take (:func:`decode_weight_time`: streamed at ``bandwidth_gb_per_s``, or the per-matrix
-    roofline with ``kernel_costs``), floored at 0. Builds the engine unless ``engine`` is given;
-    raises what :meth:`~.decode.DecodeEngine.from_model` raises."""
+def measure_decode_overhead(model: nn.Module, dtype: str = "fp32", *, tokens: int = 16, repeats: int = 3,
+                            engine: Any = None) -> tuple[float, float]:
+    """``(overhead_s, measured_tokens_per_s)`` of the engine on ``model`` in ``dtype``: the time
+    of a decode step outside its matrix products (attention, norms, RoPE, activations, the
+    Python loop and sampling), measured by the engine's own profile (``generate(profile=True)``):
+    per run of ``tokens`` tokens after a one-token prompt (so every forward call is one row), the
+    median wall time per token minus the matrix products' time per call; the median over
+    ``repeats`` runs. Measured, not inferred as the residual of a whole step minus a model of its
+    weights (a small difference of two large, noisy numbers). ``measured_tokens_per_s``:
+    :func:`engine_decode_tokens_per_s`, unprofiled. Builds the engine unless ``engine`` is
+    given; raises what :meth:`~.decode.DecodeEngine.from_model` raises."""
     from .decode import DecodeEngine
 
     eng = engine if engine is not None else DecodeEngine.from_model(model, dtype)
+    one = torch.ones(1, 1, dtype=torch.int64)
+    overheads = []
+    for _ in range(max(1, repeats)):
+        eng.generate(one, max(3, tokens), profile=True)
+        st = eng.last_stats
+        overheads.append(max(0.0, statistics.median(st.token_seconds) - st.linear_seconds / max(1, st.calls)))
     tps = engine_decode_tokens_per_s(eng, (torch.arange(1, 9) % int(eng.config["vocab"]))[None], tokens, repeats)
-    if kernel_costs is None:
-        weights_s = eng.weight_bytes_per_token / (bandwidth_gb_per_s * 1e9)
-    else:
-        weights_s = decode_weight_time(model, dtype, bandwidth_gb_per_s, head_dtype=eng.config["head_dtype"],
-                                       kernel_costs=kernel_costs)[1]
-    return max(0.0, 1.0 / tps - weights_s), tps
+    return statistics.median(overheads), tps
 
 
 def decode_estimates(
@@ -663,10 +667,11 @@ def decode_estimates(
     overhead are given (then the estimate is arithmetic only: bytes over bandwidth, or the
     ``kernel_costs`` given). The bandwidth (:func:`~.bench.streaming_bandwidth_gbs`; it times
     the bytes beside the matrices, and in-cache kernel costs) is measured unless given; the
-    overhead is measured once, by timing the engine on the model in
-    ``calibrate_dtype`` (:func:`measure_decode_overhead`), unless given, and used for every dtype.
-    TEAL ``activation`` thresholds: the engine built with them (thresholded matrices read only
-    their live inputs' weights when that is faster; the overhead is still calibrated without).
+    overhead (the step's time outside the matrix products) is measured once, by the engine's
+    profile on the model in ``calibrate_dtype`` (:func:`measure_decode_overhead`), unless given,
+    and used for every dtype. TEAL ``activation`` thresholds: the engine built with them
+    (thresholded matrices read only their live inputs' weights when that is faster; the overhead
+    is still measured without).
     """
     from .bench import streaming_bandwidth_gbs
 
@@ -674,16 +679,14 @@ def decode_estimates(
     bw = streaming_bandwidth_gbs() if bandwidth_gb_per_s is None else float(bandwidth_gb_per_s)
     costs = {dt: decode_matrix_costs(model, dt, head_dtype=head_dtype or dt, activation=activation) for dt in dtypes}
     if kernel_costs is None and timing:
-        calibration = decode_matrix_costs(model, calibrate_dtype, head_dtype=head_dtype or calibrate_dtype)
         kernel_costs = {}
-        for cs in (calibration, *costs.values()):  # each dtype's kernels streamed through its own bytes
+        for cs in costs.values():  # each dtype's kernels streamed through its own bytes
             todo = [k for k in kernel_kinds(cs) if k not in kernel_costs]
             kernel_costs.update(measure_kernel_costs(todo, working_set_bytes=min(
                 MAX_WORKING_SET_BYTES, sum(c.nbytes for c in cs) + _rest_bytes(model, cs))))
     measured: dict[str, float] = {}
     if overhead_s is None:
-        overhead_s, measured[calibrate_dtype] = measure_decode_overhead(model, bw, calibrate_dtype,
-                                                                        kernel_costs=kernel_costs)
+        overhead_s, measured[calibrate_dtype] = measure_decode_overhead(model, calibrate_dtype)
     out = []
     for dt in dtypes:
         hd = head_dtype or dt
