@@ -733,6 +733,24 @@ inline void axpy_rows4(const Lin& L, const int32_t* idx, const float* a, float* 
 }
 
 #if defined(__AVX512F__)
+#ifndef ST_PF_ROW_HEAD
+#define ST_PF_ROW_HEAD 256
+#endif
+// the first ST_PF_ROW_HEAD bytes of each of n stored rows (values; bitmask: and masks): issued
+// one group of eight rows ahead, so each gathered row starts from cache and the hardware
+// prefetchers, which need a few misses to see a stream, carry on from there
+template <int F, int D>
+inline void prefetch_row_heads(const Lin& L, const int32_t* idx, int64_t n) {
+  constexpr int64_t VSZ = D == F32 ? 4 : (D == I8 ? 1 : 2);
+  const char* vb = static_cast<const char*>(L.v);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t r = idx[j];
+    const int64_t start = (F == DENSE ? r * L.in : L.rp[r]) * VSZ;
+    for (int64_t q = 0; q < ST_PF_ROW_HEAD; q += 64) _mm_prefetch(vb + start + q, _MM_HINT_T0);
+    if constexpr (F == BITMASK) _mm_prefetch(reinterpret_cast<const char*>(L.m + r * L.chunks), _MM_HINT_T0);
+  }
+}
+
 // eight stored rows per pass over the accumulator (dense)
 template <int D>
 inline void dense_rows8(const Lin& L, const int32_t* idx, const float* a, float* acc) {
@@ -825,10 +843,17 @@ void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial
       const int64_t k0 = n * q / parts, k1 = n * (q + 1) / parts;
       int64_t k = k0;
 #if defined(__AVX512F__)
+      if constexpr (F == DENSE || F == BITMASK) prefetch_row_heads<F, D>(L, lv + k, std::min<int64_t>(8, k1 - k));
       if constexpr (F == DENSE) {  // eight rows per pass: measured 1.2-1.5x faster than four on SmolLM2 shapes
-        for (; k + 8 <= k1; k += 8) dense_rows8<D>(L, lv + k, xv + k, acc);
+        for (; k + 8 <= k1; k += 8) {
+          prefetch_row_heads<F, D>(L, lv + k + 8, std::min<int64_t>(8, std::max<int64_t>(0, k1 - k - 8)));
+          dense_rows8<D>(L, lv + k, xv + k, acc);
+        }
       } else if constexpr (F == BITMASK) {
-        for (; k + 8 <= k1; k += 8) bitmask_rows8<D>(L, lv + k, xv + k, acc);
+        for (; k + 8 <= k1; k += 8) {
+          prefetch_row_heads<F, D>(L, lv + k + 8, std::min<int64_t>(8, std::max<int64_t>(0, k1 - k - 8)));
+          bitmask_rows8<D>(L, lv + k, xv + k, acc);
+        }
       }
 #endif
       for (; k + 4 <= k1; k += 4) axpy_rows4<F, D>(L, lv + k, xv + k, acc);
