@@ -1400,7 +1400,7 @@ def decode_table(r: Results, name: str) -> str:
             f"{'set' if meta.get('machine_loaded') else 'not set'}: 1-minute load average "
             f"{'above' if meta.get('machine_loaded') else 'at most'} 0.5 when it started); "
             f"streaming-read ceiling {_f1(d['bandwidth_ceiling_gb_per_s']['median'])} GB/s measured in the same run"
-            f"{'' if has_e16 else '; no E16 in this run'}. Same greedy tokens (`same_tokens_as_first_row`): {', '.join(same)}."
+            f"{'' if has_e16 else '; no E16 in this run'}{_e16_from(d)}. Same greedy tokens (`same_tokens_as_first_row`): {', '.join(same)}."
             + (f" Rows timed in {len(runs)} separate runs (each row's `timed` block says which)." if len(runs) > 1 else "")
             + " " + provenance_note(r.path(name), d))
     lines = [head, "", "| row | decode tok/s (range) | vs llama.cpp same precision | MB read / token | "
@@ -1412,6 +1412,15 @@ def decode_table(r: Results, name: str) -> str:
                      f"{f'{ratio(v[0])} {v[1]}' if v else ''} | {x['bytes_per_token'] / 1e6:.0f} | "
                      f"{x['fraction_of_bandwidth_ceiling']:.0%} |" + (e16 if has_e16 else ""))
     return "\n".join(lines)
+
+
+def _e16_from(d: dict) -> str:
+    """Where a run's E16 column came from when a separate ``--no-timing`` run computed it (``e16_from``)."""
+    e = d.get("e16_from")
+    if not e:
+        return ""
+    return (f"; E16 from a separate run of the same script on the same cached models (`{e.get('command')}`, "
+            f"commit `{str(e.get('commit'))[:10]}`, {e.get('date_utc')}), copied into this file")
 
 
 def _decode_e16(r: Results, name: str) -> tuple[dict[str, dict], str]:
@@ -1457,10 +1466,14 @@ def decode_ratios(r: Results, name: str) -> str:
     return "; ".join(f"{c} {', '.join(v)}" for c, v in by.items())
 
 
+#: the run whose E16 column the quality summary reports (the models the quiet run timed)
+DECODE_QUALITY_RUN = "decode_vs_llamacpp_quiet"
+
+
 def decode_quality(r: Results) -> str:
-    """E16 per config and dtype, and the change against the config's fp32 model (decode_vs_llamacpp.json;
-    rows with an E16 but not timed in that run, e.g. SparseGPT-70% scored later, included)."""
-    rows = r("decode_vs_llamacpp")["rows"]
+    """E16 per config and dtype, and the change against the config's fp32 model (the rows of
+    :data:`DECODE_QUALITY_RUN`)."""
+    rows = r(DECODE_QUALITY_RUN)["rows"]
     parts, worst = [], (0.0, "")
     for c in DECODE_QUALITY_CONFIGS:
         base = rows.get(f"ours {c} fp32", {}).get("e16_ppl")
@@ -1473,7 +1486,7 @@ def decode_quality(r: Results) -> str:
                 cells.append(f"{ppl(e)} ({dt}, {e / base - 1:+.2%})")
                 worst = max(worst, (abs(e / base - 1), f"{c} {dt}"))
         parts.append(f"{c} " + ", ".join(cells))
-    return (f"E16 (`{r.path('decode_vs_llamacpp')}`): " + "; ".join(parts)
+    return (f"E16 (`{r.path(DECODE_QUALITY_RUN)}`): " + "; ".join(parts)
             + f"; the largest change against the same model in fp32 is {worst[0]:.2%} ({worst[1]}).")
 
 
