@@ -276,6 +276,16 @@ def test_streaming_kernel_costs_cycle_through_the_working_set_and_are_taken_as_m
     m = MatrixCost("x", "bitmask", "fp16", nbytes=1_000_000, positions=10**6, stored=5 * 10**5)
     # measured streaming: 4 us + 30 us, though 1 MB at 10 GB/s would take 100 us
     assert decode_weight_seconds([m], 10.0, kc) == pytest.approx(3.4e-5)
+    # a working set larger than a quarter of the free memory is capped (and the cap recorded)
+    import psutil
+
+    class Tight:
+        available = 4 * 1_000_000
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
+    capped = measure_kernel_costs([("dense", "int8")], rows=64, cols=128, working_set_bytes=ws, timer=timer)
+    assert capped[("dense", "int8")].working_set_bytes == 1_000_000
+    assert calls["dense/int8/1.0"] == -(-1_000_000 // (64 * 128 + 64 * 4))
     with pytest.raises(LimitError, match="working_set_bytes"):
         measure_kernel_costs([("dense", "fp32")], working_set_bytes=MAX_WORKING_SET_BYTES + 1)
     with pytest.raises(LimitError, match="working_set_bytes"):

@@ -469,7 +469,9 @@ def measure_kernel_costs(kinds: Sequence[tuple[str, str]], *, rows: int = 1024, 
     last-level cache), and how well the kernel overlaps its loads with its arithmetic -- which a
     roofline of in-cache compute and one streaming bandwidth misses. The cases are measured one
     kind at a time, so at most two working sets are held at once (at most
-    :data:`MAX_WORKING_SET_BYTES` each).
+    :data:`MAX_WORKING_SET_BYTES` each, and at most a quarter of the memory available when it
+    starts: past the last-level cache a larger working set streams at the same rate; the
+    :class:`KernelCost` records the size used).
 
     At torch's current thread count; ``timer`` maps ``{name: fn}`` to seconds per call (default
     :func:`~.bench.interleaved_medians`). Raises :class:`~sparsetorch.errors.DependencyError`
@@ -486,6 +488,10 @@ def measure_kernel_costs(kinds: Sequence[tuple[str, str]], *, rows: int = 1024, 
                           f"({MAX_WORKING_SET_BYTES / 2**30:.0f} GiB); got {working_set_bytes}.")
     if not kinds:
         return {}
+    if working_set_bytes:  # two working sets are held at once: keep them within half the free memory
+        import psutil
+
+        working_set_bytes = max(1, min(working_set_bytes, int(psutil.virtual_memory().available) // 4))
     timer = timer or (lambda fns: interleaved_medians(fns, repeats=15 if not working_set_bytes else 7, rounds=3))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, cols, generator=gen)
