@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         row["timed"] = run.entry(load_before=loads[0] if loads else None, loads_per_round=loads)
     res["bandwidth_ceiling_gb_per_s"] = summary(bw)
     if engines:  # the planner's estimate beside each of our rows, from this run's bandwidth
-        weight_s, kernels = roofline_weight_seconds({n: rows[n] for n in engines}, ceiling, args.threads)
+        weight_s, kernels = planner_weight_seconds({n: rows[n] for n in engines}, ceiling, args.threads)
         res["planner_kernel_costs"] = kernels
         check = planner_predictions({"rows": {n: rows[n] for n in engines}, "bandwidth_ceiling_gb_per_s": res[
             "bandwidth_ceiling_gb_per_s"]}, weight_s, kernels["overhead_s"])
@@ -311,7 +311,7 @@ def planner_predictions(res: dict[str, Any], weight_s: dict[str, float] | None =
                         overhead_s: float | None = None) -> dict[str, Any]:
     """The planner's decode estimate for each of our timed rows of a results dict: the seconds per
     token its weights take -- ``weight_s[name]`` (kernel costs streamed through the row's working
-    set, :func:`roofline_weight_seconds`) where given, else bytes per token over the run's median
+    set, :func:`planner_weight_seconds`) where given, else bytes per token over the run's median
     streaming bandwidth (:func:`sparsetorch.inference.plan.predict_decode_tokens_per_s`) -- plus
     one per-token overhead: ``overhead_s`` where given (measured by the engine's profile,
     :func:`sparsetorch.inference.plan.measure_decode_overhead`, as ``sparsetorch plan`` does;
@@ -355,7 +355,7 @@ def planner_predictions(res: dict[str, Any], weight_s: dict[str, float] | None =
             "fraction_within_20pct": k / len(checked) if checked else None}
 
 
-def roofline_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, threads: int,
+def planner_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, threads: int,
                             ) -> tuple[dict[str, float], dict[str, Any]]:
     """Per our row whose model is cached: the planner's seconds per token on the weights
     (:func:`sparsetorch.inference.plan.decode_weight_time`) with kernel costs measured now, at
@@ -437,7 +437,7 @@ def planner_check(results: Path, argv: list[str] | None) -> Path:
     JSON is only read."""
     res = json.loads(results.read_text())
     bw = float(res["bandwidth_ceiling_gb_per_s"]["median"])
-    weight_s, kernels = roofline_weight_seconds(res["rows"], bw, int(res.get("_meta", {}).get("threads") or 2))
+    weight_s, kernels = planner_weight_seconds(res["rows"], bw, int(res.get("_meta", {}).get("threads") or 2))
     check = planner_predictions(res, weight_s, kernels["overhead_s"])
     check["kernel_costs"] = kernels
     check["bytes_per_token_check"] = planner_bytes_check(res["rows"])
