@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
         row["timed"] = run.entry(load_before=loads[0] if loads else None, loads_per_round=loads)
     res["bandwidth_ceiling_gb_per_s"] = summary(bw)
     if engines:  # the planner's estimate beside each of our rows, from this run's bandwidth
-        weight_s, kernels = planner_weight_seconds({n: rows[n] for n in engines}, ceiling, args.threads)
+        weight_s, kernels, planner_bytes = planner_weight_seconds({n: rows[n] for n in engines}, ceiling, args.threads)
         res["planner_kernel_costs"] = kernels
         check = planner_predictions({"rows": {n: rows[n] for n in engines}, "bandwidth_ceiling_gb_per_s": res[
             "bandwidth_ceiling_gb_per_s"]}, weight_s, kernels["overhead_s"])
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                                      "overhead_s": check["overhead_s"], "calibration_row": check["calibration_row"]}
         res["planner_within_20pct"] = {k: check[k] for k in ("within_20pct", "checked", "fraction_within_20pct",
                                                              "calibration_row", "overhead_s", "overhead", "model")}
-        res["planner_bytes_per_token_check"] = planner_bytes_check({n: rows[n] for n in engines})
+        res["planner_bytes_per_token_check"] = planner_bytes_check({n: rows[n] for n in engines}, planner_bytes)
     res["prompt"] = PROMPT
     res["prompt_tokens"] = int(ids.shape[1])
     res["_meta"] = run.meta(peers={"llama_cpp_python": LLAMA_CPP_VERSION}, threads=args.threads, tokens=args.tokens,
@@ -356,14 +356,16 @@ def planner_predictions(res: dict[str, Any], weight_s: dict[str, float] | None =
 
 
 def planner_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, threads: int,
-                            ) -> tuple[dict[str, float], dict[str, Any]]:
+                            ) -> tuple[dict[str, float], dict[str, Any], dict[str, int]]:
     """Per our row whose model is cached: the planner's seconds per token on the weights
     (:func:`sparsetorch.inference.plan.decode_weight_time`) with kernel costs measured now, at
     ``threads``, streamed through a working set of the row's bytes per token
     (:func:`~sparsetorch.inference.plan.measure_kernel_costs`, one measurement per working set
     and kernel, shared by rows of equal size), and those costs with the per-token overhead
     (``overhead_s``: :func:`~sparsetorch.inference.plan.measure_decode_overhead` on the dense
-    model in fp32, None when it is not cached)."""
+    model in fp32, None when it is not cached), and the planner's bytes per token of each row
+    (:func:`~sparsetorch.inference.plan.decode_bytes_per_token`'s count, from the same scan of the
+    weights)."""
     from sparsetorch.data.llm import load_causal_lm
     from sparsetorch.inference.plan import (
         MAX_WORKING_SET_BYTES,
@@ -383,6 +385,7 @@ def planner_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, thre
              for n in names}
     measured: dict[int, dict[tuple[str, str], Any]] = {}
     out: dict[str, float] = {}
+    nbytes: dict[str, int] = {}
     overhead = None
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -391,7 +394,8 @@ def planner_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, thre
             ws = min(MAX_WORKING_SET_BYTES, int(rows[n]["bytes_per_token"]))
             kc = measured.setdefault(ws, {})
             kc.update(measure_kernel_costs([k for k in kernel_kinds(cs) if k not in kc], working_set_bytes=ws))
-            out[n] = decode_weight_time(model, rows[n]["dtype"], bandwidth_gb_per_s, kernel_costs=kc, costs=cs)[1]
+            nbytes[n], out[n] = decode_weight_time(model, rows[n]["dtype"], bandwidth_gb_per_s, kernel_costs=kc,
+                                                   costs=cs)
         if "dense" in models:  # the step's time outside the matrix products, by the engine's profile
             overhead = measure_decode_overhead(models["dense"], "fp32", tokens=32, repeats=5)[0]
     finally:
@@ -400,34 +404,24 @@ def planner_weight_seconds(rows: dict[str, Any], bandwidth_gb_per_s: float, thre
                        for (lay, dt), k in kc.items()} for ws, kc in measured.items()}
     return out, {"threads": threads, "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                  "load": load_average(), "model": "streamed through each row's bytes per token",
-                 "costs_by_working_set_bytes": table, "overhead_s": overhead}
+                 "costs_by_working_set_bytes": table, "overhead_s": overhead}, nbytes
 
 
-def planner_bytes_check(rows: dict[str, Any]) -> dict[str, Any]:
-    """Bytes per token from the planner's formula (:func:`~sparsetorch.inference.plan.decode_bytes_per_token`,
-    weights only, no engine) for each of our rows whose model is cached, against the engine's
-    count the run recorded. Models not in the cache are skipped (listed)."""
-    from sparsetorch.data.llm import load_causal_lm
-    from sparsetorch.inference.plan import decode_bytes_per_token
-
+def planner_bytes_check(rows: dict[str, Any], planner_bytes: dict[str, int]) -> dict[str, Any]:
+    """Bytes per token from the planner's formula (weights only, no engine; ``planner_bytes`` from
+    :func:`planner_weight_seconds`) for each of our rows, against the engine's count the run
+    recorded. Rows without a planner count (model not in the cache) are skipped (listed)."""
     out: dict[str, Any] = {"equal": [], "different": {}, "skipped": []}
-    by_config: dict[str, list[str]] = {}
     for name, r in rows.items():
-        if r.get("runtime") == "sparsetorch":
-            by_config.setdefault(r["config"], []).append(name)
-    for config, names in by_config.items():
-        folder = CACHE / config
-        if not (folder / "config.json").is_file():
-            out["skipped"] += names
+        if r.get("runtime") != "sparsetorch":
             continue
-        lm, _ = load_causal_lm(str(folder), progress=False)
-        for name in names:
-            got = decode_bytes_per_token(lm, rows[name]["dtype"])
-            if got == rows[name]["bytes_per_token"]:
-                out["equal"].append(name)
-            else:
-                out["different"][name] = {"planner": got, "engine": rows[name]["bytes_per_token"]}
-        del lm
+        got = planner_bytes.get(name)
+        if got is None:
+            out["skipped"].append(name)
+        elif got == r["bytes_per_token"]:
+            out["equal"].append(name)
+        else:
+            out["different"][name] = {"planner": got, "engine": r["bytes_per_token"]}
     return out
 
 
@@ -437,10 +431,11 @@ def planner_check(results: Path, argv: list[str] | None) -> Path:
     JSON is only read."""
     res = json.loads(results.read_text())
     bw = float(res["bandwidth_ceiling_gb_per_s"]["median"])
-    weight_s, kernels = planner_weight_seconds(res["rows"], bw, int(res.get("_meta", {}).get("threads") or 2))
+    weight_s, kernels, planner_bytes = planner_weight_seconds(res["rows"], bw,
+                                                              int(res.get("_meta", {}).get("threads") or 2))
     check = planner_predictions(res, weight_s, kernels["overhead_s"])
     check["kernel_costs"] = kernels
-    check["bytes_per_token_check"] = planner_bytes_check(res["rows"])
+    check["bytes_per_token_check"] = planner_bytes_check(res["rows"], planner_bytes)
     stem = results.stem.removeprefix("decode_vs_llamacpp")
     out = RESULTS / f"decode_planner_check{stem}.json"
     src_meta = res.get("_meta", {})

@@ -155,7 +155,8 @@ def test_benchmark_planner_check_on_made_up_results(tmp_path: Path, monkeypatch)
     src.write_text(json.dumps(res))
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     monkeypatch.setattr(bench, "CACHE", tmp_path / "no-models")  # no cached model: bandwidth-only predictions
-    monkeypatch.setattr(bench, "planner_bytes_check", lambda rows: {"equal": [], "different": {}, "skipped": list(rows)})
+    monkeypatch.setattr(bench, "planner_bytes_check",
+                        lambda rows, planner_bytes: {"equal": [], "different": {}, "skipped": list(rows)})
     out = bench.planner_check(src, ["--planner-check", str(src)])
     assert out == tmp_path / "decode_planner_check_made_up.json"
     written = json.loads(out.read_text())
@@ -353,3 +354,14 @@ def test_decode_overhead_is_the_profiled_step_time_outside_the_matrix_products()
     overhead, tps = measure_decode_overhead(None, engine=FakeEngine(), tokens=4, repeats=3)
     # runs: 5 - 4 = 1 ms, then 6 - 4 = 2 ms twice -> median 2 ms
     assert overhead == pytest.approx(0.002) and FakeEngine.runs == 3 and tps > 0
+
+
+def test_benchmark_bytes_check_compares_the_planner_count_with_the_engine_count() -> None:
+    bench = load_benchmark("decode_vs_llamacpp")
+    rows = {"ours a fp32": {"runtime": "sparsetorch", "bytes_per_token": 100},
+            "ours b fp16": {"runtime": "sparsetorch", "bytes_per_token": 50},
+            "ours c int8": {"runtime": "sparsetorch", "bytes_per_token": 25},
+            "llama.cpp F32": {"runtime": "llama.cpp", "bytes_per_token": 100}}
+    out = bench.planner_bytes_check(rows, {"ours a fp32": 100, "ours b fp16": 52})
+    assert out == {"equal": ["ours a fp32"], "different": {"ours b fp16": {"planner": 52, "engine": 50}},
+                   "skipped": ["ours c int8"]}
