@@ -365,3 +365,17 @@ def test_benchmark_bytes_check_compares_the_planner_count_with_the_engine_count(
     out = bench.planner_bytes_check(rows, {"ours a fp32": 100, "ours b fp16": 52})
     assert out == {"equal": ["ours a fp32"], "different": {"ours b fp16": {"planner": 52, "engine": 50}},
                    "skipped": ["ours c int8"]}
+
+
+def test_estimates_say_whether_their_kernel_costs_were_streamed() -> None:
+    """Given kernel costs: weight_s comes from them, and the estimate records whether they were
+    measured streaming through a working set (as measured) or in cache (a roofline)."""
+    from sparsetorch.inference.plan import KernelCost, decode_matrix_costs, kernel_kinds
+
+    model = tiny_llama(seed=2)
+    prune_half(model)
+    kinds = kernel_kinds(decode_matrix_costs(model, "fp16"))
+    for ws in (0, 10**6):
+        kc = {k: KernelCost(1e-9, 0.0, ws) for k in kinds}
+        (est,) = decode_estimates(model, ("fp16",), bandwidth_gb_per_s=10.0, overhead_s=0.001, kernel_costs=kc)
+        assert est.weight_s is not None and est.streamed == bool(ws) and est.to_dict()["streamed"] == bool(ws)

@@ -210,6 +210,8 @@ class PlanReport:
         if self.decode:
             d0 = self.decode[0]
             weights = (f"bytes per token / {d0.bandwidth_gb_per_s:.1f} GB/s streaming read" if d0.weight_s is None else
+                       "per matrix its kernel's cost measured streaming through the model's bytes per token"
+                       if d0.streamed else
                        f"per matrix the longer of streaming at {d0.bandwidth_gb_per_s:.1f} GB/s and in-cache compute")
             act = ("" if d0.activation_sparsity is None else
                    f", TEAL activation sparsity {d0.activation_sparsity:g} (thresholded matrices read only the "
@@ -577,6 +579,9 @@ class DecodeEstimate:
     weight_s: float | None = None
     #: the TEAL activation sparsity the engine was estimated with (None: no thresholds)
     activation_sparsity: float | None = None
+    #: ``weight_s`` came from kernel costs measured streaming through a working set
+    #: (:func:`measure_kernel_costs`), not from a roofline of in-cache costs
+    streamed: bool = False
 
     @property
     def tokens_per_s(self) -> float:
@@ -595,7 +600,7 @@ class DecodeEstimate:
                 "bandwidth_gb_per_s": self.bandwidth_gb_per_s, "overhead_s": self.overhead_s, "threads": self.threads,
                 "predicted_tokens_per_s": self.tokens_per_s, "ceiling_tokens_per_s": self.ceiling_tokens_per_s,
                 "measured_tokens_per_s": self.measured_tokens_per_s, "weight_s": self.weight_s,
-                "activation_sparsity": self.activation_sparsity}
+                "activation_sparsity": self.activation_sparsity, "streamed": self.streamed}
 
 
 def decode_weight_time(model: nn.Module, dtype: str, bandwidth_gb_per_s: float, *, head_dtype: str | None = None,
@@ -700,5 +705,6 @@ def decode_estimates(
         out.append(DecodeEstimate(dt, hd, nbytes, bw, float(overhead_s),
                                   measured_tokens_per_s=measured.get(dt) if hd == dt and activation is None else None,
                                   weight_s=weight_s if kernel_costs or activation is not None else None,
-                                  activation_sparsity=None if activation is None else float(activation.sparsity)))
+                                  activation_sparsity=None if activation is None else float(activation.sparsity),
+                                  streamed=any(k.streaming for k in (kernel_costs or {}).values())))
     return out
