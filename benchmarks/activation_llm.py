@@ -3,7 +3,9 @@
 Rows: dense; TEAL at 25/40/50% activation sparsity; WINA at 40%; SparseGPT 50% weights alone
 and with 40% TEAL activations; ``teal@0.4:greedy`` = TEAL's greedy per-block allocation (the
 block's weight reads skipped at 40%, spread over its projections by the search;
-``teal@0.4:greedy0.05x4``: step 0.05 -- TEAL's -- searched on 4 windows instead of the defaults). For each: E16 perplexity with the thresholds' hooks (every token
+``teal@0.4:greedy0.05x4``: step 0.05 -- TEAL's -- searched on 4 windows instead of the defaults;
+``teal@0.4:greedy-global``: that search plus per-block levels from each block's measured cost to
+the logits, the mean over blocks staying 40%). For each: E16 perplexity with the thresholds' hooks (every token
 sparsified, prompt included), the measured fraction of zeroed inputs on the evaluation text, and
 greedy decode tokens/s at batch 1 (KV cache, 2 threads) after ``sparsify_for_inference`` chose a
 kernel per layer (``colgather`` reads only the weight rows of live inputs; ``bitmask``/``csr``
@@ -103,10 +105,11 @@ def run(args: argparse.Namespace) -> dict:
             crit, s = act.split("@")
             s, _, alloc = s.partition(":")  # "teal@0.4:greedy": TEAL's greedy per-block allocation
             greedy = {}
-            if alloc.startswith("greedy") and alloc != "greedy":  # "greedy0.05x4": step 0.05 on 4 windows
-                step, _, n = alloc[len("greedy"):].partition("x")
+            base = "greedy-global" if alloc.startswith("greedy-global") else "greedy"
+            if alloc.startswith("greedy") and alloc != base:  # "greedy0.05x4": step 0.05 on 4 windows
+                step, _, n = alloc[len(base):].partition("x")
                 greedy = {"greedy_step": float(step), **({"greedy_samples": int(n)} if n else {})}
-                alloc = "greedy"
+                alloc = base
             th = calibrate_thresholds(model, float(s), calibration=calib, seq_len=512, criterion=crit,
                                       allocation=alloc or "uniform", **greedy)
             h = apply_thresholds(model, th)

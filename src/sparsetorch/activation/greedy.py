@@ -15,6 +15,17 @@ Groups are the projections that read the *same input tensor* (found by watching 
 calibration: q/k/v share the normed hidden state, gate/up theirs), and share one level: the
 compiled decode engine fuses them into one matrix with one threshold. Each block is measured on
 its dense input (the dense model's hidden states), independently of the others.
+
+**Across blocks** (``across_blocks=True``, ``allocation="greedy-global"``; not in TEAL): blocks
+differ in how much their sparsity costs the model, so giving every block the same level wastes
+budget. Each block's greedy path is run past the target (to ``sparsity + max(BLOCK_OFFSETS)``);
+then for a few levels ``c`` on that path (``sparsity + BLOCK_OFFSETS``) only that block is
+sparsified and the rest of the model run dense, and ``D_b(c)`` = the mean KL divergence of the
+model's next-token distribution from the dense model's (last half of each calibration window) is
+recorded. :func:`allocate_blocks` then picks per-block levels that reach the target on average
+(blocks weighted by their gated weights, so the weight reads skipped stay ``sparsity``) at the
+least summed ``D_b`` -- assuming the blocks' costs add, as layer-wise allocations (OWL, BESA) do.
+Cost: ``blocks x len(BLOCK_OFFSETS)`` partial forward passes on the greedy windows.
 """
 
 from __future__ import annotations
@@ -25,10 +36,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..oneshot.blocks import capture_inputs, find_decoder_blocks, run_block
+from ..errors import MethodError
+from ..oneshot.blocks import block_output, capture_inputs, find_decoder_blocks, run_block
 
 #: fraction of each calibration sequence (its end) on which the block output error is measured (TEAL)
 ERROR_TAIL = 0.25
+#: levels (offsets from the target) at which each block's cost to the model is measured (across blocks)
+BLOCK_OFFSETS = (-0.2, -0.1, 0.0, 0.1, 0.2)
+#: fraction of each calibration sequence (its end) on which the logits' KL divergence is measured
+KL_TAIL = 0.5
 
 
 def input_groups(model: nn.Module, names: Sequence[str], batch: dict[str, Tensor]) -> list[list[str]]:
@@ -68,15 +84,20 @@ def greedy_levels(
     step: float = 0.1,
     max_level: float = 0.99,
     progress: Callable[[int, int], None] | None = None,
+    across_blocks: bool = False,
+    block_costs: dict[int, dict[float, float]] | None = None,
 ) -> tuple[dict[str, float], dict[int, list[tuple[float, dict[str, float]]]]]:
     """Per-layer levels from TEAL's greedy search, block by block.
 
     ``threshold_at(name, level)`` is the layer's threshold for a fraction ``level`` of its inputs
     (its calibration histogram); ``criterion_fn(name, x)`` the value compared with it (``|x|``,
     or ``|x| * ||W[:, i]||`` for WINA). Returns ``(levels, paths)``: the level of every layer at
-    the row nearest ``sparsity``, and per block the rows (effective sparsity, group levels) the
-    search went through (TEAL's lookup table).
+    the row nearest ``sparsity`` (``across_blocks``: nearest the block's own level from
+    :func:`allocate_blocks`), and per block the rows (effective sparsity, group levels) the
+    search went through (TEAL's lookup table). ``block_costs``, if given, receives the measured
+    ``{block: {effective level: KL}}`` of the cross-block allocation.
     """
+    head = output_head(model) if across_blocks else None  # fails before the search when it cannot work
     prefix, blocks = find_decoder_blocks(model)
     by_block: dict[int, list[list[str]]] = {}
     for g in groups:
@@ -103,6 +124,10 @@ def greedy_levels(
             return (x.masked_fill(criterion_fn(n, x) < t, 0), *args[1:])
         return hook
 
+    reach = min(max_level, sparsity + max(BLOCK_OFFSETS)) if across_blocks else sparsity
+    block_inputs: dict[int, list[Tensor]] = {}  # across blocks: each block's dense input
+    block_sizes: dict[int, int] = {}
+    target = dict.fromkeys(by_block, sparsity)
     try:
         for bi, block in enumerate(blocks):
             dense = [run_block(block, inputs, i) for i in range(len(inputs))]
@@ -111,23 +136,141 @@ def greedy_levels(
                 hooks = [model.get_submodule(n).register_forward_pre_hook(make(n)) for g in bgroups for n in g]
                 try:
                     sizes = {g[0]: sum(int(model.get_submodule(n).weight.numel()) for n in g) for g in bgroups}
-                    rows = _greedy_block(block, inputs, dense, bgroups, sizes, threshold_at, current, sparsity,
+                    rows = _greedy_block(block, inputs, dense, bgroups, sizes, threshold_at, current, reach,
                                          step, max_level)
                 finally:
                     for h in hooks:
                         h.remove()
                     current.clear()
                 paths[bi] = rows
-                _, chosen = min(rows, key=lambda r: abs(r[0] - sparsity))
-                for g in bgroups:
-                    for n in g:
-                        levels[n] = chosen[g[0]]
+                block_sizes[bi] = sum(sizes.values())
+                if across_blocks:
+                    block_inputs[bi] = inputs.hidden
             inputs.hidden = dense  # the next block reads the dense model's hidden states
             if progress is not None:
                 progress(bi + 1, len(blocks))
+        if across_blocks:
+            costs = _block_costs(model, blocks, inputs, block_inputs, head, paths, by_block, make, current,
+                                 threshold_at, sparsity, max_level)
+            target = allocate_blocks(costs, block_sizes, sparsity)
+            if block_costs is not None:
+                block_costs.update(costs)
     finally:
         model.train(was)
+    for bi, bgroups in by_block.items():
+        _, chosen = min(paths[bi], key=lambda r: abs(r[0] - target[bi]))
+        for g in bgroups:
+            for n in g:
+                levels[n] = chosen[g[0]]
     return levels, paths
+
+
+def output_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """``hidden states after the last block -> logits``: the model's final norm and output embedding.
+
+    Found by name (``<base>.norm`` as in Llama/Qwen/Mistral, ``ln_f`` as in GPT-2,
+    ``decoder.final_layer_norm`` as in OPT); :class:`MethodError` when the model has no such pair."""
+    emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    base = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    norm = None
+    for holder in (base, getattr(base, "decoder", None)):
+        for attr in ("norm", "ln_f", "final_layer_norm"):
+            if holder is not None and isinstance(getattr(holder, attr, None), nn.Module):
+                norm = getattr(holder, attr)
+                if getattr(holder, "project_out", None) is not None:
+                    norm = None  # OPT-350m style: a projection after the norm this does not model
+                break
+        if norm is not None:
+            break
+    if emb is None or norm is None:
+        raise MethodError("allocation='greedy-global' measures each block's effect on the logits and needs the model's "
+                          "final norm and output embedding (<base>.norm / ln_f / decoder.final_layer_norm and "
+                          "get_output_embeddings()); this model has no such pair: use allocation='greedy'.")
+    return lambda h: emb(norm(h))
+
+
+def _block_costs(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    inputs: Any,
+    block_inputs: dict[int, list[Tensor]],
+    head: Callable[[Tensor], Tensor],
+    paths: dict[int, list[tuple[float, dict[str, float]]]],
+    by_block: dict[int, list[list[str]]],
+    make: Callable[[str], Callable[..., tuple]],
+    current: dict[str, float],
+    threshold_at: Callable[[str, float], float],
+    sparsity: float,
+    max_level: float,
+) -> dict[int, dict[float, float]]:
+    """``{block: {effective level: mean KL(dense || only this block sparsified)}}`` at the path rows
+    nearest ``sparsity + BLOCK_OFFSETS`` (level 0 costs 0). ``inputs.hidden`` holds the dense
+    model's output of the last block."""
+
+    def tail_logp(h: Tensor) -> Tensor:
+        k = max(1, int(round(h.shape[-2] * KL_TAIL)))
+        return torch.log_softmax(head(h[..., -k:, :]).float(), dim=-1)
+
+    ref = [tail_logp(h) for h in inputs.hidden]
+    positions = sum(r[..., 0].numel() for r in ref)
+    grid = sorted({min(max_level, sparsity + d) for d in BLOCK_OFFSETS if sparsity + d > 0})
+    costs: dict[int, dict[float, float]] = {}
+    for bi, bgroups in by_block.items():
+        costs[bi] = {0.0: 0.0}
+        rows = {eff: lv for eff, lv in paths[bi]}
+        picked = {min(rows, key=lambda e: abs(e - c)) for c in grid} - {0.0}
+        hooks = [model.get_submodule(n).register_forward_pre_hook(make(n)) for g in bgroups for n in g]
+        try:
+            for eff in sorted(picked):
+                for g in bgroups:
+                    lv = rows[eff][g[0]]
+                    for n in g:
+                        current[n] = threshold_at(n, lv) if lv > 0 else -1.0
+                kl = 0.0
+                for i, r in enumerate(ref):
+                    h = block_inputs[bi][i]
+                    for j in range(bi, len(blocks)):
+                        h = block_output(blocks[j](h, *inputs.args[i], **inputs.kwargs[i]))
+                    kl += float((r.exp() * (r - tail_logp(h))).sum(dtype=torch.float64))
+                costs[bi][eff] = kl / positions
+        finally:
+            for h in hooks:
+                h.remove()
+            current.clear()
+    return costs
+
+
+def allocate_blocks(costs: dict[int, dict[float, float]], sizes: dict[int, int], target: float) -> dict[int, float]:
+    """Per-block levels whose size-weighted mean is ``target``, at the least summed cost.
+
+    ``costs[b]`` maps measured levels of block ``b`` to its cost (level 0 included); ``sizes[b]``
+    the weights its levels gate. From every block at its lowest level, the step with the least
+    cost per weight read skipped is taken until the mean reaches ``target`` (optimal when each
+    block's cost is convex in its level); the last step is then cut back to land on ``target``
+    (a level between two measured ones: the caller picks the search path's nearest row).
+    """
+    pts = {b: sorted(c.items()) for b, c in costs.items()}
+    at = dict.fromkeys(pts, 0)
+    total = sum(sizes[b] for b in pts)
+    if not total:
+        return {b: target for b in pts}
+
+    def mean() -> float:
+        return sum(pts[b][at[b]][0] * sizes[b] for b in pts) / total
+
+    last = None
+    while mean() < target - 1e-12:
+        steps = [((pts[b][at[b] + 1][1] - pts[b][at[b]][1]) / (sizes[b] * (pts[b][at[b] + 1][0] - pts[b][at[b]][0])), b)
+                 for b in pts if at[b] + 1 < len(pts[b])]
+        if not steps:  # every block at its highest measured level
+            break
+        last = min(steps)[1]
+        at[last] += 1
+    out = {b: pts[b][at[b]][0] for b in pts}
+    if last is not None:
+        over = (mean() - target) * total / sizes[last]
+        out[last] = max(pts[last][at[last] - 1][0], out[last] - over)
+    return out
 
 
 def _greedy_block(

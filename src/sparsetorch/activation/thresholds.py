@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError, DataError, MethodError, SparsityValueError
 
 CRITERIA = ("teal", "wina")
-ALLOCATIONS = ("uniform", "greedy")
+ALLOCATIONS = ("uniform", "greedy", "greedy-global")
 _LO, _HI, _PER_OCTAVE = -24, 16, 64
 _BINS = (_HI - _LO) * _PER_OCTAVE
 
@@ -71,7 +71,8 @@ class ActivationThresholds:
     #: WINA only: each layer's weight column norms ``||W[:, i]||`` at calibration (the criterion's
     #: scale; kept so the hooks work after the layer is swapped for a packed sparse kernel)
     col_norms: dict[str, Tensor] = field(default_factory=dict)
-    #: ``"uniform"`` (every layer at ``sparsity``) or ``"greedy"`` (TEAL's per-block search, :mod:`.greedy`)
+    #: ``"uniform"`` (every layer at ``sparsity``), ``"greedy"`` (TEAL's per-block search, :mod:`.greedy`)
+    #: or ``"greedy-global"`` (that search, plus per-block levels set by each block's measured cost)
     allocation: str = "uniform"
     #: each layer's level (fraction of its inputs below its threshold on the calibration tokens)
     levels: dict[str, float] = field(default_factory=dict)
@@ -156,7 +157,10 @@ def calibrate_thresholds(
     ``allocation="greedy"``: TEAL's per-block greedy search (:mod:`.greedy`) spreads the level
     over each block's projections (the block's weight reads skipped stay ``sparsity``), measured
     on the first ``greedy_samples`` calibration windows, raising one input group by
-    ``greedy_step`` (in units of the block's smallest group) per step."""
+    ``greedy_step`` (in units of the block's smallest group) per step. ``"greedy-global"`` also
+    moves sparsity between blocks: each block's level is set from its measured cost to the model's
+    next-token distribution (:func:`.greedy.allocate_blocks`), the mean over blocks (by weights
+    gated) staying ``sparsity``."""
     from ..oneshot.calibration import forward_batches, prepare_calibration
 
     s = check_sparsity_level(sparsity)
@@ -164,7 +168,7 @@ def calibrate_thresholds(
         raise MethodError(f"unknown activation criterion {criterion!r}; choose from {', '.join(CRITERIA)}.")
     if allocation not in ALLOCATIONS:
         raise MethodError(f"unknown activation allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}.")
-    if allocation == "greedy":
+    if allocation.startswith("greedy"):
         if not (isinstance(greedy_step, (int, float)) and 0 < greedy_step <= 1):
             raise MethodError(f"greedy_step must be in (0, 1], got {greedy_step!r}.")
         if not (isinstance(greedy_samples, int) and greedy_samples >= 1):
@@ -188,7 +192,7 @@ def calibrate_thresholds(
 
     forward_batches(model, batches, [model.get_submodule(n).register_forward_pre_hook(make(n)) for n in names])
     levels = dict.fromkeys(names, s)
-    if allocation == "greedy" and s > 0:
+    if allocation.startswith("greedy") and s > 0:
         from .greedy import greedy_levels, input_groups
 
         ids = torch.cat([b["input_ids"] for b in batches])[:greedy_samples]
@@ -196,7 +200,8 @@ def calibrate_thresholds(
         groups = input_groups(model, names, small[0])
         levels, _ = greedy_levels(
             model, small, groups, lambda n, lv: quantile_from_histogram(counts[n], lv),
-            lambda n, x: _criterion(x, criterion, norms[n]), s, step=float(greedy_step))
+            lambda n, x: _criterion(x, criterion, norms[n]), s, step=float(greedy_step),
+            across_blocks=allocation == "greedy-global")
     th = {n: quantile_from_histogram(counts[n], levels[n]) for n in names}
     kept = {n: v.cpu() for n, v in norms.items() if v is not None}
     return ActivationThresholds(s, criterion, th, sum(int(b["input_ids"].numel()) for b in batches), kept,
