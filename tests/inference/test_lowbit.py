@@ -61,6 +61,31 @@ def test_kernel_matches_float64_reference(layout: str, dtype: str, out: int, inn
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("dtype", list(VALUE_DTYPES))
+@pytest.mark.parametrize(("out", "inn"), [(40, 576), (960, 200), (33, 37)])
+@pytest.mark.parametrize("serial", [True, False])
+def test_transposed_kernel_with_a_threshold_matches_float64_reference(layout: str, dtype: str, out: int, inn: int,
+                                                                      serial: bool) -> None:
+    """The activation-sparse product (``W^T`` stored, only the rows of inputs at or above the
+    threshold read) at one input row: every stored-row group size (eight at a time, four, one),
+    the register-form expand where 16 values can be read past a group and the memory form at the
+    end of the values, one thread and split across threads."""
+    w = _weight(out, inn, 0.5, seed=out * inn)
+    bias = torch.randn(out)
+    x = torch.randn(1, inn, generator=torch.Generator().manual_seed(inn))
+    x[0, -3:] = 5.0  # the last stored rows live: the end of the values is read
+    t = 0.5
+    p = pack_lowbit(w, layout, dtype, transposed=True, threshold=t)
+    stored = unpack_lowbit(p).double()
+    assert stored.shape == (out, inn)
+    xt = x.double().masked_fill(x.abs() < t, 0)
+    ref = xt @ stored.T + bias.double()
+    bound = 1e-5 * (xt.abs() @ stored.abs().T) + 1e-6
+    y = lowbit_matmul(x, p, bias, serial=serial)
+    assert ((y.double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", list(VALUE_DTYPES))
 def test_pruned_weights_stay_exactly_zero_and_rounding_is_bounded(layout: str, dtype: str) -> None:
     w = _weight(48, 80, 0.6, seed=3)
     p = pack_lowbit(w, layout, dtype)

@@ -746,7 +746,8 @@ inline void prefetch_row_heads(const Lin& L, const int32_t* idx, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     const int64_t r = idx[j];
     const int64_t start = (F == DENSE ? r * L.in : L.rp[r]) * VSZ;
-    for (int64_t q = 0; q < ST_PF_ROW_HEAD; q += 64) _mm_prefetch(vb + start + q, _MM_HINT_T0);
+    const int64_t len = std::min<int64_t>(ST_PF_ROW_HEAD, (F == DENSE ? L.in : L.rp[r + 1] - L.rp[r]) * VSZ);
+    for (int64_t q = 0; q < len; q += 64) _mm_prefetch(vb + start + q, _MM_HINT_T0);
     if constexpr (F == BITMASK) _mm_prefetch(reinterpret_cast<const char*>(L.m + r * L.chunks), _MM_HINT_T0);
   }
 }
@@ -778,8 +779,9 @@ inline void dense_rows8(const Lin& L, const int32_t* idx, const float* a, float*
   }
 }
 
-// eight stored rows per pass over the accumulator (bitmask: each row's packed values expanded)
-template <int D>
+// eight stored rows per pass over the accumulator (bitmask: each row's packed values expanded;
+// REG: the register form of the expand, when every row can read 16 values past its last one)
+template <int D, bool REG>
 inline void bitmask_rows8(const Lin& L, const int32_t* idx, const float* a, float* acc) {
   const uint16_t* m[8];
   int64_t p[8];
@@ -791,8 +793,8 @@ inline void bitmask_rows8(const Lin& L, const int32_t* idx, const float* a, floa
     __m512 s0 = _mm512_loadu_ps(acc + 16 * c), s1 = _mm512_setzero_ps();
     for (int j = 0; j < 8; j += 2) {
       const __mmask16 k0 = m[j][c], k1 = m[j + 1][c];
-      s0 = _mm512_fmadd_ps(av[j], expand16<D>(L.v, p[j], k0), s0); p[j] += __builtin_popcount(k0);
-      s1 = _mm512_fmadd_ps(av[j + 1], expand16<D>(L.v, p[j + 1], k1), s1); p[j + 1] += __builtin_popcount(k1);
+      s0 = _mm512_fmadd_ps(av[j], expand16x<D, REG>(L.v, p[j], k0), s0); p[j] += __builtin_popcount(k0);
+      s1 = _mm512_fmadd_ps(av[j + 1], expand16x<D, REG>(L.v, p[j + 1], k1), s1); p[j + 1] += __builtin_popcount(k1);
     }
     _mm512_storeu_ps(acc + 16 * c, _mm512_add_ps(s0, s1));
   }
@@ -852,7 +854,9 @@ void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial
       } else if constexpr (F == BITMASK) {
         for (; k + 8 <= k1; k += 8) {
           prefetch_row_heads<F, D>(L, lv + k + 8, std::min<int64_t>(8, std::max<int64_t>(0, k1 - k - 8)));
-          bitmask_rows8<D>(L, lv + k, xv + k, acc);
+          // live inputs ascend: the last of the eight is the one nearest the end of the values
+          if (L.rp[lv[k + 7] + 1] + 16 <= L.rp[L.out]) bitmask_rows8<D, true>(L, lv + k, xv + k, acc);
+          else bitmask_rows8<D, false>(L, lv + k, xv + k, acc);
         }
       }
 #endif
