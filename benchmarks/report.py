@@ -1081,8 +1081,15 @@ def activation_table(r: Results) -> str:
 def activation_engine_table(r: Results) -> str:
     """TEAL in the compiled decode engine (activation_llm_engine.json): both sides in the engine."""
     d = r("activation_llm_engine")
-    return (_bench_module("activation_llm").table(d) + "\n\n" + str(d["_meta"].get("decode", "")) + ". "
+    text = (_bench_module("activation_llm").table(d) + "\n\n" + str(d["_meta"].get("decode", "")) + ". "
             + provenance_note(f"{RESULTS_DIR}/activation_llm_engine.json", d))
+    if (r.root / r.path("activation_llm_engine_global")).is_file():
+        g = r("activation_llm_engine_global")
+        text += ("\n\nTEAL's greedy allocation against `greedy-global` (the same search plus per-block levels "
+                 "from each block's measured cost to the logits), a separate run of the same benchmark:\n\n"
+                 + _bench_module("activation_llm").table(g) + "\n\n"
+                 + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_global.json", g))
+    return text
 
 
 def _activation_sentence(d: dict, where: str) -> str:
