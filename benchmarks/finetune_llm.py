@@ -97,10 +97,18 @@ def run_one(start: str, loss: str, budget: float, marks: list[float], args) -> d
     # allocations): sets the schedule's length so that the run fills the budget
     probe = copy.deepcopy(student)
     stamps: list[float] = []
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     finetune(probe, copy.deepcopy(masks), train[: args.batch * 4], teacher=teacher, loss=loss, steps=4,
              lr=args.lr, batch_size=args.batch, grad_accum=args.grad_accum, progress=False, bf16=args.bf16,
              on_step=lambda done, res, model: stamps.append(time.perf_counter()))
     per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    # CPU seconds per wall second of the probe: well below the thread count means other work held
+    # the cores, the probed step time is too long and the run will stop short of its budget
+    probe_cpu = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+    if probe_cpu < 0.75 * args.threads:
+        print(f"WARNING: the step-time probe got {probe_cpu:.2f} CPU seconds per second with {args.threads} "
+              "threads: something else is using the cores, so the planned steps will not fill the budget. "
+              "Rerun on a quiet machine.", file=sys.stderr, flush=True)
     del probe
     steps = args.steps or max(int(budget / per_step), 1)
     points: list[list[float]] = []
@@ -132,7 +140,7 @@ def run_one(start: str, loss: str, budget: float, marks: list[float], args) -> d
         "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum, "lr": args.lr,
         "bf16": args.bf16, "threads": args.threads, "prune_seconds": prune_sec,
         "steps_planned": steps, "steps_fixed": bool(args.steps), "steps": res.steps, "tokens": res.tokens, "train_seconds": res.seconds,
-        "eval_seconds_in_run": eval_seconds[0], "sec_per_step_probe": per_step,
+        "eval_seconds_in_run": eval_seconds[0], "sec_per_step_probe": per_step, "probe_cpu_per_wall": probe_cpu,
         "ppl_e16_before": ppl0, "marks": points, "ppl_e16_after": points[-1][3] if points else None,
         "ppl_full_before": full0, "ppl_full_after": full, "loss_first": res.losses[0], "loss_last": res.final_loss,
         "peak_rss_mb": res.peak_rss_mb, "sparsity": masks.sparsity().overall,
