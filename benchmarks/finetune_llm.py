@@ -85,7 +85,7 @@ def run_one(start: str, loss: str, budget: float, marks: list[float], args) -> d
 
     torch.set_num_threads(args.threads)
     student, masks, tok, prune_sec = pruned_start(start)
-    teacher, _ = load_causal_lm("smollm2", progress=False) if loss != "ce" else (None, None)
+    teacher, _ = load_causal_lm(args.teacher, progress=False) if loss != "ce" else (None, None)
     if args.data == "docs":
         train = token_windows(tok, python_docs_text(), seq_len=args.seq_len)
     else:
@@ -134,9 +134,14 @@ def run_one(start: str, loss: str, budget: float, marks: list[float], args) -> d
     while todo:  # marks past the end of a run that finished early
         points.append([todo.pop(0), res.steps, res.tokens, perplexity(student, windows=e16, progress=False)])
     masks.verify(student)
+    if args.save is not None:  # e.g. the dense model after domain fine-tuning, as a later run's --teacher
+        from sparsetorch.data.llm import save_hf_model
+
+        save_hf_model(student, tok, args.save / key_of(start, loss, budget, args).replace("|", "_"),
+                      overwrite=True)
     full = perplexity(student, tok, max_windows=None, progress=False) if args.full_eval else None
     return {
-        "start": start, "loss": loss, "budget_s": budget, "data": args.data, "train_windows": int(train.shape[0]),
+        "start": start, "loss": loss, "teacher": None if loss == "ce" else args.teacher, "budget_s": budget, "data": args.data, "train_windows": int(train.shape[0]),
         "seq_len": args.seq_len, "batch": args.batch, "grad_accum": args.grad_accum, "lr": args.lr,
         "bf16": args.bf16, "threads": args.threads, "prune_seconds": prune_sec,
         "steps_planned": steps, "steps_fixed": bool(args.steps), "steps": res.steps, "tokens": res.tokens, "train_seconds": res.seconds,
@@ -146,6 +151,14 @@ def run_one(start: str, loss: str, budget: float, marks: list[float], args) -> d
         "peak_rss_mb": res.peak_rss_mb, "sparsity": masks.sparsity().overall,
         "masks_verified": True,
     }
+
+
+def key_of(start: str, loss: str, budget: float, args) -> str:  # noqa: ANN001
+    """The results key: ``START|LOSS|BUDGET`` (+ ``|bf16``, + ``|teacher=NAME`` for a teacher other than smollm2)."""
+    key = f"{start}|{loss}|{budget:g}" + ("|bf16" if args.bf16 else "")
+    if loss != "ce" and args.teacher != "smollm2":
+        key += f"|teacher={Path(args.teacher).name}"
+    return key
 
 
 def table(data: dict) -> str:
@@ -159,7 +172,8 @@ def table(data: dict) -> str:
         verdict = "" if tgt is None or r["budget_s"] < 1800 or r.get("steps_fixed") else \
             (f"<= {tgt}: {'met' if r['ppl_e16_after'] <= tgt else 'MISSED'}")
         full = "" if r.get("ppl_full_after") is None else f"{r['ppl_full_after']:.2f}"
-        rows.append(f"| {r['start']} | {r['loss']} | {r['budget_s'] / 60:g} min | {r['ppl_e16_before']:.2f} | "
+        loss = r["loss"] if r.get("teacher") in (None, "smollm2") else f"{r['loss']} (teacher {Path(r['teacher']).name})"
+        rows.append(f"| {r['start']} | {loss} | {r['budget_s'] / 60:g} min | {r['ppl_e16_before']:.2f} | "
                     f"{marks} | {r['ppl_e16_after']:.2f} | {full} | {r['tokens']} | {verdict} |")
     return "\n".join(rows)
 
@@ -182,6 +196,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--full-eval", action=argparse.BooleanOptionalAction, default=True,
                     help="perplexity over the whole evaluation half at the end")
+    ap.add_argument("--teacher", default="smollm2",
+                    help="teacher for kd losses: 'smollm2' (the dense model) or an HF folder, e.g. the dense "
+                         "model fine-tuned on the training text (--save of a 'dense' start)")
+    ap.add_argument("--save", type=Path, help="save each fine-tuned model under this folder (HF format)")
     ap.add_argument("--progress", action="store_true")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--table", action="store_true")
@@ -193,7 +211,7 @@ def main() -> None:
     marks = [float(x) for x in a.marks.split(",") if float(x) <= a.budget] or [a.budget]
     for start in a.starts.split(","):
         for loss in a.losses.split(","):
-            key = f"{start}|{loss}|{a.budget:g}" + ("|bf16" if a.bf16 else "")
+            key = key_of(start, loss, a.budget, a)
             print(f"running {key} ...", flush=True)
             before = load_average()
             r = run_one(start, loss, a.budget, marks, a)

@@ -727,6 +727,14 @@ def _ft_target(x: dict) -> str:
     return f"≤ {goal:g}: {'met' if x['ppl_e16_after'] <= goal else '**missed**'}"
 
 
+def _ft_loss(x: dict) -> str:
+    """The loss, with the teacher named when it is not the dense model (``--teacher`` of finetune_llm.py)."""
+    teacher = x.get("teacher")
+    if x["loss"] == "ce" or teacher in (None, "smollm2"):
+        return x["loss"]
+    return f"{x['loss']}, teacher `{Path(teacher).name}`"
+
+
 def finetune_runs(r: Results) -> str:
     """Recovery fine-tuning at wall-clock budgets (finetune_llm.json), one row per run."""
     d = r("finetune_llm")
@@ -738,7 +746,7 @@ def finetune_runs(r: Results) -> str:
         full = "" if x.get("ppl_full_after") is None else ppl(x["ppl_full_after"])
         if full and x.get("ppl_full_before") is not None:
             full = f"{ppl(x['ppl_full_before'])} → {full}"
-        out.append(f"| {x['start']} | {x['loss']} | {'bf16 autocast' if x['bf16'] else 'fp32'} | "
+        out.append(f"| {x['start']} | {_ft_loss(x)} | {'bf16 autocast' if x['bf16'] else 'fp32'} | "
                    f"{x['budget_s'] / 60:g} min | {x['train_seconds'] / 60:.1f} min | {x['steps']} | {x['tokens']} | "
                    f"{ppl(x['ppl_e16_before'])} | "
                    f"{ppl(x['ppl_e16_after'])} | {full} | {_ft_target(x)} | "
