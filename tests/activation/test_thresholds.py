@@ -104,6 +104,30 @@ def test_save_load_round_trip_and_bad_files(tmp_path) -> None:
         apply_thresholds(m, ActivationThresholds(0.4, "teal", {"model.layers.7.mlp.up_proj": 0.1}))
 
 
+@pytest.mark.parametrize(("edit", "msg"), [
+    ({"allocation": "best"}, "unknown allocation 'best'"),
+    ({"criterion": "cats"}, "unknown criterion 'cats'"),
+    ({"sparsity": 1.5}, r"sparsity 1.5 is outside \[0, 1\)"),
+    ({"thresholds": {"model.layers.0.mlp.up_proj": -1.0}}, "must be finite and >= 0"),
+    ({"thresholds": {"model.layers.0.mlp.up_proj": float("nan")}}, "must be finite and >= 0"),
+    ({"levels": {"model.layers.0.mlp.up_proj": 1.2}}, r"must lie in \[0, 1\]"),
+    ({"col_norms": {}}, "WINA thresholds without the column norms"),
+    ({"thresholds": None}, "damaged activation thresholds file"),
+])
+def test_load_refuses_an_edited_thresholds_file(tmp_path, edit, msg) -> None:
+    """Only calibrate_thresholds checked its arguments: a file edited by hand (or by another
+    version) with an unknown allocation or a negative threshold loaded and was applied as is."""
+    from sparsetorch.statefile import load_state, save_state
+
+    m = make_tiny_llama(layers=1, vocab=128)
+    th = calibrate_thresholds(m, 0.4, calibration=_calib(1), seq_len=64, criterion="wina")
+    st = load_state(th.save(tmp_path / "t.safetensors"))
+    st.update(edit)
+    save_state(st, tmp_path / "bad.safetensors")
+    with pytest.raises(CheckpointError, match=msg):
+        ActivationThresholds.load(tmp_path / "bad.safetensors")
+
+
 def test_bad_arguments_raise_typed_errors() -> None:
     m = make_tiny_llama(layers=1, vocab=128)
     for bad in (-0.1, 1.0, 2, True):

@@ -103,9 +103,41 @@ class ActivationThresholds:
         if not isinstance(st, dict) or st.get("kind") != "activation-thresholds":
             raise CheckpointError(f"{path} is not an activation thresholds file (written by "
                                   "ActivationThresholds.save / `sparsetorch plan --activation-sparsity`).")
-        return cls(float(st["sparsity"]), str(st["criterion"]), {str(k): float(v) for k, v in st["thresholds"].items()},
-                   int(st.get("calibration_tokens", 0)), {str(k): v for k, v in (st.get("col_norms") or {}).items()},
-                   str(st.get("allocation", "uniform")), {str(k): float(v) for k, v in (st.get("levels") or {}).items()})
+        try:
+            th = cls(float(st["sparsity"]), str(st["criterion"]),
+                     {str(k): float(v) for k, v in st["thresholds"].items()}, int(st.get("calibration_tokens", 0)),
+                     {str(k): v for k, v in (st.get("col_norms") or {}).items()},
+                     str(st.get("allocation", "uniform")),
+                     {str(k): float(v) for k, v in (st.get("levels") or {}).items()})
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path} is a damaged activation thresholds file ({type(exc).__name__}: {exc}); "
+                                  "recalibrate it (calibrate_thresholds / `sparsetorch plan --activation-sparsity`).") from None
+        problem = th._problem()
+        if problem:
+            raise CheckpointError(f"{path}: {problem}; the file was edited or written by another version -- "
+                                  "recalibrate it.")
+        return th
+
+    def _problem(self) -> str | None:
+        """What makes these thresholds unusable (a value out of range, an unknown name), or None."""
+        if not 0.0 <= self.sparsity < 1.0:
+            return f"sparsity {self.sparsity} is outside [0, 1)"
+        if self.criterion not in CRITERIA:
+            return f"unknown criterion {self.criterion!r} (known: {', '.join(CRITERIA)})"
+        if self.allocation not in ALLOCATIONS:
+            return f"unknown allocation {self.allocation!r} (known: {', '.join(ALLOCATIONS)})"
+        bad = next((n for n, t in self.thresholds.items() if not (math.isfinite(t) and t >= 0)), None)
+        if bad is not None:
+            return f"the threshold of {bad} is {self.thresholds[bad]} (must be finite and >= 0)"
+        bad = next((n for n, v in self.levels.items() if not 0.0 <= v <= 1.0), None)
+        if bad is not None:
+            return f"the level of {bad} is {self.levels[bad]} (must lie in [0, 1])"
+        bad = next((n for n, v in self.col_norms.items() if not isinstance(v, Tensor) or v.dim() != 1), None)
+        if bad is not None:
+            return f"the column norms of {bad} are not a vector"
+        if self.criterion == "wina" and set(self.col_norms) != set(self.thresholds):
+            return "WINA thresholds without the column norms of every layer"
+        return None
 
 
 def default_targets(model: nn.Module) -> list[str]:
