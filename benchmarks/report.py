@@ -758,12 +758,49 @@ def finetune_runs(r: Results) -> str:
         f"model as teacher on `{any_x['data']}` text ({any_x['train_windows']} windows of {any_x['seq_len']} "
         f"tokens; never the evaluation half), batch {any_x['batch']}, lr {any_x['lr']:g}, AdamW with warm-up "
         f"and cosine over the planned steps, {any_x['threads']} threads. The number of steps is planned from "
-        f"a short probe of the step time; runs measured before the probe skipped its first step stopped "
-        f"short of their budget (\"trained\" is the training time actually spent). A load average above the "
+        f"a short probe of the step time, which comes out longer than the steps of the run itself, so the "
+        f"runs end before their budget (\"trained\" is the training time actually spent; the runs measured "
+        f"before the probe skipped its first step stopped shortest). A load average above the "
         f"{any_x['threads']} threads means other work shared the cores during the run: it gets fewer steps in "
         f"the same wall-clock budget. "
         + entries_note(f"{RESULTS_DIR}/finetune_llm.json", e))]
     return "\n".join(out)
+
+
+def finetune_adapted_teacher(r: Results) -> str:
+    """Inline: KD from a teacher fine-tuned on the training text (``--teacher``) against CE-only and
+    KD from the dense model, same start, budget and precision (finetune_llm.json)."""
+    e = {k: v for k, v in r("finetune_llm").items() if not k.startswith("_")}
+
+    def key(x: dict) -> tuple:
+        return (x["start"], x["budget_s"], x["bf16"])
+
+    parts = []
+    for x in sorted(e.values(), key=lambda v: (v["start"], v["budget_s"])):
+        teacher = x.get("teacher")
+        if x["loss"] == "ce" or teacher in (None, "smollm2"):
+            continue
+        same = [v for v in e.values() if key(v) == key(x) and v is not x]
+        ce = next((v for v in same if v["loss"] == "ce"), None)
+        kd = next((v for v in same if v["loss"] == x["loss"] and v.get("teacher") in (None, "smollm2")), None)
+        name = Path(teacher).name
+        own = next((v for v in e.values() if v["start"] == "dense" and v["loss"] == "ce"
+                    and name.startswith(f"dense_ce_{v['budget_s']:g}")), None)
+        text = (f"{x['loss']} on {x['start']} from the teacher `{name}`"
+                + (f" (the dense model after {own['budget_s'] / 60:g} min of CE on the same text: E16 "
+                   f"{ppl(own['ppl_e16_before'])} → {ppl(own['ppl_e16_after'])}, {own['steps']} steps)" if own else "")
+                + f", one {x['budget_s'] / 60:g}-min schedule: E16 {ppl(x['ppl_e16_before'])} → "
+                + ", ".join(f"{m[0] / 60:g} min {ppl(m[3])}" for m in x["marks"]) + f" ({x['steps']} steps)")
+        if ce is not None:
+            verdict = "KD ahead" if x["ppl_e16_after"] < ce["ppl_e16_after"] else "CE-only ahead"
+            gap = abs(x["ppl_e16_after"] / ce["ppl_e16_after"] - 1)
+            text += f"; CE-only {ppl(ce['ppl_e16_after'])} ({ce['steps']} steps): {verdict} by {100 * gap:.1f}%"
+        if kd is not None:
+            text += f"; {kd['loss']} from the dense model {ppl(kd['ppl_e16_after'])}"
+        parts.append(text)
+    if not parts:
+        raise ReportError("finetune_llm.json has no run with --teacher other than smollm2")
+    return ". ".join(parts) + " (Source: `benchmarks/results/finetune_llm.json`)"
 
 
 def finetune_kd_vs_ce(r: Results) -> str:
@@ -1596,6 +1633,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "finetune-runs": finetune_runs,
     "finetune-bf16": finetune_bf16,
     "finetune-kd-vs-ce": finetune_kd_vs_ce,
+    "finetune-adapted-teacher": finetune_adapted_teacher,
     "soups": soups_table,
     "sparse-lora": sparse_lora_table,
     "reference-ppl": reference_ppl,
