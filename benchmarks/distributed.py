@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--h", type=int, default=20, help="inner steps between DiLoCo/SparseLoCo outer steps")
     ap.add_argument("--update-every", type=int, default=60, help="RigL's update interval (a multiple of H)")
+    ap.add_argument("--sparseloco-lr", type=float, help="SparseLoCo's outer lr (default 1.0)")
+    ap.add_argument("--sparseloco-density", type=float, help="SparseLoCo's fraction of each chunk sent (default 64/4096)")
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args(argv)
@@ -49,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for comm, method in configs(a.steps, a.h, a.update_every):
         before = load_average()
+        sl = comm.startswith("sparseloco")
         cfg = TrainLMConfig(nproc=2, comm=comm, method=method, sparsity=0.9, steps=a.steps,
-                            update_every=a.update_every, powersgd_start=max(2, a.steps // 10))
+                            update_every=a.update_every, powersgd_start=max(2, a.steps // 10), seed=a.seed,
+                            outer_lr=a.sparseloco_lr if sl else None,
+                            outer_density=a.sparseloco_density if sl else None)
         res = train_lm(cfg)
         row = {"comm": comm, "method": method, "final_eval_loss": res["final_eval_loss"],
                "bytes_sent_per_rank": res["bytes_sent_per_rank"][0], "seconds": res["seconds"],
@@ -75,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         targets[f"topk_{method}"] = {"loss_vs_ddp": tk["loss_vs_ddp"], "met": tk["loss_vs_ddp"] <= 1.05}
     targets["rigl_masks_identical"] = {"met": all(r["masks_consistent"] for r in rows if r["method"] == "rigl"),
                                        "checks": sum(r["mask_checks"] for r in rows if r["method"] == "rigl")}
-    base_cfg = asdict(TrainLMConfig(nproc=2, steps=a.steps, update_every=a.update_every))
-    write_json(a.out, {"_meta": run.meta(world=2, backend="gloo", h=a.h, quick=a.quick, model_config=base_cfg),
+    base_cfg = asdict(TrainLMConfig(nproc=2, steps=a.steps, update_every=a.update_every, seed=a.seed))
+    write_json(a.out, {"_meta": run.meta(world=2, backend="gloo", h=a.h, quick=a.quick, model_config=base_cfg,
+                                         sparseloco={"outer_lr": a.sparseloco_lr, "density": a.sparseloco_density}),
                        "rows": rows, "targets": targets})
     print(f"\n{'comm':14s} {'method':6s} {'eval loss':>9s} {'vs DDP':>7s} {'bytes/rank':>12s} {'vs DDP':>8s} {'s':>6s}")
     for r in rows:

@@ -72,11 +72,29 @@ def test_torchrun_entry_point(tmp_path: Path) -> None:
     (["--method", "rigll"], "unknown training method 'rigll'"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--lr", "-1"], "--lr must be positive"),
+    (["--outer-lr", "1.4"], "only with --comm diloco:H or sparseloco:H"),
+    (["--comm", "diloco:5", "--steps", "10", "--outer-lr", "0"], "--outer-lr 0.0: a positive number"),
+    (["--comm", "diloco:5", "--steps", "10", "--outer-density", "0.03"], "only with --comm sparseloco:H"),
+    (["--comm", "sparseloco:5", "--steps", "10", "--outer-density", "1.5"], "a fraction in (0, 1]"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message) -> None:
     p = run_script("train-lm", *args)
     assert p.returncode == 2, (p.returncode, p.stderr[-1500:])
     assert message in flat(p.stderr) and "Traceback" not in p.stderr
+
+
+def test_outer_settings_reach_the_outer_loop() -> None:
+    """--outer-density sets how much of each chunk SparseLoCo sends (the bytes grow with k = 123 of
+    4096 instead of 64: offsets and 2-bit values scale with k, the 4-entry tables do not), and
+    --outer-lr changes the outer step (a different model at the end)."""
+    base = train_lm(TrainLMConfig(comm="sparseloco:2", steps=4))
+    dense = train_lm(TrainLMConfig(comm="sparseloco:2", steps=4, outer_density=0.03))
+    fast = train_lm(TrainLMConfig(comm="sparseloco:2", steps=4, outer_lr=1.4))
+    ratio = dense["bytes_sent_per_rank"][0] / base["bytes_sent_per_rank"][0]
+    assert 1.8 < ratio < 123 / 64 + 1e-9, ratio
+    assert fast["bytes_sent_per_rank"] == base["bytes_sent_per_rank"]
+    assert fast["final_eval_loss"] != base["final_eval_loss"]
+    assert fast["config"]["outer_lr"] == 1.4 and dense["config"]["outer_density"] == 0.03
 
 
 def test_existing_json_is_not_overwritten(tmp_path: Path) -> None:

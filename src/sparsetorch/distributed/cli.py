@@ -19,6 +19,10 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(8, "--batch", help="Windows per rank per step."),
         lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (the inner one with diloco/sparseloco)."),
         update_every: int = typer.Option(25, "--update-every", help="Steps between mask updates (rigl, set, snfs)."),
+        outer_lr: float | None = typer.Option(None, "--outer-lr", help="diloco/sparseloco: the outer step's "
+                                              "learning rate (default DiLoCo 0.7, SparseLoCo 1.0)."),
+        outer_density: float | None = typer.Option(None, "--outer-density", help="sparseloco: fraction of each "
+                                                   "chunk sent per outer step (default 64/4096)."),
         seed: int = typer.Option(0, "--seed"),
         timeout: float = typer.Option(1800.0, "--timeout", help="Kill the run after this many seconds."),
         checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="Checkpoint every N steps (0: never)."),
@@ -38,6 +42,7 @@ def register(app: typer.Typer) -> None:
 
         cfg = check_config(TrainLMConfig(nproc=nproc, comm=comm, method=method, sparsity=sparsity, steps=steps,
                                          seq_len=seq_len, batch=batch, lr=lr, update_every=update_every, seed=seed,
+                                         outer_lr=outer_lr, outer_density=outer_density,
                                          timeout_s=timeout, checkpoint_every=checkpoint_every,
                                          checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
                                          resume=resume))

@@ -58,6 +58,10 @@ class TrainLMConfig:
     eval_windows: int = 32
     seed: int = 0
     timeout_s: float = 1800.0
+    #: diloco/sparseloco: the outer step's learning rate (None: DiLoCo 0.7, SparseLoCo 1.0)
+    outer_lr: float | None = None
+    #: sparseloco: the fraction of each chunk sent per outer step (None: 64/4096, as Templar)
+    outer_density: float | None = None
     #: write a checkpoint (one file per rank + manifest) every this many steps (0: never)
     checkpoint_every: int = 0
     checkpoint_dir: str | None = None
@@ -133,6 +137,12 @@ def check_config(cfg: TrainLMConfig) -> TrainLMConfig:
         if not cfg.resume and has_checkpoint(cfg.checkpoint_dir):
             raise DistributedError(f"{cfg.checkpoint_dir} already holds a checkpoint: pass --resume to continue "
                                    "from it, or choose another --checkpoint-dir.")
+    if cfg.outer_lr is not None and (kind not in ("diloco", "sparseloco") or not float(cfg.outer_lr) > 0):
+        raise DistributedError(f"--outer-lr {cfg.outer_lr}: a positive number, and only with --comm diloco:H or "
+                               "sparseloco:H (the other schemes have no outer step).")
+    if cfg.outer_density is not None and (kind != "sparseloco" or not 0.0 < float(cfg.outer_density) <= 1.0):
+        raise DistributedError(f"--outer-density {cfg.outer_density}: a fraction in (0, 1], and only with --comm "
+                               "sparseloco:H (the fraction of each chunk of the pseudo-gradient sent).")
     if kind in ("diloco", "sparseloco"):
         if cfg.steps % int(h):
             raise DistributedError(f"--steps ({cfg.steps}) must be a multiple of H ({int(h)}) so the run ends on an outer step.")
@@ -283,7 +293,12 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
         else:
             state = _powersgd(net, int(val), cfg.powersgd_start)
     else:
-        outer = OuterLoop(model, kind, int(val), masks=sp.masks if sp is not None else None)
+        extra: dict[str, Any] = {}
+        if cfg.outer_lr is not None:
+            extra["outer_lr"] = float(cfg.outer_lr)
+        if cfg.outer_density is not None:
+            extra["density"] = float(cfg.outer_density)
+        outer = OuterLoop(model, kind, int(val), masks=sp.masks if sp is not None else None, **extra)
     if saved is not None:
         if outer is not None:
             outer.load_state_dict(saved["comm"]["outer"])
@@ -384,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     for f, default in asdict(TrainLMConfig()).items():
         if f in ("nproc", "timeout_s", "checkpoint_dir", "resume"):
             continue
-        ap.add_argument("--" + f.replace("_", "-"), type=type(default), default=default)
+        # the optional outer settings default to None (the method's own default): given, they are floats
+        ap.add_argument("--" + f.replace("_", "-"), type=float if default is None else type(default), default=default)
     ap.add_argument("--checkpoint-dir", default=None)
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint, if any")
     ap.add_argument("--pg-init-dir", default=None,
