@@ -1026,7 +1026,29 @@ def distributed_table(r: Results) -> str:
     if (r.root / r.path("distributed_h5")).is_file():
         text += "\n\nThe same run with H = 5 (DiLoCo and SparseLoCo sync four times as often):\n\n"
         text += _distributed_one(r, "distributed_h5")
+    tuned = [n for n in ("distributed_h5_sl", "distributed_h5_sl_seed1") if (r.root / r.path(n)).is_file()]
+    if tuned:
+        sl = r(tuned[0])["_meta"].get("sparseloco") or {}
+        text += (f"\n\nH = 5 with SparseLoCo at outer lr {sl.get('outer_lr')} and {100 * sl.get('density'):g}% of "
+                 "each chunk instead of its defaults (1.0 and 64 of 4096). These settings were picked by a "
+                 "sweep on this same evaluation loss at seed 0 (about twenty runs: H 2 to 20, 1.6% to 12.5% of "
+                 "each chunk, outer lr 0.7 to 1.4, error-feedback decay 0.5 to 0.95), so the seed-0 table is "
+                 "tuned on what it reports; the rerun at seed 1 (another initialisation and data order, DDP "
+                 "rerun too) is the check that they hold:")
+        for n in tuned:
+            seed = r(n)["_meta"].get("model_config", {}).get("seed")
+            text += f"\n\nSeed {seed}:\n\n" + _distributed_one(r, n)
     return text
+
+
+def _sparseloco_settings(meta: dict) -> str:
+    """A sentence naming SparseLoCo's outer lr / density when the run set them (else nothing)."""
+    sl = {k: v for k, v in (meta.get("sparseloco") or {}).items() if v is not None}
+    if not sl:
+        return ""
+    parts = ([f"outer lr {sl['outer_lr']:g}"] if "outer_lr" in sl else []) + \
+        ([f"{100 * sl['density']:g}% of each chunk"] if "density" in sl else [])
+    return f"SparseLoCo at {' and '.join(parts)}. "
 
 
 def _distributed_one(r: Results, name: str) -> str:
@@ -1045,14 +1067,15 @@ def _distributed_one(r: Results, name: str) -> str:
     out += ["", (
         f"{cfg.get('steps')} steps per rank, {cfg.get('batch')} windows of {cfg.get('seq_len')} bytes per rank per step, "
         f"AdamW lr {cfg.get('lr'):g} (the inner optimizer of DiLoCo/SparseLoCo, H = {meta.get('h')}); a 2-layer "
-        f"byte-level Llama (hidden {cfg.get('hidden')}); eval loss = nats per byte on the evaluation half. Targets: "
+        f"byte-level Llama (hidden {cfg.get('hidden')}); eval loss = nats per byte on the evaluation half. "
+        + _sparseloco_settings(meta) + "Targets: "
         f"SparseLoCo ≤ 3% of DDP's bytes with loss within 5% — dense {verdict('sparseloco_none')} "
         f"({100 * t['sparseloco_none']['bytes_vs_ddp']:.2f}% of the bytes, loss ×{t['sparseloco_none']['loss_vs_ddp']:.3f}), "
         f"RigL {verdict('sparseloco_rigl')} ({100 * t['sparseloco_rigl']['bytes_vs_ddp']:.2f}%, "
         f"×{t['sparseloco_rigl']['loss_vs_ddp']:.3f}); top-k 1% within 5% of DDP — dense {verdict('topk_none')} "
         f"(×{t['topk_none']['loss_vs_ddp']:.3f}), RigL {verdict('topk_rigl')} (×{t['topk_rigl']['loss_vs_ddp']:.3f}); "
         f"RigL's masks identical on every rank at every update: {verdict('rigl_masks_identical')} "
-        f"({t['rigl_masks_identical']['checks']} checks). Wall times ran beside other work (see the load average). "
+        f"({t['rigl_masks_identical']['checks']} checks). Wall times compare only within one table (the load average is in the source line). "
         + provenance_note(f"{RESULTS_DIR}/{name}.json", d))]
     return "\n".join(out)
 
