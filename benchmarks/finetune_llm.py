@@ -137,8 +137,7 @@ def run_one(start: str, loss: str, budget: float, marks: list[float], args) -> d
     if args.save is not None:  # e.g. the dense model after domain fine-tuning, as a later run's --teacher
         from sparsetorch.data.llm import save_hf_model
 
-        save_hf_model(student, tok, args.save / key_of(start, loss, budget, args).replace("|", "_"),
-                      overwrite=True)
+        save_hf_model(student, tok, args.save / saved_folder(key_of(start, loss, budget, args)), overwrite=True)
     full = perplexity(student, tok, max_windows=None, progress=False) if args.full_eval else None
     return {
         "start": start, "loss": loss, "teacher": None if loss == "ce" else args.teacher, "budget_s": budget, "data": args.data, "train_windows": int(train.shape[0]),
@@ -161,6 +160,17 @@ def key_of(start: str, loss: str, budget: float, args) -> str:  # noqa: ANN001
     return key
 
 
+def saved_folder(key: str) -> str:
+    """The folder name ``--save`` gives the model of the run stored under results key ``key``."""
+    return key.replace("|", "_")
+
+
+def teacher_name(r: dict) -> str | None:
+    """The folder name of a run's KD teacher when it is not the dense model (None for CE or smollm2)."""
+    teacher = r.get("teacher")
+    return None if r["loss"] == "ce" or teacher in (None, "smollm2") else Path(teacher).name
+
+
 def table(data: dict) -> str:
     rows = ["| start | loss | budget | E16 before | E16 at marks (min: ppl) | E16 after | all-eval after | tokens | target |",
             "|---|---|---|---|---|---|---|---|---|"]
@@ -172,7 +182,7 @@ def table(data: dict) -> str:
         verdict = "" if tgt is None or r["budget_s"] < 1800 or r.get("steps_fixed") else \
             (f"<= {tgt}: {'met' if r['ppl_e16_after'] <= tgt else 'MISSED'}")
         full = "" if r.get("ppl_full_after") is None else f"{r['ppl_full_after']:.2f}"
-        loss = r["loss"] if r.get("teacher") in (None, "smollm2") else f"{r['loss']} (teacher {Path(r['teacher']).name})"
+        loss = r["loss"] if teacher_name(r) is None else f"{r['loss']} (teacher {teacher_name(r)})"
         rows.append(f"| {r['start']} | {loss} | {r['budget_s'] / 60:g} min | {r['ppl_e16_before']:.2f} | "
                     f"{marks} | {r['ppl_e16_after']:.2f} | {full} | {r['tokens']} | {verdict} |")
     return "\n".join(rows)

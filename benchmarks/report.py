@@ -22,6 +22,7 @@ look measured but sit outside a section.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -716,12 +717,8 @@ def oneshot_vs_llmc(r: Results) -> str:
     return "\n".join(out)
 
 
-#: issue 12's E16 targets after 30 minutes of recovery fine-tuning (benchmarks/finetune_llm.py TARGETS)
-FINETUNE_TARGETS = {"sparsegpt@2:4": 20.4, "sparsegpt@0.5": 16.5, "magnitude@0.5": 40.0}
-
-
 def _ft_target(x: dict) -> str:
-    goal = FINETUNE_TARGETS.get(x["start"])
+    goal = _bench_module("finetune_llm").TARGETS.get(x["start"])  # issue 12's E16 targets after 30 min
     if goal is None or x["budget_s"] < 1800:
         return ""
     return f"≤ {goal:g}: {'met' if x['ppl_e16_after'] <= goal else '**missed**'}"
@@ -729,10 +726,8 @@ def _ft_target(x: dict) -> str:
 
 def _ft_loss(x: dict) -> str:
     """The loss, with the teacher named when it is not the dense model (``--teacher`` of finetune_llm.py)."""
-    teacher = x.get("teacher")
-    if x["loss"] == "ce" or teacher in (None, "smollm2"):
-        return x["loss"]
-    return f"{x['loss']}, teacher `{Path(teacher).name}`"
+    name = _bench_module("finetune_llm").teacher_name(x)
+    return x["loss"] if name is None else f"{x['loss']}, teacher `{name}`"
 
 
 def finetune_runs(r: Results) -> str:
@@ -770,6 +765,7 @@ def finetune_runs(r: Results) -> str:
 def finetune_adapted_teacher(r: Results) -> str:
     """Inline: KD from a teacher fine-tuned on the training text (``--teacher``) against CE-only and
     KD from the dense model, same start, budget and precision (finetune_llm.json)."""
+    bench = _bench_module("finetune_llm")
     e = {k: v for k, v in r("finetune_llm").items() if not k.startswith("_")}
 
     def key(x: dict) -> tuple:
@@ -777,15 +773,14 @@ def finetune_adapted_teacher(r: Results) -> str:
 
     parts = []
     for x in sorted(e.values(), key=lambda v: (v["start"], v["budget_s"])):
-        teacher = x.get("teacher")
-        if x["loss"] == "ce" or teacher in (None, "smollm2"):
+        name = bench.teacher_name(x)
+        if name is None:
             continue
         same = [v for v in e.values() if key(v) == key(x) and v is not x]
         ce = next((v for v in same if v["loss"] == "ce"), None)
-        kd = next((v for v in same if v["loss"] == x["loss"] and v.get("teacher") in (None, "smollm2")), None)
-        name = Path(teacher).name
-        own = next((v for v in e.values() if v["start"] == "dense" and v["loss"] == "ce"
-                    and name.startswith(f"dense_ce_{v['budget_s']:g}")), None)
+        kd = next((v for v in same if v["loss"] == x["loss"] and bench.teacher_name(v) is None), None)
+        # the teacher's own run, when it was one of these (``--save`` names the folder after its key)
+        own = next((v for k, v in e.items() if bench.saved_folder(k) == name), None)
         text = (f"{x['loss']} on {x['start']} from the teacher `{name}`"
                 + (f" (the dense model after {own['budget_s'] / 60:g} min of CE on the same text: E16 "
                    f"{ppl(own['ppl_e16_before'])} → {ppl(own['ppl_e16_after'])}, {own['steps']} steps)" if own else "")
@@ -1080,8 +1075,10 @@ def _distributed_one(r: Results, name: str) -> str:
     return "\n".join(out)
 
 
+@functools.cache
 def _bench_module(name: str) -> Any:
-    """A sibling benchmark script as a module (for the table function it prints with)."""
+    """A sibling benchmark script as a module (for the table function it prints with); loaded once
+    per name (the report calls it per row)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parent / f"{name}.py")

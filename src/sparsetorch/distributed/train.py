@@ -293,12 +293,10 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
         else:
             state = _powersgd(net, int(val), cfg.powersgd_start)
     else:
-        extra: dict[str, Any] = {}
-        if cfg.outer_lr is not None:
-            extra["outer_lr"] = float(cfg.outer_lr)
-        if cfg.outer_density is not None:
-            extra["density"] = float(cfg.outer_density)
-        outer = OuterLoop(model, kind, int(val), masks=sp.masks if sp is not None else None, **extra)
+        # None keeps OuterLoop's own defaults (its outer_lr takes None; its density does not)
+        density = {} if cfg.outer_density is None else {"density": float(cfg.outer_density)}
+        outer = OuterLoop(model, kind, int(val), masks=sp.masks if sp is not None else None,
+                          outer_lr=cfg.outer_lr, **density)
     if saved is not None:
         if outer is not None:
             outer.load_state_dict(saved["comm"]["outer"])
