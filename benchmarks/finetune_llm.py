@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "finetune_llm.json"
 STARTS = ["sparsegpt@2:4", "sparsegpt@0.5", "wanda@0.5", "magnitude@0.5"]
 LOSSES = ["kd", "kd+squarehead", "ce"]
+#: steps of the step-time probe that plans each run (the median of its last four sets the plan)
+PROBE_STEPS = 8
 #: E16 targets of issue 12 (after 30 min)
 TARGETS = {"sparsegpt@2:4": 20.4, "sparsegpt@0.5": 16.5, "magnitude@0.5": 40.0}
 CACHE = Path(os.environ.get("SPARSETORCH_CACHE_DIR", Path.home() / ".cache" / "sparsetorch")) / "finetune-starts"
@@ -93,15 +96,17 @@ def run_one(start: str, loss: str, budget: float, marks: list[float], args) -> d
     e16 = eval_windows(tok, 16, 512)
     ppl0 = perplexity(student, windows=e16, progress=False)
     full0 = perplexity(student, tok, max_windows=None, progress=False) if args.full_eval else None
-    # seconds per step from a 4-step probe on a copy (same settings), first step excluded (one-time
-    # allocations): sets the schedule's length so that the run fills the budget
+    # seconds per step from an 8-step probe on a copy (same settings): the median of its last four
+    # steps sets the schedule's length so that the run fills the budget. (The first steps are slow
+    # -- one-time allocations, kernel set-up: a 4-step probe read 20-35% long and runs stopped at
+    # 21-25 of their 30 minutes.)
     probe = copy.deepcopy(student)
-    stamps: list[float] = []
+    stamps: list[float] = [time.perf_counter()]
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    finetune(probe, copy.deepcopy(masks), train[: args.batch * 4], teacher=teacher, loss=loss, steps=4,
-             lr=args.lr, batch_size=args.batch, grad_accum=args.grad_accum, progress=False, bf16=args.bf16,
-             on_step=lambda done, res, model: stamps.append(time.perf_counter()))
-    per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    finetune(probe, copy.deepcopy(masks), train[: args.batch * PROBE_STEPS], teacher=teacher, loss=loss,
+             steps=PROBE_STEPS, lr=args.lr, batch_size=args.batch, grad_accum=args.grad_accum, progress=False,
+             bf16=args.bf16, on_step=lambda done, res, model: stamps.append(time.perf_counter()))
+    per_step = statistics.median(b - a for a, b in zip(stamps[-5:-1], stamps[-4:]))
     # CPU seconds per wall second of the probe: well below the thread count means other work held
     # the cores, the probed step time is too long and the run will stop short of its budget
     probe_cpu = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
