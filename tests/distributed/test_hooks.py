@@ -4,7 +4,10 @@
   plus the mean of the residuals left equals the mean of every rank's gradients, exactly up to
   fp64 summation order;
 * density 1 is data-parallel SGD; the counting hook is DDP's default, bit for bit;
-* bytes are the ring-algorithm bytes of the tensors sent, computed here from k = ceil(d·n).
+* bytes are the ring-algorithm bytes of the tensors sent, computed here from k = ceil(d·n);
+* ``precondition="adam"``: what the hook applies is the mean of every rank's own
+  ``torch.optim.Adam`` step on its local gradient (density 1), and error feedback loses nothing of
+  those steps (density 0.1).
 """
 
 from __future__ import annotations
@@ -79,8 +82,66 @@ def _run(rank: int, world: int, kind: str, **opts) -> dict:
     return out
 
 
+def _adam_run(rank: int, world: int, density: float) -> dict:
+    """precondition="adam" against its definition: a reference ``torch.optim.Adam`` (lr 1) per rank,
+    fed this rank's local gradients, gives the directions; the hook must apply their mean (density
+    1), and what it applied plus the mean residual must equal the mean of their sums (density < 1)."""
+    betas = (0.9, 0.95)
+    model = toy_model()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    shadow = {n: torch.zeros_like(p, requires_grad=True) for n, p in model.named_parameters()}
+    ref = torch.optim.Adam(list(shadow.values()), lr=1.0, betas=betas, eps=1e-8)
+    state = TopKState(density=density, precondition="adam", betas=betas)
+    local: dict[str, torch.Tensor] = {}
+    applied: dict[str, torch.Tensor] = {}
+
+    def recording(st, bucket):  # noqa: ANN001, ANN202
+        for p, g in zip(bucket.parameters(), bucket.gradients()):
+            local[names[id(p)]] = g.detach().clone()
+
+        def keep(fut):  # noqa: ANN001, ANN202
+            for p, g in zip(bucket.parameters(), bucket.gradients()):
+                applied[names[id(p)]] = g.detach().clone()
+            return fut.value()
+
+        return topk_hook(st, bucket).then(keep)
+
+    ddp.register_comm_hook(state, recording)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    worst_step, dirs_sum, applied_sum = 0.0, {}, {}
+    for step in range(STEPS):
+        x, y = toy_batch(step, rank)
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        for n, t in shadow.items():  # this rank's own Adam step on its own gradient
+            t.grad = local[n].clone()
+        before = {n: t.detach().clone() for n, t in shadow.items()}
+        ref.step()
+        for n, t in shadow.items():
+            d = before[n] - t.detach()
+            dirs_sum[n] = dirs_sum.get(n, 0) + d
+            applied_sum[n] = applied_sum.get(n, 0) + applied[n]
+            mean = d.clone()
+            dist.all_reduce(mean)
+            worst_step = max(worst_step, (applied[n] - mean / world).abs().max().item())
+    worst_ef = 0.0
+    for p_id, n in names.items():
+        res = state.residuals[p_id].view_as(dirs_sum[n]).clone()
+        total = dirs_sum[n].clone()
+        dist.all_reduce(res)
+        dist.all_reduce(total)
+        worst_ef = max(worst_ef, (applied_sum[n] + res / world - total / world).abs().max().item())
+    return {"step_gap": worst_step, "ef_gap": worst_ef,
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "moments": len(state.moments), "iteration": state.iteration}
+
+
 def _worker(rank: int, world: int) -> dict:
     return {
+        "adam1": _adam_run(rank, world, 1.0),
+        "adam10": _adam_run(rank, world, 0.1),
         "plain": _run(rank, world, "plain"),
         "counting": _run(rank, world, "counting"),
         "topk1": _run(rank, world, "topk1", density=1.0),
@@ -114,7 +175,19 @@ def test_density_one_is_data_parallel_sgd(ranks) -> None:
         torch.testing.assert_close(ranks[0]["topk1"]["params"][n], p, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("key", ["topk10", "topk10_fp16", "topk10_momentum"])
+def test_adam_precondition_applies_the_mean_of_every_ranks_adam_step(ranks) -> None:
+    for r in ranks:
+        assert r["adam1"]["step_gap"] < 1e-12, r["adam1"]["step_gap"]
+        assert r["adam1"]["moments"] == len(_sizes()) and r["adam1"]["iteration"] == STEPS
+
+
+def test_adam_precondition_error_feedback_loses_nothing(ranks) -> None:
+    for r in ranks:
+        assert r["adam10"]["step_gap"] > 1e-3  # at density 0.1 most of each step waits in the residual
+        assert r["adam10"]["ef_gap"] < 1e-12, r["adam10"]["ef_gap"]
+
+
+@pytest.mark.parametrize("key", ["topk10", "topk10_fp16", "topk10_momentum", "adam10"])
 def test_ranks_stay_identical(ranks, key) -> None:
     for n, p in ranks[0][key]["params"].items():
         assert torch.equal(ranks[1][key]["params"][n], p), n
@@ -157,6 +230,15 @@ def test_state_options_are_checked_and_warmup_follows_dgc() -> None:
         TopKState(density=0.1, clip_norm=0)
     with pytest.raises(DistributedError, match="value_dtype"):
         TopKState(density=0.1, value_dtype=torch.int8)
+    with pytest.raises(DistributedError, match="precondition must be 'none' or 'adam'"):
+        TopKState(density=0.1, precondition="sgd")
+    with pytest.raises(DistributedError, match="set momentum=0"):
+        TopKState(density=0.1, precondition="adam", momentum=0.9)
+    for betas in ((1.0, 0.9), (0.9, -0.1)):
+        with pytest.raises(DistributedError, match="betas"):
+            TopKState(density=0.1, precondition="adam", betas=betas)
+    with pytest.raises(DistributedError, match="eps must be positive"):
+        TopKState(density=0.1, precondition="adam", eps=0.0)
     st = TopKState(density=0.001, warmup_steps=4)
     assert [round(st.density_at(t), 6) for t in range(6)] == [
         round(0.001 ** (t / 5), 6) for t in (1, 2, 3, 4)] + [0.001, 0.001]

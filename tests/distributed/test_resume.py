@@ -24,7 +24,7 @@ from sparsetorch.errors import DistributedError
 BASE = TrainLMConfig(method="rigl", sparsity=0.8, steps=8, update_every=2)
 
 
-@pytest.mark.parametrize("comm", ["topk:0.05", "diloco:2"])
+@pytest.mark.parametrize("comm", ["topk:0.05", "topk-adam:0.05", "diloco:2"])
 def test_stop_and_resume_equals_the_uninterrupted_run(tmp_path: Path, monkeypatch, comm: str) -> None:
     full = train_lm(replace(BASE, comm=comm))
     ck = str(tmp_path / "ck")

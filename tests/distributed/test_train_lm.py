@@ -36,11 +36,15 @@ def test_console_script_trains_sparseloco_with_rigl_and_writes_the_json(tmp_path
 def test_topk_sends_far_less_than_ddp_with_identical_masks() -> None:
     ddp = train_lm(TrainLMConfig(comm="ddp", method="rigl", steps=6, update_every=3))
     topk = train_lm(TrainLMConfig(comm="topk:0.01", method="rigl", steps=6, update_every=3))
-    for d in (ddp, topk):
+    adam = train_lm(TrainLMConfig(comm="topk-adam:0.01", method="rigl", steps=6, update_every=3))
+    for d in (ddp, topk, adam):
         assert d["masks_consistent"] is True and d["mask_checks"] == 1
         assert d["eval_loss_per_rank"][0] == d["eval_loss_per_rank"][1]
     # fp32 values + int32 indices at 1% vs the dense all-reduce: about 2% of the bytes
     assert topk["bytes_sent_per_rank"][0] < 0.03 * ddp["bytes_sent_per_rank"][0]
+    # the Adam direction is compressed instead of the gradient: the same k, the same bytes, another run
+    assert adam["bytes_sent_per_rank"] == topk["bytes_sent_per_rank"]
+    assert adam["param_digest_per_rank"] != topk["param_digest_per_rank"]
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
@@ -110,3 +114,6 @@ def test_parse_comm() -> None:
     assert parse_comm("sparseloco:30") == ("sparseloco", 30.0)
     with pytest.raises(DistributedError):
         parse_comm("ddp:1")
+    assert parse_comm("topk-adam:0.01") == ("topk-adam", 0.01)
+    with pytest.raises(DistributedError, match=r"in \(0, 1\], e.g. topk-adam:0.01"):
+        parse_comm("topk-adam:2")

@@ -11,7 +11,7 @@ def register(app: typer.Typer) -> None:
     @app.command("train-lm")
     def train_lm_cmd(
         nproc: int = typer.Option(2, "--nproc", help="Processes (ranks) on this machine, joined by gloo."),
-        comm: str = typer.Option("ddp", "--comm", help="ddp, topk:DENSITY, powersgd:RANK, diloco:H or sparseloco:H."),
+        comm: str = typer.Option("ddp", "--comm", help="ddp, topk:DENSITY, topk-adam:DENSITY, powersgd:RANK, diloco:H or sparseloco:H."),
         method: str = typer.Option("none", "--method", help="Training method (rigl, set, snfs, gmp, static ...) or none."),
         sparsity: float = typer.Option(0.9, "--sparsity", help="Target sparsity of the method."),
         steps: int = typer.Option(200, "--steps", help="Optimizer steps per rank."),

@@ -6,8 +6,15 @@
 largest-magnitude entries of its gradient plus its error-feedback residual, as (value, index)
 pairs; the rest stays in the residual for the next step (Stich et al. 2018; DGC, Lin et al.
 2018). Options: DGC's momentum correction and momentum masking, local gradient clipping, a
-density warm-up, and sending values in a 16-bit float (the rounding error goes back into the
-residual, so nothing is lost). ``k = ceil(density · numel)`` is fixed per parameter, so every
+density warm-up, sending values in a 16-bit float (the rounding error goes back into the
+residual, so nothing is lost), and ``precondition="adam"``: each rank turns its gradient into its
+own Adam step direction first, and the top-k + error feedback act on that direction (the
+averaged directions are then applied by plain SGD). Why: top-k of the *gradient* feeds AdamW a
+gradient that is zero for most entries most of the time and, for a small entry, the error
+feedback's accumulated value once in ~1/density steps; Adam normalises that spike by its own
+size, so such an entry moves a few lr per spike where dense Adam moves about one lr per step --
+the compressed run learns most of the model far more slowly. Compressing the local update instead
+(as 1-bit Adam and SparseLoCo do) lets the residual carry the full movement. ``k = ceil(density · numel)`` is fixed per parameter, so every
 rank contributes the same number of bytes and gloo's ``all_gather`` (which rejects unequal
 sizes) works. All of a bucket's pairs travel in one ``all_gather`` of bytes.
 
@@ -85,6 +92,14 @@ class TopKState:
             ``density ** ((t + 1) / (warmup_steps + 1))`` (DGC's exponential schedule).
         value_dtype: send values in this dtype (``torch.float16`` / ``bfloat16``); the rounding
             error stays in the residual. None: the gradient's dtype.
+        precondition: ``"none"`` (default: compress the gradient; use any optimizer) or
+            ``"adam"``: compress each rank's own Adam direction ``m̂ / (√v̂ + eps)`` (moments of
+            its local gradient, ``betas``, ``eps``, bias-corrected); the hook then returns the
+            mean of the ranks' sparse directions, so train with ``torch.optim.SGD(lr=...)`` and
+            no momentum -- that SGD step is then AdamW's step (weight decay as SGD's
+            ``weight_decay``: the same decoupled decay at momentum 0). On one rank at density 1
+            this is exactly Adam. Not combinable with ``momentum``.
+        betas, eps: the Adam moments' decay rates and denominator floor (``precondition="adam"``).
     """
 
     density: float
@@ -94,6 +109,9 @@ class TopKState:
     clip_norm: float | None = None
     warmup_steps: int = 0
     value_dtype: torch.dtype | None = None
+    precondition: str = "none"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
     #: optimizer steps seen (advanced on each step's last bucket)
     iteration: int = 0
     #: bytes this rank transmitted, all steps (ring model; see the module docstring)
@@ -102,6 +120,8 @@ class TopKState:
     bytes_last_step: int = 0
     residuals: dict[int, Tensor] = field(default_factory=dict)
     velocities: dict[int, Tensor] = field(default_factory=dict)
+    #: precondition="adam": each parameter's (first, second) moment of this rank's gradient
+    moments: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     _step_bytes: int = 0
 
     def __post_init__(self) -> None:
@@ -116,13 +136,24 @@ class TopKState:
             raise DistributedError(f"warmup_steps must be >= 0, got {self.warmup_steps}.")
         if self.value_dtype not in _VALUE_DTYPES:
             raise DistributedError(f"value_dtype must be one of {_VALUE_DTYPES}, got {self.value_dtype}.")
+        if self.precondition not in ("none", "adam"):
+            raise DistributedError(f"precondition must be 'none' or 'adam', got {self.precondition!r}.")
+        if self.precondition == "adam" and self.momentum:
+            raise DistributedError("precondition='adam' already keeps a momentum (Adam's first moment): "
+                                   "set momentum=0.")
+        b1, b2 = (float(b) for b in self.betas)
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise DistributedError(f"betas must both be in [0, 1), got {self.betas}.")
+        if not float(self.eps) > 0:
+            raise DistributedError(f"eps must be positive, got {self.eps}.")
 
     def state_dict(self, model: nn.Module) -> dict[str, Any]:
         """Counters, residuals and velocities keyed by ``model``'s parameter names (checkpoints)."""
         names = {id(p): n for n, p in model.named_parameters()}
         return {"iteration": self.iteration, "bytes_sent": self.bytes_sent,
                 "residuals": {names[k]: v.clone() for k, v in self.residuals.items()},
-                "velocities": {names[k]: v.clone() for k, v in self.velocities.items()}}
+                "velocities": {names[k]: v.clone() for k, v in self.velocities.items()},
+                "moments": {names[k]: [m.clone(), v.clone()] for k, (m, v) in self.moments.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any], model: nn.Module) -> None:
         """Restore :meth:`state_dict` output onto ``model``'s parameters."""
@@ -130,6 +161,8 @@ class TopKState:
         self.iteration, self.bytes_sent = int(state["iteration"]), int(state["bytes_sent"])
         self.residuals = {id(by_name[n]): t for n, t in state["residuals"].items()}
         self.velocities = {id(by_name[n]): t for n, t in state["velocities"].items()}
+        # checkpoints written before the Adam precondition existed have no moments
+        self.moments = {id(by_name[n]): (m, v) for n, (m, v) in state.get("moments", {}).items()}
 
     def density_at(self, step: int) -> float:
         """The density used at optimizer step ``step`` (0-based), warm-up included."""
@@ -141,6 +174,18 @@ class TopKState:
         """Entries sent for a parameter of ``numel`` entries: ``ceil(density · numel)``, at least 1."""
         d = self.density_at(self.iteration if step is None else step)
         return max(1, min(numel, math.ceil(d * numel - 1e-9)))
+
+
+def _adam_direction(state: TopKState, key: int, g: Tensor) -> Tensor:
+    """This rank's bias-corrected Adam direction for one parameter's flat gradient ``g``
+    (moments updated in ``state``; step count = the optimizer step being taken)."""
+    b1, b2 = (float(b) for b in state.betas)
+    m, v = state.moments.get(key) or (torch.zeros_like(g), torch.zeros_like(g))
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    state.moments[key] = (m, v)
+    t = state.iteration + 1
+    return (m / (1 - b1 ** t)) / ((v / (1 - b2 ** t)).sqrt_().add_(float(state.eps)))
 
 
 def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -159,6 +204,8 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
             norm = float(a.norm())
             if norm > limit:
                 a = a * (limit / norm)
+        if state.precondition == "adam":
+            a = _adam_direction(state, key, a)
         if state.momentum:
             u = state.velocities.get(key)
             u = a.clone() if u is None else u.mul_(state.momentum).add_(a)

@@ -8,6 +8,8 @@ generator seeded by ``(seed, rank, step)``, so a run is reproducible. Communicat
 
 * ``ddp`` — DDP's all-reduce (with byte accounting);
 * ``topk:D`` — top-k + error feedback at density D (:func:`~.hooks.register_topk`);
+* ``topk-adam:D`` — the same hook on each rank's own Adam direction (``precondition="adam"``,
+  AdamW's betas), applied by plain SGD at the same lr: top-k of the update, not of the gradient;
 * ``powersgd:R`` — torch's PowerSGD hook at rank R (from step ``powersgd_start``; bytes from
   the shapes by torch's own compression rule);
 * ``diloco:H`` / ``sparseloco:H`` — :class:`~.outer.OuterLoop` every H inner steps (no DDP).
@@ -34,7 +36,9 @@ from ..errors import DistributedError, MethodError
 
 __all__ = ["TrainLMConfig", "parse_comm", "train_lm", "train_rank", "main"]
 
-COMM_FORMS = "ddp, topk:DENSITY, powersgd:RANK, diloco:H or sparseloco:H"
+COMM_FORMS = "ddp, topk:DENSITY, topk-adam:DENSITY, powersgd:RANK, diloco:H or sparseloco:H"
+#: AdamW's moment decay rates in every train-lm run (the topk-adam hook uses the same)
+BETAS = (0.9, 0.95)
 
 
 @dataclass
@@ -84,15 +88,15 @@ def parse_comm(spec: str) -> tuple[str, float]:
     kind, _, value = str(spec).strip().lower().partition(":")
     if kind == "ddp" and not value:
         return "ddp", 0.0
-    if kind not in ("topk", "powersgd", "diloco", "sparseloco") or not value:
+    if kind not in ("topk", "topk-adam", "powersgd", "diloco", "sparseloco") or not value:
         raise DistributedError(f"--comm {spec!r}: use one of {COMM_FORMS}.")
     try:
         x = float(value)
     except ValueError:
         raise DistributedError(f"--comm {spec!r}: {value!r} is not a number; use one of {COMM_FORMS}.") from None
-    if kind == "topk" and not (0.0 < x <= 1.0):
-        raise DistributedError(f"--comm {spec!r}: the top-k density must be in (0, 1], e.g. topk:0.01.")
-    if kind != "topk" and (x < 1 or x != int(x)):
+    if kind.startswith("topk") and not (0.0 < x <= 1.0):
+        raise DistributedError(f"--comm {spec!r}: the top-k density must be in (0, 1], e.g. {kind}:0.01.")
+    if not kind.startswith("topk") and (x < 1 or x != int(x)):
         raise DistributedError(f"--comm {spec!r}: {kind} needs a whole number >= 1 (rank or H).")
     return kind, x
 
@@ -260,7 +264,10 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
     kind, val = parse_comm(cfg.comm)
     train_ids, eval_ids = _corpus()
     model = build_model(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    if kind == "topk-adam":  # the hook hands back the ranks' mean Adam direction: SGD applies it
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=BETAS, weight_decay=0.0)
     sp = None
     if cfg.method != "none":
         kw: dict[str, Any] = {"sparsity": cfg.sparsity, "seed": cfg.seed, "total_steps": cfg.steps}
@@ -282,7 +289,7 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
     net: nn.Module = model
     state: Any = None
     outer = None
-    if kind in ("ddp", "topk", "powersgd"):
+    if kind in ("ddp", "topk", "topk-adam", "powersgd"):
         # no buffer broadcast: the model's only buffers (rotary frequencies) are the same on
         # every rank by construction, and every byte exchanged is then one that is counted
         net = nn.parallel.DistributedDataParallel(model, **_no_buffer_sync())
@@ -290,6 +297,8 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
             state = register_allreduce_counter(net)
         elif kind == "topk":
             state = register_topk(net, val)
+        elif kind == "topk-adam":
+            state = register_topk(net, val, precondition="adam", betas=BETAS)
         else:
             state = _powersgd(net, int(val), cfg.powersgd_start)
     else:
