@@ -75,6 +75,16 @@ CNN_ARMS = {
     "bias + fc2 + channels 1/8 fc1": "bias,fc2,channels:0.125@fc1",
 }
 TARGET = {"gain": 0.8, "time": 0.4, "memory": 0.25}
+
+
+def llm_arm(arm: str) -> tuple[str | None, float | None]:
+    """An LLM arm's (spec, lr): a name of :data:`LLM_ARMS` or any sparse-update spec string
+    (``last:8+norm``), optionally followed by `` lr=X`` (that arm's own lr; a per-arm lr sweep puts
+    the same scheme in twice: ``"full lr=3e-4;full;last:4 lr=1e-3"``). A spec the model cannot
+    resolve fails that arm's worker with the library's own error."""
+    name, _, lr = arm.strip().partition(" lr=")
+    spec = LLM_ARMS.get(name, name)
+    return spec, (float(lr) if lr else None)
 CACHE = Path(os.environ.get("SPARSETORCH_CACHE_DIR", Path.home() / ".cache" / "sparsetorch")) / "sparse-backprop"
 
 
@@ -97,14 +107,14 @@ def worker_llm(arm: str, a: argparse.Namespace) -> dict:
     model, masks, _tok, _ = pruned_start(a.start)
     data = load_file(a.data_file)
     train, e16 = data["train"], data["e16"]
-    spec = LLM_ARMS[arm]
+    spec, arm_lr = llm_arm(arm)
     lora = 16 if spec == "lora" else None
     update = None if spec in (None, "lora") else spec
-    lr = a.lora_lr if lora else a.lr if update is None else (a.update_lr or a.lr)
+    lr = arm_lr or (a.lora_lr if lora else a.lr if update is None else (a.update_lr or a.lr))
     stamps: list[float] = []
     t0 = time.perf_counter()
     res = finetune(model, masks, train, loss="ce", steps=a.steps, lr=lr, batch_size=a.batch, bf16=False,
-                   progress=False, seed=0, lora=lora, update=update, warmup_steps=0,
+                   progress=False, seed=a.seed, lora=lora, update=update, warmup_steps=0,
                    on_step=lambda done, r, m: stamps.append(time.perf_counter()))
     stamps.insert(0, t0)
     rss_train = peak_rss_mb()  # before the evaluation (its logits are larger than a training batch's)
@@ -200,9 +210,13 @@ def worker_paired(arms: list[str], a: argparse.Namespace) -> dict:
         ids = train[(r * a.batch) % train.shape[0]:][: a.batch]
         return causal_ce(m(input_ids=ids, use_cache=False).logits, ids)
 
-    steps = _arm_steps(base, {arm: LLM_ARMS[arm] for arm in arms}, masks, loss)
+    specs = {arm: llm_arm(arm)[0] for arm in arms}
+    unique = list(dict.fromkeys(specs.values()))  # an lr sweep's arms share one spec: time it once
+    steps = _arm_steps(base, {str(sp): sp for sp in unique}, masks, loss)
     del base
-    return round_robin(steps, a.paired_rounds)
+    res = round_robin(steps, a.paired_rounds)
+    res["s_per_step"] = {arm: res["s_per_step"][str(sp)] for arm, sp in specs.items()}
+    return res
 
 
 def worker_paired_cnn(arms: list[str], a: argparse.Namespace) -> dict:
@@ -354,7 +368,7 @@ def run_worker(kind: str, arm: str, a: argparse.Namespace, folder: Path) -> dict
            "--cnn-steps", str(a.cnn_steps), "--batch", str(a.batch), "--seq-len", str(a.seq_len),
            "--lr", str(a.lr), "--lora-lr", str(a.lora_lr), "--cnn-lr", str(a.cnn_lr),
            "--cnn-batch", str(a.cnn_batch), "--cnn-train", str(a.cnn_train), "--threads", str(a.threads),
-           "--start", a.start] + (["--update-lr", str(a.update_lr)] if a.update_lr else [])
+           "--start", a.start, "--seed", str(a.seed)] + (["--update-lr", str(a.update_lr)] if a.update_lr else [])
     before = load_average()
     t = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
@@ -391,12 +405,16 @@ def summarise(data: dict) -> None:
         if not sec:
             continue
         arms = sec["arms"]
-        full = next(r for r in arms if r["spec"] is None)
+        # the denominator: full fine-tuning at its best lr when several ran (a per-arm lr sweep)
+        full = max((r for r in arms if r["spec"] is None), key=lambda r: r["acc_after"] if gain_key == "acc"
+                   else -r["ppl_e16_after"])
+        sec["full_arm"] = full["arm"]
         for r in arms:
             if gain_key == "ppl":
                 r["gain"] = sec["ppl_e16_before"] - r["ppl_e16_after"]
             else:
                 r["gain"] = 100 * (r["acc_after"] - sec["acc_before"])
+        for r in arms:
             r["gain_ratio"] = r["gain"] / full["gain"] if full["gain"] > 0 else None
             r["time_ratio_run"] = r["s_per_step"] / full["s_per_step"]
             pt = (sec.get("paired_timing") or {}).get("s_per_step", {})
@@ -456,6 +474,8 @@ def main() -> None:
     ap.add_argument("--cnn-train", type=int, default=20000, help="Fashion-MNIST training examples")
     ap.add_argument("--cnn-sparsity", type=float, default=0.8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0, help="the LLM arms' order of training windows (a rerun at "
+                    "another seed checks settings chosen at seed 0)")
     ap.add_argument("--llm-arms", default=";".join(DEFAULT_LLM), help="';'-separated arm names")
     ap.add_argument("--cnn-arms", default=";".join(CNN_ARMS), help="';'-separated arm names")
     ap.add_argument("--skip-llm", action="store_true")
@@ -499,7 +519,7 @@ def main() -> None:
         write_json(a.results, data)
         print(table(data))
         return
-    llm_arms = [] if a.skip_llm else [x for x in LLM_ARMS if x in a.llm_arms.split(";")]
+    llm_arms = [] if a.skip_llm else [x.strip() for x in a.llm_arms.split(";") if x.strip()]
     cnn_arms = [] if a.skip_cnn else [x for x in CNN_ARMS if x in a.cnn_arms.split(";")]
     data: dict = {}
     with tempfile.TemporaryDirectory(prefix="sparse-backprop-") as tmp:
@@ -508,7 +528,7 @@ def main() -> None:
             print("preparing SmolLM2 (pruned start, training windows, E16 before) ...", flush=True)
             data["llm"] = {**prepare_llm(a, folder), "start": a.start, "loss": "ce", "data": "docs",
                            "seq_len": a.seq_len, "batch": a.batch, "steps": a.steps, "lr": a.lr,
-                           "update_lr": a.update_lr or a.lr, "lora_lr": a.lora_lr, "arms": []}
+                           "update_lr": a.update_lr or a.lr, "lora_lr": a.lora_lr, "seed": a.seed, "arms": []}
         if cnn_arms:
             print("preparing the CNN (dense training, magnitude pruning) ...", flush=True)
             data["cnn"] = {**prepare_cnn(a, folder), "steps": a.cnn_steps, "batch": a.cnn_batch, "lr": a.cnn_lr,

@@ -55,3 +55,32 @@ def test_arm_steps_copy_the_base_and_train_only_the_arm(bench) -> None:
     assert sorted(seen) == [0, 0, 1, 1, 2, 2]
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # each arm trains a copy
     assert all(p.requires_grad for p in base.parameters())
+
+
+def test_llm_arm_names_specs_and_per_arm_lr(bench) -> None:
+    assert bench.llm_arm("last:4") == ("last:4", None)
+    assert bench.llm_arm("lora r=16") == ("lora", None)
+    assert bench.llm_arm("full lr=3e-4") == (None, 3e-4)
+    assert bench.llm_arm("last:8+norm lr=1e-2") == ("last:8+norm", 1e-2)  # a spec that is no named arm
+
+
+def _arm(name: str, spec, ppl: float, s: float, mem: int) -> dict:
+    return {"arm": name, "spec": spec, "ppl_e16_after": ppl, "s_per_step": s,
+            "step": {"grad_optimizer_bytes": mem}}
+
+
+def test_summarise_divides_by_the_best_full_arm(bench) -> None:
+    # an lr sweep of full fine-tuning: the better full run (gain 4) is the denominator, even when a
+    # sparse arm and the worse full run come before it in the list
+    arms = [_arm("last:2 lr=1e-3", "last:2", 16.6, 1.0, 10), _arm("full", None, 18.0, 4.0, 100),
+            _arm("full lr=3e-4", None, 16.0, 4.0, 100)]
+    data = {"llm": {"ppl_e16_before": 20.0, "arms": arms}}
+    bench.summarise(data)
+    sec = data["llm"]
+    assert sec["full_arm"] == "full lr=3e-4"
+    assert [round(r["gain_ratio"], 6) for r in arms] == [0.85, 0.5, 1.0]
+    assert arms[0]["time_ratio"] == 0.25 and arms[0]["memory_ratio"] == 0.1
+    assert arms[0]["meets_target"] and sec["target_met"]
+    arms[0]["ppl_e16_after"] = 16.81  # gain 3.19 < 0.8 x 4
+    bench.summarise(data)
+    assert not arms[0]["meets_target"] and not sec["target_met"]
