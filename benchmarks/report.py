@@ -753,9 +753,10 @@ def finetune_runs(r: Results) -> str:
         f"model as teacher on `{any_x['data']}` text ({any_x['train_windows']} windows of {any_x['seq_len']} "
         f"tokens; never the evaluation half), batch {any_x['batch']}, lr {any_x['lr']:g}, AdamW with warm-up "
         f"and cosine over the planned steps, {any_x['threads']} threads. The number of steps is planned from "
-        f"a short probe of the step time, which comes out longer than the steps of the run itself, so the "
-        f"runs end before their budget (\"trained\" is the training time actually spent; the runs measured "
-        f"before the probe skipped its first step stopped shortest). A load average above the "
+        f"a short probe of the step time. In these runs the probe (4 steps) came out longer than the steps of "
+        f"the run itself, so they end before their budget (\"trained\" is the training time actually spent; "
+        f"the runs measured before the probe skipped its first step stopped shortest); later runs (the "
+        f"magnitude pair below) plan from an 8-step probe and train for their whole budget. A load average above the "
         f"{any_x['threads']} threads means other work shared the cores during the run: it gets fewer steps in "
         f"the same wall-clock budget. "
         + entries_note(f"{RESULTS_DIR}/finetune_llm.json", e))]
@@ -1055,24 +1056,35 @@ def _distributed_one(r: Results, name: str) -> str:
         out.append(f"| {x['comm']} | {'RigL 90%' if x['method'] == 'rigl' else 'dense'} | {x['final_eval_loss']:.3f} | "
                    f"{x['loss_vs_ddp']:.3f} | {x['bytes_sent_per_rank']:,} | {x['bytes_vs_ddp']:.4f} | {x['seconds']:.0f} |")
     cfg = meta.get("model_config", {})
-
-    def verdict(key: str) -> str:
-        return "met" if t[key]["met"] else "**missed**"
-
     out += ["", (
         f"{cfg.get('steps')} steps per rank, {cfg.get('batch')} windows of {cfg.get('seq_len')} bytes per rank per step, "
         f"AdamW lr {cfg.get('lr'):g} (the inner optimizer of DiLoCo/SparseLoCo, H = {meta.get('h')}); a 2-layer "
         f"byte-level Llama (hidden {cfg.get('hidden')}); eval loss = nats per byte on the evaluation half. "
-        + _sparseloco_settings(meta) + "Targets: "
-        f"SparseLoCo ≤ 3% of DDP's bytes with loss within 5% — dense {verdict('sparseloco_none')} "
-        f"({100 * t['sparseloco_none']['bytes_vs_ddp']:.2f}% of the bytes, loss ×{t['sparseloco_none']['loss_vs_ddp']:.3f}), "
-        f"RigL {verdict('sparseloco_rigl')} ({100 * t['sparseloco_rigl']['bytes_vs_ddp']:.2f}%, "
-        f"×{t['sparseloco_rigl']['loss_vs_ddp']:.3f}); top-k 1% within 5% of DDP — dense {verdict('topk_none')} "
-        f"(×{t['topk_none']['loss_vs_ddp']:.3f}), RigL {verdict('topk_rigl')} (×{t['topk_rigl']['loss_vs_ddp']:.3f}); "
-        f"RigL's masks identical on every rank at every update: {verdict('rigl_masks_identical')} "
-        f"({t['rigl_masks_identical']['checks']} checks). Wall times compare only within one table (the load average is in the source line). "
+        + _sparseloco_settings(meta) + "Targets: " + "; ".join(_distributed_targets(t))
+        + ". Wall times compare only within one table (the load average is in the source line). "
         + provenance_note(f"{RESULTS_DIR}/{name}.json", d))]
     return "\n".join(out)
+
+
+def _distributed_targets(t: dict) -> list[str]:
+    """The issue-13 verdicts a distributed results file holds (a run of some schemes holds some)."""
+    def verdict(key: str) -> str:
+        return "met" if t[key]["met"] else "**missed**"
+
+    out = []
+    if "sparseloco_none" in t:
+        out.append(
+            f"SparseLoCo ≤ 3% of DDP's bytes with loss within 5% — dense {verdict('sparseloco_none')} "
+            f"({100 * t['sparseloco_none']['bytes_vs_ddp']:.2f}% of the bytes, loss ×{t['sparseloco_none']['loss_vs_ddp']:.3f}), "
+            f"RigL {verdict('sparseloco_rigl')} ({100 * t['sparseloco_rigl']['bytes_vs_ddp']:.2f}%, "
+            f"×{t['sparseloco_rigl']['loss_vs_ddp']:.3f})")
+    for key, what in (("topk", "top-k 1% of the gradient"), ("topk_adam", "top-k 1% of each rank's Adam step (`topk-adam`)")):
+        if f"{key}_none" in t:
+            out.append(f"{what} within 5% of DDP — dense {verdict(key + '_none')} (×{t[key + '_none']['loss_vs_ddp']:.3f}), "
+                       f"RigL {verdict(key + '_rigl')} (×{t[key + '_rigl']['loss_vs_ddp']:.3f})")
+    out.append(f"RigL's masks identical on every rank at every update: {verdict('rigl_masks_identical')} "
+               f"({t['rigl_masks_identical']['checks']} checks)")
+    return out
 
 
 @functools.cache
@@ -1247,6 +1259,9 @@ def sparse_backprop_table(r: Results) -> str:
                     f"steps of CE on python3.11-doc ({sec['batch']} x {sec['seq_len']} tokens), lr {sec['lr']:g} "
                     f"(LoRA {sec['lora_lr']:g}, sparse updates {sec['update_lr']:g})")
             gain = "E16 gain"
+            if sum(x["spec"] is None for x in sec["arms"]) > 1:  # a per-arm lr sweep
+                head += (f"; an arm's own lr is in its name; every ratio is against `{sec['full_arm']}`, the full "
+                         "fine-tuning run with the larger gain")
         else:
             head = (f"Fashion-MNIST CNN, {sec['pruning']} (test accuracy {100 * sec['acc_before']:.2f}%, dense "
                     f"{100 * sec['acc_dense']:.2f}%), {sec['steps']} steps of batch {sec['batch']}, lr {sec['lr']:g}")
@@ -1290,7 +1305,7 @@ def sparse_backprop_summary(r: Results) -> str:
         parts.append(
             f"{label}: target {'met' if sec['target_met'] else '**missed**'}; "
             + ("" if met else "closest ")
-            + f"`{best['spec']}` reaches {ratio(best['gain_ratio'])} of full fine-tuning's gain at "
+            + f"`{best['spec']}` (lr {best.get('lr', sec['lr']):g}) reaches {ratio(best['gain_ratio'])} of full fine-tuning's gain at "
             f"{ratio(best['time_ratio'])} its step time and {ratio(best['memory_ratio'], 3)} its "
             "gradient + optimizer memory"
         )
