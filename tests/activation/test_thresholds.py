@@ -1,6 +1,7 @@
 """Activation thresholds (TEAL / WINA), checked against their definitions: the histogram quantile
 is the empirical quantile (asymmetric inputs too), the installed hook computes W(x * 1[crit >= t]),
-calibrated thresholds hit the target sparsity on held-out tokens within 2 points."""
+calibrated thresholds hit the target sparsity on held-out tokens within 2 points, and a refining
+pass sets each threshold to the quantile of its layer's inputs with the thresholds upstream applied."""
 
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ def test_the_histogram_quantile_is_the_empirical_quantile_of_asymmetric_data(q: 
                    torch.zeros(500)])
     v = x.abs()
     t = quantile_from_histogram(torch.bincount(_bin_index(v), minlength=_BINS + 1), q)
-    assert float((v < t).float().mean()) >= q  # at least a fraction q is zeroed
-    # t is the upper edge of the log bin (2^(1/64) wide) that holds the empirical q-quantile
+    # interpolated inside the log bin (2^(1/64) wide) that holds the empirical q-quantile: within
+    # that bin of it, and the fraction below t within half a point of q
     true_q = float(torch.sort(v).values[int(q * v.numel())])
-    assert true_q < t <= true_q * 2 ** (1 / 64) * (1 + 1e-6)
+    assert true_q * 2 ** (-1 / 64) < t < true_q * 2 ** (1 / 64)
+    assert abs(float((v < t).float().mean()) - q) <= 0.005
 
 
 def test_exact_zeros_count_as_below_any_positive_threshold() -> None:
@@ -55,6 +57,44 @@ def test_thresholds_hit_the_target_on_held_out_tokens_within_2_points(criterion:
     assert abs(h.measured_sparsity - s) <= 0.02
     h.remove()
     assert not h.hooks
+
+
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_refine_takes_each_quantile_with_the_thresholds_upstream_applied(criterion: str) -> None:
+    m = make_tiny_llama(layers=2, vocab=128)
+    calib = _calib(1)
+    th0 = calibrate_thresholds(m, 0.4, calibration=calib, seq_len=64, criterion=criterion, refine=0)
+    th1 = calibrate_thresholds(m, 0.4, calibration=calib, seq_len=64, criterion=criterion, refine=1)
+    # by hand: every layer's criterion values on the calibration tokens, th0 applied everywhere
+    # (the recording hook runs before the thresholding one, so it sees the layer's raw input)
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def record(n: str):  # noqa: ANN202
+        norm = th0.col_norms.get(n)
+
+        def hook(_mod, args) -> None:  # noqa: ANN001
+            c = args[0].abs() * (norm if norm is not None else 1)
+            seen.setdefault(n, []).append(c.reshape(-1))
+        return hook
+
+    hooks = [m.get_submodule(n).register_forward_pre_hook(record(n)) for n in th0.thresholds]
+    applied = apply_thresholds(m, th0, count=False)
+    with torch.no_grad():
+        for i in range(0, calib.shape[0], 4):  # the calibration's own batches of 4
+            m(calib[i:i + 4])
+    applied.remove()
+    for h in hooks:
+        h.remove()
+    moved = 0
+    for n, t1 in th1.thresholds.items():
+        v = torch.cat(seen[n]).sort().values
+        want = float(v[int(0.4 * v.numel())])
+        assert want * 2 ** (-1 / 64) < t1 < want * 2 ** (1 / 64), n
+        moved += t1 != th0.thresholds[n]
+    assert moved > len(th1.thresholds) // 2  # the layers after the first read other inputs
+    for bad in (-1, 1.5, True):
+        with pytest.raises(MethodError, match="refine"):
+            calibrate_thresholds(m, 0.4, calibration=calib, seq_len=64, refine=bad)
 
 
 def test_the_hook_computes_the_layer_on_the_thresholded_input() -> None:
