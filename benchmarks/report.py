@@ -1037,6 +1037,36 @@ def distributed_table(r: Results) -> str:
     return text
 
 
+#: top-k of the gradient against top-k of each rank's Adam step: (file, steps) at seeds 0 and 1
+TOPK_FILES = ("distributed_topk_adam_s0", "distributed_topk_adam_s1",
+              "distributed_topk_adam_2400_s0", "distributed_topk_adam_2400_s1")
+
+
+def distributed_topk_table(r: Results) -> str:
+    """Top-k 1% of the gradient vs of each rank's Adam step, per run length and seed, both methods
+    (distributed_topk_adam*.json: each a benchmarks/distributed.py --comms topk,topk-adam run)."""
+    found = [n for n in TOPK_FILES if (r.root / r.path(n)).is_file()]
+    if not found:
+        raise ReportError("no distributed_topk_adam*.json: run benchmarks/distributed.py --comms topk,topk-adam")
+    out = ["| steps | seed | method | DDP eval loss | top-k of the gradient: loss / DDP | top-k of the Adam step: loss / DDP "
+           "| bytes / DDP (both) | 1% within 5% of DDP (gradient / Adam step) |",
+           "|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for n in found:
+        d = r(n)
+        cfg = d["_meta"].get("model_config", {})
+        for method in ("none", "rigl"):
+            row = {x["comm"]: x for x in d["rows"] if x["method"] == method}
+            g, a = row["topk:0.01"], row["topk-adam:0.01"]
+            t = d["targets"]
+            out.append(f"| {cfg.get('steps')} | {cfg.get('seed')} | {'RigL 90%' if method == 'rigl' else 'dense'} | "
+                       f"{row['ddp']['final_eval_loss']:.3f} | {g['loss_vs_ddp']:.3f} | {a['loss_vs_ddp']:.3f} | "
+                       f"{g['bytes_vs_ddp']:.4f} | {'met' if t['topk_' + method]['met'] else 'missed'} / "
+                       f"{'met' if t['topk_adam_' + method]['met'] else 'missed'} |")
+        notes.append(provenance_note(f"{RESULTS_DIR}/{n}.json", d))
+    return "\n".join(out) + "\n\n" + " ".join(notes)
+
+
 def _sparseloco_settings(meta: dict) -> str:
     """A sentence naming SparseLoCo's outer lr / density when the run set them (else nothing)."""
     sl = {k: v for k, v in (meta.get("sparseloco") or {}).items() if v is not None}
@@ -1245,9 +1275,10 @@ def dp_summary(r: Results) -> str:
     return text + " Means over seeds; tables in docs/privacy.md."
 
 
-def sparse_backprop_table(r: Results) -> str:
-    """Sparse backpropagation vs full fine-tuning and LoRA (sparse_backprop.json): one table per model."""
-    d = r("sparse_backprop")
+def sparse_backprop_table(r: Results, name: str = "sparse_backprop") -> str:
+    """Sparse backpropagation vs full fine-tuning and LoRA (sparse_backprop.json, or the per-arm lr
+    sweep in sparse_backprop_sweep.json): one table per model."""
+    d = r(name)
     out: list[str] = []
     for kind in ("llm", "cnn"):
         sec = d.get(kind)
@@ -1287,7 +1318,7 @@ def sparse_backprop_table(r: Results) -> str:
                "arm sees the same load -- the ratio and the target use it when present; backward s, saved activations (bytes autograd "
                "saved for backward, parameters excluded) and grad + optimizer (gradients + AdamW state) from one "
                "measured step; peak RSS: the arm's own process (VmHWM) before evaluation.")
-    out.append(provenance_note(f"{RESULTS_DIR}/sparse_backprop.json", d))
+    out.append(provenance_note(f"{RESULTS_DIR}/{name}.json", d))
     return "\n".join(out)
 
 
@@ -1309,8 +1340,19 @@ def sparse_backprop_summary(r: Results) -> str:
             f"{ratio(best['time_ratio'])} its step time and {ratio(best['memory_ratio'], 3)} its "
             "gradient + optimizer memory"
         )
-    return ("Target: a sparse-update scheme with at least 80% of full fine-tuning's gain at no more than "
+    text = ("Target: a sparse-update scheme with at least 80% of full fine-tuning's gain at no more than "
             "0.4× its step time and 0.25× its gradient + optimizer memory. " + "; ".join(parts) + ".")
+    if (r.root / r.path("sparse_backprop_sweep")).is_file():  # the per-arm lr sweep (LLM only)
+        sec = r("sparse_backprop_sweep")["llm"]
+        fits = [x for x in sec["arms"] if x["spec"] not in (None, "lora")
+                and x["time_ratio"] <= sec["target"]["time"] and x["memory_ratio"] <= sec["target"]["memory"]]
+        best = max(fits, key=lambda x: x["gain_ratio"])
+        text += (f" A per-arm lr sweep ({sec['steps']} steps; each scheme at two or three lrs, full fine-tuning "
+                 f"at two, the better full run the reference; lrs chosen on E16 itself): target "
+                 f"{'met' if sec['target_met'] else '**missed**'}; of the schemes inside the time and memory "
+                 f"bounds the best, `{best['spec']}` at lr {best['lr']:g}, reaches {ratio(best['gain_ratio'])} "
+                 f"of the gain at {ratio(best['time_ratio'])} the step time.")
+    return text
 
 
 def dp_finetune(r: Results) -> str:
@@ -1684,6 +1726,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "inference-decode": inference_decode,
     "gpu-check": gpu_check,
     "distributed-table": distributed_table,
+    "distributed-topk-table": distributed_topk_table,
     "structured-table": structured_table,
     "structured-summary": structured_summary,
     "activation-table": activation_table,
@@ -1693,6 +1736,7 @@ GENERATORS: dict[str, Callable[[Results], str]] = {
     "dp-summary": dp_summary,
     "dp-finetune": dp_finetune,
     "sparse-backprop": sparse_backprop_table,
+    "sparse-backprop-sweep": lambda r: sparse_backprop_table(r, "sparse_backprop_sweep"),
     "sparse-backprop-summary": sparse_backprop_summary,
     "dictionaries-table": dictionaries_table,
     "dictionaries-summary": dictionaries_summary,
