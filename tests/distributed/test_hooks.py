@@ -31,6 +31,21 @@ from sparsetorch.distributed.hooks import (
 from sparsetorch.errors import DistributedError
 
 
+def _ef_gap(state: TopKState, names: dict[int, str], applied: dict[str, torch.Tensor],
+            offered: dict[str, torch.Tensor], world: int) -> float:
+    """Error feedback loses nothing, averaged over ranks: what was applied + the mean residual left
+    == the mean of what the ranks offered the compressor (gradients, or Adam steps), summed over
+    steps. Returns the largest gap over all entries."""
+    worst = 0.0
+    for p_id, n in names.items():
+        res = state.residuals[p_id].view_as(offered[n]).clone()
+        total = offered[n].clone()
+        dist.all_reduce(res)
+        dist.all_reduce(total)
+        worst = max(worst, (applied[n] + res / world - total / world).abs().max().item())
+    return worst
+
+
 def _run(rank: int, world: int, kind: str, **opts) -> dict:
     model = toy_model()
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -69,16 +84,7 @@ def _run(rank: int, world: int, kind: str, **opts) -> dict:
         out["bytes_last_step"] = state.bytes_last_step
         out["iteration"] = state.iteration
     if kind.startswith("topk"):
-        # error feedback identity, averaged over ranks: applied + mean residual == mean local gradient
-        worst = 0.0
-        for p_id, n in names.items():
-            res = state.residuals[p_id].view_as(local[n]).clone()
-            lsum = local[n].clone()
-            dist.all_reduce(res)
-            dist.all_reduce(lsum)
-            gap = (applied[n] + res / world - lsum / world).abs().max().item()
-            worst = max(worst, gap)
-        out["ef_gap"] = worst
+        out["ef_gap"] = _ef_gap(state, names, applied, local, world)
     return out
 
 
@@ -126,14 +132,7 @@ def _adam_run(rank: int, world: int, density: float) -> dict:
             mean = d.clone()
             dist.all_reduce(mean)
             worst_step = max(worst_step, (applied[n] - mean / world).abs().max().item())
-    worst_ef = 0.0
-    for p_id, n in names.items():
-        res = state.residuals[p_id].view_as(dirs_sum[n]).clone()
-        total = dirs_sum[n].clone()
-        dist.all_reduce(res)
-        dist.all_reduce(total)
-        worst_ef = max(worst_ef, (applied_sum[n] + res / world - total / world).abs().max().item())
-    return {"step_gap": worst_step, "ef_gap": worst_ef,
+    return {"step_gap": worst_step, "ef_gap": _ef_gap(state, names, applied_sum, dirs_sum, world),
             "params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "moments": len(state.moments), "iteration": state.iteration}
 
