@@ -1346,12 +1346,16 @@ def sparse_backprop_summary(r: Results) -> str:
         sec = r("sparse_backprop_sweep")["llm"]
         fits = [x for x in sec["arms"] if x["spec"] not in (None, "lora")
                 and x["time_ratio"] <= sec["target"]["time"] and x["memory_ratio"] <= sec["target"]["memory"]]
-        best = max(fits, key=lambda x: x["gain_ratio"])
         text += (f" A per-arm lr sweep ({sec['steps']} steps; each scheme at two or three lrs, full fine-tuning "
                  f"at two, the better full run the reference; lrs chosen on E16 itself): target "
-                 f"{'met' if sec['target_met'] else '**missed**'}; of the schemes inside the time and memory "
-                 f"bounds the best, `{best['spec']}` at lr {best['lr']:g}, reaches {ratio(best['gain_ratio'])} "
-                 f"of the gain at {ratio(best['time_ratio'])} the step time.")
+                 f"{'met' if sec['target_met'] else '**missed**'}; ")
+        if fits:
+            best = max(fits, key=lambda x: x["gain_ratio"])
+            text += (f"of the schemes inside the time and memory bounds the best, `{best['spec']}` at lr "
+                     f"{best['lr']:g}, reaches {ratio(best['gain_ratio'])} of the gain at "
+                     f"{ratio(best['time_ratio'])} the step time.")
+        else:
+            text += "no scheme in it stays inside the time and memory bounds."
     return text
 
 
