@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
         a.steps, a.h, a.update_every = 40, 10, 10
     rows = []
     only = [c.strip() for c in a.comms.split(",")] if a.comms else None
+    kinds = {c.split(":")[0] for c, _ in configs(a.steps, a.h, a.update_every)}
+    if only and not set(only) <= kinds:
+        ap.error(f"--comms: unknown {sorted(set(only) - kinds)}; choose from {sorted(kinds - {'ddp'})}")
     for comm, method in configs(a.steps, a.h, a.update_every, only):
         before = load_average()
         sl = comm.startswith("sparseloco")

@@ -75,6 +75,7 @@ CNN_ARMS = {
     "bias + fc2 + channels 1/8 fc1": "bias,fc2,channels:0.125@fc1",
 }
 TARGET = {"gain": 0.8, "time": 0.4, "memory": 0.25}
+CACHE = Path(os.environ.get("SPARSETORCH_CACHE_DIR", Path.home() / ".cache" / "sparsetorch")) / "sparse-backprop"
 
 
 def llm_arm(arm: str) -> tuple[str | None, float | None]:
@@ -85,7 +86,6 @@ def llm_arm(arm: str) -> tuple[str | None, float | None]:
     name, _, lr = arm.strip().partition(" lr=")
     spec = LLM_ARMS.get(name, name)
     return spec, (float(lr) if lr else None)
-CACHE = Path(os.environ.get("SPARSETORCH_CACHE_DIR", Path.home() / ".cache" / "sparsetorch")) / "sparse-backprop"
 
 
 # ------------------------------------------------------------------------------------- workers

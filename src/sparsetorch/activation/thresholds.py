@@ -53,8 +53,9 @@ def _bin_index(v: Tensor) -> Tensor:
     return idx
 
 
-def _bin_upper(i: int) -> float:
-    """Upper edge of bin ``i`` (bin 0 holds exact zeros: its edge is the smallest positive value)."""
+def _bin_upper(i: float) -> float:
+    """Upper edge of bin ``i`` (bin 0 holds exact zeros: its edge is the smallest positive value);
+    a fractional ``i`` is that far into bin ``ceil(i)`` in log scale."""
     return 2.0 ** (_LO + i / _PER_OCTAVE)
 
 
@@ -76,7 +77,7 @@ def quantile_from_histogram(counts: Tensor, q: float) -> float:
     below = float(cdf[i - 1])
     inside = float(counts[i]) / total
     frac = min(max((q - below) / inside, 0.0), 1.0) if inside > 0 else 1.0
-    return 2.0 ** (_LO + (i - 1 + frac) / _PER_OCTAVE)
+    return _bin_upper(i - 1 + frac)
 
 
 @dataclass

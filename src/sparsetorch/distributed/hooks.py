@@ -14,9 +14,9 @@ gradient that is zero for most entries most of the time and, for a small entry, 
 feedback's accumulated value once in ~1/density steps; Adam normalises that spike by its own
 size, so such an entry moves a few lr per spike where dense Adam moves about one lr per step --
 the compressed run learns most of the model far more slowly. Compressing the local update instead
-(as 1-bit Adam and SparseLoCo do) lets the residual carry the full movement. ``k = ceil(density · numel)`` is fixed per parameter, so every
-rank contributes the same number of bytes and gloo's ``all_gather`` (which rejects unequal
-sizes) works. All of a bucket's pairs travel in one ``all_gather`` of bytes.
+(as 1-bit Adam and SparseLoCo do) lets the residual carry the full movement.
+``k = ceil(density · numel)`` is fixed per parameter, so every rank contributes the same number of
+bytes and gloo's ``all_gather`` (which rejects unequal sizes) works. All of a bucket's pairs travel in one ``all_gather`` of bytes.
 
 State is keyed by parameter, not by bucket: DDP's first iteration puts every parameter in one
 bucket and rebuilds the buckets afterwards (ALGORITHMS-DISTRIBUTED §1).
@@ -148,7 +148,7 @@ class TopKState:
             raise DistributedError(f"eps must be positive, got {self.eps}.")
 
     def state_dict(self, model: nn.Module) -> dict[str, Any]:
-        """Counters, residuals and velocities keyed by ``model``'s parameter names (checkpoints)."""
+        """Counters, residuals, velocities and Adam moments keyed by ``model``'s parameter names (checkpoints)."""
         names = {id(p): n for n, p in model.named_parameters()}
         return {"iteration": self.iteration, "bytes_sent": self.bytes_sent,
                 "residuals": {names[k]: v.clone() for k, v in self.residuals.items()},
