@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from toy_mlp import STEPS, toy_batch, toy_model
 
-from sparsetorch.distributed import run_local
+from sparsetorch.distributed import attach, run_local
 from sparsetorch.distributed.hooks import (
     TopKState,
     register_allreduce_counter,
@@ -29,6 +29,7 @@ from sparsetorch.distributed.hooks import (
     topk_hook,
 )
 from sparsetorch.errors import DistributedError
+from sparsetorch.training import get_method, reset_optimizer_state
 
 
 def _ef_gap(state: TopKState, names: dict[int, str], applied: dict[str, torch.Tensor],
@@ -88,17 +89,28 @@ def _run(rank: int, world: int, kind: str, **opts) -> dict:
     return out
 
 
-def _adam_run(rank: int, world: int, density: float) -> dict:
+def _adam_run(rank: int, world: int, density: float, rigl: bool = False) -> dict:
     """precondition="adam" against its definition: a reference ``torch.optim.Adam`` (lr 1) per rank,
     fed this rank's local gradients, gives the directions; the hook must apply their mean (density
-    1), and what it applied plus the mean residual must equal the mean of their sums (density < 1)."""
+    1), and what it applied plus the mean residual must equal the mean of their sums (density < 1).
+
+    ``rigl``: RigL (50%, a mask update every 2 steps) trains the model and the hook's state is
+    reset on its mask changes; the reference Adam's state is reset at the same positions with
+    ``reset_optimizer_state``, so a grown weight's first step must be a fresh Adam step."""
     betas = (0.9, 0.95)
     model = toy_model()
-    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     shadow = {n: torch.zeros_like(p, requires_grad=True) for n, p in model.named_parameters()}
     ref = torch.optim.Adam(list(shadow.values()), lr=1.0, betas=betas, eps=1e-8)
     state = TopKState(density=density, precondition="adam", betas=betas)
+    sp, grown = None, 0
+    if rigl:
+        sp = get_method("rigl", sparsity=0.5, update_every=2, total_steps=STEPS, seed=0)
+        attach(sp, model, opt)
+        sp.on_mask_change(state.reset)
+        sp.on_mask_change(lambda p, where: reset_optimizer_state(ref, shadow[names[id(p)]], where))
+    ddp = nn.parallel.DistributedDataParallel(model)
     local: dict[str, torch.Tensor] = {}
     applied: dict[str, torch.Tensor] = {}
 
@@ -114,7 +126,6 @@ def _adam_run(rank: int, world: int, density: float) -> dict:
         return topk_hook(st, bucket).then(keep)
 
     ddp.register_comm_hook(state, recording)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     worst_step, dirs_sum, applied_sum = 0.0, {}, {}
     for step in range(STEPS):
         x, y = toy_batch(step, rank)
@@ -132,15 +143,49 @@ def _adam_run(rank: int, world: int, density: float) -> dict:
             mean = d.clone()
             dist.all_reduce(mean)
             worst_step = max(worst_step, (applied[n] - mean / world).abs().max().item())
-    return {"step_gap": worst_step, "ef_gap": _ef_gap(state, names, applied_sum, dirs_sum, world),
-            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "moments": len(state.moments), "iteration": state.iteration}
+        if sp is not None:
+            before_masks = {n: m.clone() for n, m in sp.masks.items()}
+            if sp.step():
+                grown += sum(int((m & ~before_masks[n]).sum()) for n, m in sp.masks.items())
+    out = {"step_gap": worst_step, "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+           "moments": len(state.moments), "iteration": state.iteration, "grown": grown}
+    if sp is None:
+        out["ef_gap"] = _ef_gap(state, names, applied_sum, dirs_sum, world)
+    else:  # after the last mask update no state is left on a pruned position
+        by_name = dict(model.named_parameters())
+        out["pruned_state"] = max(
+            float(t.view_as(m)[~m].abs().max()) for n, m in sp.masks.items()
+            for t in (state.residuals[id(by_name[n])], *state.moments[id(by_name[n])]))
+    return out
+
+
+def _wired(rank: int, world: int) -> float:
+    """register_topk(..., sparsifier=sp) resets the hook's state on sp's mask changes: after
+    RigL's updates no residual is left on a pruned position (without the reset the dense
+    gradients of RigL's update steps leave some there). Returns the largest one left."""
+    model = toy_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = get_method("rigl", sparsity=0.5, update_every=2, total_steps=STEPS, seed=0)
+    attach(sp, model, opt)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    state = register_topk(ddp, 0.1, sparsifier=sp)
+    for step in range(STEPS):
+        x, y = toy_batch(step, rank)
+        nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        sp.step()
+    by_name = dict(model.named_parameters())
+    return max(float(state.residuals[id(by_name[n])].view_as(m)[~m].abs().max()) for n, m in sp.masks.items())
 
 
 def _worker(rank: int, world: int) -> dict:
     return {
+        "wired": _wired(rank, world),
         "adam1": _adam_run(rank, world, 1.0),
         "adam10": _adam_run(rank, world, 0.1),
+        "adam1_rigl": _adam_run(rank, world, 1.0, rigl=True),
+        "adam10_rigl": _adam_run(rank, world, 0.1, rigl=True),
         "plain": _run(rank, world, "plain"),
         "counting": _run(rank, world, "counting"),
         "topk1": _run(rank, world, "topk1", density=1.0),
@@ -186,7 +231,19 @@ def test_adam_precondition_error_feedback_loses_nothing(ranks) -> None:
         assert r["adam10"]["ef_gap"] < 1e-12, r["adam10"]["ef_gap"]
 
 
-@pytest.mark.parametrize("key", ["topk10", "topk10_fp16", "topk10_momentum", "adam10"])
+def test_a_mask_change_resets_the_hooks_state_like_the_optimizers(ranks) -> None:
+    """RigL grows weights mid-run: with the hook's state reset at grown and pruned positions, the
+    applied step is still the mean of each rank's reference Adam step (whose state is reset by
+    ``reset_optimizer_state`` at the same positions), and nothing is left on pruned positions."""
+    for r in ranks:
+        assert r["adam1_rigl"]["grown"] > 0  # else nothing was tested
+        assert r["adam1_rigl"]["step_gap"] < 1e-12, r["adam1_rigl"]["step_gap"]
+        assert r["adam10_rigl"]["grown"] > 0
+        assert r["adam10_rigl"]["pruned_state"] == 0.0
+        assert r["wired"] == 0.0
+
+
+@pytest.mark.parametrize("key", ["topk10", "topk10_fp16", "topk10_momentum", "adam10", "adam10_rigl"])
 def test_ranks_stay_identical(ranks, key) -> None:
     for n, p in ranks[0][key]["params"].items():
         assert torch.equal(ranks[1][key]["params"][n], p), n
@@ -249,6 +306,8 @@ def test_register_topk_refuses_a_plain_model() -> None:
         register_topk(toy_model(), 0.1)
     with pytest.raises(DistributedError, match="density"):
         register_topk(toy_model(), 2.0)
+    with pytest.raises(DistributedError, match="sparsifier= takes"):
+        register_topk(toy_model(), 0.1, sparsifier=object())
 
 
 def _one_rank(rank: int, world: int) -> str:

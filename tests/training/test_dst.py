@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from _train_helpers import assert_counts_close, batches, reference_erk_zeros, train
 from torch import nn
 
+from sparsetorch.errors import MethodError
 from sparsetorch.patterns import n_pruned
 from sparsetorch.training import get_method
 
@@ -103,6 +104,34 @@ def test_regrown_weights_zero_and_adam_moments_reset(mlp):
         assert torch.all(st["exp_avg"][grown] == 0)
         assert torch.all(st["exp_avg_sq"][grown] == 0)
     assert n_new > 0
+
+
+def test_on_mask_change_is_called_with_grown_and_pruned_positions(mlp):
+    """A registered state reset (e.g. a communication hook's residuals) sees every grown position
+    and every pruned one at each mask change, and nothing else; a non-callable is refused."""
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    sp = get_method("rigl", sparsity=0.7, update_every=2, drop_fraction=0.5, decay="constant", end=100)
+    masks = sp.attach(mlp, opt)
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    sp.on_mask_change(lambda p, where: calls.append((p, where.clone())))
+    before = {n: m.clone() for n, m in masks.items()}
+    changes = 0
+
+    def check(changed):
+        nonlocal changes
+        if changed:
+            changes += 1
+            by_param = {id(p): w for p, w in calls}
+            for n, p in sp.params.items():
+                grown = masks[n] & ~before[n]
+                assert torch.equal(by_param[id(p)], grown | ~masks[n]), n
+        calls.clear()
+        before.update({n: m.clone() for n, m in masks.items()})
+
+    train(mlp, opt, sp, batches(4), check)
+    assert changes > 0
+    with pytest.raises(MethodError, match="callable"):
+        sp.on_mask_change("reset")
 
 
 def test_set_regrown_momentum_reset(mlp):

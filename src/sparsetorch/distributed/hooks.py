@@ -164,6 +164,19 @@ class TopKState:
         # checkpoints written before the Adam precondition existed have no moments
         self.moments = {id(by_name[n]): (m, v) for n, (m, v) in state.get("moments", {}).items()}
 
+    @torch.no_grad()
+    def reset(self, param: Tensor, where: Tensor) -> None:
+        """Forget this rank's residual, velocity and Adam moments of ``param`` at the bool positions
+        ``where`` (shaped like ``param``). Register it with a sparsifier
+        (``sparsifier.on_mask_change(state.reset)``, or ``register_topk(..., sparsifier=sp)``) so a
+        weight RigL grows starts from zero state, as its optimizer state does, and a dropped
+        weight's leftover residual is not sent to a weight that is held at zero."""
+        key = id(param)
+        flat = where.reshape(-1)
+        for t in (self.residuals.get(key), self.velocities.get(key), *self.moments.get(key, ())):
+            if t is not None:
+                t.masked_fill_(flat.to(t.device), 0)
+
     def density_at(self, step: int) -> float:
         """The density used at optimizer step ``step`` (0-based), warm-up included."""
         if step < self.warmup_steps:
@@ -255,18 +268,29 @@ def topk_hook(state: TopKState, bucket: dist.GradBucket) -> torch.futures.Future
     return fut.then(decode)
 
 
-def register_topk(ddp_model: nn.parallel.DistributedDataParallel, density: float, **options: Any) -> TopKState:
+def register_topk(ddp_model: nn.parallel.DistributedDataParallel, density: float, *,
+                  sparsifier: Any = None, **options: Any) -> TopKState:
     """Register :func:`topk_hook` on a DDP model; returns its :class:`TopKState` (bytes, residuals).
+
+    ``sparsifier``: the attached sparse-training method of the same model (e.g. RigL); its mask
+    changes then reset the hook's per-element state at the flipped positions
+    (:meth:`TopKState.reset`). Without it a grown weight inherits its pruned predecessor's residual
+    and Adam moments.
 
     Raises :class:`~sparsetorch.errors.DistributedError` on one process (nothing to communicate)
     and for bad options. Register before the first backward.
     """
     state = TopKState(density=density, **options)  # bad options fail first, on every rank
+    if sparsifier is not None and not callable(getattr(sparsifier, "on_mask_change", None)):
+        raise DistributedError(f"sparsifier= takes a sparsetorch training method (a Sparsifier), "
+                               f"got {type(sparsifier).__name__}.")
     if not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
         raise DistributedError(f"register_topk needs a DistributedDataParallel model, got {type(ddp_model).__name__}.")
     if dist.get_world_size(state.process_group) < 2:
         raise DistributedError("a sparse communication hook needs at least 2 ranks; with one process there "
                                "is nothing to send: train without DDP.")
+    if sparsifier is not None:
+        sparsifier.on_mask_change(state.reset)
     ddp_model.register_comm_hook(state, topk_hook)
     return state
 

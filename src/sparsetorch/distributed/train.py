@@ -296,9 +296,9 @@ def train_rank(rank: int, world: int, cfg_dict: dict[str, Any]) -> dict[str, Any
         if kind == "ddp":
             state = register_allreduce_counter(net)
         elif kind == "topk":
-            state = register_topk(net, val)
+            state = register_topk(net, val, sparsifier=sp)
         elif kind == "topk-adam":
-            state = register_topk(net, val, precondition="adam", betas=BETAS)
+            state = register_topk(net, val, sparsifier=sp, precondition="adam", betas=BETAS)
         else:
             state = _powersgd(net, int(val), cfg.powersgd_start)
     else:

@@ -157,6 +157,9 @@ class Sparsifier:
         #: (step, {layer: sparsity}) recorded after attach and after every mask change
         self.history: list[tuple[int, dict[str, float]]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        #: per-element state kept outside the optimizer (a communication hook's residuals / moments)
+        #: that must not outlive a mask change; see :meth:`on_mask_change`
+        self._state_resets: list[Callable[[Tensor, Tensor], None]] = []
         #: averages a data-dependent statistic (RigL's dense gradient, SNFS's momentum) over
         #: data-parallel workers before a mask decision; the identity on one process.
         #: :func:`sparsetorch.distributed.attach` sets an all-reduce mean, so every rank decides
@@ -216,6 +219,28 @@ class Sparsifier:
         masks = self.masks
         self.model = self.optimizer = None
         return masks
+
+    def on_mask_change(self, reset: Callable[[Tensor, Tensor], None]) -> None:
+        """Call ``reset(param, where)`` whenever a mask of ``param`` changes (``where``: the bool
+        positions that were just grown, plus every position now pruned) and when the method resets
+        all of a weight's state (``where`` all True).
+
+        Why: the optimizer's state of grown weights is reset here already, but state kept
+        elsewhere -- e.g. a top-k communication hook's error-feedback residual and Adam moments
+        (:meth:`sparsetorch.distributed.hooks.TopKState.reset`) -- would otherwise hand a grown
+        weight what its pruned predecessor left, and keep spending bandwidth on dropped ones.
+        Callbacks are not saved with :meth:`state_dict`: register them again after a resume.
+        """
+        if not callable(reset):
+            raise MethodError(f"on_mask_change needs a callable reset(param, where), got {type(reset).__name__}.")
+        self._state_resets.append(reset)
+
+    def _reset_state(self, p: Tensor, grown: Tensor, where: Tensor) -> None:
+        """Reset the optimizer state of ``grown`` positions and every registered state at ``where``."""
+        reset_optimizer_state(self.optimizer, p, grown)
+        if bool(where.any()):
+            for reset in self._state_resets:
+                reset(p, where)
 
     def needs_dense_grad(self) -> bool:
         """True when the next backward must keep the dense (unmasked) gradient (RigL update steps)."""
@@ -354,7 +379,8 @@ class Sparsifier:
 
     @torch.no_grad()
     def _set_mask(self, name: str, new: Tensor) -> Tensor:
-        """Replace one mask; zero dropped weights, zero grown weights and reset their optimizer state.
+        """Replace one mask; zero dropped weights, zero grown weights and reset their optimizer state
+        (and the state registered with :meth:`on_mask_change` at grown and pruned positions).
 
         Returns the bool tensor of newly grown positions (``new & ~old``).
         """
@@ -365,7 +391,7 @@ class Sparsifier:
         grown = new & ~old
         p.masked_fill_(~new, 0)
         p.masked_fill_(grown, 0)
-        reset_optimizer_state(self.optimizer, p, grown)
+        self._reset_state(p, grown, grown | ~new)
         self.masks.set(name, new)
         return grown
 

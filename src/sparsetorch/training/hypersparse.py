@@ -35,7 +35,7 @@ from ..regularize.penalty import add_pre_step
 from ..regularize.prox import check_lambda
 from ..regularize.search import logits_of
 from ._learned import LearnedSparsifier
-from .base import Batches, _unpack, register_method, reset_optimizer_state
+from .base import Batches, _unpack, register_method
 
 
 @register_method("hypersparse")
@@ -163,10 +163,9 @@ class HyperSparse(LearnedSparsifier):
         assert self.model is not None
         with torch.no_grad():
             self.model.load_state_dict(best.payload)
-        if self.optimizer is not None:
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    reset_optimizer_state(self.optimizer, p, torch.ones_like(p, dtype=torch.bool))
+        for p in self.model.parameters():  # the rewound weights start with fresh state
+            everywhere = torch.ones_like(p, dtype=torch.bool)
+            self._reset_state(p, everywhere, everywhere)
         self.art.buffer = []  # the payloads are no longer needed
 
     def final_scores(self) -> dict[str, Tensor]:
