@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(200, "--steps", help="Optimizer steps per rank."),
         seq_len: int = typer.Option(64, "--seq-len", help="Bytes per training window."),
         batch: int = typer.Option(8, "--batch", help="Windows per rank per step."),
-        lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (the inner one with diloco/sparseloco)."),
+        lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate (the inner one with diloco/sparseloco; with topk-adam the lr of the SGD that applies the ranks' mean Adam step)."),
         update_every: int = typer.Option(25, "--update-every", help="Steps between mask updates (rigl, set, snfs)."),
         outer_lr: float | None = typer.Option(None, "--outer-lr", help="diloco/sparseloco: the outer step's "
                                               "learning rate (default DiLoCo 0.7, SparseLoCo 1.0)."),
