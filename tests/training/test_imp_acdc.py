@@ -34,6 +34,27 @@ def test_imp_weight_rewinding_resets_to_step_k(mlp):
     masks.verify(mlp)
 
 
+@pytest.mark.parametrize("rewind", ["weights", "lr"])
+def test_imp_round_resets_registered_state(mlp, rewind):
+    """on_mask_change callbacks see every pruned position at a round, and every position of every
+    parameter when the weights are rewound (their old state belongs to another trajectory)."""
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
+    sp = get_method("imp", sparsity=0.5, rate=0.2, rewind=rewind)
+    masks = sp.attach(mlp, opt)
+    calls = {}
+    sp.on_mask_change(lambda p, where: calls.__setitem__(id(p), where.clone()))
+    train(mlp, opt, sp, batches(2))
+    assert not calls  # no mask change while training a round
+    sp.next_round()
+    for n, p in mlp.named_parameters():
+        if rewind == "weights":
+            assert torch.equal(calls[id(p)], torch.ones_like(p, dtype=torch.bool)), n
+        elif n in masks:
+            assert torch.equal(calls[id(p)], ~masks[n]), n
+        else:
+            assert id(p) not in calls, n
+
+
 def test_imp_lr_rewinding_keeps_weights_and_density_schedule(mlp):
     opt = torch.optim.SGD(mlp.parameters(), lr=0.1)
     sp = get_method("imp", sparsity=0.5, rate=0.2, rewind="lr")

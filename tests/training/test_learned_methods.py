@@ -314,3 +314,25 @@ def test_state_dict_keeps_plain_names_while_gates_are_on(method: str) -> None:
     sp.harden()
     assert not model._state_dict_hooks and not model._load_state_dict_pre_hooks
     assert sorted(model.state_dict()) == sorted(plain)
+
+
+def test_searched_allocation_forwards_state_resets_to_its_inner_method() -> None:
+    """dass trains with an inner RigL that changes the masks: a reset registered on the wrapper
+    (before or after attach) must be called by the inner method at its mask changes."""
+    sp = get_method("dass", sparsity=0.75, total_steps=STEPS, seed=0, search_steps=4,
+                    inner_args={"update_every": 4})
+    before: list[int] = []
+    sp.on_mask_change(lambda p, where: before.append(int(where.sum())))
+    torch.manual_seed(0)
+    model = TinyCNN()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    data = cnn_data()
+    sp.attach(model, opt, data=data)
+    after: list[int] = []
+    sp.on_mask_change(lambda p, where: after.append(int(where.sum())))
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        sp.step()
+    assert before and len(before) == len(after) and all(n > 0 for n in after)

@@ -273,7 +273,7 @@ def register_topk(ddp_model: nn.parallel.DistributedDataParallel, density: float
     """Register :func:`topk_hook` on a DDP model; returns its :class:`TopKState` (bytes, residuals).
 
     ``sparsifier``: the attached sparse-training method of the same model (e.g. RigL); its mask
-    changes then reset the hook's per-element state at the flipped positions
+    changes then reset the hook's per-element state at the grown and pruned positions
     (:meth:`TopKState.reset`). Without it a grown weight inherits its pruned predecessor's residual
     and Adam moments.
 

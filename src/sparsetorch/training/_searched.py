@@ -57,10 +57,17 @@ class SearchedAllocation(Sparsifier):
               "seed": self.seed, "total_steps": self.total_steps, **self.method_args}
         self.inner = get_method(self.method, **{k: v for k, v in kw.items() if v is not None})
         self.inner.average = self.average
+        for reset in self._state_resets:  # registered before attach: the inner method changes the masks
+            self.inner.on_mask_change(reset)
         self.masks = self.inner.attach(model, optimizer, data=data)
         self.model, self.optimizer, self.params = model, optimizer, self.inner.params
         self.history = self.inner.history
         return self.masks
+
+    def on_mask_change(self, reset: Any) -> None:
+        super().on_mask_change(reset)
+        if self.inner is not None:
+            self.inner.on_mask_change(reset)
 
     def step(self) -> bool:
         self._check_attached()

@@ -229,6 +229,9 @@ class Sparsifier:
         elsewhere -- e.g. a top-k communication hook's error-feedback residual and Adam moments
         (:meth:`sparsetorch.distributed.hooks.TopKState.reset`) -- would otherwise hand a grown
         weight what its pruned predecessor left, and keep spending bandwidth on dropped ones.
+        IMP calls it at its pruning rounds (``where``: the pruned positions, or everything when it
+        rewinds the weights). Methods that keep training pruned weights in a dense shadow (the N:M
+        STE methods, N:M decay) do not call it: there a pruned weight's gradient is live state.
         Callbacks are not saved with :meth:`state_dict`: register them again after a resume.
         """
         if not callable(reset):

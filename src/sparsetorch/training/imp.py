@@ -125,6 +125,14 @@ class IMP(Sparsifier):
             for n, m in new.items():
                 self.masks.set(n, m.to(self.params[n].device))
             self.masks.apply(self.model)
+            # state kept outside the optimizer (on_mask_change): gone where pruned, and everywhere
+            # when every weight goes back to its rewind value
+            if self._state_resets:
+                for n, p in self.model.named_parameters():
+                    mask = self.masks[n] if n in self.masks else None
+                    if self.rewind == "weights" or mask is not None:
+                        where = torch.ones_like(p, dtype=torch.bool) if self.rewind == "weights" else ~mask
+                        self._reset_state(p, torch.zeros_like(where), where)
         if self.optimizer is not None:
             if self.rewind == "weights":
                 self.optimizer.state.clear()
