@@ -130,8 +130,9 @@ def test_semi_structured_on_gpu() -> None:  # pragma: no cover - GPU only
 
 
 @pytest.mark.parametrize("env", [None, ""])
-def test_machine_busy_follows_the_load_average(monkeypatch, env) -> None:
-    """Busy means 1-minute load >= CPUs - 0.5 (os.getloadavg monkeypatched, the real code path)."""
+def test_machine_busy_without_proc_follows_the_load_average(monkeypatch, env) -> None:
+    """Where other processes' CPU use cannot be read, busy means 1-minute load >= CPUs - 0.5
+    (os.getloadavg monkeypatched, the real code path)."""
     import os
 
     from sparsetorch.inference import kernels
@@ -141,15 +142,52 @@ def test_machine_busy_follows_the_load_average(monkeypatch, env) -> None:
     else:
         monkeypatch.setenv("SPARSETORCH_PARALLEL", env)  # empty = not set
     monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(kernels, "other_cpu_use", lambda: None)
     for load, busy in ((0.1, False), (3.4, False), (3.5, True), (8.0, True)):
+        monkeypatch.setattr(kernels, "_busy_cache", [])
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 0.0, 0.0))
         assert kernels.machine_busy() is busy, load
 
     def no_loadavg():
         raise OSError("no load average here")
 
+    monkeypatch.setattr(kernels, "_busy_cache", [])
     monkeypatch.setattr(os, "getloadavg", no_loadavg)
     assert kernels.machine_busy() is False
+
+
+def test_machine_busy_counts_other_processes_not_this_one(monkeypatch) -> None:
+    """Busy means other processes use >= max(CPUs - torch threads, 0) + 0.5 cores; this process's
+    own ticks are subtracted (fake /proc readings: 4 CPUs' worth of ticks, 3 of them ours)."""
+    import itertools
+    import os
+
+    from sparsetorch.inference import kernels
+
+    monkeypatch.delenv("SPARSETORCH_PARALLEL", raising=False)
+    hz = os.sysconf("SC_CLK_TCK")
+    ticks = iter([(1000, 500), (1000 + 4 * hz, 500 + 3 * hz)])
+    monkeypatch.setattr(kernels, "_cpu_ticks", lambda: next(ticks))
+    clock = itertools.count(10.0, 1.0)  # one second per reading
+    monkeypatch.setattr(kernels.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(kernels.time, "sleep", lambda s: None)
+    assert kernels.other_cpu_use() == pytest.approx(1.0)  # one CPU's worth, not four
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 9.0, 9.0))  # not consulted
+    for other, threads, busy in ((0.0, 2, False), (0.4, 2, False), (0.5, 2, True), (1.4, 1, False), (1.5, 1, True)):
+        monkeypatch.setattr(kernels, "_busy_cache", [])
+        monkeypatch.setattr(kernels, "other_cpu_use", lambda other=other: other)
+        monkeypatch.setattr(kernels.torch, "get_num_threads", lambda threads=threads: threads)
+        assert kernels.machine_busy() is busy, (other, threads)
+
+
+def test_other_cpu_use_reads_this_machine() -> None:
+    from sparsetorch.inference import kernels
+
+    other = kernels.other_cpu_use(0.05)
+    if other is None:
+        pytest.skip("no /proc here")
+    assert 0.0 <= other <= (__import__("os").cpu_count() or 1) + 0.5
 
 
 def test_busy_machine_gets_single_thread_kernels_only(monkeypatch) -> None:
@@ -161,14 +199,17 @@ def test_busy_machine_gets_single_thread_kernels_only(monkeypatch) -> None:
         pytest.skip("needs the compiled kernels and >1 torch thread")
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.delenv("SPARSETORCH_PARALLEL", raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(kernels, "_busy_cache", [])
+    monkeypatch.setattr(kernels, "other_cpu_use", lambda: 2.0)
     assert auto_candidates("cpu") == ["dense", "bitmask_serial", "csr_serial"]
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.2, 0.2))
+    monkeypatch.setattr(kernels, "_busy_cache", [])
+    monkeypatch.setattr(kernels, "other_cpu_use", lambda: 0.0)
     assert "bitmask" in auto_candidates("cpu") and "csr" in auto_candidates("cpu")
-    # the environment overrides the load average both ways
+    # the environment overrides the measurement both ways
     monkeypatch.setenv("SPARSETORCH_PARALLEL", "0")
     assert kernels.machine_busy() and "bitmask" not in auto_candidates("cpu")
-    monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
+    monkeypatch.setattr(kernels, "_busy_cache", [])
+    monkeypatch.setattr(kernels, "other_cpu_use", lambda: 2.0)
     monkeypatch.setenv("SPARSETORCH_PARALLEL", "1")
     assert not kernels.machine_busy() and "bitmask" in auto_candidates("cpu")
 

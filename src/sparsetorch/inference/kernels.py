@@ -28,6 +28,8 @@ Kernels (``KERNELS`` maps name to instance):
 
 from __future__ import annotations
 
+import os
+import time
 import warnings
 from typing import ClassVar
 
@@ -406,21 +408,64 @@ def get_kernel(name: str) -> Kernel:
         ) from None
 
 
+#: how long one measurement of other processes' CPU use is reused (it costs a sleep of BUSY_WINDOW_S)
+BUSY_TTL_S = 10.0
+BUSY_WINDOW_S = 0.2
+_busy_cache: list[tuple[float, float | None]] = []
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """``(non-idle clock ticks of all CPUs, clock ticks used by this process)`` from Linux /proc."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    with open("/proc/self/stat") as f:
+        own = f.read()
+    fields = own[own.rindex(")") + 2:].split()  # after "pid (comm) ": field 3 (state) onwards
+    return sum(vals) - vals[3] - vals[4], int(fields[11]) + int(fields[12])  # utime + stime, all threads
+
+
+def other_cpu_use(window_s: float = BUSY_WINDOW_S) -> float | None:
+    """CPUs' worth of work done by *other* processes over a ``window_s`` sleep (Linux /proc:
+    every CPU's non-idle ticks minus this process's); None where /proc is not readable.
+
+    Why not the load average: it counts this process's own threads of the last minute, so a
+    program that has just been computing (calibrating, pruning) looks like a busy machine to
+    itself and is handed single-thread kernels on idle cores."""
+    try:
+        busy0, own0 = _cpu_ticks()
+        t0 = time.monotonic()
+        time.sleep(window_s)
+        busy1, own1 = _cpu_ticks()
+        elapsed = time.monotonic() - t0
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / hz / max(elapsed, 1e-9))
+
+
 def machine_busy() -> bool:
-    """True when other work keeps the cores busy: 1-minute load average >= CPUs - 0.5.
+    """True when other work keeps the cores busy: other processes use at least half a core more
+    than the cores torch's threads leave free (``other_cpu_use() >= max(CPUs - threads, 0) + 0.5``,
+    measured at most every ``BUSY_TTL_S`` seconds). Without /proc: the 1-minute load average
+    ``>= CPUs - 0.5`` (which also counts this process).
 
     ``SPARSETORCH_PARALLEL=1`` forces False (always offer multi-threaded kernels), ``=0`` True.
     """
-    import os
-
     env = os.environ.get("SPARSETORCH_PARALLEL")
     if env is not None and env != "":
         return env == "0"
+    cpus = os.cpu_count() or 1
+    now = time.monotonic()
+    if not _busy_cache or now - _busy_cache[0][0] >= BUSY_TTL_S:
+        _busy_cache[:] = [(now, other_cpu_use())]
+    other = _busy_cache[0][1]
+    if other is not None:
+        return other >= max(cpus - torch.get_num_threads(), 0) + 0.5
     try:
         load = os.getloadavg()[0]
     except (OSError, AttributeError):  # pragma: no cover - Windows
         return False
-    return load >= (os.cpu_count() or 1) - 0.5
+    return load >= cpus - 0.5
 
 
 def auto_candidates(device: torch.device | str = "cpu") -> list[str]:
