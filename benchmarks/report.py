@@ -756,7 +756,8 @@ def finetune_runs(r: Results) -> str:
         f"a short probe of the step time. In these runs the probe (4 steps) came out longer than the steps of "
         f"the run itself, so they end before their budget (\"trained\" is the training time actually spent; "
         f"the runs measured before the probe skipped its first step stopped shortest); later runs (the "
-        f"magnitude pair below) plan from an 8-step probe and train for their whole budget. A load average above the "
+        f"Wanda pair here, the magnitude pair below) plan from an 8-step probe and train for about their whole "
+        f"budget. A load average above the "
         f"{any_x['threads']} threads means other work shared the cores during the run: it gets fewer steps in "
         f"the same wall-clock budget. "
         + entries_note(f"{RESULTS_DIR}/finetune_llm.json", e))]
