@@ -9,7 +9,7 @@ the inner method. The searched allocation and the search's record are kept in ``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -64,7 +64,7 @@ class SearchedAllocation(Sparsifier):
         self.history = self.inner.history
         return self.masks
 
-    def on_mask_change(self, reset: Any) -> None:
+    def on_mask_change(self, reset: Callable[[torch.Tensor, torch.Tensor], None]) -> None:
         super().on_mask_change(reset)
         if self.inner is not None:
             self.inner.on_mask_change(reset)

@@ -241,7 +241,11 @@ class Sparsifier:
     def _reset_state(self, p: Tensor, grown: Tensor, where: Tensor) -> None:
         """Reset the optimizer state of ``grown`` positions and every registered state at ``where``."""
         reset_optimizer_state(self.optimizer, p, grown)
-        if bool(where.any()):
+        self._reset_registered(p, where)
+
+    def _reset_registered(self, p: Tensor, where: Tensor) -> None:
+        """Call every :meth:`on_mask_change` callback of ``p`` at ``where`` (nothing when empty)."""
+        if self._state_resets and bool(where.any()):
             for reset in self._state_resets:
                 reset(p, where)
 

@@ -127,12 +127,11 @@ class IMP(Sparsifier):
             self.masks.apply(self.model)
             # state kept outside the optimizer (on_mask_change): gone where pruned, and everywhere
             # when every weight goes back to its rewind value
-            if self._state_resets:
-                for n, p in self.model.named_parameters():
-                    mask = self.masks[n] if n in self.masks else None
-                    if self.rewind == "weights" or mask is not None:
-                        where = torch.ones_like(p, dtype=torch.bool) if self.rewind == "weights" else ~mask
-                        self._reset_state(p, torch.zeros_like(where), where)
+            for n, p in self.model.named_parameters() if self._state_resets else ():
+                if self.rewind == "weights":
+                    self._reset_registered(p, torch.ones_like(p, dtype=torch.bool))
+                elif n in self.masks:
+                    self._reset_registered(p, ~self.masks[n])
         if self.optimizer is not None:
             if self.rewind == "weights":
                 self.optimizer.state.clear()
