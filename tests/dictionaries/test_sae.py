@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -160,7 +162,12 @@ def test_geometric_median_and_normalized_mse_against_definitions():
     assert gm.norm() < 5  # robust to the outliers, unlike the mean
     p, t = torch.randn(7, 3), torch.randn(7, 3)
     assert torch.isclose(normalized_mse(p, t), ((p - t) ** 2).sum() / ((t - t.mean(0)) ** 2).sum())
-    assert auto_lr(2**14) == pytest.approx(2e-3) and auto_lr(4 * 2**14) == pytest.approx(1e-3)
+    # Gao et al.'s 1/sqrt(width) (base 2e-3 at 2^14) below 4,608, flat to 18,432, 1/sqrt(width) beyond
+    assert auto_lr(1024) == pytest.approx(2e-3 * 4) and auto_lr(4096) == pytest.approx(2e-3 * 2)
+    flat = 2e-3 / math.sqrt(4608 / 2**14)
+    assert auto_lr(4608) == pytest.approx(flat) and auto_lr(9216) == pytest.approx(flat)
+    assert auto_lr(18432) == pytest.approx(flat) and auto_lr(4 * 18432) == pytest.approx(flat / 2)
+    assert auto_lr(18433) < flat  # continuous and falling past the flat stretch
 
 
 def test_save_load_round_trip(tmp_path):
