@@ -150,7 +150,7 @@ def throughput_phase(a: argparse.Namespace, width: int, rounds: int = 3, steps: 
     for r in range(rounds):
         loads.append(load_average())
         cmd = [sys.executable, __file__, "--phase", "_time_ours", "--widths", str(width), "--threads", str(a.threads),
-               "--time-steps", str(steps)]
+               "--time-steps", str(steps), "--tokens", str(a.tokens)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         ours.append(json.loads(out.strip().splitlines()[-1])["tokens_per_s"])
         path = CACHE / "saes" / f"throughput_{width}"
