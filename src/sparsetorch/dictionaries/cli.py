@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         width: int = typer.Option(4608, "--width", help="Number of latents."),
         tokens: int | None = typer.Option(None, "--tokens", help="Training tokens (default: all harvested)."),
         batch_size: int = typer.Option(4096, "--batch-size", help="Tokens per step."),
-        lr: float | None = typer.Option(None, "--lr", help="Adam learning rate (default 2e-3 / sqrt(width / 2^14))."),
+        lr: float | None = typer.Option(None, "--lr", help="Adam learning rate (default 2e-3 / sqrt(width / 2^14), held flat from 4,608 to 18,432 latents)."),
         auxk_alpha: float = typer.Option(1 / 32, "--auxk-alpha", help="Weight of the AuxK loss (0 turns it off)."),
         seq_len: int = typer.Option(512, "--seq-len", help="Tokens per window when harvesting."),
         skip_first: int = typer.Option(1, "--skip-first", help="Positions dropped per window when harvesting."),

@@ -179,8 +179,9 @@ class Crosscoder(nn.Module):
 
 @dataclass
 class CrosscoderOptions:
-    """Training settings: Adam at ``lr`` (default ``2e-3 / sqrt(width / 2^14)`` for BatchTopK, as the
-    SAEs here (see train.py for why ten times the references' base); 1e-3 for L1 as in the
+    """Training settings: Adam at ``lr`` (default ``train.auto_lr(width)`` for BatchTopK, as the
+    SAEs here: ``2e-3 / sqrt(width / 2^14)``, flat from 4,608 to 18,432 latents; see train.py for
+    why ten times the references' base and why flat); 1e-3 for L1 as in the
     references' scripts), warm-up 5%, decay over the last 20%, AuxK 1/32 with
     ``k_aux = d/2`` after ``dead_tokens`` without firing, BatchTopK threshold EMA 0.99."""
 
