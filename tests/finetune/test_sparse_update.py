@@ -111,7 +111,12 @@ def test_resolve_selects_by_definition():
     full = set(resolve(model, "last:1").full)
     assert full == {n for n, _ in model.named_parameters() if n.startswith("model.layers.2.")}
     # head is never cut by last:K, and only there when named
-    assert "model.norm.weight" in resolve(model, "last:1,head").full
+    with_head = set(resolve(model, "last:1,head").full)
+    out_w = model.get_output_embeddings().weight  # tied: named model.embed_tokens.weight
+    head = {"model.norm.weight"} | {n for n, p in model.named_parameters() if p is out_w}
+    assert "model.norm.weight" in with_head and with_head == full | head
+    # 'head' alone is the head only, not the whole model
+    assert set(resolve(model, "head").full) == head
     assert "model.norm.weight" not in full
     norms = set(resolve(model, "last:2+norm").full)
     assert norms == {f"model.layers.{i}.{k}.weight" for i in (1, 2) for k in ("input_layernorm",

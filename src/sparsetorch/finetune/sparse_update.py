@@ -108,7 +108,13 @@ class SparseUpdate:
 
     @property
     def selects_everything_in_scope(self) -> bool:
-        return self.all or not (self.bias or self.norm or self.names or self.channels)
+        """``all``, or no selector but a scope: ``last:K`` alone (or with ``head``) trains the K
+        blocks in full; ``head`` alone trains only the head."""
+        if self.all:
+            return True
+        if self.bias or self.norm or self.names or self.channels:
+            return False
+        return not (self.head and self.last is None)
 
     def __str__(self) -> str:
         parts = [f"last:{self.last}"] if self.last is not None else []
