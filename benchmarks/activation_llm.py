@@ -95,6 +95,8 @@ def run(args: argparse.Namespace) -> dict:
     ppl_dense = perplexity(dense, windows=e16, progress=False)
     out = {"ppl_dense": ppl_dense, "threads": threads, "rows": []}
     print(f"dense E16 {ppl_dense:.3f}", flush=True)
+    if args.engine:  # TEAL's protocol: the first half of each window a dense prompt, the second half scored
+        out["ppl_dense_second_half"] = perplexity(dense, windows=e16, progress=False, score_from=PROMPT_DENSE)
     dense_engine = DecodeEngine.from_model(dense) if args.engine else None
     for spec in args.rows:
         weights, act, dtype = parse_row(spec, args.engine)
@@ -123,6 +125,7 @@ def run(args: argparse.Namespace) -> dict:
             continue
         by_threads: dict[str, dict] = {}
         rep = None
+        ppl_pd = None
         for t in threads:
             torch.set_num_threads(t)
             if args.engine:
@@ -131,6 +134,9 @@ def run(args: argparse.Namespace) -> dict:
                 kernel_counts = eng.layout_counts()
                 if dtype != "fp32" and t == threads[0]:  # the rounded values change the model: score it
                     ppl = perplexity(EngineLM(eng), windows=e16, batch_size=1, progress=False)
+                if th is not None and t == threads[0]:  # the prompt dense, the rest thresholded (the engine)
+                    ppl_pd = perplexity(EngineLM(eng, dense_prefix=PROMPT_DENSE), windows=e16, batch_size=1,
+                                        progress=False, score_from=PROMPT_DENSE)
                 tps_dense, tps = paired_decode_tokens_per_s(dense_engine, eng, prompt, args.repeats)
                 del eng
             else:
@@ -145,7 +151,10 @@ def run(args: argparse.Namespace) -> dict:
         row = {"row": spec, "weights": weights or "dense", "activation": act or None, "dtype": dtype,
                "activation_sparsity_target": th.sparsity if th else 0.0,
                "allocation": th.allocation if th else None, "activation_sparsity_measured": measured,
-               "ppl": ppl, "ppl_ratio": ppl / ppl_dense, **{k: head[k] for k in (
+               "ppl": ppl, "ppl_ratio": ppl / ppl_dense,
+               **({} if ppl_pd is None else {"ppl_prompt_dense": ppl_pd,
+                                             "ppl_prompt_dense_ratio": ppl_pd / out["ppl_dense_second_half"]}),
+               **{k: head[k] for k in (
                    "dense_tokens_per_s", "tokens_per_s", "decode_speedup", "kernel_counts")},
                "decode_by_threads": by_threads,
                "model_check": None if rep is None or rep.model_check is None else rep.model_check.to_dict(),
@@ -160,6 +169,9 @@ def run(args: argparse.Namespace) -> dict:
     return out
 
 
+#: positions of each 512-token E16 window run as a dense prompt in the prompt-dense column (TEAL's
+#: perplexity protocol leaves half of each sequence dense); the rest, thresholded, are scored
+PROMPT_DENSE = 256
 #: issue 15's targets: TEAL 40% decode speedup and E16 ratio; 50% weights + 40% activations speedup
 TEAL40_SPEEDUP, TEAL40_PPL_RATIO, COMBINED_SPEEDUP = 1.25, 1.10, 2.5
 
@@ -177,19 +189,25 @@ def combined_met(row: dict) -> bool:
 def table(d: dict) -> str:
     threads = [str(t) for t in d.get("threads", [])]
     extra = threads[1:]  # speedups at the other thread counts of the run
-    lines = [f"dense E16 perplexity {d['ppl_dense']:.2f}" + (f"; decode at {threads[0]} thread(s)"
+    pd = int(any(r.get("ppl_prompt_dense") is not None for r in d["rows"]))  # the prompt-dense column
+    lines = [f"dense E16 perplexity {d['ppl_dense']:.2f}"
+             + (f" (second half of each window: {d['ppl_dense_second_half']:.2f})" if "ppl_dense_second_half" in d else "")
+             + (f"; decode at {threads[0]} thread(s)"
                                                             + (f" (and {', '.join(extra)})" if extra else "")
                                                             if threads else ""), "",
-             "| weights | activations | zeros measured | E16 | x dense | decode tok/s (dense) | speedup | "
+             "| weights | activations | zeros measured | E16 | x dense | "
+             + ("prompt dense: 2nd half (x dense) | " if pd else "") + "decode tok/s (dense) | speedup | "
              + "".join(f"speedup {t} thr | " for t in extra) + "kernels |",
-             "|---|---|---|---|---|---|---|" + "---|" * len(extra) + "---|"]
+             "|---|---|---|---|---|---|---|" + "---|" * (len(extra) + pd) + "---|"]
     for r in d["rows"]:
         k = ", ".join(f"{n} {c}" for n, c in sorted(r["kernel_counts"].items()))
         w = r["weights"] + ("" if r.get("dtype", "fp32") == "fp32" else f" ({r['dtype']})")
         more = "".join(f"{r['decode_by_threads'][t]['decode_speedup']:.2f} | " if t in r.get("decode_by_threads", {})
                        else "- | " for t in extra)
+        pdc = "" if not pd else ("- | " if r.get("ppl_prompt_dense") is None else
+                                 f"{r['ppl_prompt_dense']:.2f} ({r['ppl_prompt_dense_ratio']:.3f}) | ")
         lines.append(f"| {w} | {r['activation'] or '-'} | {r['activation_sparsity_measured']:.1%} | "
-                     f"{r['ppl']:.2f} | {r['ppl_ratio']:.3f} | {r['tokens_per_s']:.1f} ({r['dense_tokens_per_s']:.1f}) | "
+                     f"{r['ppl']:.2f} | {r['ppl_ratio']:.3f} | {pdc}{r['tokens_per_s']:.1f} ({r['dense_tokens_per_s']:.1f}) | "
                      f"{r['decode_speedup']:.2f} | {more}{k} |")
     by = {r["row"]: r for r in d["rows"]}
     lines += ["", "Targets:"]
@@ -198,6 +216,10 @@ def table(d: dict) -> str:
         r = by[name]
         lines.append(f"- TEAL 40% ({name}): decode x{r['decode_speedup']:.2f} (>= {TEAL40_SPEEDUP}) with E16 "
                      f"x{r['ppl_ratio']:.3f} (<= {TEAL40_PPL_RATIO:.2f}): {'met' if teal40_met(r) else 'MISSED'}")
+        if r.get("ppl_prompt_dense_ratio") is not None:
+            ok = r["decode_speedup"] >= TEAL40_SPEEDUP and r["ppl_prompt_dense_ratio"] <= TEAL40_PPL_RATIO
+            lines.append(f"  - with the prompt dense (TEAL's protocol: first {PROMPT_DENSE} positions dense, the rest "
+                         f"scored): E16 x{r['ppl_prompt_dense_ratio']:.3f}: {'met' if ok else 'MISSED'}")
     for name in [n for n in by if n.startswith("sparsegpt50+teal@0.4")]:
         r = by[name]
         prec = "" if r.get("dtype", "fp32") == "fp32" else f", {r['dtype']} values against the fp32 dense engine"
@@ -227,7 +249,10 @@ def main() -> None:
     before = load_average()
     data = run(a)
     data["_meta"] = prov.meta(model="SmolLM2-135M-Instruct fp32 (de-quantized GGUF)",
-                              eval="E16 = first 16 windows x 512 of the evaluation half, every token sparsified",
+                              eval="E16 = first 16 windows x 512 of the evaluation half, every token sparsified"
+                              + ("; prompt-dense column (engine rows): positions 0-255 of each window run "
+                                 "without thresholds, 256-511 with them and scored, against the dense model "
+                                 "on the same positions" if a.engine else ""),
                               decode="batch 1, 64-token prompt, 32 new tokens, median of --repeats alternating runs"
                               + (", both sides in the compiled DecodeEngine (fp32)" if a.engine else
                                  ", PyTorch eager with sparsify_for_inference kernels"),

@@ -26,12 +26,13 @@ class CharTokenizer:
         return "".join(chr(int(i)) for i in ids)
 
 
-def slow_reference(model, windows: torch.Tensor) -> float:
-    """Each window alone; each next token predicted from its prefix only, one forward per token."""
+def slow_reference(model, windows: torch.Tensor, score_from: int = 0) -> float:
+    """Each window alone; each next token predicted from its prefix only, one forward per token
+    (the tokens after position ``score_from``)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for w in windows:
-            for t in range(1, w.numel()):
+            for t in range(1 + score_from, w.numel()):
                 logits = model(input_ids=w[None, :t]).logits[0, -1].double()
                 total += -torch.log_softmax(logits, dim=-1)[w[t]].item()
                 count += 1
@@ -46,6 +47,17 @@ def test_perplexity_matches_slow_reference(batch_size: int) -> None:
     ref = slow_reference(model, windows)
     got = perplexity(model, windows=windows, batch_size=batch_size, progress=False)
     assert got == pytest.approx(ref, rel=1e-5)
+
+
+def test_score_from_scores_only_the_later_tokens() -> None:
+    model = make_tiny_llama()
+    windows = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(2))
+    got = perplexity(model, windows=windows, batch_size=2, progress=False, score_from=7)
+    assert got == pytest.approx(slow_reference(model, windows, score_from=7), rel=1e-5)
+    assert got != pytest.approx(perplexity(model, windows=windows, progress=False), rel=1e-3)
+    for bad in (-1, 11, 2.5):
+        with pytest.raises(DataError, match="score_from"):
+            perplexity(model, windows=windows, progress=False, score_from=bad)
 
 
 def test_perplexity_is_deterministic_and_text_path_matches_windows() -> None:

@@ -35,12 +35,18 @@ def _logits(model: nn.Module, input_ids: Tensor) -> Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def window_nll(model: nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = False) -> Tensor:
-    """Summed next-token NLL of each window (float64 ``[n]``), every window scored alone."""
+def window_nll(model: nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = False,
+               score_from: int = 0) -> Tensor:
+    """Summed next-token NLL of each window (float64 ``[n]``), every window scored alone;
+    ``score_from``: only the predictions made at positions ``score_from`` onwards (of the tokens
+    after them) count, the earlier tokens serve as context."""
     from tqdm.auto import tqdm
 
     if windows.ndim != 2 or windows.shape[1] < 2:
         raise DataError(f"windows must be a [n, seq_len>=2] tensor of token ids, got shape {tuple(windows.shape)}.")
+    if isinstance(score_from, bool) or not isinstance(score_from, int) or not 0 <= score_from < windows.shape[1] - 1:
+        raise DataError(f"score_from must be a position in [0, {windows.shape[1] - 1}) of the {windows.shape[1]}-token "
+                        f"windows, got {score_from!r}.")
     if batch_size < 1:
         raise DataError(f"batch_size must be at least 1, got {batch_size}.")
     device = _device(model)
@@ -54,7 +60,7 @@ def window_nll(model: nn.Module, windows: Tensor, batch_size: int = 4, progress:
                 ids = windows[start : start + batch_size].to(device)
                 logits = _logits(model, ids)
                 for i in range(ids.shape[0]):  # one window at a time: no batch-sized copies
-                    nll = F.cross_entropy(logits[i, :-1].float(), ids[i, 1:], reduction="none")
+                    nll = F.cross_entropy(logits[i, score_from:-1].float(), ids[i, score_from + 1:], reduction="none")
                     sums.append(nll.double().sum().reshape(1).cpu())
                 del logits
                 bar.update(ids.shape[0])
@@ -74,8 +80,10 @@ def perplexity(
     max_windows: int | None = EVAL_WINDOWS,
     batch_size: int = 4,
     progress: bool = True,
+    score_from: int = 0,
 ) -> float:
-    """Perplexity of a causal LM over fixed token windows (default: E16 of the evaluation half)."""
+    """Perplexity of a causal LM over fixed token windows (default: E16 of the evaluation half);
+    ``score_from``: score only the tokens after that position of each window (see :func:`window_nll`)."""
     if windows is None:
         if tokenizer is None:
             raise DataError("perplexity needs either `windows` (token ids) or a `tokenizer`.")
@@ -84,8 +92,8 @@ def perplexity(
         windows = token_windows(tokenizer, text, seq_len=seq_len, max_windows=max_windows)
     elif max_windows is not None:
         windows = windows[:max_windows]
-    sums = window_nll(model, windows, batch_size=batch_size, progress=progress)
-    predicted = windows.shape[0] * (windows.shape[1] - 1)
+    sums = window_nll(model, windows, batch_size=batch_size, progress=progress, score_from=score_from)
+    predicted = windows.shape[0] * (windows.shape[1] - 1 - score_from)
     return math.exp(float(sums.sum()) / predicted)
 
 

@@ -56,6 +56,71 @@ def test_engine_with_thresholds_equals_the_hooked_model(pruned: bool, kernel: st
     assert not torch.equal(DecodeEngine.from_model(model).generate(ids, 30), ref)
 
 
+def _hooks_from(model: torch.nn.Module, th: ActivationThresholds, start: int) -> list:
+    """Pre-hooks that zero the inputs below each threshold at sequence positions >= start only."""
+    def make(t: float):  # noqa: ANN202
+        def hook(_m, args):  # noqa: ANN001, ANN202
+            x = args[0]
+            drop = x.abs() < t
+            drop[:, :start] = False
+            return (x.masked_fill(drop, 0), *args[1:])
+        return hook
+    return [model.get_submodule(n).register_forward_pre_hook(make(t)) for n, t in th.thresholds.items()]
+
+
+@pytest.mark.parametrize("kernel", ["transposed", "plain"])
+def test_dense_prompt_runs_only_the_new_tokens_thresholded(kernel: str) -> None:
+    """``logits(dense_prefix=P)`` / ``generate(dense_prompt=True)`` equal the model whose thresholds
+    apply at positions >= P (the prompt's length) only, by definition, and not the all-sparse one."""
+    model = tiny_llama(seed=25)
+    prune_half(model)
+    th = _thresholds(model)
+    eng = DecodeEngine.from_model(model, activation=th, activation_kernel=kernel)
+    ids = prompt(seed=26, n=12)
+    p = 5
+    hs = _hooks_from(model, th, p)
+    try:
+        with torch.no_grad():
+            want = model(ids).logits[0]
+    finally:
+        for h in hs:
+            h.remove()
+    got = eng.logits(ids[0], dense_prefix=p)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        dense = model(ids).logits[0]
+    assert torch.allclose(got[:p], dense[:p], atol=1e-4, rtol=1e-4)  # the prompt saw no threshold
+    assert not torch.allclose(eng.logits(ids[0]), got, atol=1e-3)  # every token thresholded differs
+    assert torch.allclose(eng.logits(ids[0], dense_prefix=100), dense, atol=1e-4, rtol=1e-4)
+    # generation: the prompt dense, each new token thresholded (full forwards, greedy, by definition)
+    seq = ids.clone()
+    for _ in range(12):
+        hs = _hooks_from(model, th, ids.shape[1])
+        try:
+            with torch.no_grad():
+                nxt = model(seq).logits[0, -1].argmax()
+        finally:
+            for h in hs:
+                h.remove()
+        seq = torch.cat([seq, nxt.reshape(1, 1)], dim=1)
+    assert torch.equal(eng.generate(ids, 12, dense_prompt=True), seq)
+    with pytest.raises(DataError, match="dense_prefix"):
+        eng.logits(ids[0], dense_prefix=-1)
+    # perplexity of the tokens after the dense prompt, through EngineLM, as the hooked model gives it
+    from sparsetorch.evaluate import perplexity
+    from sparsetorch.inference.decode import EngineLM
+
+    windows = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(27))
+    hs = _hooks_from(model, th, 6)
+    try:
+        want_ppl = perplexity(model, windows=windows, progress=False, score_from=6)
+    finally:
+        for h in hs:
+            h.remove()
+    got_ppl = perplexity(EngineLM(eng, dense_prefix=6), windows=windows, batch_size=1, progress=False, score_from=6)
+    assert got_ppl == pytest.approx(want_ppl, rel=1e-4)
+
+
 def test_auto_keeps_the_faster_kernel_per_kind_of_matrix() -> None:
     """``activation_kernel="auto"``: one measurement per kind of fused matrix, each kind gets the
     faster of its two kernels (a fake clock decides), and the engine still equals the hooked model."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -187,7 +189,7 @@ def test_other_cpu_use_reads_this_machine() -> None:
     other = kernels.other_cpu_use(0.05)
     if other is None:
         pytest.skip("no /proc here")
-    assert 0.0 <= other <= (__import__("os").cpu_count() or 1) + 0.5
+    assert 0.0 <= other <= (os.cpu_count() or 1) + 0.5
 
 
 def test_busy_machine_gets_single_thread_kernels_only(monkeypatch) -> None:

@@ -818,7 +818,7 @@ void threshold_copy(const Lin& L, const float* x, int64_t B, std::vector<float>&
 // (one per non-zero input at or above the threshold), split across threads by input, each thread
 // adding into its own accumulator row; several input rows (prefill) decode W^T once and use mm.
 template <int F, int D>
-void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial) {
+void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial, bool thr) {
   const int64_t lo = L.lo, li = L.li;
   if (B == 1) {
     // scratch kept per calling thread: no allocation per product on the decode hot path
@@ -826,7 +826,7 @@ void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial
     static thread_local std::vector<float> xl, accs;
     live.clear(); xl.clear();
     live.reserve(li); xl.reserve(li);
-    const float t = L.thr;
+    const float t = thr ? L.thr : -1.0f;  // without the threshold: every non-zero input is live
     for (int64_t i = 0; i < li; ++i) {
       const float a = x[i];
       if (a != 0.0f && std::fabs(a) >= t) { live.push_back(static_cast<int32_t>(i)); xl.push_back(a); }
@@ -884,7 +884,7 @@ void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial
   }
   std::vector<float> xt;
   const float* xs = x;
-  if (L.thr >= 0.0f) { threshold_copy(L, x, B, xt); xs = xt.data(); }
+  if (thr && L.thr >= 0.0f) { threshold_copy(L, x, B, xt); xs = xt.data(); }
   auto X = torch::from_blob(const_cast<float*>(xs), {B, li}, torch::kFloat32);
   auto Y = torch::from_blob(y, {B, lo}, torch::kFloat32);
   at::mm_out(Y, X, W);
@@ -893,26 +893,27 @@ void matmul_trans(const Lin& L, const float* x, int64_t B, float* y, bool serial
 }
 
 template <int F>
-void matmul_trans_f(const Lin& L, const float* x, int64_t B, float* y, bool serial) {
+void matmul_trans_f(const Lin& L, const float* x, int64_t B, float* y, bool serial, bool thr) {
   switch (L.dt) {
-    case F32: matmul_trans<F, F32>(L, x, B, y, serial); break;
-    case F16: matmul_trans<F, F16>(L, x, B, y, serial); break;
-    case BF16: matmul_trans<F, BF16>(L, x, B, y, serial); break;
-    default: matmul_trans<F, I8>(L, x, B, y, serial); break;
+    case F32: matmul_trans<F, F32>(L, x, B, y, serial, thr); break;
+    case F16: matmul_trans<F, F16>(L, x, B, y, serial, thr); break;
+    case BF16: matmul_trans<F, BF16>(L, x, B, y, serial, thr); break;
+    default: matmul_trans<F, I8>(L, x, B, y, serial, thr); break;
   }
 }
 
-void lin_matmul(const Lin& L, const float* x, int64_t B, float* y, bool serial = false) {
+// thr=false: the activation threshold (if any) is not applied (a dense prompt)
+void lin_matmul(const Lin& L, const float* x, int64_t B, float* y, bool serial = false, bool thr = true) {
   if (L.trans) {
     switch (L.fmt) {
-      case DENSE: matmul_trans_f<DENSE>(L, x, B, y, serial); break;
-      case BITMASK: matmul_trans_f<BITMASK>(L, x, B, y, serial); break;
-      default: matmul_trans_f<CSR>(L, x, B, y, serial); break;
+      case DENSE: matmul_trans_f<DENSE>(L, x, B, y, serial, thr); break;
+      case BITMASK: matmul_trans_f<BITMASK>(L, x, B, y, serial, thr); break;
+      default: matmul_trans_f<CSR>(L, x, B, y, serial, thr); break;
     }
     return;
   }
   std::vector<float> xt;
-  if (L.thr >= 0.0f) { threshold_copy(L, x, B, xt); x = xt.data(); }
+  if (thr && L.thr >= 0.0f) { threshold_copy(L, x, B, xt); x = xt.data(); }
   switch (L.fmt) {
     case DENSE: matmul_f<DENSE>(L, x, B, y, serial); break;
     case BITMASK: matmul_f<BITMASK>(L, x, B, y, serial); break;
@@ -1052,8 +1053,9 @@ struct Engine {
     }
   }
 
-  // logits [T or 1, vocab] for tokens ids[T] at positions pos0 .. pos0+T-1
-  torch::Tensor forward(torch::Tensor ids, int64_t pos0, bool all_logits) {
+  // logits [T or 1, vocab] for tokens ids[T] at positions pos0 .. pos0+T-1; thresholds=false runs
+  // these tokens without the activation thresholds (a dense prompt)
+  torch::Tensor forward(torch::Tensor ids, int64_t pos0, bool all_logits, bool thresholds) {
     TORCH_CHECK(max_len > 0, "call reset() before forward()");
     TORCH_CHECK(ids.dim() == 1 && ids.scalar_type() == torch::kInt64 && ids.is_contiguous(), "ids must be 1-D int64");
     const int64_t T = ids.size(0);
@@ -1071,8 +1073,8 @@ struct Engine {
     float* kc = kcache.data_ptr<float>();
     float* vc = vcache.data_ptr<float>();
     auto timed_mm = [&](const Lin& L, const float* in, float* out_, int64_t B) {
-      if (profile) { const double a = now_s(); lin_matmul(L, in, B, out_); t_linear += now_s() - a; }
-      else lin_matmul(L, in, B, out_);
+      if (profile) { const double a = now_s(); lin_matmul(L, in, B, out_, false, thresholds); t_linear += now_s() - a; }
+      else lin_matmul(L, in, B, out_, false, thresholds);
     };
     for (int64_t l = 0; l < n_layers; ++l) {
       rmsnorm(x.data(), ln1[l].data_ptr<float>(), h.data(), T);
@@ -1178,7 +1180,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<Engine>(m, "Engine")
       .def(py::init<std::vector<torch::Tensor>, std::vector<int64_t>, double>())
       .def("reset", &Engine::reset)
-      .def("forward", &Engine::forward, py::call_guard<py::gil_scoped_release>())
+      .def("forward", &Engine::forward, py::arg("ids"), py::arg("pos0"), py::arg("all_logits"),
+           py::arg("thresholds") = true, py::call_guard<py::gil_scoped_release>())
       .def("weight_bytes_per_token", &Engine::weight_bytes_per_token)
       .def("stats", &Engine::stats)
       .def("set_profile", &Engine::set_profile)

@@ -651,11 +651,19 @@ class DecodeEngine:
         cos, sin = self._rope
         self._h.reset(cos[:n].contiguous(), sin[:n].contiguous())
 
-    def logits(self, ids: Tensor) -> Tensor:
-        """fp32 logits ``[T, vocab]`` of every position of one sequence ``ids [T]`` (no cache carried)."""
+    def logits(self, ids: Tensor, dense_prefix: int = 0) -> Tensor:
+        """fp32 logits ``[T, vocab]`` of every position of one sequence ``ids [T]`` (no cache carried).
+
+        ``dense_prefix``: the first that many positions run without the activation thresholds
+        (a dense prompt, as ``generate(dense_prompt=True)`` runs it), the rest with them."""
         ids = ids.reshape(-1).to(torch.int64).contiguous()
+        p = _check_dense_prefix(dense_prefix)
         self._reset(ids.numel())
-        return self._h.forward(ids, 0, True)
+        if p == 0:
+            return self._h.forward(ids, 0, True)
+        if p >= ids.numel():
+            return self._h.forward(ids, 0, True, False)
+        return torch.cat([self._h.forward(ids[:p], 0, True, False), self._h.forward(ids[p:], p, True)])
 
     @property
     def weight_bytes_per_token(self) -> int:
@@ -675,8 +683,15 @@ class DecodeEngine:
         eos_token_id: int | list[int] | None = None,
         profile: bool = False,
         on_token: Callable[[int], None] | None = None,
+        dense_prompt: bool = False,
     ) -> Tensor:
         """Continue one sequence ``input_ids [1, T]`` by up to ``max_new_tokens``; returns ``[1, T + n]``.
+
+        ``dense_prompt=True`` runs the prompt without the activation thresholds and only the new
+        tokens with them: the thresholds save weight reads only at one token per step, so a dense
+        prompt costs no decode speed and spares the prompt's hidden states the error (TEAL's
+        perplexity protocol leaves half of each sequence dense the same way). Default False: every
+        token thresholded, as :func:`~sparsetorch.activation.apply_thresholds` does.
 
         Greedy by default; ``do_sample=True`` samples from ``softmax(logits / temperature)``
         restricted to the ``top_k`` most likely tokens (0 = all) and the smallest set whose
@@ -699,7 +714,7 @@ class DecodeEngine:
         self._h.set_profile(bool(profile))
         token_s: list[float] = []
         fwd = self._h.forward
-        logits = fwd(prompt, 0, False)
+        logits = fwd(prompt, 0, False, not dense_prompt)
         pos = t
         for i in range(max_new_tokens):
             t0 = time.perf_counter() if profile else 0.0
@@ -770,20 +785,29 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _check_dense_prefix(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise DataError(f"dense_prefix must be a whole number of positions >= 0, got {n!r}.")
+    return n
+
+
 class EngineLM(nn.Module):
     """A :class:`DecodeEngine` behind a causal-LM ``forward(input_ids) -> .logits`` (for perplexity).
 
-    Each row of ``input_ids`` is scored on its own with a fresh cache (batched prompt path).
+    Each row of ``input_ids`` is scored on its own with a fresh cache (batched prompt path);
+    ``dense_prefix`` positions of each row run without the activation thresholds (a dense prompt:
+    score the rest with ``perplexity(score_from=dense_prefix)``).
     """
 
-    def __init__(self, engine: DecodeEngine) -> None:
+    def __init__(self, engine: DecodeEngine, dense_prefix: int = 0) -> None:
         super().__init__()
         self.engine = engine
+        self.dense_prefix = _check_dense_prefix(dense_prefix)
 
     def forward(self, input_ids: Tensor, **_: Any) -> Any:
         from types import SimpleNamespace
 
-        rows = [self.engine.logits(r) for r in input_ids.reshape(input_ids.shape[0], -1)]
+        rows = [self.engine.logits(r, self.dense_prefix) for r in input_ids.reshape(input_ids.shape[0], -1)]
         return SimpleNamespace(logits=torch.stack(rows))
 
 
