@@ -63,6 +63,44 @@ def test_generate_with_activation_sparsity_equals_the_hooked_model(hf_dir: Path,
     assert out.rstrip("\n") == "hello" + tok.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+def test_dense_prompt_thresholds_only_the_new_tokens(hf_dir: Path, capsys) -> None:
+    """--dense-prompt: the text of greedy decoding by full forwards of the model whose thresholds
+    zero inputs only at positions past the prompt (by definition)."""
+    import torch
+
+    from sparsetorch.inference.cli import _thresholds
+
+    assert run(["generate", str(hf_dir), "--prompt", "hello there", "-n", "8", "--activation-sparsity", "0.4",
+                "--dense-prompt"]) == 0
+    out, err = capsys.readouterr()
+    assert "prompt dense" in err
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    th = _thresholds(model, tok, 0.4, "teal")
+    ids = tok("hello there", return_tensors="pt").input_ids
+    start = ids.shape[1]
+
+    def make(t: float):  # noqa: ANN202
+        def hook(_m, args):  # noqa: ANN001, ANN202
+            drop = args[0].abs() < t
+            drop[:, :start] = False
+            return (args[0].masked_fill(drop, 0), *args[1:])
+        return hook
+
+    hs = [model.get_submodule(n).register_forward_pre_hook(make(t)) for n, t in th.thresholds.items()]
+    seq = ids
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = model(seq).logits[0, -1].argmax().reshape(1, 1)
+            seq = torch.cat([seq, nxt], dim=1)
+            if eos is not None and int(nxt) in ([eos] if isinstance(eos, int) else eos):
+                break
+    for h in hs:
+        h.remove()
+    assert out.rstrip("\n") == "hello there" + tok.decode(seq[0, start:], skip_special_tokens=True)
+
+
 def test_generate_samples_reproducibly(hf_dir: Path, capsys) -> None:
     args = ["generate", str(hf_dir), "--prompt", "ab", "-n", "8", "--sample", "--temperature", "2", "--seed", "3"]
     assert run(args) == 0
@@ -80,6 +118,7 @@ def test_generate_samples_reproducibly(hf_dir: Path, capsys) -> None:
         (["--sample", "--top-p", "0"], "top_p must be in (0, 1]"),
         (["--threads", "0"], "--threads must be >= 1"),
         (["--activation-sparsity", "1.5"], "activation sparsity must be in [0, 1)"),
+        (["--dense-prompt"], "--dense-prompt goes with --activation-sparsity or --thresholds"),
     ],
 )
 def test_bad_arguments_exit_2_without_traceback(args: list[str], message: str) -> None:

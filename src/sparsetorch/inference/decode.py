@@ -831,8 +831,12 @@ def generate(
     attention_mask: Tensor | None = None,
     engine: DecodeEngine | None = None,
     notice: Callable[[str], None] = _notice,
+    dense_prompt: bool = False,
 ) -> Tensor:
     """Generate with the fast engine when it can run ``model``; otherwise Hugging Face ``generate``.
+
+    ``dense_prompt``: passed to :meth:`DecodeEngine.generate` (the prompt without the engine's
+    activation thresholds); the fallback cannot do that and refuses it (``ModelError``).
 
     ``eos_token_id`` defaults to the model's ``generation_config.eos_token_id``. A model the
     engine cannot run (see :func:`decode_support`), batch > 1, a padded ``attention_mask`` or a
@@ -863,7 +867,10 @@ def generate(
             reason = str(exc)
     if reason is None and engine is not None:
         return engine.generate(input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                               top_p=top_p, generator=generator, eos_token_id=eos_token_id)
+                               top_p=top_p, generator=generator, eos_token_id=eos_token_id, dense_prompt=dense_prompt)
+    if dense_prompt:
+        raise ModelError(f"a dense prompt needs the fast decode path, which cannot run this model ({reason}); "
+                         "drop --dense-prompt (transformers' generate thresholds every token).")
     if dtype != "fp32" or (head_dtype or "fp32") != "fp32":
         raise ModelError(f"--dtype {dtype} needs the fast decode path, which cannot run this model ({reason}); "
                          "use --dtype fp32 to run it with transformers' generate.")
