@@ -1194,6 +1194,14 @@ def activation_engine_table(r: Results) -> str:
                  "from each block's measured cost to the logits), a separate run of the same benchmark:\n\n"
                  + _bench_module("activation_llm").table(g) + "\n\n"
                  + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_global.json", g))
+    if (r.root / r.path("activation_llm_engine_prompt_dense")).is_file():
+        g = r("activation_llm_engine_prompt_dense")
+        text += ("\n\nThe prompt dense (TEAL's perplexity protocol): the same rows with the extra column "
+                 "`prompt dense: 2nd half` -- positions 0-255 of each E16 window run without thresholds, the "
+                 "tokens after them are scored, against the dense model on the same positions "
+                 "(`EngineLM(engine, dense_prefix=256)`, `perplexity(score_from=256)`), a separate run:\n\n"
+                 + _bench_module("activation_llm").table(g) + "\n\n"
+                 + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_prompt_dense.json", g))
     return text
 
 
@@ -1226,8 +1234,19 @@ def activation_summary(r: Results) -> str:
     text = _activation_sentence(d, f"TEAL thresholds on SmolLM2 (dense E16 {ppl(d['ppl_dense'])}), PyTorch path")
     e = r("activation_llm_engine")
     threads = e.get("threads") or [e.get("_meta", {}).get("torch_threads")]
-    return text + " " + _activation_sentence(e, f"In the compiled decode engine ({threads[0]} threads, "
-                                                f"{e.get('_meta', {}).get('cpu_model')})")
+    text += " " + _activation_sentence(e, f"In the compiled decode engine ({threads[0]} threads, "
+                                          f"{e.get('_meta', {}).get('cpu_model')})")
+    if (r.root / r.path("activation_llm_engine_prompt_dense")).is_file():
+        bench = _bench_module("activation_llm")
+        rows = [x for x in r("activation_llm_engine_prompt_dense")["rows"] if x.get("ppl_prompt_dense_ratio")]
+        if rows:
+            best = min(rows, key=lambda x: x["ppl_prompt_dense_ratio"])
+            ok = best["decode_speedup"] >= bench.TEAL40_SPEEDUP and best["ppl_prompt_dense_ratio"] <= bench.TEAL40_PPL_RATIO
+            text += (f" With the prompt dense (TEAL's protocol: the first half of each window dense, the second "
+                     f"half scored), `{best['row']}` gives E16 {ratio(best['ppl_prompt_dense_ratio'], 3)} dense at "
+                     f"decode {speed(best['decode_speedup'])}: the 40% target {'met' if ok else '**missed**'} "
+                     "under that protocol.")
+    return text
 
 
 def dp_table(r: Results) -> str:
