@@ -1194,6 +1194,11 @@ def activation_engine_table(r: Results) -> str:
                  "from each block's measured cost to the logits), a separate run of the same benchmark:\n\n"
                  + _bench_module("activation_llm").table(g) + "\n\n"
                  + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_global.json", g))
+    if (r.root / r.path("activation_llm_engine_global_x4")).is_file():
+        g = r("activation_llm_engine_global_x4")
+        text += ("\n\n`greedy-global` with its search on four calibration windows instead of two (`greedy0.1x4`), "
+                 "a separate run:\n\n" + _bench_module("activation_llm").table(g) + "\n\n"
+                 + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_global_x4.json", g))
     if (r.root / r.path("activation_llm_engine_prompt_dense")).is_file():
         g = r("activation_llm_engine_prompt_dense")
         text += ("\n\nThe prompt dense (TEAL's perplexity protocol): the same rows with the extra column "
