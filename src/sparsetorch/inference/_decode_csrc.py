@@ -736,6 +736,9 @@ inline void axpy_rows4(const Lin& L, const int32_t* idx, const float* a, float* 
 #ifndef ST_PF_ROW_HEAD
 #define ST_PF_ROW_HEAD 256
 #endif
+#ifndef ST_PF_GATHER_AHEAD
+#define ST_PF_GATHER_AHEAD 512
+#endif
 // the first ST_PF_ROW_HEAD bytes of each of n stored rows (values; bitmask: and masks): issued
 // one group of eight rows ahead, so each gathered row starts from cache and the hardware
 // prefetchers, which need a few misses to see a stream, carry on from there
@@ -788,8 +791,18 @@ inline void bitmask_rows8(const Lin& L, const int32_t* idx, const float* a, floa
   __m512 av[8];
   for (int j = 0; j < 8; ++j) { m[j] = L.m + idx[j] * L.chunks; p[j] = L.rp[idx[j]]; av[j] = _mm512_set1_ps(a[j]); }
   const int64_t n = L.in, full = n / 16;
+  constexpr int64_t VSZ = D == F32 ? 4 : (D == I8 ? 1 : 2);
+  const char* vb = static_cast<const char*>(L.v);
   int64_t c = 0;
   for (; c < full; ++c) {
+    // software prefetch along each of the eight gathered rows (values every other chunk, masks
+    // every 32): rows of a few hundred bytes to a few KB end before the hardware prefetchers
+    // ramp up; measured on SmolLM2's fp16 gate/up at 40% zeros: 3.8 -> 3.1 ms over 30 layers
+    if ((c & 1) == 0) {
+      for (int j = 0; j < 8; ++j) _mm_prefetch(vb + p[j] * VSZ + ST_PF_GATHER_AHEAD, _MM_HINT_T0);
+      if ((c & 31) == 0)
+        for (int j = 0; j < 8; ++j) _mm_prefetch(reinterpret_cast<const char*>(m[j] + c) + 64, _MM_HINT_T0);
+    }
     __m512 s0 = _mm512_loadu_ps(acc + 16 * c), s1 = _mm512_setzero_ps();
     for (int j = 0; j < 8; j += 2) {
       const __mmask16 k0 = m[j][c], k1 = m[j + 1][c];
