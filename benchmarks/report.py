@@ -1199,6 +1199,12 @@ def activation_engine_table(r: Results) -> str:
         text += ("\n\n`greedy-global` with its search on four calibration windows instead of two (`greedy0.1x4`), "
                  "a separate run:\n\n" + _bench_module("activation_llm").table(g) + "\n\n"
                  + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_global_x4.json", g))
+    if (r.root / r.path("activation_llm_engine_combined")).is_file():
+        g = r("activation_llm_engine_combined")
+        text += ("\n\nThe fp16 rows again after the transposed bitmask kernel learned to prefetch along its "
+                 "gathered rows (weights alone and with 40% activations, against the fp32 dense engine), a "
+                 "separate run:\n\n" + _bench_module("activation_llm").table(g) + "\n\n"
+                 + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_combined.json", g))
     if (r.root / r.path("activation_llm_engine_prompt_dense")).is_file():
         g = r("activation_llm_engine_prompt_dense")
         text += ("\n\nThe prompt dense (TEAL's perplexity protocol): the same rows with the extra column "
@@ -1241,6 +1247,13 @@ def activation_summary(r: Results) -> str:
     threads = e.get("threads") or [e.get("_meta", {}).get("torch_threads")]
     text += " " + _activation_sentence(e, f"In the compiled decode engine ({threads[0]} threads, "
                                           f"{e.get('_meta', {}).get('cpu_model')})")
+    if (r.root / r.path("activation_llm_engine_combined")).is_file():
+        bench = _bench_module("activation_llm")
+        for x in r("activation_llm_engine_combined")["rows"]:
+            if x["row"].startswith("sparsegpt50+teal@0.4"):
+                text += (f" With the gathered rows prefetched (a later run), SparseGPT 50% + 40% activations in "
+                         f"{x['dtype']} decode {speed(x['decode_speedup'])} against the fp32 dense engine (target "
+                         f"≥ {bench.COMBINED_SPEEDUP}×: {'met' if bench.combined_met(x) else '**missed**'}).")
     if (r.root / r.path("activation_llm_engine_prompt_dense")).is_file():
         bench = _bench_module("activation_llm")
         rows = [x for x in r("activation_llm_engine_prompt_dense")["rows"] if x.get("ppl_prompt_dense_ratio")]
