@@ -1183,36 +1183,33 @@ def activation_table(r: Results) -> str:
     return _bench_module("activation_llm").table(d) + "\n\n" + provenance_note(f"{RESULTS_DIR}/activation_llm.json", d)
 
 
+#: the separate engine runs shown under the main engine table: (results name, what it is)
+_ENGINE_RUNS = (
+    ("activation_llm_engine_global", "TEAL's greedy allocation against `greedy-global` (the same search plus "
+     "per-block levels from each block's measured cost to the logits)"),
+    ("activation_llm_engine_global_x4", "`greedy-global` with its search on four calibration windows instead of "
+     "two (`greedy0.1x4`)"),
+    ("activation_llm_engine_combined", "The fp16 rows again after the transposed bitmask kernel learned to "
+     "prefetch along its gathered rows (weights alone and with 40% activations, against the fp32 dense engine)"),
+    ("activation_llm_engine_prompt_dense", "The prompt dense (TEAL's perplexity protocol): the same rows with the "
+     "extra column `prompt dense: 2nd half` -- positions 0-255 of each E16 window run without thresholds, the "
+     "tokens after them are scored, against the dense model on the same positions "
+     "(`EngineLM(engine, dense_prefix=256)`, `perplexity(score_from=256)`)"),
+)
+
+
 def activation_engine_table(r: Results) -> str:
-    """TEAL in the compiled decode engine (activation_llm_engine.json): both sides in the engine."""
+    """TEAL in the compiled decode engine (activation_llm_engine.json): both sides in the engine;
+    then each separate run of :data:`_ENGINE_RUNS` that exists."""
+    bench = _bench_module("activation_llm")
     d = r("activation_llm_engine")
-    text = (_bench_module("activation_llm").table(d) + "\n\n" + str(d["_meta"].get("decode", "")) + ". "
+    text = (bench.table(d) + "\n\n" + str(d["_meta"].get("decode", "")) + ". "
             + provenance_note(f"{RESULTS_DIR}/activation_llm_engine.json", d))
-    if (r.root / r.path("activation_llm_engine_global")).is_file():
-        g = r("activation_llm_engine_global")
-        text += ("\n\nTEAL's greedy allocation against `greedy-global` (the same search plus per-block levels "
-                 "from each block's measured cost to the logits), a separate run of the same benchmark:\n\n"
-                 + _bench_module("activation_llm").table(g) + "\n\n"
-                 + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_global.json", g))
-    if (r.root / r.path("activation_llm_engine_global_x4")).is_file():
-        g = r("activation_llm_engine_global_x4")
-        text += ("\n\n`greedy-global` with its search on four calibration windows instead of two (`greedy0.1x4`), "
-                 "a separate run:\n\n" + _bench_module("activation_llm").table(g) + "\n\n"
-                 + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_global_x4.json", g))
-    if (r.root / r.path("activation_llm_engine_combined")).is_file():
-        g = r("activation_llm_engine_combined")
-        text += ("\n\nThe fp16 rows again after the transposed bitmask kernel learned to prefetch along its "
-                 "gathered rows (weights alone and with 40% activations, against the fp32 dense engine), a "
-                 "separate run:\n\n" + _bench_module("activation_llm").table(g) + "\n\n"
-                 + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_combined.json", g))
-    if (r.root / r.path("activation_llm_engine_prompt_dense")).is_file():
-        g = r("activation_llm_engine_prompt_dense")
-        text += ("\n\nThe prompt dense (TEAL's perplexity protocol): the same rows with the extra column "
-                 "`prompt dense: 2nd half` -- positions 0-255 of each E16 window run without thresholds, the "
-                 "tokens after them are scored, against the dense model on the same positions "
-                 "(`EngineLM(engine, dense_prefix=256)`, `perplexity(score_from=256)`), a separate run:\n\n"
-                 + _bench_module("activation_llm").table(g) + "\n\n"
-                 + provenance_note(f"{RESULTS_DIR}/activation_llm_engine_prompt_dense.json", g))
+    for name, intro in _ENGINE_RUNS:
+        if (r.root / r.path(name)).is_file():
+            g = r(name)
+            text += (f"\n\n{intro}, a separate run of the same benchmark:\n\n" + bench.table(g) + "\n\n"
+                     + provenance_note(f"{RESULTS_DIR}/{name}.json", g))
     return text
 
 
