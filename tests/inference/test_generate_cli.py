@@ -67,6 +67,7 @@ def test_dense_prompt_thresholds_only_the_new_tokens(hf_dir: Path, capsys) -> No
     """--dense-prompt: the text of greedy decoding by full forwards of the model whose thresholds
     zero inputs only at positions past the prompt (by definition)."""
     import torch
+    from test_decode_activation import _hooks_from
 
     from sparsetorch.inference.cli import _thresholds
 
@@ -79,15 +80,7 @@ def test_dense_prompt_thresholds_only_the_new_tokens(hf_dir: Path, capsys) -> No
     th = _thresholds(model, tok, 0.4, "teal")
     ids = tok("hello there", return_tensors="pt").input_ids
     start = ids.shape[1]
-
-    def make(t: float):  # noqa: ANN202
-        def hook(_m, args):  # noqa: ANN001, ANN202
-            drop = args[0].abs() < t
-            drop[:, :start] = False
-            return (args[0].masked_fill(drop, 0), *args[1:])
-        return hook
-
-    hs = [model.get_submodule(n).register_forward_pre_hook(make(t)) for n, t in th.thresholds.items()]
+    hs = _hooks_from(model, th, start)
     seq = ids
     eos = model.generation_config.eos_token_id
     with torch.no_grad():

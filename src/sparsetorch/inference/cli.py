@@ -403,7 +403,7 @@ def _register_generate(app: typer.Typer) -> None:
             else:
                 out = generate(lm, ids, max_new_tokens, dtype=dtype, head_dtype=head_dtype, do_sample=sample,
                                temperature=temperature, top_k=top_k, top_p=top_p, engine=engine, generator=gen,
-                               dense_prompt=dense_prompt and engine is not None)
+                               dense_prompt=dense_prompt)  # refused above when the engine is missing
             secs = time.perf_counter() - t0
             used = torch.get_num_threads()
         finally:
