@@ -212,3 +212,39 @@ def test_decode_runs_times_an_engine_from_its_first_token() -> None:
     eng = DecodeEngine.from_model(tiny_llama(seed=26))
     runs = decode_runs(eng, prompt(seed=27), new_tokens=5, repeats=2)
     assert len(runs) == 2 and all(r > 0 for r in runs)
+
+
+def test_generate_keeps_the_thresholds_on_either_path(monkeypatch) -> None:
+    """``generate(model, ids, activation=th)``: the engine path and the transformers fallback
+    (engine build refused) both give the tokens of the model with the thresholds as hooks, and
+    the hooks are gone afterwards."""
+    from sparsetorch.inference import decode as dec
+
+    model = tiny_llama(seed=21)
+    th = _thresholds(model)
+    ids = prompt(seed=22, n=12)
+    handle = apply_thresholds(model, th)
+    try:
+        ref = hf_greedy(model, ids, 20)
+    finally:
+        handle.remove()
+    dense = hf_greedy(model, ids, 20)
+    assert not torch.equal(dense, ref)  # the thresholds change the tokens: the test sees them
+    assert torch.equal(dec.generate(model, ids, 20, activation=th, notice=lambda m: None), ref)
+
+    def refuse(*a, **k):
+        raise ModelError("not supported here")
+
+    monkeypatch.setattr(dec.DecodeEngine, "from_model", refuse)
+    said: list[str] = []
+    assert torch.equal(dec.generate(model, ids, 20, activation=th, notice=said.append), ref)
+    assert said and "not supported here" in said[0]
+    assert torch.equal(dec.generate(model, ids, 20, notice=said.append), dense)  # hooks removed
+
+
+def test_generate_refuses_thresholds_with_an_engine_built_without_them() -> None:
+    from sparsetorch.inference.decode import generate
+
+    model = tiny_llama(seed=21)
+    with pytest.raises(DataError, match="built without activation thresholds"):
+        generate(model, prompt(seed=22, n=4), 4, activation=_thresholds(model), engine=DecodeEngine.from_model(model))

@@ -362,7 +362,7 @@ def _register_generate(app: typer.Typer) -> None:
         if threads is not None or busy:
             torch.set_num_threads(1 if busy else threads)
         try:  # the thread count is process-wide: put it back (in-process callers, tests)
-            lm = engine = th = hooks = None
+            lm = engine = th = None
             t0 = time.perf_counter()
             # the stored parts straight into the engine, no float model (thresholds need the model)
             if _is_checkpoint_dir(model) and not activation_sparsity:
@@ -388,10 +388,6 @@ def _register_generate(app: typer.Typer) -> None:
                 if engine is None and th is not None and dense_prompt:
                     raise ModelError("--dense-prompt needs the compiled decode engine, which cannot run this model; "
                                      "drop --dense-prompt (the fallback thresholds every token).")
-                if engine is None and th is not None:  # the fallback applies the same thresholds as hooks
-                    from ..activation import apply_thresholds
-
-                    hooks = apply_thresholds(lm, th, count=False)
             pack_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             gen = torch.Generator().manual_seed(seed) if sample else None
@@ -408,8 +404,6 @@ def _register_generate(app: typer.Typer) -> None:
             used = torch.get_num_threads()
         finally:
             torch.set_num_threads(before)
-            if hooks is not None:
-                hooks.remove()
         new = out[0, ids.shape[1]:]
         typer.echo(prompt + tok.decode(new, skip_special_tokens=True))
         packed = ((f"weights read from the checkpoint in {pack_s:.1f} s, " if lm is None else

@@ -832,8 +832,15 @@ def generate(
     engine: DecodeEngine | None = None,
     notice: Callable[[str], None] = _notice,
     dense_prompt: bool = False,
+    activation: Any = None,
 ) -> Tensor:
     """Generate with the fast engine when it can run ``model``; otherwise Hugging Face ``generate``.
+
+    ``activation``: TEAL thresholds (:class:`~sparsetorch.activation.ActivationThresholds`, not
+    installed as hooks) applied on whichever path runs: built into the engine this call builds,
+    or installed as hooks on ``model`` for the fallback (removed afterwards), so a model the
+    engine cannot run still decodes with its activation sparsity. A pre-built ``engine`` must
+    carry them already (``DecodeEngine.from_model(..., activation=...)``).
 
     ``dense_prompt``: passed to :meth:`DecodeEngine.generate` (the prompt without the engine's
     activation thresholds); the fallback cannot do that and refuses it (``ModelError``).
@@ -856,13 +863,16 @@ def generate(
     reason: str | None = None
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
         raise DataError("input_ids must be a [batch, T] tensor of token ids.")
+    if engine is not None and activation is not None and "activation" not in engine.config:
+        raise DataError("the engine given was built without activation thresholds; build it with "
+                        "DecodeEngine.from_model(model, ..., activation=thresholds) or pass no engine.")
     if input_ids.shape[0] != 1:
         reason = f"batch of {input_ids.shape[0]} sequences (the fast path decodes one)"
     elif attention_mask is not None and not bool(attention_mask.all()):
         reason = "the attention mask has padding"
     if reason is None and engine is None:
         try:
-            engine = DecodeEngine.from_model(model, dtype, head_dtype=head_dtype)
+            engine = DecodeEngine.from_model(model, dtype, head_dtype=head_dtype, activation=activation)
         except (ModelError, DependencyError) as exc:
             reason = str(exc)
     if reason is None and engine is not None:
@@ -884,5 +894,14 @@ def generate(
         kwargs["eos_token_id"] = eos_token_id
         kwargs["pad_token_id"] = eos_token_id if isinstance(eos_token_id, int) else eos_token_id[0]
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    with torch.no_grad():
-        return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    hooks = None
+    if activation is not None:  # the same thresholds, as hooks (every token, as the engine's default)
+        from ..activation import apply_thresholds
+
+        hooks = apply_thresholds(model, activation, count=False)
+    try:
+        with torch.no_grad():
+            return model.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+    finally:
+        if hooks is not None:
+            hooks.remove()
