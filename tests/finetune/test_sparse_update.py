@@ -14,6 +14,7 @@ from tiny_models import make_tiny_llama
 import sparsetorch
 from sparsetorch.errors import SparseTorchError
 from sparsetorch.finetune import (
+    FinetuneError,
     SavedTensorsMeter,
     SparseUpdate,
     UpdateError,
@@ -63,6 +64,16 @@ def test_parse_canonical_forms():
     assert SparseUpdate.parse("channels:1/8@up_proj").channels[0].fraction == 0.125
 
 
+def test_parse_numeric_name_components():
+    """nn.Sequential names its children "0", "1" ...: a name may be, or contain, a number; the other
+    terms keep their meaning (each has a ':' or is a keyword)."""
+    s = SparseUpdate.parse("0,features.0,2.bias,last:4,channels:0.5@1|features.3")
+    assert s.names == ("0", "features.0", "2.bias") and s.last == 4
+    assert s.channels[0].layers == ("1", "features.3") and s.channels[0].fraction == 0.5
+    assert SparseUpdate.parse(str(s)) == s
+    assert SparseUpdate.parse("4").names == ("4",) and SparseUpdate.parse("4").last is None
+
+
 @pytest.mark.parametrize("spec, text", [
     ("", "empty term"),
     ("last:2,,bias", "empty term"),
@@ -77,6 +88,8 @@ def test_parse_canonical_forms():
     ("channels:0.1", "after '@'"),
     ("channels:0.1@up_proj,channels:0.2@up_proj", "two channel terms"),
     ("q-proj", "not a module name"),
+    ("0.", "not a module name"),
+    ("channels:0.5@0.", "not a module name"),
 ])
 def test_parse_errors_are_typed(spec, text):
     with pytest.raises(UpdateError, match=None) as exc:
@@ -90,6 +103,7 @@ def test_parse_errors_are_typed(spec, text):
     ("channels:0.1@up_prj", "Did you mean:"),
     ("last:9", "more blocks than"),
     ("last:2,bias", "selects no parameter"),  # Llama has no biases
+    ("4", "For the last 4 blocks write last:4"),  # a bare number is a name, not a scope
     ("channels:0.1@embed_tokens", "only nn.Linear"),
     ("up_proj,channels:0.5@up_proj", "both in full and by"),
     ("last:1,model.layers.0.mlp", "nothing inside last:1"),
@@ -127,6 +141,30 @@ def test_resolve_selects_by_definition():
     cnn = get_model("cnn")
     assert resolve(cnn, "last:1").full == ["fc2.weight", "fc2.bias"]
     assert set(resolve(cnn, "bias").full) == {f"{m}.bias" for m in ("conv1", "conv2", "fc1", "fc2")}
+
+
+def test_children_of_nn_sequential_can_be_named():
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    nested = torch.nn.Sequential()
+    nested.features = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16))
+    nested.head = torch.nn.Linear(16, 4)
+    assert resolve(seq, "0").full == ["0.weight", "0.bias"]
+    assert resolve(seq, "2.bias").full == ["2.bias"]  # a parameter by its name
+    assert resolve(seq, "last:1").full == resolve(seq, "2").full == ["2.weight", "2.bias"]
+    assert resolve(nested, "features.0").full == ["features.0.weight", "features.0.bias"]
+    assert sorted(resolve(nested, "channels:0.25@2").channels) == ["features.2"]  # suffix match, as for q_proj
+    with pytest.raises(UpdateError, match="'5' matches no module"):
+        resolve(seq, "5")
+    # top-level numeric names also survive the wrapping and the merge
+    x = torch.randn(3, 8)
+    ref = seq(x).detach()
+    h = apply_update(seq, "0,channels:0.25@2")
+    assert isinstance(seq[2], ChannelSlice) and seq[2].slice.shape == (4, 4)
+    assert {n for n, p in seq.named_parameters() if p.requires_grad} == {"0.weight", "0.bias", "2.slice"}
+    assert torch.allclose(seq(x), ref, atol=1e-6)
+    h.merge()
+    assert type(seq[2]) is torch.nn.Linear and torch.allclose(seq(x), ref, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ frozen = no cost
@@ -305,6 +343,20 @@ def test_update_and_lora_are_exclusive():
         _train(_llama(), "last:1", lora=4)
 
 
+def test_update_with_gradient_checkpointing_is_refused_with_the_options():
+    from sparsetorch.finetune.lm import check_options
+
+    with pytest.raises(UpdateError, match="pass one of the two"):
+        check_options(update="last:1", gradient_checkpointing=True)
+    check_options(update="last:1")  # each alone is fine
+    check_options(gradient_checkpointing=True)
+    # finetune() refuses it with the options, before it looks at the data or the model
+    model = _llama()
+    with pytest.raises(UpdateError, match="gradient_checkpointing"):
+        finetune(model, None, "not windows", loss="ce", update="last:1", gradient_checkpointing=True)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 # --------------------------------------------------------------------------------------- CLI
 def test_cli_update(pruned_dir, hf_dir, tmp_path, capsys):
     import json
@@ -345,6 +397,45 @@ def test_cli_bad_update_exits_2_without_traceback(pruned_dir, tmp_path):
     assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
 
 
+def test_cli_update_with_gradient_checkpointing_fails_before_a_model_loads(pruned_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    from test_finetune_cli import _cli
+
+    # console script: the option error comes first, so the missing model folder is never looked at
+    missing = tmp_path / "no-such-model"
+    p = _cli(["finetune", str(missing), "--loss", "ce", "--update", "last:1", "--gradient-checkpointing",
+              "--out", str(tmp_path / "o1")], tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "error: UpdateError: " in p.stderr and "--gradient-checkpointing" in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and "ModelError" not in p.stderr
+    # a real pruned folder: refused without loading it
+    import sparsetorch.data.llm as llm
+
+    def load(*a, **k):
+        raise AssertionError("a model was loaded before --update/--gradient-checkpointing was checked")
+
+    monkeypatch.setattr(llm, "load_causal_lm", load)
+    assert run(["finetune", str(pruned_dir), "--loss", "ce", "--seq-len", "32", "--update", "last:1",
+                "--gradient-checkpointing", "--out", str(tmp_path / "o2")]) == 2
+    assert "UpdateError" in capsys.readouterr().err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_cli_update_selecting_no_parameter_exits_2_with_one_line(pruned_dir, tmp_path):
+    from test_finetune_cli import _cli
+
+    out = tmp_path / "o"
+    p = _cli(["finetune", str(pruned_dir), "--loss", "ce", "--steps", "1", "--seq-len", "32", "--eval-windows", "0",
+              "--update", "last:2,bias", "--out", str(out)], tmp_path)  # the tiny Llama has no biases
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0] == p.stderr.rstrip().splitlines()[-1], p.stderr[-2000:]
+    assert errors[0].startswith("error: UpdateError: update 'last:2,bias' selects no parameter of LlamaForCausalLM")
+    assert "last:2" in errors[0].split(";", 1)[1]  # says what to do
+    assert not out.exists()
+
+
 def test_resume_with_channel_slices_is_bit_identical(tmp_path):
     a, b = _llama(), _llama()
     masks_a = sparsetorch.prune(a, "magnitude", 0.5).masks
@@ -360,5 +451,7 @@ def test_resume_with_channel_slices_is_bit_identical(tmp_path):
     _train(c, spec, masks=copy.deepcopy(masks_b), steps=4, resume=ck)
     pa, pc = dict(a.named_parameters()), dict(c.named_parameters())
     assert all(torch.equal(pa[n], pc[n]) for n in pa)
-    with pytest.raises(Exception, match="update"):
+    with pytest.raises(FinetuneError, match=r"cannot resume .*adapter \(\{'update': 'last:2,norm,channels:0.25@up_proj'\}"
+                       r" there, \{'update': 'last:1'\} now\)") as exc:
         _train(_llama(), "last:1", masks=None, steps=4, resume=ck)  # another spec: refused
+    assert type(exc.value) is FinetuneError  # the resume check, not an UpdateError of the spec itself

@@ -130,7 +130,7 @@ def register(app: typer.Typer) -> None:
             loss=spec, steps=steps, lr=lr, lora=settings, batch_size=batch, grad_accum=grad_accum,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm or None, seed=seed, bf16=bf16_mode,
             eval_every=eval_every, checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir,
-            temperature=temperature, update=update)
+            temperature=temperature, update=update, gradient_checkpointing=gradient_checkpointing)
         lr = config.lr
         if seq_len < 2 or eval_windows < 0:
             raise DataError("--seq-len must be >= 2 and --eval-windows >= 0.")

@@ -187,6 +187,7 @@ def check_options(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     temperature: float = 1.0,
     update: Any = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[LossSpec, Any, FinetuneConfig]:
     """Check every option of :func:`finetune` that needs no model or data, before anything loads.
 
@@ -196,6 +197,7 @@ def check_options(
     :class:`FinetuneConfig` (``lr`` resolved by :func:`default_lr`). ``update`` (a sparse-update
     spec) is parsed here too (:class:`~sparsetorch.finetune.sparse_update.UpdateError`); it
     becomes part of the config's trajectory, so a checkpoint resumes only with the same spec.
+    ``update`` with ``gradient_checkpointing`` is refused here, not after the models load.
     """
     from .lora import LoraSettings
     from .sparse_update import SparseUpdate, UpdateError
@@ -205,6 +207,10 @@ def check_options(
     upd = SparseUpdate.parse(update) if update is not None else None
     if upd is not None and settings is not None:
         raise UpdateError("lora= and update= are two ways to choose what trains; pass one of them")
+    if upd is not None and gradient_checkpointing:
+        raise UpdateError("update= (--update) with gradient_checkpointing (--gradient-checkpointing) is not "
+                          "supported: checkpointed frozen blocks would need inputs that require grad, which "
+                          "builds the backward the update avoids; pass one of the two")
     config = FinetuneConfig(steps=steps, lr=default_lr(settings) if lr is None else lr, batch_size=batch_size,
                             grad_accum=grad_accum, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio,
                             weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, bf16=bf16,
@@ -284,7 +290,7 @@ def finetune(
         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, weight_decay=weight_decay,
         max_grad_norm=max_grad_norm, seed=seed, bf16=bf16, eval_every=eval_every,
         checkpoint_every=checkpoint_every, checkpoint_dir=checkpoint_dir, temperature=temperature,
-        update=update)
+        update=update, gradient_checkpointing=gradient_checkpointing)
     data = _check_windows(data, "data")
     if eval_windows is not None:
         eval_windows = _check_windows(eval_windows, "eval_windows")
@@ -326,11 +332,9 @@ def finetune(
 
     train_model, train_masks, peft_model, handle = model, masks, None, None
     if update is not None:
-        from .sparse_update import SparseUpdate, UpdateError, apply_update, resolve
+        from .sparse_update import SparseUpdate, apply_update, resolve
 
-        if gradient_checkpointing:
-            raise UpdateError("update= with gradient_checkpointing is not supported: checkpointed frozen blocks would "
-                              "need inputs that require grad, which builds the backward the update avoids")
+        # update= with gradient_checkpointing was refused by check_options, before anything loaded
         plan = resolve(model, SparseUpdate.parse(update))  # every check before the model changes
         handle = apply_update(model, plan, masks, seed=seed,
                               grad_fn=lambda m: loss_fn(m, batch_fn(0))[0])

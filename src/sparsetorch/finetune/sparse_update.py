@@ -10,7 +10,9 @@ A :class:`SparseUpdate` says what trains. Its string form (``--update SPEC`` on 
               | "norm"               weights and biases of normalisation layers in scope
               | "head"               the output head and the final norm (LMs), never cut by last:K
               | NAME                 the parameters of the modules whose dotted name is NAME or ends
-                                     with ".NAME" (q_proj, mlp.up_proj, model.layers.3.mlp ...)
+                                     with ".NAME" (q_proj, mlp.up_proj, model.layers.3.mlp ...);
+                                     components may be numbers, as nn.Sequential names its children
+                                     ("0", "features.0", "2.weight")
               | AXIS ":" F [":" CRIT] "@" NAME ("|" NAME)*
                                      a fraction F in (0, 1] (0.125 or 1/8) of the input channels (AXIS=channels,
                                      the 256KB work's choice) or output rows (AXIS=rows) of each
@@ -70,7 +72,9 @@ CRITERIA = ("magnitude", "gradient", "random")
 _KEYWORDS = ("all", "bias", "norm", "head")
 GRAMMAR = ("last:K | all | bias | norm | head | NAME | channels:F[:CRIT]@NAME[|NAME...] | "
            "rows:F[:CRIT]@NAME[|NAME...], joined by ',' or '+'; CRIT = magnitude|gradient|random")
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+#: a dotted module (or parameter) name; a component may be all digits (the children of nn.Sequential).
+#: Unambiguous: every other term has a ":" (last:K, channels:F@L, rows:F@L) or is a keyword.
+_NAME = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
 class UpdateError(FinetuneError):
@@ -289,8 +293,9 @@ def resolve(model: nn.Module, update: str | SparseUpdate) -> UpdatePlan:
             pn = [n for n in params if _matches(n, term)]
             if pn:
                 return pn
+            hint = f" For the last {term} blocks write last:{term}." if term.isdigit() else ""
             raise UpdateError(f"update term {term!r} matches no module of {type(model).__name__}."
-                              + close_matches(term, suffixes) + f" Grammar: {GRAMMAR}")
+                              + close_matches(term, suffixes) + hint + f" Grammar: {GRAMMAR}")
         out = [f"{m}.{p}" for m in mods for p, _ in modules[m].named_parameters()]
         return [n for n in out if n in params]
 
@@ -338,8 +343,9 @@ def resolve(model: nn.Module, update: str | SparseUpdate) -> UpdatePlan:
                     raise UpdateError(f"{m} is chosen by two channel terms ('{channels[m]}' and '{term}')")
                 channels[m] = term
     if not full and not channels:
+        whole = f"last:{spec.last}" if spec.last is not None else "last:2"
         raise UpdateError(f"update {str(spec)!r} selects no parameter of {type(model).__name__} (e.g. it has no "
-                          "biases or norms there); name layers that exist, e.g. last:2")
+                          f"biases or norms there); name layers that exist, or train whole blocks with {whole}")
     return UpdatePlan(spec, full, channels, blocks)
 
 
