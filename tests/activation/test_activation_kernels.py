@@ -205,3 +205,55 @@ def test_plan_measures_the_thresholded_layers_with_the_activation_kernels(monkey
     assert by["model.layers.0.mlp.down_proj"].kernel == "colgather"
     assert "colgather" not in by["model.layers.0.mlp.up_proj"].times  # not thresholded: dense only
     assert all(n in ("model.layers.0.mlp.down_proj",) or c.kernel == "dense" for n, c in by.items())
+
+
+def test_plan_saves_the_thresholds_it_calibrated(hf_dir, tmp_path) -> None:
+    """`plan --activation-sparsity S --activation-allocation greedy --save-thresholds F`: F holds the
+    thresholds calibrate_thresholds gives on the same model and text (by definition), and a second
+    run refuses to overwrite it."""
+    import transformers
+    from test_cli_errors import run_script
+    from test_cli_main import run
+
+    from sparsetorch.inference.cli import _thresholds
+
+    f = tmp_path / "th.safetensors"
+    assert run(["plan", str(hf_dir), "--activation-sparsity", "0.4", "--activation-allocation", "greedy",
+                "--save-thresholds", str(f)]) == 0
+    got = ActivationThresholds.load(f)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    ref = _thresholds(model, tok, 0.4, "teal", "greedy")
+    assert got.allocation == "greedy" and got.sparsity == 0.4 and got.thresholds == ref.thresholds
+    assert len(set(got.levels.values())) > 1  # greedy: the levels differ between projections
+    before = f.read_bytes()
+    proc = run_script("plan", str(hf_dir), "--activation-sparsity", "0.4", "--save-thresholds", str(f))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "--overwrite" in proc.stderr
+    assert f.read_bytes() == before
+    proc = run_script("plan", str(hf_dir), "--save-thresholds", str(tmp_path / "x.safetensors"))
+    assert proc.returncode == 2 and "needs --activation-sparsity" in proc.stderr
+    proc = run_script("generate", str(hf_dir), "-p", "hi", "--activation-sparsity", "0.4",
+                      "--activation-allocation", "best")
+    assert proc.returncode == 2 and "unknown --activation-allocation 'best'" in proc.stderr
+
+
+def test_sparsify_activations_takes_calib_and_refuses_unknown_keywords() -> None:
+    from sparsetorch.activation import calibrate_thresholds, sparsify_activations
+    from sparsetorch.errors import DataError
+
+    m = make_tiny_llama(layers=1, vocab=128)
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(3))
+    ref = calibrate_thresholds(m, 0.4, calibration=calib, num_samples=4, seq_len=16, batch_size=2)
+    handle, th = sparsify_activations(m, sparsity=0.4, calib=calib, num_samples=4, seq_len=16, batch_size=2)
+    try:
+        assert th.thresholds == ref.thresholds
+        m(calib[:2])
+        assert abs(handle.measured_sparsity - 0.4) < 0.1  # the hooks are installed and zero inputs
+    finally:
+        handle.remove()
+    with pytest.raises(DataError, match="unknown keyword"):
+        sparsify_activations(m, 0.4, calibraton=calib)
+    with pytest.raises(DataError, match="not both"):
+        sparsify_activations(m, 0.4, calib=calib, calibration=calib)
+    with pytest.raises(DataError, match="no module 'model.layers.7.mlp.up_proj'"):
+        calibrate_thresholds(m, 0.4, calibration=calib, targets=["model.layers.7.mlp.up_proj"])

@@ -26,6 +26,7 @@ activations only.)
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from collections.abc import Iterable
@@ -106,14 +107,15 @@ class ActivationThresholds:
             self.col_norms.keys() == other.col_norms.keys() and \
             all(torch.equal(v, other.col_norms[k]) for k, v in self.col_norms.items())
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write as safetensors + JSON metadata (no pickle; atomic)."""
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
+        """Write as safetensors + JSON metadata (no pickle; atomic). ``overwrite=False`` refuses
+        an existing file (the CLI's default)."""
         from ..statefile import save_state
 
         return save_state({"sparsity": self.sparsity, "criterion": self.criterion,
                            "thresholds": dict(self.thresholds), "calibration_tokens": self.calibration_tokens,
                            "col_norms": dict(self.col_norms), "kind": "activation-thresholds",
-                           "allocation": self.allocation, "levels": dict(self.levels)}, path)
+                           "allocation": self.allocation, "levels": dict(self.levels)}, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> ActivationThresholds:
@@ -122,7 +124,8 @@ class ActivationThresholds:
         st = load_state(path)
         if not isinstance(st, dict) or st.get("kind") != "activation-thresholds":
             raise CheckpointError(f"{path} is not an activation thresholds file (written by "
-                                  "ActivationThresholds.save / `sparsetorch plan --activation-sparsity`).")
+                                  "ActivationThresholds.save / `sparsetorch plan --activation-sparsity S "
+                                  "--save-thresholds FILE`).")
         try:
             th = cls(float(st["sparsity"]), str(st["criterion"]),
                      {str(k): float(v) for k, v in st["thresholds"].items()}, int(st.get("calibration_tokens", 0)),
@@ -131,7 +134,8 @@ class ActivationThresholds:
                      {str(k): float(v) for k, v in (st.get("levels") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"{path} is a damaged activation thresholds file ({type(exc).__name__}: {exc}); "
-                                  "recalibrate it (calibrate_thresholds / `sparsetorch plan --activation-sparsity`).") from None
+                                  "recalibrate it (calibrate_thresholds / `sparsetorch plan --activation-sparsity S "
+                                  "--save-thresholds FILE`).") from None
         problem = th._problem()
         if problem:
             raise CheckpointError(f"{path}: {problem}; the file was edited or written by another version -- "
@@ -236,7 +240,15 @@ def calibrate_thresholds(
     if not names:
         raise DataError("no Linear layers to sparsify the inputs of.")
     for n in names:
-        if not isinstance(model.get_submodule(n), nn.Linear):
+        try:
+            mod = model.get_submodule(n) if isinstance(n, str) else None
+        except AttributeError:
+            mod = None
+        if mod is None:
+            linear = [k for k, m in model.named_modules() if isinstance(m, nn.Linear)]
+            raise DataError(f"the model has no module {n!r}; targets are module names such as "
+                            f"{', '.join(map(repr, linear[:3]))}" + (" ..." if len(linear) > 3 else "") + ".")
+        if not isinstance(mod, nn.Linear):
             raise DataError(f"{n} is not an nn.Linear: activation thresholds apply to Linear inputs.")
     batches = prepare_calibration(model, calibration, tokenizer, num_samples=num_samples, seq_len=seq_len,
                                   batch_size=batch_size)
@@ -342,7 +354,25 @@ def apply_thresholds(model: nn.Module, th: ActivationThresholds, count: bool = T
     return handle
 
 
-def sparsify_activations(model: nn.Module, sparsity: float = 0.4, **calibrate_kw: Any) -> tuple[ThresholdHandle, ActivationThresholds]:
-    """Calibrate (:func:`calibrate_thresholds`) and install (:func:`apply_thresholds`) in one call."""
+def sparsify_activations(model: nn.Module, sparsity: float = 0.4, calib: Any = None,
+                         **calibrate_kw: Any) -> tuple[ThresholdHandle, ActivationThresholds]:
+    """Calibrate (:func:`calibrate_thresholds`) and install (:func:`apply_thresholds`) in one call.
+
+    ``calib``: the calibration data (``calibration=`` of :func:`calibrate_thresholds`: token ids
+    ``[N, T]``, a list of texts with ``tokenizer=``, or None for the embedded calibration text);
+    the other keywords go to :func:`calibrate_thresholds`. Returns the installed hooks (their
+    ``remove()`` puts the model back) and the thresholds (``.save(path)`` keeps them)."""
+    if calib is not None and "calibration" in calibrate_kw:
+        raise DataError("give the calibration data once: calib= or calibration=, not both.")
+    unknown = set(calibrate_kw) - _CALIBRATE_KEYWORDS
+    if unknown:
+        raise DataError(f"sparsify_activations got unknown keyword(s) {', '.join(sorted(unknown))}; "
+                        f"it takes calib= and the keywords of calibrate_thresholds: {', '.join(sorted(_CALIBRATE_KEYWORDS))}.")
+    if calib is not None:
+        calibrate_kw["calibration"] = calib
     th = calibrate_thresholds(model, sparsity, **calibrate_kw)
     return apply_thresholds(model, th), th
+
+
+#: the keyword arguments of :func:`calibrate_thresholds` (checked by :func:`sparsify_activations`)
+_CALIBRATE_KEYWORDS = frozenset(inspect.signature(calibrate_thresholds).parameters) - {"model", "sparsity"}

@@ -45,8 +45,9 @@ def _load(model: str, prune: float | None):
     return lm, tok
 
 
-def _check_activation(activation_sparsity: float | None, criterion: str) -> None:
+def _check_activation(activation_sparsity: float | None, criterion: str, allocation: str = "uniform") -> None:
     from ..activation import CRITERIA
+    from ..activation.thresholds import ALLOCATIONS
     from ..activation.thresholds import check_sparsity_level
     from ..errors import MethodError
 
@@ -54,21 +55,28 @@ def _check_activation(activation_sparsity: float | None, criterion: str) -> None
         check_sparsity_level(activation_sparsity)
     if criterion not in CRITERIA:
         raise MethodError(f"unknown --activation-criterion {criterion!r}; choose from {', '.join(CRITERIA)}.")
+    if allocation not in ALLOCATIONS:
+        raise MethodError(f"unknown --activation-allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}.")
 
 
-def _thresholds(lm, tok, activation_sparsity: float | None, criterion: str):  # noqa: ANN001, ANN202
+def _thresholds(lm, tok, activation_sparsity: float | None, criterion: str,  # noqa: ANN001, ANN202
+                allocation: str = "uniform"):
     """TEAL/WINA thresholds calibrated on 16 windows of the embedded calibration text (or None)."""
     if not activation_sparsity:
         return None
     from ..activation import calibrate_thresholds
 
     return calibrate_thresholds(lm, activation_sparsity, tokenizer=tok, criterion=criterion, num_samples=16,
-                                seq_len=min(512, _max_len(lm)))
+                                seq_len=min(512, _max_len(lm)), allocation=allocation)
 
 
 def _max_len(lm) -> int:  # noqa: ANN001
     return int(getattr(getattr(lm, "config", None), "max_position_embeddings", 512) or 512)
 
+
+ALLOC_HELP = ("How the activation sparsity is spread: uniform (every projection the same level), greedy (TEAL's "
+              "per-block search on the block output error) or greedy-global (also moves it between blocks by their "
+              "cost to the next-token distribution; slower to calibrate, lower perplexity).")
 
 ACT_HELP = ("Zero this fraction of every decoder Linear's inputs (TEAL thresholds calibrated on the embedded "
             "calibration text) and let kernels that skip zero inputs compete.")
@@ -90,8 +98,12 @@ def register(app: typer.Typer) -> None:
         activation_sparsity: float | None = typer.Option(None, "--activation-sparsity", help=ACT_HELP),
         activation_criterion: str = typer.Option("teal", "--activation-criterion", help="teal (|x|) or wina "
                                                  "(|x| times the weight column's norm)."),
+        activation_allocation: str = typer.Option("uniform", "--activation-allocation", help=ALLOC_HELP),
+        save_thresholds: Path | None = typer.Option(
+            None, "--save-thresholds", help="Write the calibrated activation thresholds to this file "
+            "(safetensors; `sparsetorch generate --thresholds FILE` reads it)."),
         json_path: Path | None = typer.Option(None, "--json", help="Also write the plan as JSON."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json / --save-thresholds file."),
     ) -> None:
         """Measure every Linear layer with each kernel; print expected latency, memory and speedup, and (batch 1, Llama-family models) the compiled decode engine's predicted tokens/s per weight dtype."""
         from ..errors import check_sparsity
@@ -99,11 +111,21 @@ def register(app: typer.Typer) -> None:
 
         _check(prune, json_path, overwrite, batch=batch)
         check_sparsity(min_sparsity, "--min-sparsity")
-        _check_activation(activation_sparsity, activation_criterion)
+        _check_activation(activation_sparsity, activation_criterion, activation_allocation)
+        if save_thresholds is not None:
+            from ..atomic import check_output_file
+            from ..errors import DataError
+
+            if not activation_sparsity:
+                raise DataError("--save-thresholds needs --activation-sparsity S (the thresholds to calibrate).")
+            check_output_file(save_thresholds, overwrite=overwrite)
         lm, tok = _load(model, prune)
-        th = _thresholds(lm, tok, activation_sparsity, activation_criterion)
+        th = _thresholds(lm, tok, activation_sparsity, activation_criterion, activation_allocation)
         report = make_plan(lm, batch_size=batch, min_sparsity=min_sparsity, activation=th)
         typer.echo(str(report))
+        if save_thresholds is not None and th is not None:
+            th.save(save_thresholds, overwrite=overwrite)
+            console.print(f"wrote {save_thresholds}", markup=False, highlight=False)
         if json_path is not None:
             from ..atomic import atomic_write_text
 
@@ -119,6 +141,7 @@ def register(app: typer.Typer) -> None:
         tokens: int = typer.Option(32, help="Tokens to decode per measurement."),
         activation_sparsity: float | None = typer.Option(None, "--activation-sparsity", help=ACT_HELP),
         activation_criterion: str = typer.Option("teal", "--activation-criterion", help="teal or wina."),
+        activation_allocation: str = typer.Option("uniform", "--activation-allocation", help=ALLOC_HELP),
         json_path: Path | None = typer.Option(None, "--json", help="Also write the results as JSON."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --json file."),
         peer: str | None = typer.Option(None, "--peer", help="Also measure a peer runtime on the same dense model: "
@@ -142,7 +165,7 @@ def register(app: typer.Typer) -> None:
         from .bench import decode_tokens_per_s, machine_info
 
         _check(prune, json_path, overwrite, tokens=tokens)
-        _check_activation(activation_sparsity, activation_criterion)
+        _check_activation(activation_sparsity, activation_criterion, activation_allocation)
         if peer is not None:  # every peer problem is reported before the model is loaded
             _check_peer(peer, peer_type, peer_gguf, peer_venv, peer_cache, tokens)
         lm, tok = _load(model, None)
@@ -154,7 +177,7 @@ def register(app: typer.Typer) -> None:
 
             prune_model(lm, "magnitude", prune)
         ids = tok("The quick brown fox jumps over the lazy dog. Sparse networks", return_tensors="pt").input_ids
-        th = _thresholds(lm, tok, activation_sparsity, activation_criterion)
+        th = _thresholds(lm, tok, activation_sparsity, activation_criterion, activation_allocation)
         measured = 0.0
         if th is not None:  # the fraction of inputs the thresholds zero, on the prompt
             from ..activation import apply_thresholds
@@ -198,6 +221,7 @@ def register(app: typer.Typer) -> None:
 
             res = {"model": model, "prune": prune, "tokens": tokens, "activation_sparsity": activation_sparsity or 0.0,
                    "activation_criterion": activation_criterion if activation_sparsity else None,
+                   "activation_allocation": activation_allocation if activation_sparsity else None,
                    "activation_sparsity_measured": measured, "dense_tokens_per_s": dense_tps,
                    "sparse_tokens_per_s": sparse_tps, "machine": info, "sparsify": report.to_dict(),
                    "torch_version": torch.__version__}
@@ -311,8 +335,10 @@ def _register_generate(app: typer.Typer) -> None:
             None, "--activation-sparsity", help="Zero this fraction of every decoder projection's inputs (TEAL "
             "thresholds calibrated on 16 windows of the embedded calibration text); the engine then reads only the "
             "weights of the live inputs."),
+        activation_allocation: str = typer.Option("uniform", "--activation-allocation", help=ALLOC_HELP),
         thresholds: Path | None = typer.Option(
-            None, "--thresholds", help="TEAL thresholds saved before (ActivationThresholds.save, calibrated on the "
+            None, "--thresholds", help="TEAL thresholds saved before (`sparsetorch plan --save-thresholds` or "
+            "ActivationThresholds.save, calibrated on the "
             "float model) instead of --activation-sparsity; with a compressed checkpoint the engine reads it "
             "without building the float model."),
         dense_prompt: bool = typer.Option(
@@ -341,7 +367,7 @@ def _register_generate(app: typer.Typer) -> None:
             _check_sampling(temperature, top_k, top_p)
         if not prompt:
             raise DataError("--prompt is empty; give some text to continue.")
-        _check_activation(activation_sparsity, "teal")
+        _check_activation(activation_sparsity, "teal", activation_allocation)
         if dense_prompt and not activation_sparsity and thresholds is None:
             raise DataError("--dense-prompt goes with --activation-sparsity or --thresholds: without thresholds "
                             "every token runs dense already.")
@@ -380,7 +406,8 @@ def _register_generate(app: typer.Typer) -> None:
                 raise DataError("the prompt encodes to no tokens; give some text to continue.")
             if lm is not None:
                 t0 = time.perf_counter()
-                th = saved_th if saved_th is not None else _thresholds(lm, tok, activation_sparsity, "teal")
+                th = saved_th if saved_th is not None else _thresholds(lm, tok, activation_sparsity, "teal",
+                                                                            activation_allocation)
                 try:  # packing the weights is reported apart from generation
                     engine = DecodeEngine.from_model(lm, dtype, head_dtype=head_dtype, activation=th)
                 except (ModelError, DependencyError):
