@@ -91,9 +91,9 @@ def greedy_levels(
 
     ``threshold_at(name, level)`` is the layer's threshold for a fraction ``level`` of its inputs
     (its calibration histogram); ``criterion_fn(name, x)`` the value compared with it (``|x|``,
-    or ``|x| * ||W[:, i]||`` for WINA). Returns ``(levels, paths)``: the level of every layer at
-    the row nearest ``sparsity`` (``across_blocks``: nearest the block's own level from
-    :func:`allocate_blocks`), and per block the rows (effective sparsity, group levels) the
+    or ``|x| * ||W[:, i]||`` for WINA). Returns ``(levels, paths)``: the level of every layer on
+    the path at exactly ``sparsity`` (:func:`level_on_path`; ``across_blocks``: at the block's own
+    level from :func:`allocate_blocks`), and per block the rows (effective sparsity, group levels) the
     search went through (TEAL's lookup table). ``block_costs``, if given, receives the measured
     ``{block: {effective level: KL}}`` of the cross-block allocation.
     """
@@ -158,11 +158,26 @@ def greedy_levels(
     finally:
         model.train(was)
     for bi, bgroups in by_block.items():
-        _, chosen = min(paths[bi], key=lambda r: abs(r[0] - target[bi]))
+        chosen = level_on_path(paths[bi], target[bi])
         for g in bgroups:
             for n in g:
                 levels[n] = chosen[g[0]]
     return levels, paths
+
+
+def level_on_path(rows: list[tuple[float, dict[str, float]]], target: float) -> dict[str, float]:
+    """The group levels at effective sparsity ``target`` on a greedy path (rows of ascending
+    effective sparsity): between the two rows around it, linearly. Consecutive rows differ in one
+    group's level and the effective sparsity is linear in the levels, so the result skips exactly
+    ``target`` of the block's weight reads (the nearest row alone overshoots or falls short by up
+    to half a step). Outside the path: its first or last row."""
+    if target <= rows[0][0]:
+        return dict(rows[0][1])
+    for (e0, l0), (e1, l1) in zip(rows, rows[1:]):
+        if e0 <= target <= e1:
+            f = (target - e0) / (e1 - e0) if e1 > e0 else 1.0
+            return {h: l0[h] + f * (l1[h] - l0[h]) for h in l0}
+    return dict(rows[-1][1])
 
 
 def output_head(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -247,7 +262,7 @@ def allocate_blocks(costs: dict[int, dict[float, float]], sizes: dict[int, int],
     the weights its levels gate. From every block at its lowest level, the step with the least
     cost per weight read skipped is taken until the mean reaches ``target`` (optimal when each
     block's cost is convex in its level); the last step is then cut back to land on ``target``
-    (a level between two measured ones: the caller picks the search path's nearest row).
+    (a level between two measured ones: the caller interpolates along the search path, :func:`level_on_path`).
     """
     pts = {b: sorted(c.items()) for b, c in costs.items()}
     at = dict.fromkeys(pts, 0)
