@@ -30,26 +30,37 @@ def half_masks(model, seed=0):
 
 
 def test_noise_is_exactly_zero_on_pruned_coordinates_and_has_std_sigma_c_elsewhere():
+    # the noised gradient is read where the optimizer receives it (a step pre-hook), not from the
+    # weights afterwards: the step re-applies the masks to the weights, which would hide noise
+    # left on pruned coordinates
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(100, 40), nn.ReLU(), nn.Linear(40, 3))
     masks = half_masks(model).apply(model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: list[dict[str, torch.Tensor]] = []
+    opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(
+        {names[id(p)]: p.grad.detach().clone() for g in o.param_groups for p in g["params"]}))
     sigma, clip, b = 2.0, 0.5, 4.0
     dp = DPSGD(model, opt, noise_multiplier=sigma, clip=clip, expected_batch_size=b, masks=masks,
                mask_is_public=True)
     dp.step(torch.zeros(0, 100), torch.zeros(0, dtype=torch.long))  # empty batch: pure noise
-    for n, p in model.named_parameters():
-        update = (before[n] - p.detach()) * b  # lr 1: the step is -(noise / b)
+    assert len(seen) == 1 and set(seen[0]) == set(names.values())
+    noise = {n: g * b for n, g in seen[0].items()}  # p.grad = noise / expected batch size
+    assert set(masks) == {"0.weight", "2.weight"}
+    for n, z in noise.items():
+        assert z.shape == dict(model.named_parameters())[n].shape
         if n in masks:
-            assert torch.all(update[~masks[n]] == 0) and torch.all(p.detach()[~masks[n]] == 0)
-            live = update[masks[n]]
-        else:
-            live = update.flatten()
+            assert torch.all(z[~masks[n]] == 0)  # exactly zero, not small
+            assert torch.all(dict(model.named_parameters())[n].detach()[~masks[n]] == 0)
+            live = z[masks[n]]
+        else:  # biases are dense
+            live = z.flatten()
         assert torch.all(live != 0)
-    w = torch.cat([((before[n] - p.detach()) * b)[masks[n]] for n, p in model.named_parameters() if n in masks])
-    assert w.std().item() == pytest.approx(sigma * clip, rel=0.05)  # ~2000 samples
-    assert abs(w.mean().item()) < 0.1
+    live = torch.cat([noise[n][masks[n]] if n in masks else noise[n].flatten() for n in noise])
+    assert live.numel() > 2000
+    assert live.std().item() == pytest.approx(sigma * clip, rel=0.05)  # N(0, (sigma*C)^2) / b
+    assert abs(live.mean().item()) < 0.1
 
 
 def test_a_step_without_noise_is_the_clipped_masked_sum_over_the_expected_batch_size():

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import PrivacyError
+from ..errors import PrivacyError, require
 from ..masks import MaskSet
 from .accountant import PrivacyBudget, check_privacy_args
 from .grad_sample import CHUNK_BYTES, PerSampleClipper
@@ -246,6 +246,9 @@ def dp_fit(
     n = len(xtr)
     check_dp_options(epsilon, noise_multiplier, batch_size, n, epochs)
     check_mask_privacy(sparsifier, mask_is_public=mask_is_public)
+    # the accountant needs opacus; without it, a noise multiplier run would fail only when the
+    # result reads budget.epsilon, after all the training
+    require("opacus", "privacy")
     q = batch_size / n
     steps = epochs * math.ceil(n / batch_size)
     if epsilon is not None:

@@ -9,6 +9,9 @@ import typer
 
 #: examples in the Fashion-MNIST training split (the run length is known before the data is read)
 FASHION_MNIST_TRAIN = 60_000
+#: DP-SGD defaults, applied only with --dp-epsilon / --dp-noise-multiplier (the options default to
+#: None so that a DP flag given without DP-SGD can be refused, even at its default value)
+DP_DELTA, DP_CLIP, DP_ACCOUNTANT = 1e-5, 1.0, "prv"
 
 
 def train_command(
@@ -33,10 +36,10 @@ def train_command(
     threads: int | None = typer.Option(None, help="torch.set_num_threads (default: torch's)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     dp_epsilon: float | None = typer.Option(None, "--dp-epsilon", help="Train with DP-SGD to this epsilon (the noise multiplier is calibrated to it)."),
-    dp_delta: float = typer.Option(1e-5, "--dp-delta", help="DP-SGD delta."),
-    dp_clip: float = typer.Option(1.0, "--dp-clip", help="DP-SGD per-sample clipping norm (on the live coordinates)."),
+    dp_delta: float | None = typer.Option(None, "--dp-delta", help=f"DP-SGD delta (default {DP_DELTA:g})."),
+    dp_clip: float | None = typer.Option(None, "--dp-clip", help=f"DP-SGD per-sample clipping norm on the live coordinates (default {DP_CLIP:g})."),
     dp_noise_multiplier: float | None = typer.Option(None, "--dp-noise-multiplier", help="DP-SGD with this noise multiplier instead of --dp-epsilon (epsilon is then reported)."),
-    dp_accountant: str = typer.Option("prv", "--dp-accountant", help="Privacy accountant: prv (Opacus's default, tighter) or rdp."),
+    dp_accountant: str | None = typer.Option(None, "--dp-accountant", help=f"Privacy accountant: prv (Opacus's default, tighter) or rdp (default {DP_ACCOUNTANT})."),
     dp_mask_is_public: bool = typer.Option(False, "--dp-mask-is-public", help="State that a data-dependent mask (snip, grasp) may be computed on the training data because it is public; otherwise DP-SGD refuses such masks."),
 ) -> None:
     """Train a small model sparse from scratch and report accuracy, sparsity and time."""
@@ -76,15 +79,27 @@ def train_command(
     train_size = min(train_subset, FASHION_MNIST_TRAIN) if train_subset else FASHION_MNIST_TRAIN
     checked = build_sparsifier(method, sparsity, math.ceil(train_size / batch_size) * epochs, **kw)  # validates
     if private:
+        from ..errors import require
         from ..privacy import check_mask_privacy, check_privacy_args
         from ..privacy.dpsgd import check_dp_options
 
+        dp_delta = DP_DELTA if dp_delta is None else dp_delta
+        dp_clip = DP_CLIP if dp_clip is None else dp_clip
+        dp_accountant = DP_ACCOUNTANT if dp_accountant is None else dp_accountant
         check_privacy_args(epsilon=dp_epsilon, delta=dp_delta, clip=dp_clip,
                            noise_multiplier=dp_noise_multiplier, accountant=dp_accountant)
         check_dp_options(dp_epsilon, dp_noise_multiplier, batch_size, train_size, epochs)
         check_mask_privacy(checked, mask_is_public=dp_mask_is_public)
-    elif dp_mask_is_public:
-        raise DataError("--dp-mask-is-public only applies to DP-SGD: add --dp-epsilon or --dp-noise-multiplier.")
+        require("opacus", "privacy")  # the accountant: missing, it would fail after the data or the run
+    else:
+        given = [flag for flag, value in (("--dp-delta", dp_delta), ("--dp-clip", dp_clip),
+                                          ("--dp-accountant", dp_accountant),
+                                          ("--dp-mask-is-public", dp_mask_is_public or None))
+                 if value is not None]
+        if given:
+            raise DataError(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} to DP-SGD: "
+                            "add --dp-epsilon or --dp-noise-multiplier, or leave "
+                            f"{'it' if len(given) == 1 else 'them'} out to train without privacy.")
     if threads:
         torch.set_num_threads(threads)
     train = load_fashion_mnist("train", data_dir, subset=train_subset)
