@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial as partial_
 
 import pytest
 import torch
@@ -137,15 +138,27 @@ def test_flap_compensation_keeps_each_layers_mean_output(what: str, layer_attr: 
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("what", ["heads,channels", "heads,channels,blocks", "blocks"])
-def test_the_saved_model_reloads_with_plain_transformers(tmp_path, what: str) -> None:
+@pytest.mark.parametrize("what,allocation,remove", [("heads,channels", "global", 0.3),
+                                                    ("heads,channels,blocks", "uniform", 0.5), ("blocks", "global", 0.3)])
+def test_the_saved_model_reloads_with_plain_transformers(tmp_path, what: str, allocation: str, remove: float) -> None:
     m = _model(layers=4)
-    res = prune_structured(m, 0.3, score="flap", what=what, calibration=CALIB, seq_len=24, block_share=0.5)
+    res = prune_structured(m, remove, score="flap", what=what, allocation=allocation, calibration=CALIB, seq_len=24,
+                           block_share=0.5)
     m.save_pretrained(tmp_path)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert back.config.num_hidden_layers == res.config["num_hidden_layers"] == len(decoder_of(m).blocks)
     assert back.config.intermediate_size == res.config["intermediate_size"]
     assert back.config.num_attention_heads == res.config["num_attention_heads"]
+    assert back.config.num_key_value_heads == res.config["num_key_value_heads"]
+    if "heads" in what:  # heads really went, the same in every layer, and GQA stays consistent
+        heads, kv = back.config.num_attention_heads, back.config.num_key_value_heads
+        assert heads < 6 and kv <= 2 and heads % kv == 0
+        for entry in res.layers:
+            assert heads == 6 - len(entry["heads_removed"]) and kv == 2 - len(entry["kv_heads_removed"])
+        for blk in back.model.layers:
+            assert blk.self_attn.num_key_value_groups == heads // kv
+            assert blk.self_attn.q_proj.out_features == heads * back.config.head_dim
+            assert blk.self_attn.k_proj.out_features == kv * back.config.head_dim
     assert back.num_parameters() == m.num_parameters()
     with torch.no_grad():
         torch.testing.assert_close(back(X).logits, m(X).logits, atol=1e-5, rtol=1e-5)
@@ -153,6 +166,193 @@ def test_the_saved_model_reloads_with_plain_transformers(tmp_path, what: str) ->
     a = back.generate(X[:1], max_new_tokens=6, do_sample=False, use_cache=True)
     b = back.generate(X[:1], max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(a, b)
+
+
+def _other(family: str, layers: int = 4):
+    """A tiny Qwen2 / Qwen3 / Mistral (6 query heads, 2 KV heads) built from its config."""
+    torch.manual_seed(0)
+    config_cls, model_cls = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+                             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[family]
+    cfg = config_cls(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=layers,
+                     num_attention_heads=6, num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    return model_cls(cfg).eval()
+
+
+def test_biased_projections_are_what_the_model_class_builds() -> None:
+    from sparsetorch.structured.arch import biased_projections
+
+    attn = {f"self_attn.{n}_proj" for n in "qkvo"}
+    mlp = {"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    assert biased_projections(decoder_of(_model()), attention=True, mlp=True) == attn | mlp
+    assert biased_projections(decoder_of(_model()), attention=False, mlp=False) == set()
+    # Qwen2: q/k/v always carry a bias, o_proj and the MLP never (whatever the config says)
+    assert biased_projections(decoder_of(_other("qwen2")), attention=True, mlp=True) == attn - {"self_attn.o_proj"}
+    assert biased_projections(decoder_of(_other("mistral")), attention=True, mlp=True) == set()
+    assert biased_projections(decoder_of(_other("qwen3")), attention=True, mlp=True) == attn
+
+
+@pytest.mark.parametrize("family,what,projection", [
+    ("qwen2", "heads", "self_attn.o_proj"), ("qwen2", "channels", "mlp.down_proj"),
+    ("mistral", "heads", "self_attn.o_proj"), ("mistral", "heads,channels", "self_attn.o_proj"),
+    ("mistral", "channels", "mlp.down_proj"), ("qwen3", "heads,channels", "mlp.down_proj")])
+def test_compensation_is_refused_where_the_model_class_drops_the_bias(family: str, what: str, projection: str) -> None:
+    m = _other(family)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    name = type(m).__name__
+    with pytest.raises(ModelError, match=rf"{name} \(model_type '{family}'\) builds {projection} without a bias"
+                                         r".*--no-compensate"):
+        prune_structured(m, 0.15, score="flap", what=what, calibration=CALIB, seq_len=24)
+    with pytest.raises(ModelError, match="--no-compensate"):  # asked for explicitly with another score too
+        prune_structured(m, 0.15, score="magnitude", what=what, compensate=True, calibration=CALIB, seq_len=24)
+    # refused before anything changed
+    assert m.config.num_attention_heads == 6 and m.config.intermediate_size == 96
+    assert m.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.parametrize("family,what,remove,compensate", [
+    ("qwen2", "heads,channels", 0.3, False), ("mistral", "heads,channels", 0.3, False),
+    ("qwen2", "heads,channels,blocks", 0.5, False),
+    ("qwen3", "heads", 0.15, None)])  # Qwen3 builds o_proj from attention_bias: FLAP compensates the heads
+def test_qwen_and_mistral_reload_to_the_same_logits(tmp_path, family: str, what: str, remove: float,
+                                                    compensate: bool | None) -> None:
+    m = _other(family)
+    res = prune_structured(m, remove, score="flap", what=what, compensate=compensate, calibration=CALIB, seq_len=24,
+                           allocation="uniform")
+    assert res.compensated == (compensate is None)
+    assert m.config.num_attention_heads < 6
+    m.save_pretrained(tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(back) is type(m)
+    assert back.state_dict().keys() == m.state_dict().keys()  # no bias dropped, none made up
+    assert back.config.num_attention_heads == m.config.num_attention_heads
+    if res.compensated:
+        assert back.model.layers[0].self_attn.o_proj.bias.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(back(X).logits, m(X).logits, atol=1e-5, rtol=1e-5)
+
+
+def _smallest_remove(message: str) -> float:
+    import re
+
+    found = re.search(r"smallest --remove that removes one is ([0-9.]+)", message)
+    assert found, message
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("what,unit", [("channels", "8 MLP channels"), ("heads", "one query head of each"),
+                                       ("heads,channels", "8 MLP channels")])
+@pytest.mark.parametrize("score", ["flap", "magnitude"])
+def test_a_budget_below_one_structure_names_the_smallest_remove(what: str, unit: str, score: str) -> None:
+    m = _model()
+    with pytest.raises(AllocationError, match=unit) as info:
+        prune_structured(m, 0.001, score=score, what=what, calibration=CALIB, seq_len=24)
+    assert m.config.intermediate_size == 96 and m.config.num_attention_heads == 6  # nothing changed
+    smallest = _smallest_remove(str(info.value))
+    # just below (4 decimals) the named value is still too small; the named value removes something
+    with pytest.raises(AllocationError, match="rounds to no"):
+        prune_structured(_model(), round(smallest - 1e-4, 4), score=score, what=what, calibration=CALIB, seq_len=24)
+    res = prune_structured(m, smallest, score=score, what=what, calibration=CALIB, seq_len=24)
+    assert res.removed_fraction > 0 and res.layers
+    assert res.compensated == (score == "flap")
+    # "one structure": 8 channels, or (heads alone) one query head of each of the 2 KV groups, in every layer
+    want = (6, 2, 88) if "channels" in what else (4, 2, 96)
+    assert (m.config.num_attention_heads, m.config.num_key_value_heads, m.config.intermediate_size) == want
+
+
+def test_a_budget_that_the_scores_leave_empty_is_refused_before_any_change() -> None:
+    # 32-channel steps cost more than one head per KV group: this budget could take heads, but uniform
+    # allocation gives attention too little for one, and the MLP's share rounds to no channel step
+    m = _model()
+    with pytest.raises(AllocationError, match="32 MLP channels") as info:
+        prune_structured(m, 0.1, score="magnitude", what="heads,channels", allocation="uniform", channel_multiple=32)
+    assert m.config.intermediate_size == 96 and m.config.num_attention_heads == 6
+    assert all(blk.mlp.down_proj.weight.shape == (48, 96) for blk in m.model.layers)
+    smallest = _smallest_remove(str(info.value))
+    assert smallest > 0.1
+    res = prune_structured(m, smallest, score="magnitude", what="heads,channels", allocation="uniform",
+                           channel_multiple=32)
+    assert res.removed_fraction > 0 and m.config.intermediate_size == 64
+
+
+def test_compensated_is_true_only_when_something_was_compensated() -> None:
+    # block_share 1: one whole block takes the budget; what is left is below one channel group per layer
+    m = _model()
+    res = prune_structured(m, 0.26, score="flap", what="channels,blocks", block_share=1.0, calibration=CALIB,
+                           seq_len=24)
+    assert len(res.blocks_removed) == 1 and res.layers == []
+    assert not res.compensated and not getattr(m.config, "mlp_bias", False)
+    assert all(blk.mlp.down_proj.bias is None for blk in m.model.layers)
+    res = prune_structured(_model(), 0.3, score="magnitude", what="channels", compensate=False)
+    assert not res.compensated
+
+
+@torch.no_grad()
+def _mag_head(blk, h: int, hd: int = 8) -> float:
+    """The magnitude score of query head ``h`` by its definition: its q_proj rows and o_proj columns."""
+    rows = slice(h * hd, (h + 1) * hd)
+    a = blk.self_attn
+    return float(a.q_proj.weight[rows].double().pow(2).sum() + a.o_proj.weight[:, rows].double().pow(2).sum())
+
+
+@torch.no_grad()
+def _mag_group(blk, k: int, hd: int = 8, G: int = 3) -> float:
+    """A KV group's magnitude score: its query heads' plus its k_proj / v_proj rows."""
+    rows = slice(k * hd, (k + 1) * hd)
+    a = blk.self_attn
+    return sum(_mag_head(blk, h) for h in range(k * G, (k + 1) * G)) + float(
+        a.k_proj.weight[rows].double().pow(2).sum() + a.v_proj.weight[rows].double().pow(2).sum())
+
+
+@torch.no_grad()
+def _mag_channel(blk, j: int) -> float:
+    """An MLP channel's magnitude score: gate/up row ``j`` and down_proj column ``j``."""
+    m = blk.mlp
+    return float(m.gate_proj.weight[j].double().pow(2).sum() + m.up_proj.weight[j].double().pow(2).sum()
+                 + m.down_proj.weight[:, j].double().pow(2).sum())
+
+
+@pytest.mark.parametrize("what,remove", [("heads", 0.2), ("heads", 0.1), ("channels", 0.3)])
+def test_the_plan_gives_each_removed_structures_score_and_the_cutoff(what: str, remove: float) -> None:
+    import json
+
+    dense = _model()
+    m = copy.deepcopy(dense)
+    res = prune_structured(m, remove, score="magnitude", what=what)
+    plan = json.loads(json.dumps(res.to_dict()))  # JSON-clean, as structured_plan.json holds it
+    G = 3  # query heads per KV head
+    for entry in plan["layers"]:
+        blk = dense.model.layers[entry["original_layer"]]
+        head, group, channel = (partial_(f, blk) for f in (_mag_head, _mag_group, _mag_channel))
+        if what == "heads":
+            assert entry["head_scores"] == pytest.approx([head(h) for h in entry["heads_removed"]])
+            assert entry["kv_head_scores"] == pytest.approx([group(k) for k in entry["kv_heads_removed"]])
+            kept_kv = [k for k in range(2) if k not in entry["kv_heads_removed"]]
+            if entry["kv_heads_removed"]:
+                assert entry["kv_head_cutoff"] == pytest.approx(min(group(k) for k in kept_kv))
+                assert max(entry["kv_head_scores"]) <= entry["kv_head_cutoff"]
+            else:
+                assert "kv_head_cutoff" not in entry
+            cut = entry.get("head_cutoffs")
+            part = [h for h in entry["heads_removed"] if h // G in kept_kv]
+            assert (cut is not None) == bool(part)
+            for k in range(2):
+                if k not in kept_kv:
+                    assert cut is None or cut[k] is None
+                    continue
+                kept = [h for h in range(k * G, (k + 1) * G) if h not in entry["heads_removed"]]
+                if cut is not None:
+                    assert cut[k] == pytest.approx(min(head(h) for h in kept))
+                    assert all(head(h) <= cut[k] for h in part if h // G == k)
+        else:
+            gone = entry["channels_removed"]
+            assert entry["channel_scores"] == pytest.approx([channel(j) for j in gone])
+            kept = [j for j in range(96) if j not in set(gone)]
+            assert entry["channel_cutoff"] == pytest.approx(min(channel(j) for j in kept))
+            assert max(entry["channel_scores"]) <= entry["channel_cutoff"]
+    if what == "heads":  # both ways of taking heads are exercised across the parameters
+        assert any("kv_head_cutoff" in e or "head_cutoffs" in e for e in plan["layers"])
 
 
 def test_block_influence_is_one_minus_the_mean_cosine_and_an_identity_block_goes_first() -> None:

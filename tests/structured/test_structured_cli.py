@@ -26,9 +26,21 @@ def test_prune_structured_writes_a_loadable_smaller_model_and_its_plan(hf_dir, t
     back = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert back.config.intermediate_size == s["config"]["intermediate_size"] < 128
     assert back.config.num_attention_heads == s["config"]["num_attention_heads"]
+    assert back.config.num_key_value_heads == s["config"]["num_key_value_heads"]
+    # heads really went (4 query / 2 KV heads before), GQA-consistent, and the summary counts them
+    heads, kv = back.config.num_attention_heads, back.config.num_key_value_heads
+    assert heads < 4 and heads % kv == 0
+    assert s["removed"]["heads_per_layer"] == 4 - heads and s["removed"]["kv_heads_per_layer"] == 2 - kv
+    assert s["removed"]["channels_per_layer"] == 128 - back.config.intermediate_size
+    assert all(blk.self_attn.q_proj.out_features == heads * back.config.head_dim for blk in back.model.layers)
     assert sum(p.numel() for p in back.model.layers.parameters()) == s["params_after"]
     plan = json.loads((out / "structured_plan.json").read_text())["plan"]
     assert len(plan["layers"]) == 2 and len(plan["layers"][0]["channels_removed"]) == 128 - s["config"]["intermediate_size"]
+    for entry in plan["layers"]:  # every removed structure has its score, at or below the layer's cut-off
+        assert len(entry["head_scores"]) == len(entry["heads_removed"]) == 4 - heads
+        assert len(entry["kv_head_scores"]) == len(entry["kv_heads_removed"]) == 2 - kv
+        assert len(entry["channel_scores"]) == len(entry["channels_removed"])
+        assert max(entry["channel_scores"]) <= entry["channel_cutoff"]
     from sparsetorch.analysis.report import MASKS_FILE
     from sparsetorch.masks import MaskSet
 
@@ -93,3 +105,26 @@ def test_a_model_that_cannot_be_mapped_is_a_clear_error(tmp_path) -> None:
     proc = run_script("prune-structured", "--model", str(tmp_path / "g"), "--remove", "0.2", "--eval-windows", "0",
                       "--seq-len", "32", "--calib-samples", "2")
     assert proc.returncode == 2 and "ModelError" in proc.stderr and "intermediate_size" in proc.stderr
+
+
+def test_compensation_a_model_class_would_drop_is_refused_and_no_compensate_works(tmp_path, capsys) -> None:
+    from tiny_models import byte_tokenizer
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    qwen = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64))
+    qwen.save_pretrained(tmp_path / "q")
+    byte_tokenizer().save_pretrained(tmp_path / "q")
+    args = ["prune-structured", "--model", str(tmp_path / "q"), "--remove", "0.3", "--what", "heads,channels",
+            "--allocation", "uniform", "--eval-windows", "0", "--seq-len", "32", "--calib-samples", "2"]
+    code = run([*args, "--out", str(tmp_path / "refused")])
+    err = capsys.readouterr().err
+    assert code == 2 and "ModelError" in err and "Qwen2ForCausalLM" in err and "--no-compensate" in err, err
+    assert "Traceback" not in err and not (tmp_path / "refused").exists()
+    assert run([*args, "--no-compensate", "--out", str(tmp_path / "s"), "--json", str(tmp_path / "s.json")]) == 0
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert not s["compensated"] and s["removed"]["heads_per_layer"] > 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    assert back.config.num_attention_heads == 4 - s["removed"]["heads_per_layer"]

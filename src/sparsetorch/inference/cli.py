@@ -47,8 +47,7 @@ def _load(model: str, prune: float | None):
 
 def _check_activation(activation_sparsity: float | None, criterion: str, allocation: str = "uniform") -> None:
     from ..activation import CRITERIA
-    from ..activation.thresholds import ALLOCATIONS
-    from ..activation.thresholds import check_sparsity_level
+    from ..activation.thresholds import ALLOCATIONS, check_sparsity_level
     from ..errors import MethodError
 
     if activation_sparsity is not None:

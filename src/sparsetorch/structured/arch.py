@@ -15,6 +15,7 @@ a whole KV group goes with all of its query heads.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -225,15 +226,80 @@ def check_blocks_removable(dec: Decoder) -> None:
                          "remove heads/channels only (--what heads,channels).")
 
 
-def set_biases(dec: Decoder, attention: bool, mlp: bool) -> None:
-    """Give every projection of the named kinds a bias (zeros where it had none) and say so in the
-    config (``attention_bias`` / ``mlp_bias``), so that the saved model reloads exactly."""
+#: the projection whose bias takes FLAP's compensation, per kind of structure
+COMPENSATED = {"heads": "self_attn.o_proj", "channels": "mlp.down_proj"}
+_PROJECTIONS = tuple(f"self_attn.{n}" for n in _ATTN) + tuple(f"mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def biased_projections(dec: Decoder, attention: bool, mlp: bool) -> set[str]:
+    """The projections (``"self_attn.o_proj"``, ``"mlp.down_proj"`` ...) that ``type(model)``
+    builds with a bias once the config says ``attention_bias`` (when ``attention``) and ``mlp_bias``
+    (when ``mlp``): what ``from_pretrained`` will load a saved bias into.
+
+    Some classes ignore the flags (Mistral and Qwen2 build ``o_proj`` / ``down_proj`` with
+    ``bias=False`` whatever the config says; Qwen2 builds ``q/k/v_proj`` with a bias regardless),
+    so this builds a one-layer copy of the model from the config on the ``meta`` device (no
+    memory, no weights) and looks. :class:`ModelError` when that copy cannot be built."""
+    cfg = copy.deepcopy(dec.config)
+    n = cfg.num_hidden_layers
+    cfg.num_hidden_layers = 1
+    for key in PER_LAYER_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, list) and len(value) == n:
+            setattr(cfg, key, value[:1])
+    if attention:
+        cfg.attention_bias = True
+    if mlp:
+        cfg.mlp_bias = True
+    try:
+        with torch.device("meta"):
+            probe = type(dec.model)(cfg)
+        block = find_decoder_blocks(probe)[1][0]
+    except Exception as exc:  # noqa: BLE001 - any failure means: cannot confirm the biases survive a reload
+        raise ModelError(f"could not build a one-layer {type(dec.model).__name__} from its config to check which "
+                         f"projections keep a bias after save/reload ({type(exc).__name__}: {exc}); bias "
+                         "compensation needs that: pass compensate=False (CLI: --no-compensate).") from exc
+    found = set()
+    for name in _PROJECTIONS:
+        try:
+            lin = block.get_submodule(name)
+        except AttributeError:
+            continue
+        if getattr(lin, "bias", None) is not None:
+            found.add(name)
+    return found
+
+
+def check_compensation(dec: Decoder, kinds: Sequence[str]) -> set[str]:
+    """Before any change: the biased projections (:func:`biased_projections`) for compensating the
+    width ``kinds`` (``heads`` -> ``o_proj``, ``channels`` -> ``down_proj``), or :class:`ModelError`
+    naming the model type and the projection whose class drops the bias on reload."""
+    width = [k for k in kinds if k in COMPENSATED]
+    found = biased_projections(dec, attention="heads" in width, mlp="channels" in width)
+    for kind in width:
+        proj = COMPENSATED[kind]
+        if proj not in found:
+            model_type = getattr(dec.config, "model_type", None) or "?"
+            raise ModelError(
+                f"{type(dec.model).__name__} (model_type {model_type!r}) builds {proj} without a bias whatever its "
+                f"config says, so the bias compensation for removed {kind} would be dropped when the saved model is "
+                f"reloaded and it would silently compute something else. Pass compensate=False (CLI: "
+                "--no-compensate).")
+    return found
+
+
+def set_biases(dec: Decoder, attention: bool, mlp: bool, biased: set[str] | None = None) -> None:
+    """Give the projections of the named kinds a bias (zeros where they had none) and say so in the
+    config (``attention_bias`` / ``mlp_bias``), so that the saved model reloads exactly. ``biased``
+    (from :func:`check_compensation`) limits this to the projections the model class builds with a
+    bias; ``None`` gives every projection of the kind one (the Llama layout)."""
     for i in range(len(dec.blocks)):
-        mods = ([(dec.attn(i), n) for n in _ATTN] if attention else []) + (
-            [(dec.mlp(i), n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(dec.mlp(i), n)] if mlp else [])
-        for parent, name in mods:
+        mods = ([(dec.attn(i), "self_attn", n) for n in _ATTN] if attention else []) + (
+            [(dec.mlp(i), "mlp", n) for n in ("gate_proj", "up_proj", "down_proj") if hasattr(dec.mlp(i), n)]
+            if mlp else [])
+        for parent, kind, name in mods:
             lin = getattr(parent, name)
-            if lin.bias is None:
+            if lin.bias is None and (biased is None or f"{kind}.{name}" in biased):
                 setattr(parent, name, keep_rows(lin, torch.arange(lin.out_features, device=lin.weight.device), True))
     if attention:
         dec.config.attention_bias = True

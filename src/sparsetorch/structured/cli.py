@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
 
         if seq_len < 2 or eval_windows < 0 or calib_samples < 1:
             raise DataError("--seq-len must be >= 2, --eval-windows >= 0, --calib-samples >= 1.")
-        check_arguments(remove, score, what, allocation, block_share, 8)
+        key, kinds = check_arguments(remove, score, what, allocation, block_share, 8)
         from ..data.llm import model_max_positions
 
         limit = model_max_positions(model)
@@ -60,6 +60,11 @@ def register(app: typer.Typer) -> None:
         from ..evaluate import perplexity
 
         lm, tokenizer = load_causal_lm(model, progress=True)
+        width = [k for k in kinds if k != "blocks"]
+        if width and ((key == "flap") if compensate is None else compensate):
+            from .arch import check_compensation, decoder_of
+
+            check_compensation(decoder_of(lm), width)  # before the dense evaluation, not after it
         ew = make_eval_windows(tokenizer, eval_windows, seq_len) if eval_windows else None
         ppl_dense = perplexity(lm, windows=ew) if ew is not None else None
         if ppl_dense is not None:
@@ -79,6 +84,7 @@ def register(app: typer.Typer) -> None:
                    "ppl_dense": ppl_dense, "ppl_pruned": ppl, "config": res.config,
                    "removed": {"blocks": [b["index"] for b in res.blocks_removed],
                                "heads_per_layer": _count(res.layers, "heads_removed"),
+                               "kv_heads_per_layer": _count(res.layers, "kv_heads_removed"),
                                "channels_per_layer": _count(res.layers, "channels_removed")},
                    "compensated": res.compensated, "seconds_prune": res.seconds, "calib_samples": calib_samples,
                    "seq_len": seq_len, "eval_windows": 0 if ew is None else int(ew.shape[0]),

@@ -18,7 +18,15 @@ LM head are not counted: SmolLM2's tied embedding is 21% of the model and stays)
 4. **Compensation** (FLAP; default with ``score="flap"``): the removed features' mean over the
    calibration tokens times their output columns is added to the ``o_proj`` / ``down_proj`` bias,
    so the layer's mean output is unchanged. The config then says ``attention_bias`` /
-   ``mlp_bias`` and every projection of that kind carries a (zero) bias, as transformers builds it.
+   ``mlp_bias`` and the projections of that kind that the model class builds with a bias carry
+   one (zeros where they had none). A class that builds ``o_proj`` / ``down_proj`` without a bias
+   whatever its config says (Mistral, Qwen2; Qwen3's MLP) would drop the compensation on reload:
+   that is refused with a :class:`~sparsetorch.errors.ModelError` before anything changes
+   (``compensate=False`` prunes it without compensation).
+
+A budget that rounds to no structure at all raises :class:`~sparsetorch.errors.AllocationError`
+naming the smallest ``remove`` that takes one. The plan lists every removed structure with its
+score (lower goes first) and the layer's cut-off (the lowest score kept, where one ranking decides).
 
 The result is an ordinary smaller model: ``save_pretrained`` writes a config with the new
 ``num_hidden_layers``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim`` and
@@ -27,6 +35,7 @@ The result is an ordinary smaller model: ``save_pretrained`` writes a config wit
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,7 +55,15 @@ ALLOCATIONS = ("global", "uniform")
 
 @dataclass
 class StructuredResult:
-    """What :func:`prune_structured` removed and why (``to_dict`` is the JSON pruning plan)."""
+    """What :func:`prune_structured` removed and why (``to_dict`` is the JSON pruning plan).
+
+    ``layers``: one entry per remaining layer (``layer``, ``original_layer``) with, where removed,
+    ``heads_removed`` / ``head_scores``, ``kv_heads_removed`` / ``kv_head_scores`` (a KV group's
+    score: its query heads' plus its own), ``channels_removed`` / ``channel_scores``, and the
+    cut-offs: ``channel_cutoff`` and ``kv_head_cutoff`` (the lowest score kept; every removed
+    one scores at or below it) and ``head_cutoffs`` (per original KV head, the lowest query-head
+    score kept in that group, ``None`` for a removed group: heads are ranked within each group).
+    ``compensated`` is true only when some bias received a compensation."""
 
     score: str
     what: list[str]
@@ -192,6 +209,39 @@ def _mean_out(w: Tensor, stats: FeatureStats, removed: Tensor) -> Tensor:
     return (w.double()[:, removed] @ stats.mean[removed].to(w.device)).to(w.dtype)
 
 
+def _group_scores(dec: arch.Decoder, sc: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """A KV group's score: the sum of its query heads' scores plus the KV head's own (``kv_extra``)."""
+    return sc[1].reshape(dec.kv_heads, dec.group).sum(1) + sc[2]
+
+
+def _width_threshold(dec: arch.Decoder, width: Sequence[str], multiple: int) -> tuple[float, str]:
+    """Parameters per layer above which width pruning of ``width`` surely removes a structure in
+    every layer, and what that structure is. Counts are rounded to the nearest option (ties to the
+    smaller), so the threshold is half of the smallest removal: ``multiple`` channels when channels
+    are among the kinds (with heads too, a budget above it removes channels or heads), else the
+    cheapest GQA-consistent head removal."""
+    if "channels" in width:
+        return multiple * dec.channel_cost() / 2, f"{multiple} MLP channels"
+    options = head_options(dec)
+    if len(options) < 2:
+        return float("inf"), "head"
+    cost, g, r = options[1]
+    unit = (f"one query head of each of the {dec.kv_heads} KV groups" if g == 0 else
+            f"one KV head with its {dec.group} query heads")
+    return cost / 2, unit
+
+
+def _too_small(dec: arch.Decoder, width: Sequence[str], remove: float, before: int, multiple: int) -> AllocationError:
+    """The error for a budget that rounds to no structure at all, naming the smallest ``remove``
+    (4 decimals, rounded up) that removes one."""
+    per_layer, unit = _width_threshold(dec, width, multiple)
+    smallest = math.floor(per_layer * len(dec.blocks) / before * 1e4) / 1e4 + 1e-4
+    return AllocationError(
+        f"remove {remove} rounds to no {'/'.join(width)} at all: every layer loses the same whole structures, the "
+        f"smallest step being {unit} in every layer ({2 * per_layer:.0f} parameters per layer), and the budget is "
+        f"rounded to the nearest step. The smallest --remove that removes one is {smallest:.4f}: pass at least that.")
+
+
 def prune_structured(
     model: nn.Module,
     remove: float,
@@ -222,10 +272,31 @@ def prune_structured(
     key, kinds = check_arguments(remove, score, what, allocation, block_share, channel_multiple)
     dec = arch.decoder_of(model)
     comp = (key == "flap") if compensate is None else bool(compensate)
+    width = [k for k in kinds if k != "blocks"]
+    # refuse before any work when the model class would drop the compensated bias on reload
+    biased = arch.check_compensation(dec, width) if comp and width else None
     total_before = sum(p.numel() for p in model.parameters())
     before = dec.block_params()
     budget = remove * before
     L0 = len(dec.blocks)
+    # every check that needs no data comes first: nothing is computed or changed before a refusal
+    per_block = before / L0
+    n = 0
+    if "blocks" in kinds:
+        share = budget if kinds == ("blocks",) else budget * block_share
+        n = int(round(share / per_block))
+        if kinds == ("blocks",) and n == 0:
+            raise AllocationError(f"remove {remove} is less than half a block ({per_block / before:.3f} of the "
+                                  "decoder each): remove more, or add heads/channels.")
+        if n >= L0:
+            raise AllocationError(f"remove {remove} would take all {L0} blocks; at most {L0 - 1} can go.")
+        arch.check_blocks_removable(dec)
+        _check_width_fits(dec, kinds, (budget - n * per_block) / (L0 - n), channel_multiple)
+    if width and n == 0:
+        floor = min(_width_threshold(dec, [k], channel_multiple)[0] for k in width)
+        if budget / L0 <= floor < math.inf:  # rounds to no structure whatever the scores say
+            raise _too_small(dec, width, remove, before, channel_multiple)
+
     needs_data = "blocks" in kinds or comp or NEEDS[key] is not None
     batches = None
     if needs_data:
@@ -236,27 +307,16 @@ def prune_structured(
 
     result_blocks: list[dict[str, float]] = []
     originals = list(range(L0))
-    if "blocks" in kinds:
-        per_block = before / L0
-        share = budget if kinds == ("blocks",) else budget * block_share
-        n = int(round(share / per_block))
-        if kinds == ("blocks",) and n == 0:
-            raise AllocationError(f"remove {remove} is less than half a block ({per_block / before:.3f} of the "
-                                  "decoder each): remove more, or add heads/channels.")
-        if n >= L0:
-            raise AllocationError(f"remove {remove} would take all {L0} blocks; at most {L0 - 1} can go.")
-        arch.check_blocks_removable(dec)
-        _check_width_fits(dec, kinds, (budget - n * per_block) / (L0 - n), channel_multiple)
+    if n:
         influence = block_influence(dec, batches)
         gone = sorted(torch.argsort(torch.tensor(influence), stable=True)[:n].tolist())
         result_blocks = [{"index": i, "influence": influence[i]} for i in gone]
-        if gone:
-            arch.drop_blocks(dec, gone)
-            originals = [i for i in originals if i not in set(gone)]
+        arch.drop_blocks(dec, gone)
+        originals = [i for i in originals if i not in set(gone)]
         budget -= before - dec.block_params()
 
     layers: list[dict[str, Any]] = []
-    width = [k for k in kinds if k != "blocks"]
+    compensated = False
     if width and budget > 0.5 * dec.channel_cost():
         L = len(dec.blocks)
         attn_st = mlp_st = grads = None
@@ -282,33 +342,52 @@ def prune_structured(
             if c > limit:
                 raise AllocationError(f"the budget needs {c} of {dec.intermediate} MLP channels per layer; at most "
                                       f"{limit} can go: lower the budget or add heads/blocks.")
-        for i in range(L):
+        if (g, r, c) == (0, 0, 0) and not result_blocks:
+            raise _too_small(dec, width, remove, before, channel_multiple)
+        for i in range(L) if (g, r, c) != (0, 0, 0) else ():
             keep_heads, keep_kv, keep_ch = _pick_layer(dec, scores[i], g, r, c)
+            ch_sc, head_sc, group_sc = scores[i][0], scores[i][1], _group_scores(dec, scores[i])
             entry: dict[str, Any] = {"layer": i, "original_layer": originals[i]}
             if (g, r) != (0, 0):
                 gone_q = sorted(set(range(dec.heads)) - set(keep_heads))
+                gone_kv = sorted(set(range(dec.kv_heads)) - set(keep_kv))
                 o_add = None
                 if comp:
                     o_add = _mean_out(dec.attn(i).o_proj.weight.detach(), attn_st[i],
                                       arch.head_rows(gone_q, dec.head_dim))
+                    compensated = True
                 arch.shrink_attention(dec, i, keep_heads, keep_kv, with_bias=bool(dec.config.attention_bias) if
                                       hasattr(dec.config, "attention_bias") else False, o_bias_add=o_add)
                 entry["heads_removed"] = gone_q
-                entry["kv_heads_removed"] = sorted(set(range(dec.kv_heads)) - set(keep_kv))
+                entry["head_scores"] = [float(head_sc[h]) for h in gone_q]
+                entry["kv_heads_removed"] = gone_kv
+                entry["kv_head_scores"] = [float(group_sc[k]) for k in gone_kv]
+                if g:  # whole KV groups go by their group score: the lowest kept one is the cut-off
+                    entry["kv_head_cutoff"] = float(min(group_sc[k] for k in keep_kv))
+                if r:  # r query heads go from every kept group: a cut-off per group (None: group removed)
+                    entry["head_cutoffs"] = [
+                        float(min(head_sc[h] for h in keep_heads if h // dec.group == k)) if k in keep_kv else None
+                        for k in range(dec.kv_heads)]
             if c:
                 gone_ch = torch.tensor(sorted(set(range(dec.intermediate)) - set(keep_ch.tolist())), dtype=torch.long)
-                d_add = _mean_out(dec.mlp(i).down_proj.weight.detach(), mlp_st[i], gone_ch) if comp else None
+                d_add = None
+                if comp:
+                    d_add = _mean_out(dec.mlp(i).down_proj.weight.detach(), mlp_st[i], gone_ch)
+                    compensated = True
+                entry["channels_removed"] = gone_ch.tolist()
+                entry["channel_scores"] = [float(v) for v in ch_sc[gone_ch].tolist()]
+                entry["channel_cutoff"] = float(ch_sc[keep_ch].min())
                 arch.shrink_mlp(dec, i, keep_ch.to(dec.mlp(i).down_proj.weight.device),
                                 with_bias=bool(getattr(dec.config, "mlp_bias", False)), down_bias_add=d_add)
-                entry["channels_removed"] = gone_ch.tolist()
             layers.append(entry)
-        new_heads = (dec.kv_heads - g) * (dec.group - r)
-        arch.refresh_config(dec, new_heads, dec.kv_heads - g, dec.intermediate - c)
-        if comp:
-            arch.set_biases(dec, attention=(g, r) != (0, 0), mlp=c > 0)
+        if (g, r, c) != (0, 0, 0):
+            new_heads = (dec.kv_heads - g) * (dec.group - r)
+            arch.refresh_config(dec, new_heads, dec.kv_heads - g, dec.intermediate - c)
+        if compensated:
+            arch.set_biases(dec, attention=(g, r) != (0, 0), mlp=c > 0, biased=biased)
     cfg = dec.config
     return StructuredResult(
-        score=key, what=list(kinds), allocation=allocation, remove=float(remove), compensated=comp and bool(layers),
+        score=key, what=list(kinds), allocation=allocation, remove=float(remove), compensated=compensated,
         params_before=before, params_after=dec.block_params(), total_params_before=total_before,
         total_params_after=sum(p.numel() for p in model.parameters()),
         config={"num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
