@@ -1191,6 +1191,9 @@ _ENGINE_RUNS = (
      "two (`greedy0.1x4`)"),
     ("activation_llm_engine_combined", "The fp16 rows again after the transposed bitmask kernel learned to "
      "prefetch along its gathered rows (weights alone and with 40% activations, against the fp32 dense engine)"),
+    ("activation_llm_engine_exact", "TEAL's greedy allocation and `greedy-global` again after the levels are read "
+     "off the search path at exactly 40% (between the two rows around it) instead of at the nearest row, which "
+     "overshot"),
     ("activation_llm_engine_prompt_dense", "The prompt dense (TEAL's perplexity protocol): the same rows with the "
      "extra column `prompt dense: 2nd half` -- positions 0-255 of each E16 window run without thresholds, the "
      "tokens after them are scored, against the dense model on the same positions "
@@ -1251,6 +1254,13 @@ def activation_summary(r: Results) -> str:
                 text += (f" With the gathered rows prefetched (a later run), SparseGPT 50% + 40% activations in "
                          f"{x['dtype']} decode {speed(x['decode_speedup'])} against the fp32 dense engine (target "
                          f"≥ {bench.COMBINED_SPEEDUP}×: {'met' if bench.combined_met(x) else '**missed**'}).")
+    if (r.root / r.path("activation_llm_engine_exact")).is_file():
+        bench = _bench_module("activation_llm")
+        parts = [f"`{x['row']}` E16 {ratio(x['ppl_ratio'], 3)} dense at {x['activation_sparsity_measured']:.1%} zeros, "
+                 f"decode {speed(x['decode_speedup'])}" for x in r("activation_llm_engine_exact")["rows"]]
+        ok = any(bench.teal40_met(x) for x in r("activation_llm_engine_exact")["rows"])
+        text += (" With the greedy levels read off the search path at exactly 40% (a later run): " + "; ".join(parts)
+                 + f": the 40% target {'met' if ok else '**missed**'}.")
     if (r.root / r.path("activation_llm_engine_prompt_dense")).is_file():
         bench = _bench_module("activation_llm")
         rows = [x for x in r("activation_llm_engine_prompt_dense")["rows"] if x.get("ppl_prompt_dense_ratio")]
@@ -1321,8 +1331,9 @@ def sparse_backprop_table(r: Results, name: str = "sparse_backprop") -> str:
             continue
         t = sec["target"]
         if kind == "llm":
+            loss = "KD from the dense model" if sec.get("loss") == "kd" else "CE"
             head = (f"SmolLM2-135M, {sec['start']} start (E16 before {ppl(sec['ppl_e16_before'])}), {sec['steps']} "
-                    f"steps of CE on python3.11-doc ({sec['batch']} x {sec['seq_len']} tokens), lr {sec['lr']:g} "
+                    f"steps of {loss} on python3.11-doc ({sec['batch']} x {sec['seq_len']} tokens), lr {sec['lr']:g} "
                     f"(LoRA {sec['lora_lr']:g}, sparse updates {sec['update_lr']:g})")
             gain = "E16 gain"
             if sum(x["spec"] is None for x in sec["arms"]) > 1:  # a per-arm lr sweep

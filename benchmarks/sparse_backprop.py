@@ -436,6 +436,9 @@ def summarise(data: dict) -> None:
         if not sec:
             continue
         arms = sec["arms"]
+        if not any(r["spec"] is None for r in arms):
+            raise SystemExit(f"the {kind} arms need a full fine-tuning arm ('full'), the reference of every ratio "
+                             f"(ran: {', '.join(r['arm'] for r in arms) or 'none'}).")
         # the denominator: full fine-tuning at its best lr when several ran (a per-arm lr sweep)
         full = max((r for r in arms if r["spec"] is None), key=lambda r: r["acc_after"] if gain_key == "acc"
                    else -r["ppl_e16_after"])
@@ -561,6 +564,10 @@ def main() -> None:
         return
     llm_arms = [] if a.skip_llm else [x.strip() for x in a.llm_arms.split(";") if x.strip()]
     cnn_arms = [] if a.skip_cnn else [x for x in CNN_ARMS if x in a.cnn_arms.split(";")]
+    for kind, arms, has_full in (("LLM", llm_arms, any(llm_arm(x)[0] is None for x in llm_arms)),
+                                 ("CNN", cnn_arms, "full" in cnn_arms)):
+        if arms and not has_full:  # before any arm runs: the ratios need the reference
+            ap.error(f"the {kind} arms need a full fine-tuning arm ('full'), the reference of every ratio.")
     data: dict = {}
     with tempfile.TemporaryDirectory(prefix="sparse-backprop-") as tmp:
         folder = Path(tmp)
