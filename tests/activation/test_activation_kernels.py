@@ -61,10 +61,11 @@ def test_selection_measures_on_inputs_with_the_activation_sparsity_and_never_pic
     cands = ["colgather"] if _ext.get_extension() is not None else []
     sel = select_kernel(w, None, 1, cands, fake_timer({"dense": 1.0, "colgather": 0.5}), input_sparsity=0.4)
     assert seen and all(s == pytest.approx(0.4) for s in seen)  # 40 of 100 inputs are exact zeros
-    if cands:
-        assert sel.kernel == "colgather"
-        slow = select_kernel(w, None, 1, cands, fake_timer({"dense": 1.0, "colgather": 1.2}), input_sparsity=0.4)
-        assert slow.kernel == "dense"
+    if not cands:
+        pytest.skip("compiled extension unavailable: the choice between kernels is not exercised")
+    assert sel.kernel == "colgather"
+    slow = select_kernel(w, None, 1, cands, fake_timer({"dense": 1.0, "colgather": 1.2}), input_sparsity=0.4)
+    assert slow.kernel == "dense"
 
 
 @needs_ext

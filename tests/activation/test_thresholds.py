@@ -45,16 +45,35 @@ def _calib(seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("criterion", ["teal", "wina"])
-@pytest.mark.parametrize("s", [0.25, 0.5])
+@pytest.mark.parametrize("s", [0.25, 0.4, 0.5])
 def test_thresholds_hit_the_target_on_held_out_tokens_within_2_points(criterion: str, s: float) -> None:
+    """Pooled over the layers and for every thresholded tensor on its own. 32 sequences each side:
+    o_proj's input (the attention output) is strongly correlated within a sequence, so with 8
+    sequences its own fraction is off by up to 6 points on held-out text while the pooled one is
+    within 0.3 (sampling, not calibration: the error shrinks with the number of sequences)."""
     m = make_tiny_llama(layers=2, vocab=128)
-    th = calibrate_thresholds(m, s, calibration=_calib(1), seq_len=64, criterion=criterion)
+    calib = torch.randint(0, 128, (32, 64), generator=torch.Generator().manual_seed(1))
+    held_out = torch.randint(0, 128, (32, 64), generator=torch.Generator().manual_seed(2))
+    th = calibrate_thresholds(m, s, calibration=calib, seq_len=64, criterion=criterion, num_samples=32)
     assert set(th.thresholds) == set(default_targets(m)) and len(th.thresholds) == 14  # 7 projections x 2
-    assert th.calibration_tokens == 8 * 64
+    assert th.calibration_tokens == 32 * 64
     h = apply_thresholds(m, th)
+    per: dict[str, float] = {}
+
+    def record(n: str):  # noqa: ANN202  (registered after the thresholding hook: sees its output)
+        def hook(_mod, args) -> None:  # noqa: ANN001
+            per[n] = float((args[0] == 0).float().mean())
+        return hook
+
+    rec = [m.get_submodule(n).register_forward_pre_hook(record(n)) for n in th.thresholds]
     with torch.no_grad():
-        m(_calib(2))  # held out
+        m(held_out)
+    for r in rec:
+        r.remove()
     assert abs(h.measured_sparsity - s) <= 0.02
+    assert set(per) == set(th.thresholds)
+    off = {n: round(v - s, 3) for n, v in per.items() if abs(v - s) > 0.02}
+    assert not off, f"tensors off the target by more than 2 points: {off}"
     h.remove()
     assert not h.hooks
 
