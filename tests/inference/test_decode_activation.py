@@ -56,6 +56,15 @@ def test_engine_with_thresholds_equals_the_hooked_model(pruned: bool, kernel: st
     assert not torch.equal(DecodeEngine.from_model(model).generate(ids, 30), ref)
 
 
+def _hooked_greedy(model: torch.nn.Module, th: ActivationThresholds, ids: torch.Tensor, n: int) -> torch.Tensor:
+    """HF greedy decoding of ``n`` tokens with the thresholds installed as hooks (removed after)."""
+    handle = apply_thresholds(model, th)
+    try:
+        return hf_greedy(model, ids, n)
+    finally:
+        handle.remove()
+
+
 def _hooks_from(model: torch.nn.Module, th: ActivationThresholds, start: int) -> list:
     """Pre-hooks that zero the inputs below each threshold at sequence positions >= start only."""
     def make(t: float):  # noqa: ANN202
@@ -143,11 +152,7 @@ def test_auto_keeps_the_faster_kernel_per_kind_of_matrix() -> None:
         f"layers.{i}.{key}": lay for i in range(model.config.num_hidden_layers) for key, lay in want.items()}
     assert eng.config["activation"]["kernel"] == "auto"
     ids = prompt(seed=32, n=8)
-    handle = apply_thresholds(model, th)
-    try:
-        ref = hf_greedy(model, ids, 20)
-    finally:
-        handle.remove()
+    ref = _hooked_greedy(model, th, ids, 20)
     assert torch.equal(eng.generate(ids, 20), ref)
     # a tie keeps the plain kernel
     tie = DecodeEngine.from_model(model, activation=th, timer=lambda fns: dict.fromkeys(fns, 1.0))
@@ -223,11 +228,7 @@ def test_generate_keeps_the_thresholds_on_either_path(monkeypatch) -> None:
     model = tiny_llama(seed=21)
     th = _thresholds(model)
     ids = prompt(seed=22, n=12)
-    handle = apply_thresholds(model, th)
-    try:
-        ref = hf_greedy(model, ids, 20)
-    finally:
-        handle.remove()
+    ref = _hooked_greedy(model, th, ids, 20)
     dense = hf_greedy(model, ids, 20)
     assert not torch.equal(dense, ref)  # the thresholds change the tokens: the test sees them
     assert torch.equal(dec.generate(model, ids, 20, activation=th, notice=lambda m: None), ref)
