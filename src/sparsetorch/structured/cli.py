@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
 
         from ..cli import _peak_rss_mb, _say, check_outputs, write_json_summary
         from ..errors import DataError
-        from .prune import check_arguments, prune_structured
+        from .prune import check_arguments, check_model_compensation, prune_structured
 
         if seq_len < 2 or eval_windows < 0 or calib_samples < 1:
             raise DataError("--seq-len must be >= 2, --eval-windows >= 0, --calib-samples >= 1.")
@@ -60,11 +60,9 @@ def register(app: typer.Typer) -> None:
         from ..evaluate import perplexity
 
         lm, tokenizer = load_causal_lm(model, progress=True)
-        width = [k for k in kinds if k != "blocks"]
-        if width and ((key == "flap") if compensate is None else compensate):
-            from .arch import check_compensation, decoder_of
+        from .arch import decoder_of
 
-            check_compensation(decoder_of(lm), width)  # before the dense evaluation, not after it
+        check_model_compensation(decoder_of(lm), key, kinds, compensate)  # before the dense evaluation
         ew = make_eval_windows(tokenizer, eval_windows, seq_len) if eval_windows else None
         ppl_dense = perplexity(lm, windows=ew) if ew is not None else None
         if ppl_dense is not None:

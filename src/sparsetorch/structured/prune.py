@@ -242,6 +242,20 @@ def _too_small(dec: arch.Decoder, width: Sequence[str], remove: float, before: i
         f"rounded to the nearest step. The smallest --remove that removes one is {smallest:.4f}: pass at least that.")
 
 
+def compensates(key: str, compensate: bool | None) -> bool:
+    """Whether a run applies FLAP's bias compensation: ``compensate``, or by default with ``flap``."""
+    return (key == "flap") if compensate is None else bool(compensate)
+
+
+def check_model_compensation(dec: arch.Decoder, key: str, kinds: Sequence[str],
+                             compensate: bool | None) -> set[str] | None:
+    """When the run compensates width pruning: the projections the model class builds with a bias
+    (:func:`arch.check_compensation`, a :class:`ModelError` when it would drop a compensated bias on
+    reload); else None. Needs no data: the CLI calls it before the dense evaluation."""
+    width = [k for k in kinds if k != "blocks"]
+    return arch.check_compensation(dec, width) if width and compensates(key, compensate) else None
+
+
 def prune_structured(
     model: nn.Module,
     remove: float,
@@ -271,10 +285,9 @@ def prune_structured(
     t0 = time.perf_counter()
     key, kinds = check_arguments(remove, score, what, allocation, block_share, channel_multiple)
     dec = arch.decoder_of(model)
-    comp = (key == "flap") if compensate is None else bool(compensate)
+    comp = compensates(key, compensate)
     width = [k for k in kinds if k != "blocks"]
-    # refuse before any work when the model class would drop the compensated bias on reload
-    biased = arch.check_compensation(dec, width) if comp and width else None
+    biased = check_model_compensation(dec, key, kinds, compensate)  # before any work
     total_before = sum(p.numel() for p in model.parameters())
     before = dec.block_params()
     budget = remove * before
@@ -342,9 +355,10 @@ def prune_structured(
             if c > limit:
                 raise AllocationError(f"the budget needs {c} of {dec.intermediate} MLP channels per layer; at most "
                                       f"{limit} can go: lower the budget or add heads/blocks.")
-        if (g, r, c) == (0, 0, 0) and not result_blocks:
+        shrinks = (g, r, c) != (0, 0, 0)
+        if not shrinks and not result_blocks:
             raise _too_small(dec, width, remove, before, channel_multiple)
-        for i in range(L) if (g, r, c) != (0, 0, 0) else ():
+        for i in range(L if shrinks else 0):
             keep_heads, keep_kv, keep_ch = _pick_layer(dec, scores[i], g, r, c)
             ch_sc, head_sc, group_sc = scores[i][0], scores[i][1], _group_scores(dec, scores[i])
             entry: dict[str, Any] = {"layer": i, "original_layer": originals[i]}
@@ -380,7 +394,7 @@ def prune_structured(
                 arch.shrink_mlp(dec, i, keep_ch.to(dec.mlp(i).down_proj.weight.device),
                                 with_bias=bool(getattr(dec.config, "mlp_bias", False)), down_bias_add=d_add)
             layers.append(entry)
-        if (g, r, c) != (0, 0, 0):
+        if shrinks:
             new_heads = (dec.kv_heads - g) * (dec.group - r)
             arch.refresh_config(dec, new_heads, dec.kv_heads - g, dec.intermediate - c)
         if compensated:
